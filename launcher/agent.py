@@ -1,0 +1,300 @@
+"""The per-host agent: reads its spec on stdin, starts ranks, reports, cleans up.
+
+Run as ``python -m launcher.agent`` by a transport (local subprocess, SSH,
+srun). The first stdin line is an ``AgentSpec`` (never argv, so no value shows
+in ``ps``); events go to stdout as JSON lines.
+
+The agent holds the job on its host (DESIGN: Lifeline):
+- ranks run in their own session/process group with ``PR_SET_PDEATHSIG``, so
+  they die with the agent even if it is SIGKILLed;
+- the agent is a child subreaper, so grandchildren that detach from their
+  rank are re-parented to it and still stopped;
+- it stops everything on stdin EOF, on ``Stop``, on SIGTERM/SIGINT/SIGHUP, and
+  when the head's heartbeats stop arriving.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import psutil
+
+from . import __version__, envpolicy, netif, protocol
+from .sidechannel import HandshakeError, compatibility_hash, handshake
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class RankProcess:
+    spec: protocol.RankLaunch
+    popen: subprocess.Popen
+    control_fd: int
+    ready: protocol.Ready | None = None
+    reported_exit: bool = False
+    readers: list[threading.Thread] = field(default_factory=list)
+
+
+class EventWriter:
+    """Thread-safe JSON-lines writer to the head; notices when the head is gone."""
+
+    def __init__(self, stream, on_broken):
+        self._stream, self._lock, self._on_broken = stream, threading.Lock(), on_broken
+
+    def send(self, message) -> None:
+        data = protocol.encode(message)
+        with self._lock:
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                self._on_broken("the head's connection is closed")
+
+
+class Agent:
+    def __init__(self, spec: protocol.AgentSpec, stdin, stdout):
+        self.spec = spec
+        self.stdin = stdin
+        self.events = EventWriter(stdout, self.request_stop)
+        self.ranks: list[RankProcess] = []
+        self.stop_reason: str | None = None
+        self._stop = threading.Event()
+        self.last_heard = time.monotonic()
+        self.reached = spec.reached_address or netif.ssh_server_address(os.environ)
+
+    # --- start -----------------------------------------------------------
+
+    def start_ranks(self) -> None:
+        """Spawn every rank from the main thread, before any other thread exists.
+
+        PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so
+        the forking thread must live as long as the agent; and a preexec_fn is
+        only safe while no other thread can hold a lock.
+        """
+        base_env = envpolicy.strip_worker_specific(os.environ)
+        parent = os.getpid()
+        for launch in self.spec.ranks:
+            read_fd, write_fd = os.pipe()
+            env = {
+                **base_env,
+                **launch.env,
+                protocol.CONTROL_FD_VAR: str(write_fd),
+                "LAUNCHER_HOST_IS_LOOPBACK": "1" if self.spec.host_is_loopback else "0",
+            }
+            if self.reached:
+                env["LAUNCHER_REACHED_ADDRESS"] = self.reached
+            argv = [sys.executable if a == "{python}" else a for a in launch.argv]
+            try:
+                popen = subprocess.Popen(
+                    argv,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(write_fd,),
+                    start_new_session=True,
+                    preexec_fn=lambda: _die_with_parent(parent),
+                )
+            except OSError as exc:
+                os.close(read_fd)
+                os.close(write_fd)
+                self.events.send(protocol.RankError(rank=launch.rank, message=f"cannot start {argv[0]!r}: {exc.strerror or exc}"))
+                self.events.send(protocol.Exited(rank=launch.rank, returncode=127))
+                self.request_stop(f"rank {launch.rank} could not start")
+                continue
+            os.close(write_fd)
+            self.ranks.append(RankProcess(launch, popen, read_fd))
+            self.events.send(protocol.Started(rank=launch.rank, pid=popen.pid))
+
+    def start_threads(self) -> None:
+        for rp in self.ranks:
+            rp.readers = [
+                _thread(self._forward_output, rp, rp.popen.stdout, "stdout"),
+                _thread(self._forward_output, rp, rp.popen.stderr, "stderr"),
+                _thread(self._forward_control, rp),
+            ]
+        _thread(self._read_head)
+
+    # --- threads ---------------------------------------------------------
+
+    def _forward_output(self, rp: RankProcess, stream, name: str) -> None:
+        for raw in iter(stream.readline, b""):
+            self.events.send(protocol.Output(rank=rp.spec.rank, stream=name, line=raw.decode("utf-8", "replace").rstrip("\n")))
+        stream.close()
+
+    def _forward_control(self, rp: RankProcess) -> None:
+        with os.fdopen(rp.control_fd, "rb") as pipe:
+            for raw in pipe:
+                try:
+                    message = protocol.decode(raw)
+                except protocol.ProtocolError:
+                    continue
+                if isinstance(message, (protocol.Ready, protocol.RankError)) and message.rank == rp.spec.rank:
+                    if isinstance(message, protocol.Ready):
+                        rp.ready = message
+                    self.events.send(message)
+
+    def _read_head(self) -> None:
+        for raw in iter(self.stdin.readline, b""):
+            self.last_heard = time.monotonic()
+            try:
+                message = protocol.decode(raw)
+            except protocol.ProtocolError as exc:
+                self.events.send(protocol.AgentError(message=str(exc)))
+                continue
+            if isinstance(message, protocol.Stop):
+                self.request_stop(message.reason or "stopped by the head")
+            elif isinstance(message, protocol.Check):
+                _thread(self._run_check, message)
+        self.request_stop("the head closed the connection (stdin EOF)")
+
+    def _run_check(self, check: protocol.Check) -> None:
+        expect_hash = compatibility_hash(self.spec.job_id)
+        pairs = [(rp.ready, peer) for rp in self.ranks if rp.ready for peer in check.peers]
+
+        def probe(pair) -> protocol.CheckResult:
+            mine, peer = pair
+            try:
+                result = handshake(
+                    peer.address, peer.port, wire=check.wire, timeout=check.timeout,
+                    source=mine.address, expect_engine_id=peer.engine_id, expect_hash=expect_hash,
+                )
+            except HandshakeError as exc:
+                return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=False, error=str(exc))
+            return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=True, latency_ms=round(result.latency_ms, 3))
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for result in pool.map(probe, pairs):
+                self.events.send(result)
+
+    # --- supervise -------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stop.set()
+
+    def supervise(self) -> None:
+        """Report exits, exchange heartbeats, until asked to stop."""
+        next_beat = 0.0
+        while not self._stop.wait(0.05):
+            self._report_exits()
+            now = time.monotonic()
+            if now >= next_beat:
+                self.events.send(protocol.Heartbeat())
+                next_beat = now + self.spec.heartbeat_interval
+            silent = now - self.last_heard
+            if silent > self.spec.heartbeat_timeout:
+                self.request_stop(f"no word from the head for {silent:.0f}s (heartbeat timeout)")
+        self.shutdown()
+
+    def _report_exits(self) -> None:
+        for rp in self.ranks:
+            if not rp.reported_exit and rp.popen.poll() is not None:
+                for reader in rp.readers:  # its last output and error first
+                    reader.join(timeout=1.0)
+                rp.reported_exit = True
+                self.events.send(protocol.Exited(rank=rp.spec.rank, returncode=rp.popen.returncode))
+
+    def shutdown(self) -> None:
+        """SIGTERM every rank's group and descendant, SIGKILL after the grace period."""
+        terminate_tree([rp.popen for rp in self.ranks], self.spec.grace)
+        self._report_exits()
+
+
+def terminate_tree(popens: list[subprocess.Popen], grace: float) -> None:
+    """Stop these processes, their groups and every descendant of this process."""
+    me = psutil.Process()
+    _signal_all(popens, me, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap_orphans(popens, me)
+        if all(p.poll() is not None for p in popens) and not me.children(recursive=True):
+            return
+        time.sleep(0.05)
+    _signal_all(popens, me, signal.SIGKILL)
+    for p in popens:
+        p.wait()
+    psutil.wait_procs(me.children(recursive=True), timeout=2.0)
+    _reap_orphans(popens, me)
+
+
+def _signal_all(popens, me: psutil.Process, signum: int) -> None:
+    for p in popens:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signum)  # the rank is its group's leader
+            except ProcessLookupError:
+                pass
+    for child in me.children(recursive=True):
+        try:
+            child.send_signal(signum)
+        except psutil.Error:
+            pass
+
+
+def _reap_orphans(popens, me: psutil.Process) -> None:
+    """Collect exited descendants re-parented to us (we are their subreaper)."""
+    ranks = {p.pid for p in popens}
+    for child in me.children():
+        if child.pid in ranks:
+            continue
+        try:
+            os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before exec: SIGKILL me when the agent dies."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the agent died before prctl took effect
+        os._exit(1)
+
+
+def _thread(target, *args) -> threading.Thread:
+    t = threading.Thread(target=target, args=args, daemon=True)
+    t.start()
+    return t
+
+
+def main() -> int:
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing but protocol lines may reach the head on stdout
+    line = stdin.readline()
+    if not line:
+        return 0
+    try:
+        spec = protocol.decode(line)
+    except protocol.ProtocolError as exc:
+        print(f"launcher agent: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(spec, protocol.AgentSpec):
+        print(f"launcher agent: expected an agent spec first, got {type(spec).__name__}", file=sys.stderr)
+        return 2
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    agent = Agent(spec, stdin, stdout)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda s, _f: agent.request_stop(f"agent received {signal.Signals(s).name}"))
+    agent.events.send(
+        protocol.Hello(hostname=socket.gethostname(), pid=os.getpid(), python=sys.executable, version=__version__)
+    )
+    agent.start_ranks()
+    agent.start_threads()
+    agent.supervise()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The Python API: plan a job, launch it, get a result. The CLI is a thin layer on this."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from typing import Mapping, Sequence
+
+from . import plan as planmod
+from . import transports
+from .check import CheckOptions
+from .plan import Host, LaunchOptions, LaunchPlan
+from .supervisor import LaunchResult, Reporter, Supervisor
+
+
+def plan_job(
+    hosts: Sequence[Host],
+    options: LaunchOptions = LaunchOptions(),
+    env: Mapping[str, str] | None = None,
+    job_id: str | None = None,
+) -> LaunchPlan:
+    """A plan for ``hosts`` from ``env`` (default: this process's environment)."""
+    return planmod.build(hosts, options, os.environ if env is None else env, job_id or uuid.uuid4().hex[:8])
+
+
+def default_transport(plan: LaunchPlan) -> str:
+    """``local`` when every host is this machine's loopback, else ``ssh``."""
+    return "local" if all(h.host.is_loopback for h in plan.hosts) else "ssh"
+
+
+def launch(
+    plan: LaunchPlan,
+    transport: transports.Transport | None = None,
+    *,
+    check: CheckOptions | None = None,
+    serve: bool = False,
+    stop: threading.Event | None = None,
+    reporter: Reporter | None = None,
+) -> LaunchResult:
+    """Start every rank, wait until all are ready, then check and/or serve, then stop.
+
+    ``check``: run the all-pairs handshake once ready. ``serve``: keep running
+    until ``stop`` is set or a rank fails. With neither, stop as soon as every
+    rank is ready. Setting ``stop`` ends any phase. Every process is stopped
+    before this returns, also when it raises.
+    """
+    transport = transport or transports.get(default_transport(plan))
+    supervisor = Supervisor(plan, transport, reporter, stop)
+    try:
+        supervisor.start()
+        if supervisor.wait_ready():
+            if check is not None:
+                supervisor.check(check)
+            if serve and supervisor.failure is None:
+                supervisor.serve()
+    except BaseException:
+        supervisor.stop("interrupted")
+        raise
+    if supervisor.failure is not None:
+        reason = supervisor.failure.message
+    elif supervisor.stop_requested.is_set():
+        reason = "stop requested"
+    else:
+        reason = "check complete" if check is not None else "every rank was ready"
+    return supervisor.stop(reason)

@@ -1,0 +1,163 @@
+"""``launcher`` command line: argument parsing only; the work is in launcher.api."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+from . import __version__, hostfile, report, transports
+from .api import default_transport, launch, plan_job
+from .check import CheckOptions, render_matrix
+from .plan import LaunchOptions, PlanError
+from .sidechannel import WIRES
+from .supervisor import EXIT_USAGE, LaunchResult
+
+DEFAULT_HOSTFILE = "hostfile"
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1..65535)")
+    return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launcher",
+        description="Start vLLM engine-core ranks across hosts without Ray: each rank binds its own host's address.",
+    )
+    parser.add_argument("--version", action="version", version=f"launcher {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    hosts_common = argparse.ArgumentParser(add_help=False)
+    hosts_common.add_argument("--hostfile", "-H", default=DEFAULT_HOSTFILE, help="hostfile to read (default: ./hostfile)")
+
+    plan_common = argparse.ArgumentParser(add_help=False, parents=[hosts_common])
+    g = plan_common.add_argument_group("job")
+    g.add_argument("--port-base", type=_port, help="side-channel port base; rank R binds base+R (default: $VLLM_NIXL_SIDE_CHANNEL_PORT or 5600)")
+    g.add_argument("--env", "-e", type=_env_pair, action="append", default=[], metavar="NAME=VALUE", help="set a variable in every rank (repeatable)")
+    g.add_argument("--env-include", action="append", default=[], metavar="PATTERN", help="also copy head variables matching NAME, PREFIX_ or a glob (repeatable)")
+
+    run_common = argparse.ArgumentParser(add_help=False, parents=[plan_common])
+    r = run_common.add_argument_group("launch")
+    r.add_argument("--transport", "-t", choices=["auto", "local", "ssh"], default="auto", help="how agents start: auto = local for loopback hosts, else ssh")
+    r.add_argument("--ready-timeout", type=_seconds, default=60.0, help="seconds for every rank to become ready (default 60)")
+    r.add_argument("--grace", type=_seconds, default=5.0, help="seconds between SIGTERM and SIGKILL at teardown (default 5)")
+    r.add_argument("--heartbeat-timeout", type=_seconds, default=15.0, help="seconds of silence before a host is declared lost (default 15)")
+    r.add_argument("--quiet", "-q", action="store_true", help="do not stream rank output")
+    s = run_common.add_argument_group("ssh")
+    s.add_argument("--ssh-config", help="ssh client config (default: ~/.ssh/config if present)")
+    s.add_argument("--known-hosts", help="known_hosts file to verify host keys (default: ~/.ssh/known_hosts)")
+    s.add_argument("--accept-new-host-keys", action="store_true", help="trust and record keys of hosts not in known_hosts (changed keys are always refused)")
+    s.add_argument("--identity", "-i", action="append", default=[], metavar="KEYFILE", help="private key to try (repeatable)")
+    s.add_argument("--connect-timeout", type=_seconds, default=10.0, help="seconds to connect to each host (default 10)")
+
+    sub.add_parser("hosts", parents=[hosts_common], help="print the parsed hostfile")
+    sub.add_parser("plan", parents=[plan_common], help="dry run: per rank, host, port, command and environment (secrets masked)")
+    check = sub.add_parser("check", parents=[run_common], help="launch, handshake every rank pair, print the matrix, stop")
+    check.add_argument("--wire", choices=sorted(WIRES), default="v2", help="handshake request generation: v1 [msg,tp], v2 [msg,pp,tp], v3 [msg,pp,pcp,tp]")
+    check.add_argument("--handshake-timeout", type=_seconds, default=5.0, help="seconds per handshake (default 5, as vLLM)")
+    sub.add_parser("run", parents=[run_common], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        hosts = hostfile.read(args.hostfile)
+        if args.command == "hosts":
+            print(report.render_hosts(hosts))
+            return 0
+        options = LaunchOptions(
+            port_base=args.port_base,
+            env=tuple(args.env),
+            env_include=tuple(args.env_include),
+            **({} if args.command == "plan" else dict(
+                ready_timeout=args.ready_timeout, grace=args.grace, heartbeat_timeout=args.heartbeat_timeout,
+            )),
+        )
+        plan = plan_job(hosts, options)
+        if args.command == "plan":
+            print(report.render_plan(plan, python=sys.executable))
+            return 0
+        transport = _transport(args, plan)
+    except (hostfile.HostfileError, PlanError, transports.TransportError) as exc:
+        print(f"launcher: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return _launch(args, plan, transport)
+
+
+def _transport(args, plan) -> transports.Transport:
+    name = default_transport(plan) if args.transport == "auto" else args.transport
+    if name == "ssh":
+        return transports.get(
+            "ssh",
+            config_path=args.ssh_config,
+            known_hosts=args.known_hosts,
+            accept_new_host_keys=args.accept_new_host_keys,
+            identities=tuple(args.identity),
+            connect_timeout=args.connect_timeout,
+        )
+    return transports.get(name)
+
+
+def _launch(args, plan, transport) -> int:
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    reporter = report.ConsoleReporter(quiet_output=args.quiet)
+    for warning in plan.warnings:
+        reporter.progress(f"warning: {warning}")
+    check = CheckOptions(wire=args.wire, timeout=args.handshake_timeout) if args.command == "check" else None
+    result = launch(plan, transport, check=check, serve=args.command == "run", stop=stop, reporter=reporter)
+    return _finish(result, received, reporter, plan)
+
+
+def _finish(result: LaunchResult, received: list[int], reporter: report.ConsoleReporter, plan) -> int:
+    if result.check is not None:
+        hosts = {r.rank: r.host for r in result.ranks}
+        print(render_matrix(result.check, hosts, color=sys.stdout.isatty()), flush=True)
+    if result.failure is not None:
+        print(report.render_summary(result), file=sys.stderr)
+        print(f"launcher: FAILED: {result.failure.message}", file=sys.stderr, flush=True)
+        return result.exit_code
+    if received:
+        name = signal.Signals(received[0]).name
+        reporter.progress(f"stopped by {name}; all {plan.world_size} ranks stopped")
+        return 128 + received[0]
+    reporter.progress(f"ok: {plan.world_size} ranks on {len(plan.hosts)} hosts, all stopped ({result.duration:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The built-in engine-core rank: detect this host's address, bind, serve.
+
+It does at start-up what vLLM's engine core does after PR #41806: resolve this
+host's own IP, ``os.environ.setdefault`` it into ``VLLM_NIXL_SIDE_CHANNEL_HOST``
+and ``VLLM_HOST_IP``, then bind the NIXL side-channel listener at
+``VLLM_NIXL_SIDE_CHANNEL_PORT + dp_rank``. It checks the address is local
+before binding, so a wrong address is a one-line error, not a ZMQ traceback
+and not a hang.
+
+Run by the agent as ``python -m launcher.engine_core``; its identity comes from
+``LAUNCHER_*`` variables.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+from . import netif, protocol
+from .sidechannel import SideChannelBindError, SideChannelListener, builtin_payload
+
+EXIT_BAD_ADDRESS = 2
+EXIT_BIND_FAILED = 3
+
+
+def main() -> int:
+    env = os.environ
+    rank = int(env["LAUNCHER_RANK"])
+    engine_id = env["LAUNCHER_ENGINE_ID"]
+    port = int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]) + rank  # as vLLM: base + DP index
+
+    def fail(message: str, code: int) -> int:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        protocol.report_to_agent(protocol.RankError(rank=rank, message=message))
+        return code
+
+    try:
+        choice = netif.resolve_bind_address(env, host_is_loopback=env.get("LAUNCHER_HOST_IS_LOOPBACK") == "1")
+    except netif.BindAddressError as exc:
+        return fail(str(exc), EXIT_BAD_ADDRESS)
+    env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", choice.address)
+    env.setdefault("VLLM_HOST_IP", choice.address)
+
+    listener = SideChannelListener(choice.address, port, {0: builtin_payload(engine_id, env["LAUNCHER_JOB_ID"], 0)})
+    try:
+        listener.bind()
+    except SideChannelBindError as exc:
+        return fail(str(exc), EXIT_BIND_FAILED)
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"engine core {engine_id} listening on {listener.endpoint} ({choice.rule})", flush=True)
+    protocol.report_to_agent(
+        protocol.Ready(rank=rank, address=choice.address, port=port, pid=os.getpid(), rule=choice.rule, engine_id=engine_id)
+    )
+    try:
+        listener.serve(stop)
+    finally:
+        listener.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Head environment -> rank environment.
+
+The seed's lesson made structural (vLLM PR #41806): copy only an allowlist of
+the head's variables, then drop every worker-specific one whatever the
+allowlist says, then apply the user's explicit values. A rank never inherits
+the head's bind address, device visibility or data-parallel identity.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+LAUNCHER_PREFIX = "LAUNCHER_"
+
+# vLLM's own copy rules (vllm/ray/ray_env.py) plus NIXL_ and TORCH_.
+DEFAULT_PREFIXES = ("VLLM_", "NCCL_", "UCX_", "NIXL_", "HF_", "HUGGING_FACE_", "LMCACHE_", "TORCH_")
+DEFAULT_NAMES = ("PYTHONHASHSEED",)
+
+_BIND = "this host's own address, detected on each host"
+_DEVICES = "device visibility belongs to each host's own devices"
+_DP = "vLLM applies it silently when its CLI sets no data parallelism, changing a host's DP index and port"
+
+# Never copied from the head, whatever the allowlist says (vLLM's
+# WORKER_SPECIFIC_ENV_VARS, plus the DP identity and the generic rank names).
+WORKER_SPECIFIC: Mapping[str, str] = {
+    "VLLM_HOST_IP": _BIND,
+    "VLLM_HOST_PORT": "a per-host port",
+    "VLLM_NIXL_SIDE_CHANNEL_HOST": _BIND,
+    "LOCAL_RANK": "a per-rank identity",
+    "RANK": "a per-rank identity",
+    "CUDA_VISIBLE_DEVICES": _DEVICES,
+    "HIP_VISIBLE_DEVICES": _DEVICES,
+    "ROCR_VISIBLE_DEVICES": _DEVICES,
+    "ASCEND_RT_VISIBLE_DEVICES": _DEVICES,
+    "VLLM_DP_RANK": _DP,
+    "VLLM_DP_RANK_LOCAL": _DP,
+    "VLLM_DP_SIZE": _DP,
+    "VLLM_DP_MASTER_IP": _DP,
+    "VLLM_DP_MASTER_PORT": _DP,
+}
+
+# vLLM leaves these out of its compile-cache hash (vllm/envs.py, ignored_factors),
+# so ranks of one job may differ in them without compiling separately.
+COMPILE_HASH_IGNORED = frozenset(
+    {
+        "VLLM_HOST_IP",
+        "VLLM_HOST_PORT",
+        "VLLM_PORT",
+        "VLLM_NIXL_SIDE_CHANNEL_HOST",
+        "VLLM_DP_MASTER_IP",
+        "VLLM_DP_MASTER_PORT",
+        "VLLM_DP_RANK",
+        "VLLM_DP_RANK_LOCAL",
+        "VLLM_DP_SIZE",
+        "LOCAL_RANK",
+        "CUDA_VISIBLE_DEVICES",
+        "VLLM_LOGGING_LEVEL",
+        "VLLM_LOGGING_CONFIG_PATH",
+        "VLLM_CACHE_ROOT",
+        "VLLM_CONFIG_ROOT",
+        "VLLM_RPC_BASE_PATH",
+    }
+)
+
+_SECRET_WORDS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "PASSWD", "CREDENTIAL")
+MASK = "****"
+
+
+def in_compile_hash(name: str) -> bool:
+    """Whether vLLM's compile-cache hash covers this variable."""
+    return name.startswith("VLLM_") and name not in COMPILE_HASH_IGNORED
+
+
+def is_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in _SECRET_WORDS)
+
+
+def masked(name: str, value: str) -> str:
+    """The value as it may be printed: secret-looking names show ``****``."""
+    return MASK if is_secret(name) and value else value
+
+
+@dataclass(frozen=True)
+class EnvPolicy:
+    """Which head variables ranks receive: default allowlist plus ``include`` patterns.
+
+    A pattern is an exact name (``MY_VAR``), a prefix ending in ``_`` or ``*``
+    (``MYAPP_``, ``MYAPP*``), or any shell glob (``*_HOME``).
+    """
+
+    include: tuple[str, ...] = ()
+
+    def allow_rule(self, name: str) -> str | None:
+        """The rule that copies ``name``, or None if the allowlist rejects it."""
+        for prefix in DEFAULT_PREFIXES:
+            if name.startswith(prefix):
+                return f"prefix {prefix}"
+        if name in DEFAULT_NAMES:
+            return f"name {name}"
+        for pattern in self.include:
+            if pattern == name:
+                return f"--env-include {pattern}"
+            if pattern.endswith("_") and name.startswith(pattern):
+                return f"--env-include {pattern}"
+            if fnmatch.fnmatchcase(name, pattern):
+                return f"--env-include {pattern}"
+        return None
+
+
+@dataclass(frozen=True)
+class EnvReport:
+    """A rank's environment and how each variable got there (or did not)."""
+
+    env: Mapping[str, str]
+    copied: Mapping[str, str]  # name -> allowlist rule
+    dropped: Mapping[str, str]  # name -> reason
+    set: Mapping[str, str]  # name -> source (--env, host option, launcher)
+
+
+def rank_environment(
+    head_env: Mapping[str, str],
+    policy: EnvPolicy,
+    *,
+    job_env: Sequence[tuple[str, str]] = (),
+    host_env: Sequence[tuple[str, str]] = (),
+    rank_env: Mapping[str, str] | None = None,
+) -> EnvReport:
+    """Allowlist the head env, drop worker-specific names, then apply explicit values.
+
+    Order: copied < ``--env`` < per-host options; launcher rank values never
+    overwrite a value set explicitly for the host.
+    """
+    env: dict[str, str] = {}
+    copied: dict[str, str] = {}
+    dropped: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for name in sorted(head_env):
+        if name.startswith(LAUNCHER_PREFIX):
+            continue  # the head's own launcher state never travels
+        if name in WORKER_SPECIFIC:  # whatever the allowlist says
+            dropped[name] = f"worker-specific: {WORKER_SPECIFIC[name]}"
+            continue
+        rule = policy.allow_rule(name)
+        if rule is None:
+            continue
+        env[name] = head_env[name]
+        copied[name] = rule
+    for name, value in job_env:
+        env[name] = value
+        sources[name] = "--env"
+        copied.pop(name, None)
+    for name, value in host_env:
+        env[name] = value
+        sources[name] = "host option"
+        copied.pop(name, None)
+        dropped.pop(name, None)  # honoured: set explicitly for this host
+    for name, value in (rank_env or {}).items():
+        if sources.get(name) == "host option":
+            continue
+        env[name] = value
+        sources[name] = "launcher"
+        copied.pop(name, None)
+    return EnvReport(env=env, copied=copied, dropped=dropped, set=sources)
+
+
+def strip_worker_specific(env: Mapping[str, str]) -> dict[str, str]:
+    """A host's own environment without worker-specific or launcher names.
+
+    The agent applies this to the environment it was started with (an SSH
+    login, ``srun --export=ALL``, a local subprocess) before adding the plan's
+    values, so a value leaked from the head by any path cannot reach a rank.
+    """
+    return {k: v for k, v in env.items() if k not in WORKER_SPECIFIC and not k.startswith(LAUNCHER_PREFIX)}

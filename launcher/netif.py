@@ -1,0 +1,269 @@
+"""Which of MY addresses does this process bind?
+
+``select_bind_address`` is pure: it takes a snapshot of this host's interfaces
+and the rank's selectors and returns the address with the rule that chose it.
+``local_interfaces`` is the one probe (netifaces for addresses, psutil for
+link state). Rules, first match wins:
+
+1. an explicit ``VLLM_NIXL_SIDE_CHANNEL_HOST`` (``os.environ.setdefault``
+   semantics, as in vLLM's fix), which must be a local, up address;
+2. an interface selector in ``NCCL_SOCKET_IFNAME`` syntax (``eth``, ``=eth0``,
+   ``^docker,lo``);
+3. a CIDR selector;
+4. the local address the head reached this host on (SSH_CONNECTION);
+5. the default-route interface's address;
+6. loopback, only when the host itself is loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+EXPLICIT_VAR = "VLLM_NIXL_SIDE_CHANNEL_HOST"
+
+
+class BindAddressError(ValueError):
+    """No usable bind address; the message lists this host's interfaces and the fix."""
+
+
+@dataclass(frozen=True)
+class InterfaceAddress:
+    interface: str
+    address: IPAddress
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    up: bool = True
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.address.is_loopback
+
+    def __str__(self) -> str:
+        state = "" if self.up else " (down)"
+        return f"{self.interface} {self.address}/{self.network.prefixlen}{state}"
+
+
+@dataclass(frozen=True)
+class BindRequest:
+    """What a rank knows when it picks its address."""
+
+    explicit: str | None = None  # VLLM_NIXL_SIDE_CHANNEL_HOST as the rank sees it
+    ifname: str | None = None
+    cidr: str | None = None
+    reached: str | None = None  # the local address the head connected to
+    host_is_loopback: bool = False
+    hostname: str = "this host"
+
+
+@dataclass(frozen=True)
+class BindChoice:
+    address: str
+    rule: str
+
+
+def select_bind_address(
+    request: BindRequest,
+    addresses: Sequence[InterfaceAddress],
+    default_interface: str | None = None,
+) -> BindChoice:
+    """Pick this host's bind address; raise BindAddressError naming what to fix."""
+    if request.explicit:
+        return BindChoice(_explicit(request, addresses), f"{EXPLICIT_VAR} (explicit)")
+    usable = [a for a in addresses if a.up and not a.address.is_link_local]
+    if request.ifname:
+        match = ifname_matcher(request.ifname)
+        found = [a for a in usable if match(a.interface)]
+        if not found:
+            raise _error(request, addresses, f"no up interface matches ifname={request.ifname}", "fix ifname= in the hostfile")
+        return BindChoice(str(_prefer_ipv4(found).address), f"ifname={request.ifname} ({_prefer_ipv4(found).interface})")
+    if request.cidr:
+        network = ipaddress.ip_network(request.cidr, strict=False)
+        found = [a for a in usable if a.address.version == network.version and a.address in network]
+        if not found:
+            raise _error(request, addresses, f"no up interface has an address in cidr={network}", "fix cidr= in the hostfile")
+        return BindChoice(str(found[0].address), f"cidr={network} ({found[0].interface})")
+    if request.reached:
+        local = _local_match(request.reached, usable)
+        if local is not None:
+            return BindChoice(str(local), "address the head reached this host on")
+    if default_interface:
+        found = [a for a in usable if a.interface == default_interface and not a.is_loopback]
+        if found:
+            return BindChoice(str(_prefer_ipv4(found).address), f"default-route interface {default_interface}")
+    if request.host_is_loopback:
+        found = [a for a in usable if a.is_loopback]
+        if found:
+            return BindChoice(str(_prefer_ipv4(found).address), "loopback host")
+    raise _error(
+        request,
+        addresses,
+        "cannot tell which address to bind (no selector, no head connection, no default route)",
+        "add ifname= or cidr= for this host in the hostfile",
+    )
+
+
+def ifname_matcher(spec: str) -> Callable[[str], bool]:
+    """NCCL_SOCKET_IFNAME syntax: ``eth,ib`` prefixes, ``=eth0`` exact, ``^`` excludes."""
+    exclude = spec.startswith("^")
+    body = spec[1:] if exclude else spec
+    exact = body.startswith("=")
+    names = [n for n in (body[1:] if exact else body).split(",") if n]
+
+    def listed(interface: str) -> bool:
+        return any(interface == n if exact else interface.startswith(n) for n in names)
+
+    return (lambda i: not listed(i)) if exclude else listed
+
+
+def is_local(address: str, addresses: Sequence[InterfaceAddress]) -> bool:
+    return _local_match(address, [a for a in addresses if a.up]) is not None
+
+
+def _explicit(request: BindRequest, addresses: Sequence[InterfaceAddress]) -> str:
+    value = request.explicit.strip("[]")  # type: ignore[union-attr]
+    if value.lower() == "localhost":
+        value = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise _error(request, addresses, f"{EXPLICIT_VAR}={request.explicit} is not an IP address", _EXPLICIT_FIX) from None
+    if ip.is_unspecified:
+        raise _error(
+            request,
+            addresses,
+            f"{EXPLICIT_VAR}={request.explicit} would bind, but peers would be told to dial {ip}",
+            _EXPLICIT_FIX,
+        )
+    local = _local_match(value, [a for a in addresses if a.up])
+    if local is None:
+        raise _error(request, addresses, f"{EXPLICIT_VAR}={request.explicit} is not an address of {request.hostname}", _EXPLICIT_FIX)
+    return str(local)
+
+
+_EXPLICIT_FIX = f"set env:{EXPLICIT_VAR} in the hostfile to one of these, or remove it to let the launcher detect the address"
+
+
+def _local_match(text: str, addresses: Sequence[InterfaceAddress]) -> IPAddress | None:
+    try:
+        ip = ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    for a in addresses:
+        if a.address == ip:
+            return ip
+    # The whole loopback network is local on Linux (127.0.0.2 works without being listed).
+    for a in addresses:
+        if a.is_loopback and ip.version == a.address.version and ip in a.network:
+            return ip
+    return None
+
+
+def _prefer_ipv4(found: Sequence[InterfaceAddress]) -> InterfaceAddress:
+    return next((a for a in found if a.address.version == 4), found[0])
+
+
+def _error(request: BindRequest, addresses: Sequence[InterfaceAddress], what: str, fix: str) -> BindAddressError:
+    listing = ", ".join(str(a) for a in addresses) or "none"
+    return BindAddressError(f"{what}; interfaces of {request.hostname}: {listing}; {fix}")
+
+
+# --- the probe -------------------------------------------------------------
+
+
+def local_interfaces() -> list[InterfaceAddress]:
+    """This host's interface addresses, with link state."""
+    import netifaces
+    import psutil
+
+    stats = psutil.net_if_stats()
+    result = []
+    for name in netifaces.interfaces():
+        up = stats[name].isup if name in stats else True
+        entries = netifaces.ifaddresses(name)
+        for family in (netifaces.AF_INET, netifaces.AF_INET6):
+            for entry in entries.get(family, []):
+                addr = entry.get("addr", "").split("%", 1)[0]
+                mask = entry.get("netmask") or entry.get("mask") or ""
+                if not addr:
+                    continue
+                ip = ipaddress.ip_address(addr)
+                prefix = _prefixlen(mask, ip.version)
+                result.append(InterfaceAddress(name, ip, ipaddress.ip_network(f"{addr}/{prefix}", strict=False), up))
+    return result
+
+
+def _prefixlen(mask: str, version: int) -> int:
+    full = 32 if version == 4 else 128
+    if not mask:
+        return full
+    if "/" in mask:
+        return int(mask.rsplit("/", 1)[1])
+    try:
+        return ipaddress.ip_network(f"0.0.0.0/{mask}").prefixlen if version == 4 else bin(int(ipaddress.IPv6Address(mask))).count("1")
+    except ValueError:
+        return full
+
+
+def default_route_interface() -> str | None:
+    import netifaces
+
+    gateways = netifaces.gateways().get("default", {})
+    for family in (netifaces.AF_INET, netifaces.AF_INET6):
+        if family in gateways:
+            return gateways[family][1]
+    return None
+
+
+def ssh_server_address(env: Mapping[str, str]) -> str | None:
+    """The local address an SSH client reached us on: SSH_CONNECTION's third field."""
+    fields = env.get("SSH_CONNECTION", "").split()
+    return fields[2] if len(fields) == 4 else None
+
+
+def request_from_env(env: Mapping[str, str], *, host_is_loopback: bool) -> BindRequest:
+    """The rank's selectors, as the agent put them in its environment."""
+    explicit = env.get(EXPLICIT_VAR)
+    if explicit is not None and _is_hostname(explicit):
+        explicit = _resolve(explicit)
+    return BindRequest(
+        explicit=explicit,
+        ifname=env.get("LAUNCHER_BIND_IFNAME") or None,
+        cidr=env.get("LAUNCHER_BIND_CIDR") or None,
+        reached=env.get("LAUNCHER_REACHED_ADDRESS") or None,
+        host_is_loopback=host_is_loopback,
+        hostname=socket.gethostname(),
+    )
+
+
+def resolve_bind_address(env: Mapping[str, str] | None = None, *, host_is_loopback: bool = False) -> BindChoice:
+    """Probe this host and choose; what a rank calls at start-up."""
+    env = os.environ if env is None else env
+    request = request_from_env(env, host_is_loopback=host_is_loopback)
+    return select_bind_address(request, local_interfaces(), default_route_interface())
+
+
+def _is_hostname(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return False
+    except ValueError:
+        return value.lower() != "localhost" and bool(value)
+
+
+def _resolve(name: str) -> str:
+    try:
+        return socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+    except OSError:
+        return name  # left as is; select_bind_address reports it is not an IP
+
+
+def zmq_tcp_path(address: str, port: int) -> str:
+    """``tcp://host:port`` with IPv6 bracketed, as ZMQ wants it."""
+    bare = address.strip("[]")
+    return f"tcp://[{bare}]:{port}" if ":" in bare else f"tcp://{bare}:{port}"

@@ -1,0 +1,155 @@
+"""Messages between the head, the agents and the ranks: one JSON object a line.
+
+The head writes an ``AgentSpec`` as the agent's first stdin line, then
+``Heartbeat``/``Check``/``Stop``. The agent writes events to stdout. A rank
+writes ``Ready`` or ``RankError`` to the control pipe the agent gave it
+(``LAUNCHER_CONTROL_FD``). Every message carries a ``type`` tag.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+
+class _Msg(msgspec.Struct, tag_field="type", tag=lambda name: name.lower(), kw_only=True, omit_defaults=True):
+    pass
+
+
+# --- head -> agent -----------------------------------------------------------
+
+
+class RankLaunch(msgspec.Struct, kw_only=True):
+    rank: int
+    local_rank: int
+    port: int
+    engine_id: str
+    argv: list[str]  # "{python}" stands for the agent's interpreter
+    env: dict[str, str]
+
+
+class AgentSpec(_Msg):
+    job_id: str
+    host: str
+    host_index: int
+    host_is_loopback: bool
+    ranks: list[RankLaunch]
+    grace: float
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    reached_address: str | None = None  # None: the agent reads SSH_CONNECTION
+
+
+class Heartbeat(_Msg):
+    pass
+
+
+class Peer(msgspec.Struct, kw_only=True):
+    rank: int
+    address: str
+    port: int
+    engine_id: str
+
+
+class Check(_Msg):
+    peers: list[Peer]
+    wire: str
+    timeout: float
+
+
+class Stop(_Msg):
+    reason: str = ""
+
+
+# --- agent/rank -> head --------------------------------------------------------
+
+
+class Hello(_Msg):
+    hostname: str
+    pid: int
+    python: str
+    version: str
+
+
+class Started(_Msg):
+    rank: int
+    pid: int
+
+
+class Ready(_Msg):
+    rank: int
+    address: str
+    port: int
+    pid: int
+    rule: str
+    engine_id: str
+
+
+class Output(_Msg):
+    rank: int
+    stream: str  # "stdout" | "stderr"
+    line: str
+
+
+class RankError(_Msg):
+    rank: int
+    message: str
+
+
+class Exited(_Msg):
+    rank: int
+    returncode: int  # negative: killed by that signal
+
+
+class CheckResult(_Msg):
+    rank: int
+    peer: int
+    ok: bool
+    latency_ms: float = 0.0
+    error: str = ""
+
+
+class AgentError(_Msg):
+    message: str
+
+
+Message = Union[
+    AgentSpec, Heartbeat, Check, Stop, Hello, Started, Ready, Output, RankError, Exited, CheckResult, AgentError
+]
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Message)
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+def encode(message: _Msg) -> bytes:
+    """One message as one line, newline included."""
+    return _encoder.encode(message) + b"\n"
+
+
+def decode(line: bytes | str) -> Message:
+    try:
+        return _decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        text = line if isinstance(line, str) else line.decode("utf-8", "replace")
+        raise ProtocolError(f"not a launcher message ({exc}): {text.strip()[:200]!r}") from None
+
+
+CONTROL_FD_VAR = "LAUNCHER_CONTROL_FD"
+
+
+def report_to_agent(message: _Msg) -> None:
+    """From a rank: write one message to the agent's control pipe, if there is one."""
+    import os
+
+    fd = os.environ.get(CONTROL_FD_VAR)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), encode(message))
+    except OSError:
+        pass  # the agent is gone; the rank is about to be stopped anyway

@@ -1,0 +1,84 @@
+"""What a person sees: progress on stderr, tables and prefixed output on stdout."""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, Sequence, TextIO
+
+from . import envpolicy
+from .plan import Host, LaunchPlan, render_argv
+from .supervisor import LaunchResult, RankState, Reporter
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+class ConsoleReporter(Reporter):
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, quiet_output: bool = False):
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.quiet_output = quiet_output
+
+    def progress(self, text: str) -> None:
+        print(f"launcher: {text}", file=self.err, flush=True)
+
+    def output(self, rank: RankState, stream: str, line: str) -> None:
+        if not self.quiet_output:
+            target = self.err if stream == "stderr" else self.out
+            print(f"[r{rank.spec.rank} {rank.spec.host}] {line}", file=target, flush=True)
+
+    def ready(self, ranks: list[RankState]) -> None:
+        rows = [("RANK", "HOST", "ADDRESS", "PORT", "PID", "STATE", "ADDRESS RULE")]
+        for r in sorted(ranks, key=lambda r: r.spec.rank):
+            rows.append((str(r.spec.rank), r.spec.host, r.address or "-", str(r.port or r.spec.port), str(r.pid or "-"), r.state, r.rule or "-"))
+        print(format_table(rows), file=self.out, flush=True)
+
+
+def render_hosts(hosts: Iterable[Host]) -> str:
+    rows = [("HOST", "USER", "PORT", "SLOTS", "IFNAME", "CIDR", "ENV", "FROM")]
+    for h in hosts:
+        env = " ".join(f"{k}={envpolicy.masked(k, v)}" for k, v in h.env)
+        rows.append((h.name, h.user or "-", str(h.port or "-"), str(h.slots), h.ifname or "-", h.cidr or "-", env or "-", h.origin or "-"))
+    return format_table(rows)
+
+
+def render_plan(plan: LaunchPlan, python: str = "python") -> str:
+    """The dry run: per rank, where, which port, which command, which env and why."""
+    lines = [f"job {plan.job_id}: {plan.world_size} ranks on {len(plan.hosts)} hosts, side-channel ports {plan.port_base}..{plan.port_base + plan.world_size - 1}"]
+    lines += [f"warning: {w}" for w in plan.warnings]
+    for hp in plan.hosts:
+        host = hp.host
+        rule = (
+            f"ifname={host.ifname}" if host.ifname else f"cidr={host.cidr}" if host.cidr
+            else "explicit VLLM_NIXL_SIDE_CHANNEL_HOST" if any(k == "VLLM_NIXL_SIDE_CHANNEL_HOST" for k, _ in host.env)
+            else "loopback host" if host.is_loopback else "address the head reaches it on, else default route"
+        )
+        lines.append("")
+        lines.append(f"host {host.name} ({host.origin or 'given'}): {len(hp.ranks)} ranks; bind address: {rule}")
+        for r in hp.ranks:
+            report = r.env_report
+            lines.append(f"  rank {r.rank} (local {r.local_rank}) port {r.port} engine {r.engine_id}")
+            lines.append(f"    command: {render_argv(r.argv, host.python or python)}")
+            for name in sorted(report.copied):
+                lines.append(f"    copied  {name}={envpolicy.masked(name, r.env[name])}  ({report.copied[name]})")
+            for name in sorted(report.dropped):
+                lines.append(f"    dropped {name}  ({report.dropped[name]})")
+            for name in sorted(report.set):
+                lines.append(f"    set     {name}={envpolicy.masked(name, r.env[name])}  ({report.set[name]})")
+    return "\n".join(lines)
+
+
+def render_summary(result: LaunchResult) -> str:
+    """Per rank: how it ended; the root cause first."""
+    rows = [("RANK", "HOST", "ADDRESS", "PID", "STATE", "EXIT", "READY AT", "NOTE")]
+    root = result.failure.rank if result.failure else None
+    for r in result.ranks:
+        exit_text = "-" if r.exit_code is None else (str(r.exit_code) if r.exit_code >= 0 else f"signal {-r.exit_code}")
+        note = (r.error or "")[:80]
+        if r.rank == root:
+            note = "ROOT CAUSE" + (f": {note}" if note else "")
+        rows.append((str(r.rank), r.host, r.address or "-", str(r.pid or "-"), r.state, exit_text,
+                     f"{r.ready_at:.2f}s" if r.ready_at is not None else "-", note or "-"))
+    return format_table(rows)

@@ -1,0 +1,389 @@
+"""Head side: start agents, gather events, fail fast, tear down.
+
+One ``Supervisor`` runs one ``LaunchPlan`` through one ``Transport``. Reader
+threads turn each agent's stdout into events on a queue; the caller's thread
+pumps that queue, so state changes in one place. Any rank exiting, any agent
+lost, or a deadline passing ends the job; ``stop`` then takes every rank on
+every host down and returns a ``LaunchResult``.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import protocol
+from .check import CheckMatrix, CheckOptions
+from .plan import HostPlan, LaunchPlan, RankSpec
+from .sidechannel import HandshakeError, tcp_probe
+from .transports import AgentConnection, Transport, TransportError
+
+# Exit codes of the launcher itself (a failing rank's own code is passed through).
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_HOST_LOST = 3
+EXIT_NOT_READY = 4
+EXIT_CHECK_FAILED = 5
+
+
+@dataclass
+class RankState:
+    spec: RankSpec
+    state: str = "pending"  # pending -> started -> ready -> exited
+    pid: int | None = None
+    address: str | None = None
+    port: int | None = None
+    rule: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    started_at: float | None = None
+    ready_at: float | None = None
+    ended_at: float | None = None
+    output: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """How one rank went; times are seconds since the launch began."""
+
+    rank: int
+    host: str
+    address: str | None
+    port: int
+    pid: int | None
+    state: str
+    exit_code: int | None  # negative: killed by that signal
+    error: str | None
+    started_at: float | None
+    ready_at: float | None
+    ended_at: float | None
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: str  # rank-exited, rank-error, host-lost, transport, not-ready, duplicate-address, unreachable, check, signal
+    message: str
+    exit_code: int
+    rank: int | None = None
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    ranks: tuple[RankResult, ...]
+    failure: Failure | None
+    check: CheckMatrix | None
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.failure is None else self.failure.exit_code
+
+
+class Reporter:
+    """What the supervisor tells a person; the default tells nobody."""
+
+    def progress(self, text: str) -> None: ...
+
+    def output(self, rank: RankState, stream: str, line: str) -> None: ...
+
+    def ready(self, ranks: list[RankState]) -> None: ...
+
+
+@dataclass
+class _HostLink:
+    plan: HostPlan
+    conn: AgentConnection | None = None
+    hello: protocol.Hello | None = None
+    gone: bool = False
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class Supervisor:
+    def __init__(self, plan: LaunchPlan, transport: Transport, reporter: Reporter | None = None, stop: threading.Event | None = None):
+        self.plan, self.transport = plan, transport
+        self.stop_requested = stop or threading.Event()  # set from anywhere (a signal handler) to end any phase
+        self.reporter = reporter or Reporter()
+        self.ranks = {r.rank: RankState(r) for r in plan.ranks}
+        self.links = [_HostLink(h) for h in plan.hosts]
+        self.failure: Failure | None = None
+        self.matrix: CheckMatrix | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._t0 = time.monotonic()
+        self._stopping = False
+        self._readers: list[threading.Thread] = []
+
+    # --- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every host's agent in parallel (returns at once)."""
+        self._t0 = time.monotonic()
+        self.reporter.progress(f"starting {self.plan.world_size} ranks on {len(self.links)} hosts ({self.transport.name})")
+        for link in self.links:
+            t = threading.Thread(target=self._run_link, args=(link,), daemon=True, name=f"agent-{link.plan.host.name}")
+            t.start()
+            self._readers.append(t)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Pump events until every rank is ready and reachable, or the job failed."""
+        timeout = self.plan.options.ready_timeout if timeout is None else timeout
+        deadline = self._t0 + timeout
+        self._pump(lambda: all(r.state == "ready" for r in self.ranks.values()), deadline)
+        if self.stop_requested.is_set():
+            return False
+        if self.failure is None and not all(r.state == "ready" for r in self.ranks.values()):
+            self._fail_not_ready(timeout)
+        if self.failure is None:
+            self._verify_addresses()
+        if self.failure is None:
+            self.reporter.ready(list(self.ranks.values()))
+        return self.failure is None
+
+    def check(self, options: CheckOptions = CheckOptions()) -> CheckMatrix:
+        """All-pairs handshake from every rank's address to every rank."""
+        ranks = sorted(self.ranks.values(), key=lambda r: r.spec.rank)
+        self.matrix = CheckMatrix(tuple(r.spec.rank for r in ranks))
+        peers = [protocol.Peer(rank=r.spec.rank, address=r.address, port=r.port, engine_id=r.spec.engine_id) for r in ranks]
+        self.reporter.progress(f"handshaking all {len(ranks) ** 2} rank pairs ({options.wire} wire)")
+        for link in self.links:
+            self._send(link, protocol.Check(peers=peers, wire=options.wire, timeout=options.timeout))
+        # Agents probe concurrently; a failing probe costs at most one timeout.
+        deadline = time.monotonic() + options.timeout * 2 + 5
+        self._pump(lambda: self.matrix.complete, deadline)
+        if self.failure is None and not self.stop_requested.is_set() and not self.matrix.ok:
+            bad = self.matrix.failures
+            self.failure = Failure("check", f"{len(bad)} of {len(ranks) ** 2} handshakes failed; first: r{bad[0].rank} -> r{bad[0].peer}: {bad[0].error}", EXIT_CHECK_FAILED)
+        return self.matrix
+
+    def serve(self) -> None:
+        """Pump events until a stop is requested or the job fails."""
+        self._pump(lambda: False, None)
+
+    def stop(self, reason: str = "job finished") -> LaunchResult:
+        """Stop every rank on every host; wait for their ends; return the result."""
+        self._stopping = True
+        self.reporter.progress(f"stopping: {reason}")
+        for link in self.links:
+            self._send(link, protocol.Stop(reason=reason))
+            if link.conn is not None:
+                link.conn.close_stdin()
+        grace = self.plan.options.grace
+        self._pump(self._all_ended, time.monotonic() + grace + 5.0)
+        for link in self.links:
+            if link.conn is not None and link.conn.wait(0 if link.gone else 2.0) is None:
+                link.conn.terminate()
+        for t in self._readers:
+            t.join(timeout=5.0)
+        self._drain()
+        self.transport.close()
+        return self.result()
+
+    def result(self) -> LaunchResult:
+        ranks = tuple(
+            RankResult(
+                rank=s.spec.rank, host=s.spec.host, address=s.address, port=s.spec.port, pid=s.pid, state=s.state,
+                exit_code=s.exit_code, error=s.error, started_at=s.started_at, ready_at=s.ready_at, ended_at=s.ended_at,
+            )
+            for s in sorted(self.ranks.values(), key=lambda s: s.spec.rank)
+        )
+        return LaunchResult(ranks, self.failure, self.matrix, time.monotonic() - self._t0)
+
+    # --- the agent's side of the wire -------------------------------------
+
+    def _run_link(self, link: _HostLink) -> None:
+        host = link.plan.host
+        try:
+            link.conn = self.transport.start(host)
+            spec = protocol.AgentSpec(
+                job_id=self.plan.job_id,
+                host=host.name,
+                host_index=link.plan.index,
+                host_is_loopback=host.is_loopback,
+                reached_address=self.transport.reached_address(host),
+                ranks=[
+                    protocol.RankLaunch(rank=r.rank, local_rank=r.local_rank, port=r.port, engine_id=r.engine_id, argv=list(r.argv), env=dict(r.env))
+                    for r in link.plan.ranks
+                ],
+                grace=self.plan.options.grace,
+                heartbeat_interval=self.plan.options.heartbeat_interval,
+                heartbeat_timeout=self.plan.options.heartbeat_timeout,
+            )
+            link.conn.send(protocol.encode(spec))
+        except TransportError as exc:
+            self._events.put((link, TransportError(str(exc))))
+            return
+        except OSError as exc:
+            self._events.put((link, TransportError(f"{host.label}: the agent closed its input at start ({exc})")))
+            return
+        while True:
+            try:
+                raw = link.conn.readline()
+            except OSError:
+                raw = b""
+            if not raw:
+                break
+            try:
+                self._events.put((link, protocol.decode(raw)))
+            except protocol.ProtocolError:
+                self._events.put((link, ("noise", raw.decode("utf-8", "replace").rstrip())))
+        self._events.put((link, EOFError()))
+
+    def _send(self, link: _HostLink, message) -> None:
+        if link.conn is None or link.gone:
+            return
+        try:
+            link.conn.send(protocol.encode(message))
+        except (OSError, ValueError):
+            pass  # its reader thread reports the loss
+
+    # --- the event pump ------------------------------------------------------
+
+    def _pump(self, done: Callable[[], bool], deadline: float | None) -> None:
+        next_beat = time.monotonic()
+        while not done():
+            if not self._stopping and (self.failure is not None or self.stop_requested.is_set()):
+                return
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return
+            if now >= next_beat:
+                self._heartbeat(now)
+                next_beat = now + self.plan.options.heartbeat_interval
+            try:
+                link, event = self._events.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            self._handle(link, event)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                link, event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(link, event)
+
+    def _heartbeat(self, now: float) -> None:
+        for link in self.links:
+            if link.conn is None or link.gone:
+                continue
+            self._send(link, protocol.Heartbeat())
+            silent = now - link.last_seen
+            if link.hello is not None and silent > self.plan.options.heartbeat_timeout and not self._stopping:
+                self._host_failed(link, f"host {link.plan.host.name} lost: no word from its agent for {silent:.0f}s (heartbeat timeout)")
+
+    def _handle(self, link: _HostLink, event) -> None:
+        link.last_seen = time.monotonic()
+        now = link.last_seen - self._t0
+        if isinstance(event, protocol.Hello):
+            link.hello = event
+            connected = sum(1 for lk in self.links if lk.hello is not None)
+            self.reporter.progress(f"agents connected {connected}/{len(self.links)} ({link.plan.host.name}: pid {event.pid})")
+        elif isinstance(event, protocol.Started):
+            state = self.ranks[event.rank]
+            state.state, state.pid, state.started_at = "started", event.pid, now
+        elif isinstance(event, protocol.Ready):
+            state = self.ranks[event.rank]
+            state.state, state.address, state.port, state.rule, state.ready_at = "ready", event.address, event.port, event.rule, now
+            ready = sum(1 for r in self.ranks.values() if r.state == "ready")
+            self.reporter.progress(f"ranks ready {ready}/{len(self.ranks)} (rank {event.rank} on {state.spec.host} at {event.address}:{event.port})")
+        elif isinstance(event, protocol.Output):
+            state = self.ranks[event.rank]
+            state.output.append(event.line)
+            self.reporter.output(state, event.stream, event.line)
+        elif isinstance(event, protocol.RankError):
+            self.ranks[event.rank].error = event.message
+        elif isinstance(event, protocol.Exited):
+            self._rank_exited(self.ranks[event.rank], event.returncode, now)
+        elif isinstance(event, protocol.CheckResult):
+            if self.matrix is not None:
+                self.matrix.add(event)
+        elif isinstance(event, protocol.AgentError):
+            self.reporter.progress(f"agent on {link.plan.host.name}: {event.message}")
+        elif isinstance(event, TransportError):
+            link.gone = True
+            self._host_failed(link, str(event), kind="transport")
+        elif isinstance(event, EOFError):
+            link.gone = True
+            if not self._stopping:
+                tail = link.conn.stderr_tail() if link.conn else []
+                said = f": {tail[-1]}" if tail else ""
+                self._host_failed(link, f"host {link.plan.host.name} lost: its agent ended{said}")
+            self._mark_lost_ranks(link)
+        elif isinstance(event, tuple) and event and event[0] == "noise":
+            self.reporter.progress(f"agent on {link.plan.host.name} printed: {event[1][:200]}")
+
+    def _rank_exited(self, state: RankState, code: int, now: float) -> None:
+        state.state, state.exit_code, state.ended_at = "exited", code, now
+        if self._stopping or self.failure is not None:
+            return
+        how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+        why = f": {state.error}" if state.error else (f"; last output: {state.output[-1]}" if state.output else "")
+        exit_code = code if code > 0 else (128 - code if code < 0 else 1)
+        kind = "rank-error" if state.error else "rank-exited"
+        self.failure = Failure(kind, f"rank {state.spec.rank} on {state.spec.host} {how}{why}", exit_code, state.spec.rank, state.spec.host)
+
+    def _host_failed(self, link: _HostLink, message: str, kind: str = "host-lost") -> None:
+        if self.failure is None:
+            self.failure = Failure(kind, message, EXIT_HOST_LOST, host=link.plan.host.name)
+
+    def _mark_lost_ranks(self, link: _HostLink) -> None:
+        for spec in link.plan.ranks:
+            state = self.ranks[spec.rank]
+            if state.state != "exited":
+                state.state, state.ended_at = "lost", time.monotonic() - self._t0
+
+    def _all_ended(self) -> bool:
+        return all(lk.gone for lk in self.links if lk.conn is not None) and all(
+            s.state in ("exited", "lost", "pending") for s in self.ranks.values()
+        )
+
+    def _fail_not_ready(self, timeout: float) -> None:
+        waiting = [s for s in self.ranks.values() if s.state != "ready"]
+        first = waiting[0]
+        last = f"; its last output: {first.output[-1]}" if first.output else "; it printed nothing"
+        names = ", ".join(f"rank {s.spec.rank} on {s.spec.host} ({s.state})" for s in waiting[:8])
+        self.failure = Failure(
+            "not-ready",
+            f"{len(waiting)} ranks not ready after {timeout:g}s: {names}{last}; raise --ready-timeout if they are slow",
+            EXIT_NOT_READY, first.spec.rank, first.spec.host,
+        )
+
+    def _verify_addresses(self) -> None:
+        """Addresses unique across hosts, and each one reachable from the head."""
+        owner: dict[str, RankState] = {}
+        for state in sorted(self.ranks.values(), key=lambda s: s.spec.rank):
+            other = owner.setdefault(state.address, state)
+            if other.spec.host_index != state.spec.host_index:
+                self.failure = Failure(
+                    "duplicate-address",
+                    f"hosts {other.spec.host} and {state.spec.host} both report address {state.address}; every host needs "
+                    f"its own address (cloned VM, shared VIP, or both on loopback?): set ifname=/cidr= or env:VLLM_NIXL_SIDE_CHANNEL_HOST per host",
+                    EXIT_HOST_LOST, state.spec.rank, state.spec.host,
+                )
+                return
+
+        def probe(state: RankState) -> tuple[RankState, str | None]:
+            try:
+                tcp_probe(state.address, state.port, timeout=5.0)
+                return state, None
+            except HandshakeError as exc:
+                return state, str(exc)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for state, error in pool.map(probe, list(self.ranks.values())):
+                if error and self.failure is None:
+                    self.failure = Failure(
+                        "unreachable",
+                        f"rank {state.spec.rank} on {state.spec.host} listens at {state.address}:{state.port} but the head cannot reach it ({error})",
+                        EXIT_HOST_LOST, state.spec.rank, state.spec.host,
+                    )

@@ -1,0 +1,74 @@
+"""The transport interface: start an agent on a host, talk to it in lines."""
+
+from __future__ import annotations
+
+import abc
+import collections
+import threading
+
+from ..plan import Host
+
+
+class TransportError(RuntimeError):
+    """The agent could not be started; str() is one line naming the host and the fix."""
+
+
+class AgentConnection(abc.ABC):
+    """A running agent: its stdin, its stdout lines, its end."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self._stderr = collections.deque(maxlen=50)
+        self._stderr_done = threading.Event()
+
+    @abc.abstractmethod
+    def send(self, data: bytes) -> None:
+        """Write to the agent's stdin; raises OSError once the agent is gone."""
+
+    @abc.abstractmethod
+    def readline(self) -> bytes:
+        """One line of the agent's stdout; b"" at its end."""
+
+    @abc.abstractmethod
+    def close_stdin(self) -> None:
+        """EOF on the agent's stdin: the agent stops its ranks and exits."""
+
+    @abc.abstractmethod
+    def terminate(self) -> None:
+        """Stop the agent without its cooperation (last resort)."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float) -> int | None:
+        """The agent's exit status, or None if it is still running after ``timeout``."""
+
+    def _collect_stderr(self, stream) -> None:
+        try:
+            for raw in iter(stream.readline, b""):
+                self._stderr.append(raw.decode("utf-8", "replace").rstrip("\n"))
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._stderr_done.set()
+
+    def stderr_tail(self, wait: float = 0.5) -> list[str]:
+        """The agent's last stderr lines (what it said before dying)."""
+        self._stderr_done.wait(wait)
+        return list(self._stderr)
+
+
+class Transport(abc.ABC):
+    name: str = ""
+
+    @abc.abstractmethod
+    def start(self, host: Host) -> AgentConnection:
+        """Start ``python -m launcher.agent`` on ``host``; raise TransportError naming it."""
+
+    def reached_address(self, host: Host) -> str | None:
+        """The host-local address the head reaches this host on, if the transport knows it.
+
+        None lets the agent read it on the host (SSH_CONNECTION).
+        """
+        return None
+
+    def close(self) -> None:
+        """Release shared resources (connections) after the job."""

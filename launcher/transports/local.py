@@ -1,0 +1,95 @@
+"""Agents as local subprocesses: loopback clusters and single-machine tests."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+from ..plan import Host
+from .base import AgentConnection, Transport, TransportError
+
+# What a login shell would give the agent; the head's other variables reach
+# ranks only through the plan's allowlist, as they would over SSH.
+BASE_ENV_NAMES = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+def base_environment(env=None) -> dict[str, str]:
+    env = os.environ if env is None else env
+    return {k: v for k, v in env.items() if k in BASE_ENV_NAMES or k.startswith("LC_")}
+
+
+class LocalConnection(AgentConnection):
+    def __init__(self, host: Host, popen: subprocess.Popen):
+        super().__init__(host)
+        self.popen = popen
+        threading.Thread(target=self._collect_stderr, args=(popen.stderr,), daemon=True).start()
+
+    def send(self, data: bytes) -> None:
+        self.popen.stdin.write(data)
+        self.popen.stdin.flush()
+
+    def readline(self) -> bytes:
+        return self.popen.stdout.readline()
+
+    def close_stdin(self) -> None:
+        try:
+            self.popen.stdin.close()
+        except OSError:
+            pass
+
+    def terminate(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            if self.popen.poll() is not None:
+                return
+            self.popen.send_signal(signum)
+            try:
+                self.popen.wait(2.0)
+            except subprocess.TimeoutExpired:
+                continue
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class LocalTransport(Transport):
+    """Runs each host's agent as a subprocess of the head (in its own session,
+    so a terminal's Ctrl-C reaches only the head, which stops things in order)."""
+
+    name = "local"
+
+    def start(self, host: Host) -> AgentConnection:
+        python = host.python or sys.executable
+        try:
+            popen = subprocess.Popen(
+                [python, "-m", "launcher.agent"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=base_environment(),
+                cwd=host.cwd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise TransportError(f"{host.label}: cannot start the agent with {python!r}: {exc.strerror or exc}; check python=/cwd= for this host") from None
+        return LocalConnection(host, popen)
+
+    def reached_address(self, host: Host) -> str | None:
+        name = host.name.strip("[]")
+        try:
+            return str(ipaddress.ip_address(name))
+        except ValueError:
+            pass
+        if host.is_loopback:
+            return "127.0.0.1"
+        try:
+            return socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+        except OSError:
+            return None
