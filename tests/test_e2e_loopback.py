@@ -1,0 +1,191 @@
+"""End to end on loopback: the real CLI, agents, engine cores, sockets and signals."""
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import msgspec
+import psutil
+import pytest
+import zmq
+
+import launcher
+from launcher import sidechannel
+from launcher.check import CheckOptions
+from launcher.plan import Host, LaunchOptions
+
+from conftest import launcher_cmd, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
+
+LEAKED = {
+    "VLLM_NIXL_SIDE_CHANNEL_HOST": "198.18.255.254",
+    "VLLM_HOST_IP": "198.18.255.254",
+    "CUDA_VISIBLE_DEVICES": "0,1",
+    "VLLM_DP_RANK": "5",
+}
+ROW = re.compile(r"^(\d+)\s+(\S+)\s+(\S+)\s+(\d+)\s+(\d+)\s+ready\b")
+
+
+def write_hostfile(tmp_path, text):
+    path = tmp_path / "hostfile"
+    path.write_text(text)
+    return str(path)
+
+
+class RunningLauncher:
+    """``launcher run`` in the background, with its output collected line by line."""
+
+    def __init__(self, args, env=None):
+        self.proc = subprocess.Popen(launcher_cmd("run", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.stdout, self.stderr = [], []
+        self._threads = [
+            threading.Thread(target=self._collect, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._collect, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _collect(stream, lines):
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+
+    def ready_rows(self, count, timeout=30):
+        rows = wait_for(lambda: (r := [m.groups() for m in map(ROW.match, self.stdout) if m]) and len(r) >= count and r, timeout)
+        assert rows, f"not ready: {self.stderr[-5:]}"
+        return [(int(rank), host, address, int(port), int(pid)) for rank, host, address, port, pid in rows]
+
+    def finish(self, timeout=30):
+        code = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(5)
+        return code
+
+
+def vllm_handshake(address, port):
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(f"tcp://{address}:{port}")
+    sock.send(msgspec.msgpack.encode([b"get_meta_msg", 0, 0]))
+    frames = sock.recv_multipart()
+    sock.close()
+    payload = msgspec.msgpack.decode(frames[0], type=sidechannel.NixlHandshakePayload)
+    return msgspec.msgpack.decode(payload.agent_metadata_bytes, type=sidechannel.NixlAgentMetadata).engine_id
+
+
+def test_check_on_loopback_handshakes_every_pair_and_exits_0(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=3\n")
+    done = subprocess.run(launcher_cmd("check", "-H", hf, "--port-base", str(port_base)), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "all 9 handshakes ok" in done.stdout
+    rows = [m.groups() for m in map(ROW.match, done.stdout.splitlines()) if m]
+    assert [(int(r[0]), r[2], int(r[3])) for r in rows] == [(i, "127.0.0.1", port_base + i) for i in range(3)]
+    assert "agents connected 1/1" in done.stderr and "ranks ready 3/3" in done.stderr
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_run_serves_vllm_clients_with_a_clean_env_until_signalled(tmp_path, port_base, signum, code):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    env = {**os.environ, **LEAKED, "NCCL_DEBUG": "WARN", "UNRELATED_SECRET": "x"}
+    run = RunningLauncher(["-H", hf, "--port-base", str(port_base)], env=env)
+    rows = run.ready_rows(2)
+    for rank, _, address, port, pid in rows:
+        assert vllm_handshake(address, port).endswith(f"-dp{rank}")
+        environ = psutil.Process(pid).environ()
+        assert not set(LEAKED) & set(environ), "a worker-specific variable leaked into the rank"
+        assert "UNRELATED_SECRET" not in environ
+        assert environ["NCCL_DEBUG"] == "WARN"
+        assert environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] == str(port_base)
+    run.proc.send_signal(signum)
+    assert run.finish() == code
+    assert any(f"stopped by {signal.Signals(signum).name}" in line for line in run.stderr)
+    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for *_, pid in rows)
+
+
+def test_seed_regression_head_address_in_env_is_dropped_and_ranks_bind_their_own(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    env = {**os.environ, **LEAKED}
+    done = subprocess.run(launcher_cmd("check", "-H", hf, "--port-base", str(port_base)), capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "198.18.255.254" not in done.stdout
+    assert [m.group(3) for m in map(ROW.match, done.stdout.splitlines()) if m] == ["127.0.0.1", "127.0.0.1"]
+    shown = subprocess.run(launcher_cmd("plan", "-H", hf), capture_output=True, text=True, env=env, timeout=30).stdout
+    for name in LEAKED:
+        assert re.search(rf"dropped {name}\s+\(worker-specific", shown), name
+
+
+def test_a_non_local_per_host_address_fails_fast_with_the_clear_error(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=2 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.255.254\n")
+    start = time.monotonic()
+    done = subprocess.run(launcher_cmd("check", "-H", hf, "--port-base", str(port_base), "--ready-timeout", "60"), capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 20  # fails at once, not at the ready timeout
+    assert done.returncode == 2  # the rank's own exit code: bad address
+    assert "launcher: FAILED: rank 0 on localhost exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.255.254 is not an address of" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_rank_killed_with_sigkill_ends_the_run_naming_it(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=3\n")
+    run = RunningLauncher(["-H", hf, "--port-base", str(port_base), "--grace", "2"])
+    rows = run.ready_rows(3)
+    os.kill(rows[1][4], signal.SIGKILL)
+    assert run.finish() == 128 + signal.SIGKILL
+    assert any("FAILED: rank 1 on localhost was killed by signal 9" in line for line in run.stderr)
+    assert any("ROOT CAUSE" in line and line.startswith("1 ") for line in run.stderr)
+
+
+def test_killing_the_head_with_sigkill_leaves_nothing_behind(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    run = RunningLauncher(["-H", hf, "--port-base", str(port_base)])
+    rows = run.ready_rows(2)
+    run.proc.kill()
+    run.finish()
+    gone = wait_for(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for *_, pid in rows), 5)
+    assert gone, "ranks outlived a SIGKILLed head"
+
+
+def test_a_port_in_use_is_named_with_host_address_and_fix(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port_base + 1))
+        squatter.listen()
+        done = subprocess.run(launcher_cmd("check", "-H", hf, "--port-base", str(port_base)), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"side-channel port {port_base + 1} is already in use at 127.0.0.1:{port_base + 1}" in done.stderr
+    assert "--port-base" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_loopback_hosts_get_distinct_addresses_and_duplicates_are_refused(tmp_path, port_base):
+    ok = write_hostfile(tmp_path, "127.0.0.1\n127.0.0.2 slots=2\n")
+    done = subprocess.run(launcher_cmd("check", "-H", ok, "--port-base", str(port_base)), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [m.group(3) for m in map(ROW.match, done.stdout.splitlines()) if m] == ["127.0.0.1", "127.0.0.2", "127.0.0.2"]
+    dup = write_hostfile(tmp_path, "localhost\n127.0.0.1\n")
+    done = subprocess.run(launcher_cmd("check", "-H", dup, "--port-base", str(port_base)), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert "hosts localhost and 127.0.0.1 both report address 127.0.0.1" in done.stderr
+
+
+def test_python_api_returns_per_rank_results(port_base):
+    plan = launcher.plan_job([Host("localhost", slots=2)], LaunchOptions(port_base=port_base))
+    result = launcher.launch(plan, check=CheckOptions(wire="v3"))
+    assert result.ok and result.exit_code == 0
+    assert result.check.ok and len(result.check.results) == 4
+    assert [(r.rank, r.address, r.port, r.state) for r in result.ranks] == [
+        (0, "127.0.0.1", port_base, "exited"), (1, "127.0.0.1", port_base + 1, "exited"),
+    ]
+    assert all(r.exit_code == 0 and r.pid and 0 <= r.started_at <= r.ready_at <= r.ended_at for r in result.ranks)
+
+
+def test_usage_errors_are_one_line_with_exit_2(tmp_path):
+    hf = write_hostfile(tmp_path, "localhost slots=0\n")
+    done = subprocess.run(launcher_cmd("check", "-H", hf), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"launcher: error: {hf}:1: slots must be at least 1, got 0 (line: 'localhost slots=0')"]

@@ -1,0 +1,72 @@
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from launcher import hostfile
+from launcher.hostfile import HostfileError
+
+
+def test_every_documented_form_parses():
+    text = """
+    # comment line
+    localhost slots=2          # trailing comment
+    gpu1:8
+    alice@gpu2 slots=4 port=2222 ifname=^docker,lo cidr=10.1.2.3/16 env:NCCL_SOCKET_IFNAME=ib0 env:X=a=b
+    gpu3 python=/opt/venv/bin/python cwd=/srv
+    [fd00::5]:3
+    """
+    hosts = hostfile.parse(text, "hf")
+    assert [(h.name, h.slots) for h in hosts] == [("localhost", 2), ("gpu1", 8), ("gpu2", 4), ("gpu3", 1), ("fd00::5", 3)]
+    gpu2 = hosts[2]
+    assert (gpu2.user, gpu2.port, gpu2.ifname, gpu2.cidr) == ("alice", 2222, "^docker,lo", "10.1.0.0/16")
+    assert gpu2.env == (("NCCL_SOCKET_IFNAME", "ib0"), ("X", "a=b"))
+    assert (hosts[3].python, hosts[3].cwd) == ("/opt/venv/bin/python", "/srv")
+    assert hosts[0].origin == "hf:3" and hosts[0].is_loopback and not hosts[1].is_loopback
+
+
+def test_slurm_hostlists_expand_in_slurm_order_not_sorted():
+    hosts = hostfile.parse("node[07,01-03]:2 ifname=eth1\n")
+    assert [h.name for h in hosts] == ["node07", "node01", "node02", "node03"]
+    assert all(h.slots == 2 and h.ifname == "eth1" for h in hosts)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a\nb\na slots=2\n", "hf:3: host 'a' is already listed at line 1"),
+        ("a slots=0\n", "hf:1: slots must be at least 1"),
+        ("a slots=two\n", "hf:1: slots must be a whole number"),
+        ("a slot=2\n", "hf:1: unknown option 'slot'; did you mean 'slots='?"),
+        ("a:2 slots=3\n", "hf:1: slots given twice"),
+        ("a port=70000\n", "hf:1: port 70000 is not a TCP port"),
+        ("a cidr=10.0.0.300/8\n", "hf:1: cidr '10.0.0.300/8' is not a network"),
+        ("a env:1BAD=x\n", "hf:1: env:'1BAD=x' is not env:NAME=VALUE"),
+        ("\n\na $(reboot)\n", "hf:3: "),
+        ("node[01-\n", "hf:1: "),
+        ("a slots\n", "hf:1: expected key=value"),
+    ],
+)
+def test_errors_name_file_line_and_fix(text, expected):
+    with pytest.raises(HostfileError) as err:
+        hostfile.parse(text, "hf")
+    message = str(err.value)
+    assert message.startswith(expected)
+    assert "\n" not in message and "(line: " in message
+
+
+def test_missing_file_is_one_line_error(tmp_path):
+    with pytest.raises(HostfileError, match=r"no such hostfile; pass --hostfile"):
+        hostfile.read(str(tmp_path / "nope"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
+def test_any_text_parses_or_fails_with_one_line_located_error(text):
+    try:
+        hosts = hostfile.parse(text, "fuzz")
+    except HostfileError as exc:
+        message = str(exc)
+        assert message.startswith(f"fuzz:{exc.lineno}: ") and exc.lineno >= 1
+        assert "\n" not in message and "\r" not in message.split(" (line: ")[0]
+    else:
+        assert all(h.slots >= 1 and h.name for h in hosts)
+        assert len({h.name for h in hosts}) == len(hosts)
