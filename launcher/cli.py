@@ -148,8 +148,8 @@ def _finish(result: LaunchResult, received: list[int], reporter: report.ConsoleR
         hosts = {r.rank: r.host for r in result.ranks}
         print(render_matrix(result.check, hosts, color=sys.stdout.isatty()), flush=True)
     if result.failure is not None:
-        print(report.render_summary(result), file=sys.stderr)
-        print(f"launcher: FAILED: {result.failure.message}", file=sys.stderr, flush=True)
+        print(f"launcher: FAILED: {result.failure.message}", file=sys.stderr)
+        print(report.render_summary(result), file=sys.stderr, flush=True)
         return result.exit_code
     if received:
         name = signal.Signals(received[0]).name

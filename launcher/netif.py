@@ -79,13 +79,15 @@ def select_bind_address(
         found = [a for a in usable if match(a.interface)]
         if not found:
             raise _error(request, addresses, f"no up interface matches ifname={request.ifname}", "fix ifname= in the hostfile")
-        return BindChoice(str(_prefer_ipv4(found).address), f"ifname={request.ifname} ({_prefer_ipv4(found).interface})")
+        best = _preferred(found)
+        return BindChoice(str(best.address), f"ifname={request.ifname} ({best.interface})")
     if request.cidr:
         network = ipaddress.ip_network(request.cidr, strict=False)
         found = [a for a in usable if a.address.version == network.version and a.address in network]
         if not found:
             raise _error(request, addresses, f"no up interface has an address in cidr={network}", "fix cidr= in the hostfile")
-        return BindChoice(str(found[0].address), f"cidr={network} ({found[0].interface})")
+        best = _preferred(found)
+        return BindChoice(str(best.address), f"cidr={network} ({best.interface})")
     if request.reached:
         local = _local_match(request.reached, usable)
         if local is not None:
@@ -93,11 +95,11 @@ def select_bind_address(
     if default_interface:
         found = [a for a in usable if a.interface == default_interface and not a.is_loopback]
         if found:
-            return BindChoice(str(_prefer_ipv4(found).address), f"default-route interface {default_interface}")
+            return BindChoice(str(_preferred(found).address), f"default-route interface {default_interface}")
     if request.host_is_loopback:
         found = [a for a in usable if a.is_loopback]
         if found:
-            return BindChoice(str(_prefer_ipv4(found).address), "loopback host")
+            return BindChoice(str(_preferred(found).address), "loopback host")
     raise _error(
         request,
         addresses,
@@ -164,8 +166,10 @@ def _local_match(text: str, addresses: Sequence[InterfaceAddress]) -> IPAddress 
     return None
 
 
-def _prefer_ipv4(found: Sequence[InterfaceAddress]) -> InterfaceAddress:
-    return next((a for a in found if a.address.version == 4), found[0])
+def _preferred(found: Sequence[InterfaceAddress]) -> InterfaceAddress:
+    """Among matches: a routable address before loopback (peers cannot dial a
+    peer's 127.0.0.1), then IPv4 before IPv6, then interface order."""
+    return min(found, key=lambda a: (a.is_loopback, a.address.version != 4))
 
 
 def _error(request: BindRequest, addresses: Sequence[InterfaceAddress], what: str, fix: str) -> BindAddressError:

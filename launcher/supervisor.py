@@ -317,7 +317,15 @@ class Supervisor:
             if not self._stopping:
                 tail = link.conn.stderr_tail() if link.conn else []
                 said = f": {tail[-1]}" if tail else ""
-                self._host_failed(link, f"host {link.plan.host.name} lost: its agent ended{said}")
+                if link.hello is None:
+                    self._host_failed(
+                        link,
+                        f"host {link.plan.host.label}: the agent did not start{said}; install launcher there "
+                        f"(same version) or set python= for this host in the hostfile",
+                        kind="transport",
+                    )
+                else:
+                    self._host_failed(link, f"host {link.plan.host.name} lost: its agent ended{said}")
             self._mark_lost_ranks(link)
         elif isinstance(event, tuple) and event and event[0] == "noise":
             self.reporter.progress(f"agent on {link.plan.host.name} printed: {event[1][:200]}")

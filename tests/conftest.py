@@ -80,3 +80,42 @@ def port_base():
 
 def launcher_cmd(*args):
     return [sys.executable, "-m", "launcher.cli", *args]
+
+
+# --- the netns + sshd cluster --------------------------------------------------
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from netns_cluster import NetnsCluster, missing_tools  # noqa: E402
+
+E2E_REQUIRED = bool(os.environ.get("CI") or os.environ.get("LAUNCHER_REQUIRE_E2E"))
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """Three SSH hosts in network namespaces; h1 has a second interface (198.19.0.11)."""
+    missing = missing_tools()
+    if missing:
+        message = f"netns cluster unavailable: missing {', '.join(missing)}; run scripts/setup-test-host.sh"
+        if E2E_REQUIRED:
+            pytest.fail(message)  # in CI a missing sshd is a failure, not a skip
+        pytest.skip(message)
+    with NetnsCluster(3, workdir=str(tmp_path_factory.mktemp("netns"))) as built:
+        yield built
+
+
+@pytest.fixture
+def hosts(cluster, no_leaks):
+    """The cluster, checked after the test: every host holds nothing but its sshd."""
+    yield cluster
+
+    stray = wait_for(lambda: not cluster.stray_pids(), timeout=5.0) or cluster.stray_pids()
+    if stray is True:
+        return
+    for pids in stray.values():
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+    described = {h: [" ".join(psutil.Process(p).cmdline()) for p in pids if psutil.pid_exists(p)] for h, pids in stray.items()}
+    pytest.fail(f"processes left on hosts: {described}")

@@ -55,7 +55,12 @@ class RunningLauncher:
             lines.append(line.rstrip("\n"))
 
     def ready_rows(self, count, timeout=30):
-        rows = wait_for(lambda: (r := [m.groups() for m in map(ROW.match, self.stdout) if m]) and len(r) >= count and r, timeout)
+        def ready():
+            found = [m.groups() for m in map(ROW.match, self.stdout) if m]
+            return found if len(found) >= count else (self.proc.poll() is not None and "exited")
+
+        rows = wait_for(ready, timeout)
+        assert rows != "exited", f"launcher exited {self.proc.returncode} before {count} ranks were ready: {self.stderr[-8:]}"
         assert rows, f"not ready: {self.stderr[-5:]}"
         return [(int(rank), host, address, int(port), int(pid)) for rank, host, address, port, pid in rows]
 

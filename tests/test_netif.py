@@ -37,6 +37,9 @@ def choose(**kw):
         (dict(ifname="=eth1", reached="198.18.0.12"), "198.19.0.12", "ifname==eth1"),
         (dict(ifname="eth", reached="198.19.0.12"), "198.18.0.12", "ifname=eth"),
         (dict(ifname="^eth0,lo,docker"), "198.19.0.12", "ifname=^eth0,lo,docker"),
+        (dict(ifname="^eth0"), "198.19.0.12", "ifname=^eth0"),  # matches lo too, but a routable address wins
+        (dict(ifname="=lo"), "127.0.0.1", "ifname==lo"),
+        (dict(cidr="0.0.0.0/0"), "198.18.0.12", "cidr=0.0.0.0/0"),
         (dict(cidr="198.19.0.0/24"), "198.19.0.12", "cidr=198.19.0.0/24"),
         (dict(cidr="fd00:19::/64"), "fd00:19::12", "cidr=fd00:19::/64"),
         (dict(reached="198.19.0.12"), "198.19.0.12", "reached"),

@@ -1,0 +1,189 @@
+"""Agents over SSH (paramiko): bare-metal clusters without Ray.
+
+Honours ~/.ssh/config (HostName, User, Port, IdentityFile, ProxyJump) and
+ssh-agent keys; verifies host keys against known_hosts and refuses unknown or
+changed keys unless told to accept *new* ones (a changed key is always
+refused). The agent's spec goes over the channel's stdin, never into the
+remote command line.
+
+Without a pty, closing the channel does not stop the remote command (sshd
+only closes its pipes): the agent stops its ranks itself on stdin EOF and on
+missed heartbeats.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shlex
+import socket
+import sys
+import threading
+import time
+
+import paramiko
+
+from ..plan import Host
+from .base import AgentConnection, Transport, TransportError
+
+
+class _AcceptNewHostKeys(paramiko.MissingHostKeyPolicy):
+    """Trust-on-first-use, like OpenSSH's StrictHostKeyChecking=accept-new."""
+
+    def __init__(self, path: str | None, lock: threading.Lock):
+        self.path, self.lock = path, lock
+
+    def missing_host_key(self, client, hostname, key):
+        with self.lock:
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            if self.path:
+                with open(self.path, "a") as f:
+                    f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+class SSHConnection(AgentConnection):
+    def __init__(self, host: Host, clients: list[paramiko.SSHClient], channel: paramiko.Channel):
+        super().__init__(host)
+        self.clients, self.channel = clients, channel
+        # Keep every file object referenced for the job's life: a dropped
+        # stdin file's finaliser sends EOF to the agent at once.
+        self.stdin = channel.makefile_stdin("wb")
+        self.stdout = channel.makefile("rb")
+        self.stderr = channel.makefile_stderr("rb")
+        threading.Thread(target=self._collect_stderr, args=(self.stderr,), daemon=True).start()
+
+    def send(self, data: bytes) -> None:
+        if self.channel.closed or self.channel.exit_status_ready():
+            raise OSError("the SSH channel is closed")
+        self.stdin.write(data)
+        self.stdin.flush()
+
+    def readline(self) -> bytes:
+        return self.stdout.readline()
+
+    def close_stdin(self) -> None:
+        try:
+            self.channel.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
+    def terminate(self) -> None:
+        for client in reversed(self.clients):
+            client.close()
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while not self.channel.exit_status_ready():
+            if self.channel.closed or time.monotonic() >= deadline:
+                return None if not self.channel.exit_status_ready() else self.channel.recv_exit_status()
+            time.sleep(0.02)
+        return self.channel.recv_exit_status()
+
+
+class SSHTransport(Transport):
+    name = "ssh"
+
+    def __init__(
+        self,
+        config_path: str | None = None,
+        known_hosts: str | None = None,
+        accept_new_host_keys: bool = False,
+        identities: tuple[str, ...] = (),
+        connect_timeout: float = 10.0,
+        python: str | None = None,
+    ):
+        self.config = paramiko.SSHConfig()
+        path = config_path or os.path.expanduser("~/.ssh/config")
+        if config_path and not os.path.exists(config_path):
+            raise TransportError(f"ssh config {config_path} does not exist; fix --ssh-config")
+        if os.path.exists(path):
+            self.config = paramiko.SSHConfig.from_path(path)
+        self.known_hosts = known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+        if known_hosts and not os.path.exists(known_hosts):
+            raise TransportError(f"known_hosts file {known_hosts} does not exist; fix --known-hosts")
+        self.accept_new = accept_new_host_keys
+        self.identities = tuple(identities)
+        self.timeout = connect_timeout
+        self.python = python or sys.executable  # suits shared-filesystem clusters; per host: python=
+        self._lock = threading.Lock()
+        self._clients: list[paramiko.SSHClient] = []
+
+    def start(self, host: Host) -> AgentConnection:
+        clients = self._connect_chain(host.name, host.user, host.port, label=host.label)
+        command = shlex.join([host.python or self.python, "-m", "launcher.agent"])
+        if host.cwd:
+            command = f"cd {shlex.quote(host.cwd)} && exec {command}"
+        try:
+            channel = clients[-1].get_transport().open_session(timeout=self.timeout)
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            for c in clients:
+                c.close()
+            raise TransportError(f"{host.label}: cannot start the agent over SSH: {exc}") from None
+        return SSHConnection(host, clients, channel)
+
+    def _connect_chain(self, alias: str, user: str | None, port: int | None, label: str, depth: int = 0) -> list[paramiko.SSHClient]:
+        """Connect to ``alias``, through its ProxyJump hosts if the config names any."""
+        if depth > 5:
+            raise TransportError(f"{label}: ProxyJump chain is longer than 5 hops (a loop?)")
+        cfg = self.config.lookup(alias)
+        hostname = cfg.get("hostname", alias)
+        port = port or int(cfg.get("port", 22))
+        user = user or cfg.get("user") or getpass.getuser()
+        chain: list[paramiko.SSHClient] = []
+        sock = None
+        jump = cfg.get("proxyjump")
+        if jump and jump.lower() != "none":
+            jump_user, _, jump_host = jump.split(",")[-1].rpartition("@")
+            jump_host, _, jump_port = jump_host.partition(":")
+            chain = self._connect_chain(jump_host, jump_user or None, int(jump_port) if jump_port else None, label, depth + 1)
+            try:
+                sock = chain[-1].get_transport().open_channel("direct-tcpip", (hostname, port), ("", 0), timeout=self.timeout)
+            except (paramiko.SSHException, OSError) as exc:
+                raise TransportError(f"{label}: jump host {jump_host} cannot reach {hostname}:{port}: {exc}") from None
+        client = paramiko.SSHClient()
+        known = cfg.get("userknownhostsfile", "").split()
+        for path in [self.known_hosts, *(os.path.expanduser(k) for k in known)]:
+            if os.path.exists(path):
+                client.load_host_keys(path)
+        client.set_missing_host_key_policy(
+            _AcceptNewHostKeys(self.known_hosts, self._lock) if self.accept_new else paramiko.RejectPolicy()
+        )
+        keys = [*self.identities, *(os.path.expanduser(k) for k in cfg.get("identityfile", []))]
+        where = f"{user}@{hostname}:{port}"
+        try:
+            client.connect(
+                hostname, port=port, username=user, key_filename=[k for k in keys if os.path.exists(k)] or None,
+                timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout, sock=sock,
+                allow_agent=True, look_for_keys=not keys,
+            )
+        except paramiko.BadHostKeyException as exc:
+            raise TransportError(
+                f"{label}: HOST KEY CHANGED for {hostname}: known_hosts has a different {exc.expected_key.get_name()} key; "
+                f"if the host was reinstalled, remove the old key (ssh-keygen -R {hostname}); otherwise do not connect"
+            ) from None
+        except paramiko.AuthenticationException:
+            tried = ", ".join(keys) if keys else "ssh-agent and default keys"
+            raise TransportError(f"{label}: authentication failed for {where} (tried {tried}); check --identity/IdentityFile and the host's authorized_keys") from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise TransportError(
+                    f"{label}: host key of {hostname} is unknown (not in {self.known_hosts}); verify and add it "
+                    f"(ssh-keyscan {hostname} >> {self.known_hosts}) or pass --accept-new-host-keys"
+                ) from None
+            raise TransportError(f"{label}: SSH to {where} failed: {exc}") from None
+        except socket.timeout:
+            raise TransportError(f"{label}: connecting to {where} timed out after {self.timeout:g}s; is the host up and reachable?") from None
+        except paramiko.ssh_exception.NoValidConnectionsError:
+            raise TransportError(f"{label}: connection to {where} refused; is sshd running there?") from None
+        except OSError as exc:
+            raise TransportError(f"{label}: cannot reach {where}: {exc.strerror or exc}") from None
+        with self._lock:
+            self._clients.append(client)
+        return [*chain, client]
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients:
+                client.close()
+            self._clients.clear()

@@ -1,0 +1,170 @@
+"""End to end over real sshd, on hosts that are network namespaces (scripts/netns_cluster.py)."""
+
+import os
+import re
+import signal
+import subprocess
+
+import psutil
+import pytest
+
+from conftest import launcher_cmd
+from test_e2e_loopback import ROW, RunningLauncher, vllm_handshake
+
+pytestmark = [pytest.mark.e2e, pytest.mark.netns]
+
+HEAD = "198.18.0.1"  # the head's own address on the test network
+LEAKED = {"VLLM_NIXL_SIDE_CHANNEL_HOST": HEAD, "VLLM_HOST_IP": HEAD, "CUDA_VISIBLE_DEVICES": "0", "VLLM_DP_MASTER_IP": HEAD}
+
+
+def hostfile(tmp_path, text):
+    path = tmp_path / "hostfile"
+    path.write_text(text)
+    return str(path)
+
+
+def check(cluster, hf, *extra, env=None, timeout=90):
+    return subprocess.run(
+        launcher_cmd("check", "-H", hf, *cluster.ssh_args(), *extra), capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=timeout,
+    )
+
+
+def rows(stdout):
+    return [m.groups() for m in map(ROW.match, stdout.splitlines()) if m]
+
+
+def test_seed_bug_head_address_leaked_yet_every_rank_binds_its_own_host(hosts, tmp_path):
+    hf = hostfile(tmp_path, hosts.hostfile(slots=2))
+    run = RunningLauncher(
+        ["-H", hf, *hosts.ssh_args(), "--env", "HF_TOKEN=s3cr3t-value"], env={**os.environ, **LEAKED},
+    )
+    ready = run.ready_rows(6)
+    for rank, host, address, port, pid in ready:
+        assert address == hosts.host(host).address  # its own host's address, not the head's
+        assert vllm_handshake(address, port).endswith(f"-dp{rank}")  # advertised = bound = reachable
+        # Seen from the host itself: its socket table lists this rank's pid on (address, port) only.
+        table = hosts.host(host).run("ss", "-Hltnp").stdout
+        listening = {m.group(1) for m in re.finditer(r"LISTEN\s+\d+\s+\d+\s+(\S+)\s.*pid=%d," % pid, table)}
+        assert listening == {f"{address}:{port}"}, table
+        environ = psutil.Process(pid).environ()  # one PID space across the namespaces
+        assert not set(LEAKED) & set(environ), f"leaked into rank {rank}: {set(LEAKED) & set(environ)}"
+        assert environ["HF_TOKEN"] == "s3cr3t-value" and environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5600"
+    for host in hosts.hosts:  # the secret reached the rank's env, never any argv on any host
+        for pid in host.pids():
+            try:
+                assert "s3cr3t" not in " ".join(psutil.Process(pid).cmdline())
+            except psutil.NoSuchProcess:
+                pass
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 143
+
+
+def test_all_pairs_check_across_hosts_is_green(hosts, tmp_path):
+    done = check(hosts, hostfile(tmp_path, hosts.hostfile(slots=2)), env=LEAKED)
+    assert done.returncode == 0, done.stderr
+    assert "all 36 handshakes ok" in done.stdout
+    assert {r[1]: r[2] for r in rows(done.stdout)} == {h.name: h.address for h in hosts.hosts}
+    assert "agents connected 3/3" in done.stderr
+
+
+def test_interface_selectors_and_explicit_local_address_are_honoured(hosts, tmp_path):
+    hf = hostfile(tmp_path, "h1 slots=2 cidr=198.19.0.0/24\nh2 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.12\nh3 ifname=^eth1\n")
+    run = RunningLauncher(["-H", hf, *hosts.ssh_args()], env={**os.environ, **LEAKED})
+    ready = run.ready_rows(4)
+    assert [(r[1], r[2]) for r in ready] == [("h1", "198.19.0.11"), ("h1", "198.19.0.11"), ("h2", "198.18.0.12"), ("h3", "198.18.0.13")]
+    for _, _, address, port, _ in ready:
+        assert vllm_handshake(address, port)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 143
+    assert any(re.match(r"^0\s+h1\s+198\.19\.0\.11\s.*cidr=198\.19\.0\.0/24 \(eth1\)", line) for line in run.stdout)
+    assert any("VLLM_NIXL_SIDE_CHANNEL_HOST (explicit)" in line for line in run.stdout)
+
+
+def test_an_unreachable_listener_shows_red_in_the_matrix_with_the_reason(hosts, tmp_path):
+    # h1 binds on the second network, which h2 and h3 have no route to.
+    done = check(hosts, hostfile(tmp_path, "h1 ifname==eth1\nh2\nh3\n"), "--handshake-timeout", "2")
+    assert done.returncode == 5, done.stderr
+    matrix = done.stdout.split("handshake latency")[1]
+    assert re.search(r"^h1 r0 .*\d", matrix, re.M)
+    assert re.search(r"^h2 r1\s+FAIL\s+[\d.]+\s+[\d.]+$", matrix, re.M)
+    assert "r1 -> r0: 198.19.0.11:5600: Network is unreachable" in matrix
+    assert "4 of 9 handshakes failed" in matrix or "2 of 9 handshakes failed" in matrix
+
+
+def test_a_non_local_explicit_address_fails_that_host_and_stops_the_others(hosts, tmp_path):
+    hf = hostfile(tmp_path, "h1 slots=2\nh2\nh3 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99\n")
+    done = check(hosts, hf)
+    assert done.returncode == 2
+    first = done.stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
+    assert first.startswith("rank 3 on h3 exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99 is not an address of h3")
+    assert "eth0 198.18.0.13/24" in first and "Traceback" not in done.stderr
+
+
+def test_remote_python_missing_is_a_clear_error(hosts, tmp_path):
+    done = check(hosts, hostfile(tmp_path, "h1\nh2 python=/nonexistent/python3\n"))
+    assert done.returncode == 3
+    failed = done.stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
+    assert failed.startswith("host h2") and "the agent did not start" in failed and "python=" in failed
+
+
+@pytest.mark.parametrize(
+    "line, extra, expected",
+    [
+        ("root@198.18.0.1 port=1", [], "connection to root@198.18.0.1:1 refused; is sshd running there?"),
+        ("root@198.18.0.99", ["--connect-timeout", "1"], "root@198.18.0.99:22"),
+    ],
+)
+def test_hosts_without_sshd_fail_with_one_line(hosts, tmp_path, line, extra, expected):
+    done = check(hosts, hostfile(tmp_path, f"h1\n{line}\n"), *extra, timeout=60)
+    assert done.returncode == 3
+    failed = done.stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
+    assert expected in failed and "Traceback" not in done.stderr
+
+
+def test_wrong_key_is_refused_with_one_line(hosts, tmp_path):
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host h2\n  HostName {hosts.host('h2').address}\n  User root\n")
+    wrong = tmp_path / "wrong_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
+    done = subprocess.run(
+        launcher_cmd("check", "-H", hostfile(tmp_path, "h2\n"), "--transport", "ssh", "--ssh-config", str(config),
+                     "--known-hosts", hosts.known_hosts, "--identity", str(wrong)),
+        capture_output=True, text=True, timeout=60, env={**os.environ, "SSH_AUTH_SOCK": ""},
+    )
+    assert done.returncode == 3
+    assert f"authentication failed for root@198.18.0.12:22 (tried {wrong})" in done.stderr
+
+
+def test_changed_host_key_is_always_refused(hosts, tmp_path):
+    known = tmp_path / "known_hosts"
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, blob = (tmp_path / "other.pub").read_text().split()[:2]
+    known.write_text(f"198.18.0.12 {kind} {blob}\n")
+    config = tmp_path / "ssh_config"
+    config.write_text(open(hosts.ssh_config).read().replace(hosts.known_hosts, str(known)))
+    for flags in ([], ["--accept-new-host-keys"]):
+        done = subprocess.run(
+            launcher_cmd("check", "-H", hostfile(tmp_path, "h2\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", str(known), *flags),
+            capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 3
+        assert "HOST KEY CHANGED for 198.18.0.12" in done.stderr and "ssh-keygen -R 198.18.0.12" in done.stderr
+
+
+def test_unknown_host_key_is_refused_unless_new_keys_are_accepted(hosts, tmp_path):
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    config = tmp_path / "ssh_config"
+    config.write_text(open(hosts.ssh_config).read().replace(hosts.known_hosts, str(known)))
+    args = ["check", "-H", hostfile(tmp_path, "h1\nh3\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", str(known)]
+    done = subprocess.run(launcher_cmd(*args), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert re.search(r"host key of 198\.18\.0\.1[13] is unknown .* --accept-new-host-keys", done.stderr)
+    done = subprocess.run(launcher_cmd(*args, "--accept-new-host-keys"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    recorded = known.read_text()
+    assert "198.18.0.11 ssh-ed25519" in recorded and "198.18.0.13 ssh-ed25519" in recorded
+    done = subprocess.run(launcher_cmd(*args), capture_output=True, text=True, timeout=60)  # now known
+    assert done.returncode == 0, done.stderr
