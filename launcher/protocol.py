@@ -8,6 +8,7 @@ writes ``Ready`` or ``RankError`` to the control pipe the agent gave it
 
 from __future__ import annotations
 
+import os
 from typing import Union
 
 import msgspec
@@ -144,8 +145,6 @@ CONTROL_FD_VAR = "LAUNCHER_CONTROL_FD"
 
 def report_to_agent(message: _Msg) -> None:
     """From a rank: write one message to the agent's control pipe, if there is one."""
-    import os
-
     fd = os.environ.get(CONTROL_FD_VAR)
     if fd is None:
         return

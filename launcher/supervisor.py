@@ -284,6 +284,12 @@ class Supervisor:
     def _handle(self, link: _HostLink, event) -> None:
         link.last_seen = time.monotonic()
         now = link.last_seen - self._t0
+        rank = getattr(event, "rank", None)
+        if rank is not None and not isinstance(event, protocol.CheckResult):
+            state = self.ranks.get(rank)
+            if state is None or state.spec.host_index != link.plan.index:
+                self.reporter.progress(f"agent on {link.plan.host.name} spoke of rank {rank}, which is not its own; ignored")
+                return
         if isinstance(event, protocol.Hello):
             link.hello = event
             connected = sum(1 for lk in self.links if lk.hello is not None)

@@ -75,7 +75,7 @@ class SSHConnection(AgentConnection):
         deadline = time.monotonic() + timeout
         while not self.channel.exit_status_ready():
             if self.channel.closed or time.monotonic() >= deadline:
-                return None if not self.channel.exit_status_ready() else self.channel.recv_exit_status()
+                return None
             time.sleep(0.02)
         return self.channel.recv_exit_status()
 
