@@ -293,7 +293,14 @@ def main() -> int:
     agent.start_ranks()
     agent.start_threads()
     agent.supervise()
-    return 0
+    # Leave without interpreter finalisation: the stdin reader thread may still
+    # be blocked in readline (a silent head), and CPython aborts (SIGABRT) when
+    # it finalises a buffered stream a daemon thread holds.
+    try:
+        stdout.flush()
+    except OSError:
+        pass
+    os._exit(0)
 
 
 if __name__ == "__main__":

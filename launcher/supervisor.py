@@ -99,13 +99,19 @@ class Reporter:
     def ready(self, ranks: list[RankState]) -> None: ...
 
 
+_CLOSE = object()  # outbox sentinel: close the agent's stdin after what is queued
+
+
 @dataclass
 class _HostLink:
     plan: HostPlan
     conn: AgentConnection | None = None
     hello: protocol.Hello | None = None
-    gone: bool = False
+    gone: bool = False  # its agent ended, or it was declared lost
     last_seen: float = field(default_factory=time.monotonic)
+    # Writes go through a thread of their own: a write to a partitioned host
+    # blocks (the SSH window never reopens), and must not stall the pump.
+    outbox: queue.Queue = field(default_factory=queue.Queue)
 
 
 class Supervisor:
@@ -174,8 +180,7 @@ class Supervisor:
         self.reporter.progress(f"stopping: {reason}")
         for link in self.links:
             self._send(link, protocol.Stop(reason=reason))
-            if link.conn is not None:
-                link.conn.close_stdin()
+            link.outbox.put(_CLOSE)
         grace = self.plan.options.grace
         self._pump(self._all_ended, time.monotonic() + grace + 5.0)
         for link in self.links:
@@ -218,6 +223,7 @@ class Supervisor:
                 heartbeat_timeout=self.plan.options.heartbeat_timeout,
             )
             link.conn.send(protocol.encode(spec))
+            threading.Thread(target=self._write_link, args=(link,), daemon=True, name=f"to-{host.name}").start()
         except TransportError as exc:
             self._events.put((link, TransportError(str(exc))))
             return
@@ -238,12 +244,20 @@ class Supervisor:
         self._events.put((link, EOFError()))
 
     def _send(self, link: _HostLink, message) -> None:
-        if link.conn is None or link.gone:
-            return
-        try:
-            link.conn.send(protocol.encode(message))
-        except (OSError, ValueError):
-            pass  # its reader thread reports the loss
+        if not link.gone:
+            link.outbox.put(protocol.encode(message))
+
+    @staticmethod
+    def _write_link(link: _HostLink) -> None:
+        while True:
+            item = link.outbox.get()
+            try:
+                if item is _CLOSE:
+                    link.conn.close_stdin()
+                    return
+                link.conn.send(item)
+            except (OSError, ValueError, EOFError):
+                return  # its reader thread reports the loss
 
     # --- the event pump ------------------------------------------------------
 
@@ -280,6 +294,8 @@ class Supervisor:
             silent = now - link.last_seen
             if link.hello is not None and silent > self.plan.options.heartbeat_timeout and not self._stopping:
                 self._host_failed(link, f"host {link.plan.host.name} lost: no word from its agent for {silent:.0f}s (heartbeat timeout)")
+                link.gone = True  # nothing more will come; its agent stops its ranks on its own timeout
+                self._mark_lost_ranks(link)
 
     def _handle(self, link: _HostLink, event) -> None:
         link.last_seen = time.monotonic()

@@ -214,8 +214,11 @@ def sweep() -> list[str]:
                 pass
         _sh("ip", "netns", "del", name, check=False)
         removed.append(name)
-    for link in (f"{PREFIX}-br0", f"{PREFIX}-br1"):
-        if _sh("ip", "link", "show", link, check=False).returncode == 0:
+    # Every link of ours, bridges and head-side veths alike: a namespace that
+    # something still references outlives 'ip netns del', and so does its veth.
+    for line in _sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        link = line.split(":")[1].strip().split("@")[0] if line.count(":") >= 2 else ""
+        if link.startswith(f"{PREFIX}-"):
             _sh("ip", "link", "del", link, check=False)
             removed.append(link)
     return removed

@@ -8,7 +8,7 @@ import subprocess
 import psutil
 import pytest
 
-from conftest import launcher_cmd
+from conftest import launcher_cmd, wait_for
 from test_e2e_loopback import ROW, RunningLauncher, vllm_handshake
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
@@ -198,3 +198,17 @@ def test_proxyjump_reaches_a_host_through_another(hosts, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert [(r[1], r[2]) for r in rows(done.stdout)] == [("far", "198.18.0.13"), ("h2", "198.18.0.12")]
+
+
+def test_a_silent_partition_is_noticed_by_heartbeats_on_both_sides(hosts, tmp_path):
+    run = RunningLauncher(["-H", hostfile(tmp_path, hosts.hostfile(slots=1)), *hosts.ssh_args(), "--heartbeat-timeout", "2", "--grace", "1"])
+    ready = run.ready_rows(3)
+    link = "lnch-v2"  # h2's cable to the bridge: no FIN or RST will ever arrive
+    subprocess.run(["ip", "link", "set", link, "down"], check=True)
+    try:
+        assert run.finish(timeout=30) == 3
+        assert any(line.startswith("launcher: FAILED: host h2 lost: no word from its agent") for line in run.stderr)
+        # The agent on h2 heard no heartbeat either, and stopped its rank by itself.
+        assert wait_for(lambda: not psutil.pid_exists(ready[1][4]), 5.0)
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)

@@ -1,0 +1,99 @@
+"""The agent holds the job on its host: real misbehaving ranks, real signals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from launcher import protocol
+
+from conftest import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
+
+# A rank that ignores SIGTERM and forks a grandchild that leaves its process
+# group (setsid) and ignores SIGTERM too: only SIGKILL, aimed at it by pid, stops it.
+STUBBORN = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+    os._exit(0)
+print(f"grandchild {pid}", flush=True)
+time.sleep(600)
+"""
+SLEEPER = "import time; print('up', flush=True); time.sleep(600)"
+
+
+def start_agent(scripts, grace=1.0, heartbeat_timeout=60.0):
+    spec = protocol.AgentSpec(
+        job_id="t", host="localhost", host_index=0, host_is_loopback=True, reached_address="127.0.0.1",
+        ranks=[
+            protocol.RankLaunch(rank=i, local_rank=i, port=0, engine_id=f"t-dp{i}", argv=["{python}", "-c", code], env={})
+            for i, code in enumerate(scripts)
+        ],
+        grace=grace, heartbeat_interval=0.2, heartbeat_timeout=heartbeat_timeout,
+    )
+    agent = subprocess.Popen([sys.executable, "-m", "launcher.agent"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    agent.stdin.write(protocol.encode(spec))
+    agent.stdin.flush()
+    return agent
+
+
+def read_until(agent, want, count=1):
+    seen = []
+    while len([m for m in seen if want(m)]) < count:
+        line = agent.stdout.readline()
+        assert line, f"agent ended early; saw {seen}"
+        seen.append(protocol.decode(line))
+    return seen
+
+
+def started_pids(events):
+    return [m.pid for m in events if isinstance(m, protocol.Started)]
+
+
+def gone(pids):
+    return all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
+
+
+def grandchild_of(events):
+    return next(int(m.line.split()[1]) for m in events if isinstance(m, protocol.Output) and m.line.startswith("grandchild"))
+
+
+def test_stdin_eof_stops_ranks_that_ignore_sigterm_and_detached_grandchildren():
+    agent = start_agent([STUBBORN, SLEEPER], grace=1.0)
+    events = read_until(agent, lambda m: isinstance(m, protocol.Output), count=2)
+    pids = started_pids(events) + [grandchild_of(events)]
+    assert not gone(pids)
+    start = time.monotonic()
+    agent.stdin.close()  # what a lost SSH connection or a dead head looks like
+    rest = agent.stdout.read().splitlines()
+    assert agent.wait(10) == 0
+    assert wait_for(lambda: gone(pids), 3.0)
+    assert time.monotonic() - start < 1.0 + 2.0  # within the grace period plus 2 s
+    exits = {m.rank: m.returncode for m in map(protocol.decode, rest) if isinstance(m, protocol.Exited)}
+    assert exits == {0: -signal.SIGKILL, 1: -signal.SIGTERM}  # the stubborn one needed SIGKILL
+
+
+def test_ranks_die_with_a_sigkilled_agent():
+    agent = start_agent([SLEEPER, SLEEPER])
+    pids = started_pids(read_until(agent, lambda m: isinstance(m, protocol.Output), count=2))
+    agent.kill()
+    agent.wait()
+    assert wait_for(lambda: gone(pids), 3.0), "ranks outlived their agent (PR_SET_PDEATHSIG)"
+
+
+def test_a_silent_head_is_noticed_by_heartbeat_timeout():
+    agent = start_agent([SLEEPER], heartbeat_timeout=1.0)  # stdin stays open but says nothing
+    pids = started_pids(read_until(agent, lambda m: isinstance(m, protocol.Output)))
+    assert agent.wait(10) == 0
+    assert wait_for(lambda: gone(pids), 3.0)
+    agent.stdin.close()
