@@ -8,7 +8,7 @@ results into a connectivity matrix. Pure: no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Mapping
 
 from .protocol import CheckResult
 
@@ -74,7 +74,7 @@ def render_matrix(matrix: CheckMatrix, hosts: Mapping[int, str], color: bool = F
     failures = matrix.failures
     if failures:
         lines.append(f"{len(failures)} of {len(ranks) ** 2} handshakes failed:")
-        lines.extend(f"  r{f.rank} -> r{f.peer}: {f.error}" for f in _first(failures, 20))
+        lines.extend(f"  r{f.rank} -> r{f.peer}: {f.error}" for f in failures[:20])
     else:
         lines.append(f"all {len(ranks) ** 2} handshakes ok")
     return "\n".join(lines)
@@ -85,7 +85,3 @@ def _paint(text: str, cell: str, color: bool) -> str:
         return text
     code = "31" if cell in ("FAIL", "?") else "32"
     return f"\x1b[{code}m{text}\x1b[0m"
-
-
-def _first(items: Iterable, n: int) -> list:
-    return list(items)[:n]

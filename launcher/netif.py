@@ -121,10 +121,6 @@ def ifname_matcher(spec: str) -> Callable[[str], bool]:
     return (lambda i: not listed(i)) if exclude else listed
 
 
-def is_local(address: str, addresses: Sequence[InterfaceAddress]) -> bool:
-    return _local_match(address, [a for a in addresses if a.up]) is not None
-
-
 def _explicit(request: BindRequest, addresses: Sequence[InterfaceAddress]) -> str:
     value = request.explicit.strip("[]")  # type: ignore[union-attr]
     if value.lower() == "localhost":

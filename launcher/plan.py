@@ -228,16 +228,11 @@ def _check_not_reserved(name: str, where: str) -> None:
 
 def _compile_hash_warnings(hosts: Sequence[Host]) -> list[str]:
     """Per-host VLLM_* values that vLLM hashes make hosts compile separately."""
-    values: dict[str, set[str | None]] = {}
-    for host in hosts:
-        env = dict(host.env)
-        for name in {n for h in hosts for n, _ in h.env}:
-            values.setdefault(name, set()).add(env.get(name))
+    names = sorted({name for h in hosts for name, _ in h.env if envpolicy.in_compile_hash(name)})
     return [
-        f"{name} differs between hosts and is part of vLLM's compile-cache hash: "
-        f"each distinct value compiles separately"
-        for name, seen in sorted(values.items())
-        if len(seen) > 1 and envpolicy.in_compile_hash(name)
+        f"{name} differs between hosts and is part of vLLM's compile-cache hash: each distinct value compiles separately"
+        for name in names
+        if len({dict(h.env).get(name) for h in hosts}) > 1
     ]
 
 
