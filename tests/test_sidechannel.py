@@ -136,3 +136,30 @@ def test_request_bodies_match_vllms_arity():
     assert msgspec.msgpack.decode(sidechannel.request_body("v1", tp_rank=2)) == [b"get_meta_msg", 2]
     assert msgspec.msgpack.decode(sidechannel.request_body("v2", tp_rank=2, pp_rank=1)) == [b"get_meta_msg", 1, 2]
     assert msgspec.msgpack.decode(sidechannel.request_body("v3", 2, 1, 3)) == [b"get_meta_msg", 1, 3, 2]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.binary(max_size=20) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+bodies = st.one_of(
+    st.binary(max_size=64),
+    msgpack_values.map(msgspec.msgpack.encode),
+    st.tuples(st.sampled_from([b"get_meta_msg", b"x"]), st.lists(msgpack_values, max_size=4)).map(
+        lambda t: msgspec.msgpack.encode([t[0], *t[1]])
+    ),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=16), max_size=3), bodies, st.booleans())
+def test_any_frames_get_an_answer_or_are_dropped_never_an_exception(extra, body, envelope):
+    lst = SideChannelListener("127.0.0.1", 1, {0: builtin_payload("e", "j", 0)}, hostname="h")
+    frames = [b"peer-id", b"", body] if envelope else [b"peer-id", *extra, body]
+    reply = lst.reply_to(frames)
+    assert reply is None or (reply[0] == b"peer-id" and reply[1] == b"" and 3 <= len(reply) <= 4)
+    if reply is not None and reply[2] != lst.payloads[0]:
+        assert "error" in msgspec.msgpack.decode(reply[2])
