@@ -222,6 +222,8 @@ class Supervisor:
                 heartbeat_interval=self.plan.options.heartbeat_interval,
                 heartbeat_timeout=self.plan.options.heartbeat_timeout,
             )
+            # Written before the writer thread starts: the agent needs its spec as
+            # the first line, and a Stop may already be queued by then.
             link.conn.send(protocol.encode(spec))
             threading.Thread(target=self._write_link, args=(link,), daemon=True, name=f"to-{host.name}").start()
         except TransportError as exc:
@@ -293,9 +295,8 @@ class Supervisor:
             self._send(link, protocol.Heartbeat())
             silent = now - link.last_seen
             if link.hello is not None and silent > self.plan.options.heartbeat_timeout and not self._stopping:
-                self._host_failed(link, f"host {link.plan.host.name} lost: no word from its agent for {silent:.0f}s (heartbeat timeout)")
-                link.gone = True  # nothing more will come; its agent stops its ranks on its own timeout
-                self._mark_lost_ranks(link)
+                # Nothing more will come; its agent stops its ranks on its own timeout.
+                self._lose_host(link, f"host {link.plan.host.name} lost: no word from its agent for {silent:.0f}s (heartbeat timeout)")
 
     def _handle(self, link: _HostLink, event) -> None:
         link.last_seen = time.monotonic()
@@ -335,20 +336,17 @@ class Supervisor:
             link.gone = True
             self._host_failed(link, str(event), kind="transport")
         elif isinstance(event, EOFError):
-            link.gone = True
-            if not self._stopping:
-                tail = link.conn.stderr_tail() if link.conn else []
-                said = f": {tail[-1]}" if tail else ""
-                if link.hello is None:
-                    self._host_failed(
-                        link,
-                        f"host {link.plan.host.label}: the agent did not start{said}; install launcher there "
-                        f"(same version) or set python= for this host in the hostfile",
-                        kind="transport",
-                    )
-                else:
-                    self._host_failed(link, f"host {link.plan.host.name} lost: its agent ended{said}")
-            self._mark_lost_ranks(link)
+            tail = link.conn.stderr_tail(wait=0 if self._stopping else 0.5) if link.conn else []
+            said = f": {tail[-1]}" if tail else ""
+            if link.hello is None:
+                self._lose_host(
+                    link,
+                    f"host {link.plan.host.label}: the agent did not start{said}; install launcher there "
+                    f"(same version) or set python= for this host in the hostfile",
+                    kind="transport",
+                )
+            else:
+                self._lose_host(link, f"host {link.plan.host.name} lost: its agent ended{said}")
         elif isinstance(event, tuple) and event and event[0] == "noise":
             self.reporter.progress(f"agent on {link.plan.host.name} printed: {event[1][:200]}")
 
@@ -365,6 +363,13 @@ class Supervisor:
     def _host_failed(self, link: _HostLink, message: str, kind: str = "host-lost") -> None:
         if self.failure is None:
             self.failure = Failure(kind, message, EXIT_HOST_LOST, host=link.plan.host.name)
+
+    def _lose_host(self, link: _HostLink, message: str, kind: str = "host-lost") -> None:
+        """Nothing more comes from this host: a failure unless we are stopping anyway."""
+        link.gone = True
+        if not self._stopping:
+            self._host_failed(link, message, kind)
+        self._mark_lost_ranks(link)
 
     def _mark_lost_ranks(self, link: _HostLink) -> None:
         for spec in link.plan.ranks:
