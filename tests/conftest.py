@@ -1,10 +1,17 @@
 import os
+import re
 import socket
+import subprocess
 import sys
+import threading
 import time
 
+import msgspec
 import psutil
 import pytest
+import zmq
+
+from launcher import sidechannel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,6 +89,71 @@ def launcher_cmd(*args):
     return [sys.executable, "-m", "launcher.cli", *args]
 
 
+# --- driving the CLI -------------------------------------------------------------
+
+# A ready row of the rank table: RANK HOST ADDRESS PORT PID ready ...
+ROW = re.compile(r"^(\d+)\s+(\S+)\s+(\S+)\s+(\d+)\s+(\d+)\s+ready\b")
+
+
+def table_rows(text_or_lines):
+    """(rank, host, address, port, pid) for every ready row of the launcher's rank table."""
+    lines = text_or_lines.splitlines() if isinstance(text_or_lines, str) else text_or_lines
+    return [(int(r), h, a, int(p), int(pid)) for r, h, a, p, pid in (m.groups() for m in map(ROW.match, lines) if m)]
+
+
+def write_hostfile(tmp_path, text):
+    path = tmp_path / "hostfile"
+    path.write_text(text)
+    return str(path)
+
+
+class RunningLauncher:
+    """``launcher run`` in the background, with its output collected line by line."""
+
+    def __init__(self, args, env=None):
+        self.proc = subprocess.Popen(launcher_cmd("run", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.stdout, self.stderr = [], []
+        self._threads = [
+            threading.Thread(target=self._collect, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._collect, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _collect(stream, lines):
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+
+    def ready_rows(self, count, timeout=30):
+        def ready():
+            found = table_rows(list(self.stdout))
+            return found if len(found) >= count else (self.proc.poll() is not None and "exited")
+
+        rows = wait_for(ready, timeout)
+        assert rows != "exited", f"launcher exited {self.proc.returncode} before {count} ranks were ready: {self.stderr[-8:]}"
+        assert rows, f"not ready: {self.stderr[-5:]}"
+        return rows
+
+    def finish(self, timeout=30):
+        code = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(5)
+        return code
+
+
+def vllm_handshake(address, port):
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(f"tcp://{address}:{port}")
+    sock.send(msgspec.msgpack.encode([b"get_meta_msg", 0, 0]))
+    frames = sock.recv_multipart()
+    sock.close()
+    payload = msgspec.msgpack.decode(frames[0], type=sidechannel.NixlHandshakePayload)
+    return msgspec.msgpack.decode(payload.agent_metadata_bytes, type=sidechannel.NixlAgentMetadata).engine_id
+
+
 # --- the netns + sshd cluster --------------------------------------------------
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -108,9 +180,9 @@ def hosts(cluster, no_leaks):
     """The cluster, checked after the test: every host holds nothing but its sshd."""
     yield cluster
 
-    stray = wait_for(lambda: not cluster.stray_pids(), timeout=5.0) or cluster.stray_pids()
-    if stray is True:
+    if wait_for(lambda: not cluster.stray_pids(), timeout=5.0):
         return
+    stray = cluster.stray_pids()
     for pids in stray.values():
         for pid in pids:
             try:

@@ -1,6 +1,5 @@
 """The agent holds the job on its host: real misbehaving ranks, real signals."""
 
-import os
 import signal
 import subprocess
 import sys

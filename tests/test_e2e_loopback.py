@@ -4,20 +4,16 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 
-import msgspec
 import psutil
 import pytest
-import zmq
 
 import launcher
-from launcher import sidechannel
 from launcher.check import CheckOptions
 from launcher.plan import Host, LaunchOptions
 
-from conftest import launcher_cmd, wait_for
+from conftest import RunningLauncher, launcher_cmd, table_rows, vllm_handshake, wait_for, write_hostfile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -27,69 +23,12 @@ LEAKED = {
     "CUDA_VISIBLE_DEVICES": "0,1",
     "VLLM_DP_RANK": "5",
 }
-ROW = re.compile(r"^(\d+)\s+(\S+)\s+(\S+)\s+(\d+)\s+(\d+)\s+ready\b")
-
-
-def write_hostfile(tmp_path, text):
-    path = tmp_path / "hostfile"
-    path.write_text(text)
-    return str(path)
-
-
-class RunningLauncher:
-    """``launcher run`` in the background, with its output collected line by line."""
-
-    def __init__(self, args, env=None):
-        self.proc = subprocess.Popen(launcher_cmd("run", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.stdout, self.stderr = [], []
-        self._threads = [
-            threading.Thread(target=self._collect, args=(self.proc.stdout, self.stdout), daemon=True),
-            threading.Thread(target=self._collect, args=(self.proc.stderr, self.stderr), daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-
-    @staticmethod
-    def _collect(stream, lines):
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-
-    def ready_rows(self, count, timeout=30):
-        def ready():
-            found = [m.groups() for m in map(ROW.match, self.stdout) if m]
-            return found if len(found) >= count else (self.proc.poll() is not None and "exited")
-
-        rows = wait_for(ready, timeout)
-        assert rows != "exited", f"launcher exited {self.proc.returncode} before {count} ranks were ready: {self.stderr[-8:]}"
-        assert rows, f"not ready: {self.stderr[-5:]}"
-        return [(int(rank), host, address, int(port), int(pid)) for rank, host, address, port, pid in rows]
-
-    def finish(self, timeout=30):
-        code = self.proc.wait(timeout)
-        for t in self._threads:
-            t.join(5)
-        return code
-
-
-def vllm_handshake(address, port):
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 5000)
-    sock.connect(f"tcp://{address}:{port}")
-    sock.send(msgspec.msgpack.encode([b"get_meta_msg", 0, 0]))
-    frames = sock.recv_multipart()
-    sock.close()
-    payload = msgspec.msgpack.decode(frames[0], type=sidechannel.NixlHandshakePayload)
-    return msgspec.msgpack.decode(payload.agent_metadata_bytes, type=sidechannel.NixlAgentMetadata).engine_id
-
-
 def test_check_on_loopback_handshakes_every_pair_and_exits_0(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=3\n")
     done = subprocess.run(launcher_cmd("check", "-H", hf, "--port-base", str(port_base)), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "all 9 handshakes ok" in done.stdout
-    rows = [m.groups() for m in map(ROW.match, done.stdout.splitlines()) if m]
-    assert [(int(r[0]), r[2], int(r[3])) for r in rows] == [(i, "127.0.0.1", port_base + i) for i in range(3)]
+    assert [(r[0], r[2], r[3]) for r in table_rows(done.stdout)] == [(i, "127.0.0.1", port_base + i) for i in range(3)]
     assert "agents connected 1/1" in done.stderr and "ranks ready 3/3" in done.stderr
 
 
@@ -118,7 +57,7 @@ def test_seed_regression_head_address_in_env_is_dropped_and_ranks_bind_their_own
     done = subprocess.run(launcher_cmd("check", "-H", hf, "--port-base", str(port_base)), capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "198.18.255.254" not in done.stdout
-    assert [m.group(3) for m in map(ROW.match, done.stdout.splitlines()) if m] == ["127.0.0.1", "127.0.0.1"]
+    assert [r[2] for r in table_rows(done.stdout)] == ["127.0.0.1", "127.0.0.1"]
     shown = subprocess.run(launcher_cmd("plan", "-H", hf), capture_output=True, text=True, env=env, timeout=30).stdout
     for name in LEAKED:
         assert re.search(rf"dropped {name}\s+\(worker-specific", shown), name
@@ -172,7 +111,7 @@ def test_loopback_hosts_get_distinct_addresses_and_duplicates_are_refused(tmp_pa
     ok = write_hostfile(tmp_path, "127.0.0.1\n127.0.0.2 slots=2\n")
     done = subprocess.run(launcher_cmd("check", "-H", ok, "--port-base", str(port_base)), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert [m.group(3) for m in map(ROW.match, done.stdout.splitlines()) if m] == ["127.0.0.1", "127.0.0.2", "127.0.0.2"]
+    assert [r[2] for r in table_rows(done.stdout)] == ["127.0.0.1", "127.0.0.2", "127.0.0.2"]
     dup = write_hostfile(tmp_path, "localhost\n127.0.0.1\n")
     done = subprocess.run(launcher_cmd("check", "-H", dup, "--port-base", str(port_base)), capture_output=True, text=True, timeout=60)
     assert done.returncode == 3

@@ -8,19 +8,12 @@ import subprocess
 import psutil
 import pytest
 
-from conftest import launcher_cmd, wait_for
-from test_e2e_loopback import ROW, RunningLauncher, vllm_handshake
+from conftest import RunningLauncher, launcher_cmd, table_rows, vllm_handshake, wait_for, write_hostfile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
 HEAD = "198.18.0.1"  # the head's own address on the test network
 LEAKED = {"VLLM_NIXL_SIDE_CHANNEL_HOST": HEAD, "VLLM_HOST_IP": HEAD, "CUDA_VISIBLE_DEVICES": "0", "VLLM_DP_MASTER_IP": HEAD}
-
-
-def hostfile(tmp_path, text):
-    path = tmp_path / "hostfile"
-    path.write_text(text)
-    return str(path)
 
 
 def check(cluster, hf, *extra, env=None, timeout=90):
@@ -30,12 +23,8 @@ def check(cluster, hf, *extra, env=None, timeout=90):
     )
 
 
-def rows(stdout):
-    return [m.groups() for m in map(ROW.match, stdout.splitlines()) if m]
-
-
 def test_seed_bug_head_address_leaked_yet_every_rank_binds_its_own_host(hosts, tmp_path):
-    hf = hostfile(tmp_path, hosts.hostfile(slots=2))
+    hf = write_hostfile(tmp_path, hosts.hostfile(slots=2))
     run = RunningLauncher(
         ["-H", hf, *hosts.ssh_args(), "--env", "HF_TOKEN=s3cr3t-value"], env={**os.environ, **LEAKED},
     )
@@ -61,15 +50,15 @@ def test_seed_bug_head_address_leaked_yet_every_rank_binds_its_own_host(hosts, t
 
 
 def test_all_pairs_check_across_hosts_is_green(hosts, tmp_path):
-    done = check(hosts, hostfile(tmp_path, hosts.hostfile(slots=2)), env=LEAKED)
+    done = check(hosts, write_hostfile(tmp_path, hosts.hostfile(slots=2)), env=LEAKED)
     assert done.returncode == 0, done.stderr
     assert "all 36 handshakes ok" in done.stdout
-    assert {r[1]: r[2] for r in rows(done.stdout)} == {h.name: h.address for h in hosts.hosts}
+    assert {r[1]: r[2] for r in table_rows(done.stdout)} == {h.name: h.address for h in hosts.hosts}
     assert "agents connected 3/3" in done.stderr
 
 
 def test_interface_selectors_and_explicit_local_address_are_honoured(hosts, tmp_path):
-    hf = hostfile(tmp_path, "h1 slots=2 cidr=198.19.0.0/24\nh2 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.12\nh3 ifname=^eth1\n")
+    hf = write_hostfile(tmp_path, "h1 slots=2 cidr=198.19.0.0/24\nh2 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.12\nh3 ifname=^eth1\n")
     run = RunningLauncher(["-H", hf, *hosts.ssh_args()], env={**os.environ, **LEAKED})
     ready = run.ready_rows(4)
     assert [(r[1], r[2]) for r in ready] == [("h1", "198.19.0.11"), ("h1", "198.19.0.11"), ("h2", "198.18.0.12"), ("h3", "198.18.0.13")]
@@ -83,7 +72,7 @@ def test_interface_selectors_and_explicit_local_address_are_honoured(hosts, tmp_
 
 def test_an_unreachable_listener_shows_red_in_the_matrix_with_the_reason(hosts, tmp_path):
     # h1 binds on the second network, which h2 and h3 have no route to.
-    done = check(hosts, hostfile(tmp_path, "h1 ifname==eth1\nh2\nh3\n"), "--handshake-timeout", "2")
+    done = check(hosts, write_hostfile(tmp_path, "h1 ifname==eth1\nh2\nh3\n"), "--handshake-timeout", "2")
     assert done.returncode == 5, done.stderr
     matrix = done.stdout.split("handshake latency")[1]
     assert re.search(r"^h1 r0 .*\d", matrix, re.M)
@@ -95,7 +84,7 @@ def test_an_unreachable_listener_shows_red_in_the_matrix_with_the_reason(hosts, 
 
 
 def test_a_non_local_explicit_address_fails_that_host_and_stops_the_others(hosts, tmp_path):
-    hf = hostfile(tmp_path, "h1 slots=2\nh2\nh3 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99\n")
+    hf = write_hostfile(tmp_path, "h1 slots=2\nh2\nh3 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99\n")
     done = check(hosts, hf)
     assert done.returncode == 2
     first = done.stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
@@ -104,7 +93,7 @@ def test_a_non_local_explicit_address_fails_that_host_and_stops_the_others(hosts
 
 
 def test_remote_python_missing_is_a_clear_error(hosts, tmp_path):
-    done = check(hosts, hostfile(tmp_path, "h1\nh2 python=/nonexistent/python3\n"))
+    done = check(hosts, write_hostfile(tmp_path, "h1\nh2 python=/nonexistent/python3\n"))
     assert done.returncode == 3
     failed = done.stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
     assert failed.startswith("host h2") and "the agent did not start" in failed and "python=" in failed
@@ -118,7 +107,7 @@ def test_remote_python_missing_is_a_clear_error(hosts, tmp_path):
     ],
 )
 def test_hosts_without_sshd_fail_with_one_line(hosts, tmp_path, line, extra, expected):
-    done = check(hosts, hostfile(tmp_path, f"h1\n{line}\n"), *extra, timeout=60)
+    done = check(hosts, write_hostfile(tmp_path, f"h1\n{line}\n"), *extra, timeout=60)
     assert done.returncode == 3
     failed = done.stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
     assert expected in failed and "Traceback" not in done.stderr
@@ -130,7 +119,7 @@ def test_wrong_key_is_refused_with_one_line(hosts, tmp_path):
     wrong = tmp_path / "wrong_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
     done = subprocess.run(
-        launcher_cmd("check", "-H", hostfile(tmp_path, "h2\n"), "--transport", "ssh", "--ssh-config", str(config),
+        launcher_cmd("check", "-H", write_hostfile(tmp_path, "h2\n"), "--transport", "ssh", "--ssh-config", str(config),
                      "--known-hosts", hosts.known_hosts, "--identity", str(wrong)),
         capture_output=True, text=True, timeout=60, env={**os.environ, "SSH_AUTH_SOCK": ""},
     )
@@ -148,7 +137,7 @@ def test_changed_host_key_is_always_refused(hosts, tmp_path):
     config.write_text(open(hosts.ssh_config).read().replace(hosts.known_hosts, str(known)))
     for flags in ([], ["--accept-new-host-keys"]):
         done = subprocess.run(
-            launcher_cmd("check", "-H", hostfile(tmp_path, "h2\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", str(known), *flags),
+            launcher_cmd("check", "-H", write_hostfile(tmp_path, "h2\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", str(known), *flags),
             capture_output=True, text=True, timeout=60,
         )
         assert done.returncode == 3
@@ -160,7 +149,7 @@ def test_unknown_host_key_is_refused_unless_new_keys_are_accepted(hosts, tmp_pat
     known.write_text("")
     config = tmp_path / "ssh_config"
     config.write_text(open(hosts.ssh_config).read().replace(hosts.known_hosts, str(known)))
-    args = ["check", "-H", hostfile(tmp_path, "h1\nh3\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", str(known)]
+    args = ["check", "-H", write_hostfile(tmp_path, "h1\nh3\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", str(known)]
     done = subprocess.run(launcher_cmd(*args), capture_output=True, text=True, timeout=60)
     assert done.returncode == 3
     assert re.search(r"host key of 198\.18\.0\.1[13] is unknown .* --accept-new-host-keys", done.stderr)
@@ -173,7 +162,7 @@ def test_unknown_host_key_is_refused_unless_new_keys_are_accepted(hosts, tmp_pat
 
 
 def test_a_dropped_ssh_connection_stops_that_hosts_ranks_and_ends_the_job(hosts, tmp_path):
-    run = RunningLauncher(["-H", hostfile(tmp_path, hosts.hostfile(slots=1)), *hosts.ssh_args(), "--grace", "2"])
+    run = RunningLauncher(["-H", write_hostfile(tmp_path, hosts.hostfile(slots=1)), *hosts.ssh_args(), "--grace", "2"])
     ready = run.ready_rows(3)
     h2 = hosts.host("h2")
     sessions = [p for p in h2.pids() if p != hosts.sshd["h2"].pid and psutil.Process(p).name() == "sshd"]
@@ -193,15 +182,15 @@ def test_proxyjump_reaches_a_host_through_another(hosts, tmp_path):
         + f"  IdentityFile {hosts.client_key}\n  UserKnownHostsFile {hosts.known_hosts}\n"
     )
     done = subprocess.run(
-        launcher_cmd("check", "-H", hostfile(tmp_path, "far\nh2\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", hosts.known_hosts),
+        launcher_cmd("check", "-H", write_hostfile(tmp_path, "far\nh2\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", hosts.known_hosts),
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert [(r[1], r[2]) for r in rows(done.stdout)] == [("far", "198.18.0.13"), ("h2", "198.18.0.12")]
+    assert [(r[1], r[2]) for r in table_rows(done.stdout)] == [("far", "198.18.0.13"), ("h2", "198.18.0.12")]
 
 
 def test_a_silent_partition_is_noticed_by_heartbeats_on_both_sides(hosts, tmp_path):
-    run = RunningLauncher(["-H", hostfile(tmp_path, hosts.hostfile(slots=1)), *hosts.ssh_args(), "--heartbeat-timeout", "2", "--grace", "1"])
+    run = RunningLauncher(["-H", write_hostfile(tmp_path, hosts.hostfile(slots=1)), *hosts.ssh_args(), "--heartbeat-timeout", "2", "--grace", "1"])
     ready = run.ready_rows(3)
     link = "lnch-v2"  # h2's cable to the bridge: no FIN or RST will ever arrive
     subprocess.run(["ip", "link", "set", link, "down"], check=True)
