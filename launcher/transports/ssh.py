@@ -45,9 +45,9 @@ class SSHConnection(AgentConnection):
     def __init__(self, host: Host, clients: list[paramiko.SSHClient], channel: paramiko.Channel):
         super().__init__(host)
         self.clients, self.channel = clients, channel
-        # Keep every file object referenced for the job's life: a dropped
-        # stdin file's finaliser sends EOF to the agent at once.
-        self.stdin = channel.makefile_stdin("wb")
+        # Writes go straight to the channel (sendall), not through a stdin file
+        # object: its finaliser sends EOF when dropped, and flushes a buffer
+        # left by a failed write into a closed channel at garbage collection.
         self.stdout = channel.makefile("rb")
         self.stderr = channel.makefile_stderr("rb")
         threading.Thread(target=self._collect_stderr, args=(self.stderr,), daemon=True).start()
@@ -55,8 +55,10 @@ class SSHConnection(AgentConnection):
     def send(self, data: bytes) -> None:
         if self.channel.closed or self.channel.exit_status_ready():
             raise OSError("the SSH channel is closed")
-        self.stdin.write(data)
-        self.stdin.flush()
+        try:
+            self.channel.sendall(data)
+        except (socket.error, EOFError, paramiko.SSHException) as exc:
+            raise OSError(f"the SSH channel is closed ({exc})") from None
 
     def readline(self) -> bytes:
         return self.stdout.readline()
