@@ -16,20 +16,26 @@ The agent holds the job on its host (DESIGN: Lifeline):
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import os
+import platform
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import psutil
 
 from . import __version__, envpolicy, netif, protocol
-from .sidechannel import HandshakeError, compatibility_hash, handshake
+from .plan import render_template
+from .sidechannel import HandshakeError, compatibility_hash, handshake, tcp_probe
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -42,6 +48,8 @@ class RankProcess:
     popen: subprocess.Popen
     control_fd: int
     ready: protocol.Ready | None = None
+    resolved: protocol.Resolved | None = None  # a user command's address, from its bootstrap
+    log_matched: bool = False
     reported_exit: bool = False
     readers: list[threading.Thread] = field(default_factory=list)
 
@@ -72,6 +80,30 @@ class Agent:
         self._stop = threading.Event()
         self.last_heard = time.monotonic()
         self.reached = spec.reached_address or netif.ssh_server_address(os.environ)
+        self.base_env = envpolicy.strip_worker_specific(os.environ)
+        self._ready_pattern = re.compile(spec.readiness.pattern) if spec.readiness.kind == "log" else None
+        self._ready_lock = threading.Lock()
+
+    def hello(self) -> protocol.Hello:
+        """Who and where this agent is, including the address its ranks will pick."""
+        address = error = ""
+        if self.spec.ranks:
+            try:
+                env = {**self.base_env, **self.spec.ranks[0].env, **self._reached_env()}
+                address = netif.resolve_bind_address(env, host_is_loopback=self.spec.host_is_loopback).address
+            except netif.BindAddressError as exc:
+                error = str(exc)
+        try:
+            vllm = importlib.metadata.version("vllm")
+        except importlib.metadata.PackageNotFoundError:
+            vllm = ""
+        return protocol.Hello(
+            hostname=socket.gethostname(), pid=os.getpid(), python=sys.executable, version=__version__,
+            python_version=platform.python_version(), vllm_version=vllm, address=address, address_error=error,
+        )
+
+    def _reached_env(self) -> dict[str, str]:
+        return {"LAUNCHER_REACHED_ADDRESS": self.reached} if self.reached else {}
 
     # --- start -----------------------------------------------------------
 
@@ -82,18 +114,18 @@ class Agent:
         the forking thread must live as long as the agent; and a preexec_fn is
         only safe while no other thread can hold a lock.
         """
-        base_env = envpolicy.strip_worker_specific(os.environ)
         parent = os.getpid()
         for launch in self.spec.ranks:
             read_fd, write_fd = os.pipe()
             env = {
-                **base_env,
+                **self.base_env,
                 **launch.env,
+                **self._reached_env(),
                 protocol.CONTROL_FD_VAR: str(write_fd),
                 "LAUNCHER_HOST_IS_LOOPBACK": "1" if self.spec.host_is_loopback else "0",
             }
-            if self.reached:
-                env["LAUNCHER_REACHED_ADDRESS"] = self.reached
+            if self.spec.head_ip:
+                env["LAUNCHER_HEAD_IP"] = self.spec.head_ip
             argv = [sys.executable if a == "{python}" else a for a in launch.argv]
             try:
                 popen = subprocess.Popen(
@@ -130,7 +162,11 @@ class Agent:
 
     def _forward_output(self, rp: RankProcess, stream, name: str) -> None:
         for raw in iter(stream.readline, b""):
-            self.events.send(protocol.Output(rank=rp.spec.rank, stream=name, line=raw.decode("utf-8", "replace").rstrip("\n")))
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.events.send(protocol.Output(rank=rp.spec.rank, stream=name, line=line))
+            if self._ready_pattern is not None and not rp.log_matched and self._ready_pattern.search(line):
+                rp.log_matched = True
+                self._declare_ready(rp)
         stream.close()
 
     def _forward_control(self, rp: RankProcess) -> None:
@@ -140,10 +176,54 @@ class Agent:
                     message = protocol.decode(raw)
                 except protocol.ProtocolError:
                     continue
-                if isinstance(message, (protocol.Ready, protocol.RankError)) and message.rank == rp.spec.rank:
-                    if isinstance(message, protocol.Ready):
-                        rp.ready = message
-                    self.events.send(message)
+                if not isinstance(message, (protocol.Ready, protocol.RankError, protocol.Resolved)) or message.rank != rp.spec.rank:
+                    continue
+                self.events.send(message)
+                if isinstance(message, protocol.Ready):
+                    rp.ready = message
+                elif isinstance(message, protocol.Resolved):
+                    rp.resolved = message
+                    if self.spec.readiness.kind == "log":
+                        self._declare_ready(rp)
+                    elif self.spec.readiness.kind != "report":
+                        _thread(self._await_ready, rp)
+
+    # --- readiness of user commands ---------------------------------------
+
+    def _await_ready(self, rp: RankProcess) -> None:
+        """Poll the rank's readiness rule until it holds, the rank ends, or we stop."""
+        while not self._stop.is_set() and rp.popen.poll() is None:
+            if self._probe_ready(rp):
+                self._declare_ready(rp)
+                return
+            self._stop.wait(0.2)
+
+    def _probe_ready(self, rp: RankProcess) -> bool:
+        rule, address = self.spec.readiness, rp.resolved.address
+        try:
+            if rule.kind == "ports":
+                for port in rp.spec.ports or [rp.spec.port]:
+                    tcp_probe(address, port, timeout=1.0)
+            elif rule.kind == "port":
+                tcp_probe(address, rule.port, timeout=1.0)
+            elif rule.kind == "url":
+                url = render_template([rule.url], {"host_ip": _url_host(address), "port": str(rp.spec.port), "rank": str(rp.spec.rank)}, strict=False)[0]
+                with urllib.request.urlopen(url, timeout=2.0) as reply:
+                    return 200 <= reply.status < 300
+            return True
+        except (HandshakeError, urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def _declare_ready(self, rp: RankProcess) -> None:
+        """Ready once its address is known and its rule holds (log: both may come in either order)."""
+        with self._ready_lock:
+            if rp.ready is not None or rp.resolved is None or (self._ready_pattern is not None and not rp.log_matched):
+                return
+            rp.ready = protocol.Ready(
+                rank=rp.spec.rank, address=rp.resolved.address, port=rp.spec.port, pid=rp.popen.pid,
+                rule=rp.resolved.rule, engine_id=rp.spec.engine_id,
+            )
+        self.events.send(rp.ready)
 
     def _read_head(self) -> None:
         for raw in iter(self.stdin.readline, b""):
@@ -166,13 +246,16 @@ class Agent:
         def probe(pair) -> protocol.CheckResult:
             mine, peer = pair
             try:
-                result = handshake(
-                    peer.address, peer.port, wire=check.wire, timeout=check.timeout,
-                    source=mine.address, expect_engine_id=peer.engine_id, expect_hash=expect_hash,
-                )
+                if check.wire == "tcp":  # safe against any listener, a real vLLM's included
+                    latency = max(tcp_probe(peer.address, port, check.timeout, source=mine.address) for port in peer.ports)
+                else:
+                    latency = handshake(
+                        peer.address, peer.ports[0], wire=check.wire, timeout=check.timeout,
+                        source=mine.address, expect_engine_id=peer.engine_id, expect_hash=expect_hash,
+                    ).latency_ms
             except HandshakeError as exc:
                 return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=False, error=str(exc))
-            return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=True, latency_ms=round(result.latency_ms, 3))
+            return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=True, latency_ms=round(latency, 3))
 
         with ThreadPoolExecutor(max_workers=16) as pool:
             for result in pool.map(probe, pairs):
@@ -263,6 +346,10 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
 def _thread(target, *args) -> threading.Thread:
     t = threading.Thread(target=target, args=args, daemon=True)
     t.start()
@@ -287,9 +374,7 @@ def main() -> int:
     agent = Agent(spec, stdin, stdout)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda s, _f: agent.request_stop(f"agent received {signal.Signals(s).name}"))
-    agent.events.send(
-        protocol.Hello(hostname=socket.gethostname(), pid=os.getpid(), python=sys.executable, version=__version__)
-    )
+    agent.events.send(agent.hello())
     agent.start_ranks()
     agent.start_threads()
     agent.supervise()

@@ -37,15 +37,27 @@ def launch(
     serve: bool = False,
     stop: threading.Event | None = None,
     reporter: Reporter | None = None,
+    preflight: bool = False,
 ) -> LaunchResult:
     """Start every rank, wait until all are ready, then check and/or serve, then stop.
 
     ``check``: run the all-pairs handshake once ready. ``serve``: keep running
     until ``stop`` is set or a rank fails. With neither, stop as soon as every
     rank is ready. Setting ``stop`` ends any phase. Every process is stopped
-    before this returns, also when it raises.
+    before this returns, also when it raises. ``preflight``: first run the
+    built-in engine core on the same hosts and ports with the all-pairs check
+    (``plan.preflight_plan``); if that fails, its result is returned and the
+    command never starts.
     """
     transport = transport or transports.get(default_transport(plan))
+    if preflight:
+        if reporter is not None:
+            reporter.progress("preflight: built-in engine cores on the same hosts, addresses and ports")
+        result = launch(planmod.preflight_plan(plan), transport, check=CheckOptions(), stop=stop, reporter=reporter)
+        if not result.ok or (stop is not None and stop.is_set()):
+            return result
+        if reporter is not None:
+            reporter.progress("preflight passed")
     supervisor = Supervisor(plan, transport, reporter, stop)
     try:
         supervisor.start()

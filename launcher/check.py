@@ -24,6 +24,7 @@ class CheckMatrix:
     """Results keyed by (from rank, to rank)."""
 
     ranks: tuple[int, ...]
+    wire: str = "v2"
     results: dict[tuple[int, int], CheckResult] = field(default_factory=dict)
 
     def add(self, result: CheckResult) -> None:
@@ -67,16 +68,17 @@ def render_matrix(matrix: CheckMatrix, hosts: Mapping[int, str], color: bool = F
     width = max([len(c) for row in cells for c in row] + [len(lbl) for lbl in labels] + [4])
     host_width = max((len(hosts[r]) for r in ranks), default=4)
     header = " " * (host_width + 6) + " ".join(lbl.rjust(width) for lbl in labels)
-    lines = ["handshake latency in ms (row: from rank, column: to rank)", header]
+    probe = "TCP connect" if matrix.wire == "tcp" else "handshake"
+    lines = [f"{probe} latency in ms (row: from rank, column: to rank)", header]
     for a, row in zip(ranks, cells):
         rendered = " ".join(_paint(c.rjust(width), c, color) for c in row)
         lines.append(f"{hosts[a].ljust(host_width)} r{str(a).ljust(3)}  {rendered}")
     failures = matrix.failures
     if failures:
-        lines.append(f"{len(failures)} of {len(ranks) ** 2} handshakes failed:")
+        lines.append(f"{len(failures)} of {len(ranks) ** 2} {probe}s failed:")
         lines.extend(f"  r{f.rank} -> r{f.peer}: {f.error}" for f in failures[:20])
     else:
-        lines.append(f"all {len(ranks) ** 2} handshakes ok")
+        lines.append(f"all {len(ranks) ** 2} {probe}s ok")
     return "\n".join(lines)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 import signal
 import sys
 import threading
@@ -10,7 +12,7 @@ import threading
 from . import __version__, hostfile, report, transports
 from .api import default_transport, launch, plan_job
 from .check import CheckOptions, render_matrix
-from .plan import LaunchOptions, PlanError
+from .plan import PLACEHOLDERS, LaunchOptions, PlanError, Readiness
 from .sidechannel import WIRES
 from .supervisor import EXIT_USAGE, LaunchResult
 
@@ -60,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port-base", type=_port, help="side-channel port base; rank R binds base+R (default: $VLLM_NIXL_SIDE_CHANNEL_PORT or 5600)")
     g.add_argument("--env", "-e", type=_env_pair, action="append", default=[], metavar="NAME=VALUE", help="set a variable in every rank (repeatable)")
     g.add_argument("--env-include", action="append", default=[], metavar="PATTERN", help="also copy head variables matching NAME, PREFIX_ or a glob (repeatable)")
+    c = plan_common.add_argument_group(
+        "user command (after --; without one, the built-in engine core runs)",
+        "placeholders: " + ", ".join("{%s} %s" % item for item in PLACEHOLDERS.items()),
+    )
+    c.add_argument("--per-host", action="store_true", help="one process per host serving all its slots as DP ranks (vllm serve --data-parallel-size-local)")
+    c.add_argument("--head-command", metavar="'CMD ...'", help="the first host's command when it differs (e.g. without --headless); one shell-quoted string")
+    c.add_argument("--rpc-port", type=_port, default=13345, help="value of {rpc_port} (default 13345)")
+    c.add_argument("command_argv", nargs="*", metavar="-- CMD", help="the command each process runs, with placeholders")
 
     run_common = argparse.ArgumentParser(add_help=False, parents=[plan_common])
     r = run_common.add_argument_group("launch")
@@ -68,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--grace", type=_seconds, default=5.0, help="seconds between SIGTERM and SIGKILL at teardown (default 5)")
     r.add_argument("--heartbeat-timeout", type=_seconds, default=15.0, help="seconds of silence before a host is declared lost (default 15)")
     r.add_argument("--quiet", "-q", action="store_true", help="do not stream rank output")
+    r.add_argument("--log-dir", metavar="DIR", help="also write each rank's output to DIR/rank-N.log")
+    ready = r.add_mutually_exclusive_group()
+    ready.add_argument("--ready-port", type=_port, help="a command is ready when this port accepts TCP on its host's address")
+    ready.add_argument("--ready-url", metavar="URL", help="... when GET URL answers 2xx ({host_ip} {port} {rank} filled in), e.g. http://{host_ip}:8000/health")
+    ready.add_argument("--ready-log", metavar="REGEX", help="... when a line of its output matches REGEX")
     s = run_common.add_argument_group("ssh")
     s.add_argument("--ssh-config", help="ssh client config (default: ~/.ssh/config if present)")
     s.add_argument("--known-hosts", help="known_hosts file to verify host keys (default: ~/.ssh/known_hosts)")
@@ -78,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("hosts", parents=[hosts_common], help="print the parsed hostfile")
     sub.add_parser("plan", parents=[plan_common], help="dry run: per rank, host, port, command and environment (secrets masked)")
     check = sub.add_parser("check", parents=[run_common], help="launch, handshake every rank pair, print the matrix, stop")
-    check.add_argument("--wire", choices=sorted(WIRES), default="v2", help="handshake request generation: v1 [msg,tp], v2 [msg,pp,tp], v3 [msg,pp,pcp,tp]")
+    check.add_argument("--wire", choices=sorted(WIRES) + ["tcp"], help="v1 [msg,tp], v2 [msg,pp,tp], v3 [msg,pp,pcp,tp] handshakes, or tcp connects only (default: v2 for the built-in core, tcp for a command: a handshake of the wrong generation kills a real vLLM listener)")
     check.add_argument("--handshake-timeout", type=_seconds, default=5.0, help="seconds per handshake (default 5, as vLLM)")
-    sub.add_parser("run", parents=[run_common], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job")
+    run = sub.add_parser("run", parents=[run_common], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job")
+    run.add_argument("--preflight", action="store_true", help="first prove hosts, versions, addresses and ports with the built-in core; start the command only if all pass")
     return parser
 
 
@@ -95,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             port_base=args.port_base,
             env=tuple(args.env),
             env_include=tuple(args.env_include),
+            command=tuple(args.command_argv),
+            head_command=tuple(shlex.split(args.head_command)) if args.head_command else (),
+            per_host=args.per_host,
+            rpc_port=args.rpc_port,
             **({} if args.command == "plan" else dict(
                 ready_timeout=args.ready_timeout, grace=args.grace, heartbeat_timeout=args.heartbeat_timeout,
+                readiness=_readiness(args),
             )),
         )
         plan = plan_job(hosts, options)
@@ -108,6 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return _launch(args, plan, transport)
+
+
+def _readiness(args) -> Readiness | None:
+    if args.ready_port:
+        return Readiness("port", port=args.ready_port)
+    if args.ready_url:
+        return Readiness("url", url=args.ready_url)
+    if args.ready_log:
+        try:
+            re.compile(args.ready_log)
+        except re.error as exc:
+            raise PlanError(f"--ready-log {args.ready_log!r} is not a regular expression: {exc}") from None
+        return Readiness("log", pattern=args.ready_log)
+    return None
 
 
 def _transport(args, plan) -> transports.Transport:
@@ -134,11 +169,19 @@ def _launch(args, plan, transport) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    reporter = report.ConsoleReporter(quiet_output=args.quiet)
+    reporter = report.ConsoleReporter(quiet_output=args.quiet, log_dir=args.log_dir)
     for warning in plan.warnings:
         reporter.progress(f"warning: {warning}")
-    check = CheckOptions(wire=args.wire, timeout=args.handshake_timeout) if args.command == "check" else None
-    result = launch(plan, transport, check=check, serve=args.command == "run", stop=stop, reporter=reporter)
+    check = None
+    if args.command == "check":
+        check = CheckOptions(wire=args.wire or ("v2" if plan.builtin else "tcp"), timeout=args.handshake_timeout)
+    try:
+        result = launch(
+            plan, transport, check=check, serve=args.command == "run", stop=stop, reporter=reporter,
+            preflight=getattr(args, "preflight", False),
+        )
+    finally:
+        reporter.close()
     return _finish(result, received, reporter, plan)
 
 

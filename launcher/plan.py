@@ -9,20 +9,98 @@ environment into a frozen ``LaunchPlan`` that the supervisor executes and that
 from __future__ import annotations
 
 import ipaddress
+import json
+import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from . import envpolicy
 
 DEFAULT_PORT_BASE = 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default
+DEFAULT_RPC_PORT = 13345  # the --data-parallel-rpc-port of vLLM's multi-node examples
 BUILTIN_ENGINE = ("{python}", "-m", "launcher.engine_core")
+BOOTSTRAP = ("{python}", "-m", "launcher.bootstrap", "--")
+
+# Placeholders a user command may use. The head fills in all but the runtime
+# ones, which only the host knows: ``launcher.bootstrap`` fills those in.
+PLACEHOLDERS: Mapping[str, str] = {
+    "rank": "the process's first data-parallel rank",
+    "local_rank": "its index on its host (0 in --per-host mode)",
+    "local_size": "data-parallel ranks on its host",
+    "world_size": "data-parallel ranks in the job",
+    "host": "the host's name as the hostfile gives it",
+    "host_index": "the host's line in the hostfile, from 0",
+    "host_first_rank": "the first data-parallel rank on its host",
+    "port": "its side-channel port (base + rank)",
+    "port_base": "VLLM_NIXL_SIDE_CHANNEL_PORT, one value per job",
+    "rpc_port": "the data-parallel RPC port (--rpc-port)",
+    "job_id": "the launcher's job id",
+    "host_ip": "the host's own address, detected on the host",
+    "head_ip": "the first host's own address, detected on that host",
+}
+RUNTIME_PLACEHOLDERS = frozenset({"host_ip", "head_ip"})
+_PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}|\{([a-z_]+)\}")
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
 
 class PlanError(ValueError):
     """A launch that cannot be planned; the message names the culprit and the fix."""
+
+
+def render_template(
+    args: Sequence[str], values: Mapping[str, str], *, leave: frozenset[str] = frozenset(), strict: bool = True
+) -> tuple[str, ...]:
+    """Fill ``{name}`` placeholders; ``{{name}}`` is a literal ``{name}``.
+
+    Only ``{lowercase_name}`` is a placeholder, so JSON such as
+    ``{"kv_connector": "NixlConnector"}`` passes through untouched. Names in
+    ``leave`` stay as they are, for a later stage to fill; with ``strict``
+    off, so does any name not in ``values``.
+    """
+
+    def fill(match: re.Match, index: int) -> str:
+        if match.group(1):
+            return match.group(0) if match.group(1) in leave else "{" + match.group(1) + "}"
+        name = match.group(2)
+        if name in values:
+            return values[name]
+        if name in leave or not strict:
+            return match.group(0)
+        known = " ".join("{" + n + "}" for n in PLACEHOLDERS)
+        raise PlanError(
+            f"unknown placeholder {{{name}}} in argument {index} of the command ({args[index]!r}); "
+            f"known: {known}; write {{{{{name}}}}} for a literal {{{name}}}"
+        )
+
+    return tuple(_PLACEHOLDER.sub(lambda m: fill(m, i), a) for i, a in enumerate(args))
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """When a rank counts as ready.
+
+    ``report``: the built-in engine core says so itself. ``ports``: a TCP
+    connect to each of its side-channel ports on its own address succeeds (the
+    default for user commands; never a handshake, which can kill a real vLLM
+    listener). ``port``: a TCP connect to ``port``. ``url``: an HTTP GET of
+    ``url`` answers 2xx. ``log``: a line of its output matches ``pattern``.
+    """
+
+    kind: str = "ports"
+    port: int = 0
+    url: str = ""
+    pattern: str = ""
+
+    def describe(self) -> str:
+        return {
+            "report": "the engine core reports it",
+            "ports": "its side-channel ports accept TCP connections",
+            "port": f"port {self.port} accepts TCP connections",
+            "url": f"GET {self.url} answers 2xx",
+            "log": f"an output line matches {self.pattern!r}",
+        }[self.kind]
 
 
 @dataclass(frozen=True)
@@ -70,13 +148,23 @@ class LaunchOptions:
     grace: float = 5.0  # SIGTERM -> SIGKILL
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 15.0
+    command: tuple[str, ...] = ()  # empty: the built-in engine core
+    head_command: tuple[str, ...] = ()  # the first host's command, when it differs (the API server)
+    per_host: bool = False  # one process per host serving all its DP ranks, as `vllm serve --data-parallel-size-local`
+    rpc_port: int = DEFAULT_RPC_PORT
+    readiness: Readiness | None = None  # None: `report` for the built-in core, `ports` for a command
+    strict_versions: bool = False  # different launcher/Python/vLLM versions across hosts fail the job (preflight)
 
 
 @dataclass(frozen=True)
 class RankSpec:
-    """One engine-core rank: its identity, port, command and environment."""
+    """One process the launcher starts: its identity, ports, command and environment.
 
-    rank: int  # global rank == data-parallel rank
+    Per rank (the default), a process is one data-parallel rank. In per-host
+    mode it serves all of its host's DP ranks and is keyed by the first.
+    """
+
+    rank: int  # global rank == data-parallel rank (the first it serves)
     local_rank: int
     host_index: int
     host: str
@@ -87,6 +175,7 @@ class RankSpec:
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(hash=False)
     env_report: envpolicy.EnvReport = field(hash=False)
+    ports: tuple[int, ...] = ()  # every side-channel port it binds (per host: one per local DP rank)
 
 
 @dataclass(frozen=True)
@@ -103,6 +192,11 @@ class LaunchPlan:
     options: LaunchOptions
     port_base: int
     warnings: tuple[str, ...] = ()
+    readiness: Readiness = Readiness("report")
+
+    @property
+    def builtin(self) -> bool:
+        return not self.options.command
 
     @property
     def ranks(self) -> tuple[RankSpec, ...]:
@@ -110,7 +204,12 @@ class LaunchPlan:
 
     @property
     def world_size(self) -> int:
-        return sum(len(h.ranks) for h in self.hosts)
+        """Data-parallel ranks in the job (processes can be fewer: --per-host)."""
+        return sum(h.host.slots for h in self.hosts)
+
+    @property
+    def uses_head_ip(self) -> bool:
+        return any("{head_ip}" in a for r in self.ranks for a in r.argv)
 
 
 def build(
@@ -133,13 +232,16 @@ def build(
             f"side-channel ports {port_base}..{last_port} run past 65535 for {world_size} ranks; "
             f"choose a lower --port-base"
         )
-    argv = BUILTIN_ENGINE
+    if options.head_command and not options.command:
+        raise PlanError("a head command needs a command for the other hosts too: launcher run --head-command '...' -- CMD ...")
     policy = envpolicy.EnvPolicy(include=tuple(options.env_include))
 
     host_plans, rank = [], 0
     for index, host in enumerate(hosts):
         ranks = []
-        for local_rank in range(host.slots):
+        per_process = host.slots if options.per_host else 1
+        for local_rank in range(0, host.slots, per_process):
+            served = tuple(range(rank, rank + per_process))
             rank_vars = {
                 "VLLM_NIXL_SIDE_CHANNEL_PORT": str(port_base),  # one value per job; vLLM adds the DP index
                 "LAUNCHER_JOB_ID": job_id,
@@ -157,6 +259,11 @@ def build(
             report = envpolicy.rank_environment(
                 head_env, policy, job_env=options.env, host_env=host.env, rank_env=rank_vars
             )
+            values = {
+                "rank": rank, "local_rank": local_rank, "local_size": host.slots, "world_size": world_size,
+                "host": host.name, "host_index": index, "host_first_rank": served[0] - local_rank,
+                "port": port_base + rank, "port_base": port_base, "rpc_port": options.rpc_port, "job_id": job_id,
+            }
             ranks.append(
                 RankSpec(
                     rank=rank,
@@ -167,21 +274,115 @@ def build(
                     local_size=host.slots,
                     port=port_base + rank,
                     engine_id=rank_vars["LAUNCHER_ENGINE_ID"],
-                    argv=argv,
+                    argv=_argv(options, index, {k: str(v) for k, v in values.items()}),
+                    ports=tuple(port_base + r for r in served),
                     env=report.env,
                     env_report=report,
                 )
             )
-            rank += 1
+            rank += per_process
         host_plans.append(HostPlan(host=host, index=index, ranks=tuple(ranks)))
 
+    processes = [r for h in host_plans for r in h.ranks]
+    if options.command:
+        _check_engine_ids(processes)
+        _check_side_channel_hosts(hosts)
+    readiness = options.readiness or Readiness("ports" if options.command else "report")
+    if readiness.kind == "report" and options.command:
+        raise PlanError("a user command cannot report readiness itself; use the side-channel ports (default), --ready-port, --ready-url or --ready-log")
     return LaunchPlan(
         job_id=job_id,
         hosts=tuple(host_plans),
         options=options,
         port_base=port_base,
         warnings=tuple(_compile_hash_warnings(hosts)),
+        readiness=readiness,
     )
+
+
+def preflight_plan(plan: LaunchPlan) -> LaunchPlan:
+    """The built-in engine core on the same hosts, ports and bind rules as ``plan``.
+
+    Run before a user command, it proves what vLLM would otherwise find out
+    the hard way: every host reachable, same versions, every address local,
+    unique and reachable, every side-channel port free.
+    """
+    options = replace(
+        plan.options, command=(), head_command=(), per_host=False, readiness=None,
+        port_base=plan.port_base, strict_versions=True,
+    )
+    return build([h.host for h in plan.hosts], options, {}, f"{plan.job_id}-preflight")
+
+
+def _argv(options: LaunchOptions, host_index: int, values: Mapping[str, str]) -> tuple[str, ...]:
+    if not options.command:
+        return BUILTIN_ENGINE
+    command = options.head_command if options.head_command and host_index == 0 else options.command
+    return BOOTSTRAP + render_template(command, values, leave=RUNTIME_PLACEHOLDERS)
+
+
+def user_command(argv: Sequence[str]) -> tuple[str, ...]:
+    """The user's part of a process's argv (what follows the bootstrap)."""
+    argv = tuple(argv)
+    return argv[len(BOOTSTRAP):] if argv[: len(BOOTSTRAP)] == BOOTSTRAP else argv
+
+
+def _check_engine_ids(processes: Sequence[RankSpec]) -> None:
+    """Two processes with one kv-transfer engine_id fail vLLM's handshake ("engine ID mismatch")."""
+    seen: dict[str, RankSpec] = {}
+    for spec in processes:
+        engine_id = kv_transfer_engine_id(user_command(spec.argv))
+        if engine_id is None:
+            continue
+        other = seen.setdefault(engine_id, spec)
+        if other is not spec:
+            where = "hosts " + f"{other.host} and {spec.host}" if other.host != spec.host else f"host {spec.host}"
+            raise PlanError(
+                f"--kv-transfer-config gives engine_id {engine_id!r} to rank {other.rank} and rank {spec.rank} ({where}); "
+                f"NIXL peers then refuse each other (engine ID mismatch): make it unique, e.g. \"engine_id\": \"prefill-{{host}}-{{rank}}\", "
+                f"or leave it out and let vLLM generate one"
+            )
+
+
+def kv_transfer_engine_id(args: Sequence[str]) -> str | None:
+    """The engine_id in a ``--kv-transfer-config`` JSON argument, if any."""
+    for i, arg in enumerate(args):
+        if arg == "--kv-transfer-config" and i + 1 < len(args):
+            text = args[i + 1]
+        elif arg.startswith("--kv-transfer-config="):
+            text = arg.partition("=")[2]
+        else:
+            continue
+        try:
+            config = json.loads(text)
+        except ValueError:
+            raise PlanError(f"--kv-transfer-config is not valid JSON: {text!r}; quote it as one shell word") from None
+        if isinstance(config, dict) and config.get("engine_id") is not None:
+            return str(config["engine_id"])
+    return None
+
+
+def _check_side_channel_hosts(hosts: Sequence[Host]) -> None:
+    """A side-channel host that binds but that peers cannot dial (vLLM advertises it as is)."""
+    if all(h.is_loopback for h in hosts):
+        return
+    for host in hosts:
+        value = dict(host.env).get("VLLM_NIXL_SIDE_CHANNEL_HOST")
+        if value is None:
+            continue
+        bare = value.strip("[]")
+        unusable = "is loopback" if is_loopback_name(bare) else None
+        try:
+            if ipaddress.ip_address(bare).is_unspecified:
+                unusable = "is the wildcard address"
+        except ValueError:
+            pass
+        if unusable:
+            raise PlanError(
+                f"{host.label}: env:VLLM_NIXL_SIDE_CHANNEL_HOST={value} {unusable}: it binds, but vLLM advertises it to "
+                f"peers on other hosts, who then dial themselves or nothing; remove it (the launcher detects the host's "
+                f"address) or give the host's own address"
+            )
 
 
 def _port_base(options: LaunchOptions, head_env: Mapping[str, str]) -> int:

@@ -28,6 +28,16 @@ class RankLaunch(msgspec.Struct, kw_only=True):
     engine_id: str
     argv: list[str]  # "{python}" stands for the agent's interpreter
     env: dict[str, str]
+    ports: list[int] = []  # every side-channel port it binds; [] means [port]
+
+
+class ReadyRule(msgspec.Struct, kw_only=True, frozen=True):
+    """plan.Readiness on the wire: report | ports | port | url | log."""
+
+    kind: str = "report"
+    port: int = 0
+    url: str = ""
+    pattern: str = ""
 
 
 class AgentSpec(_Msg):
@@ -40,6 +50,8 @@ class AgentSpec(_Msg):
     heartbeat_interval: float
     heartbeat_timeout: float
     reached_address: str | None = None  # None: the agent reads SSH_CONNECTION
+    readiness: ReadyRule = ReadyRule()
+    head_ip: str | None = None  # the first host's address, for {head_ip}
 
 
 class Heartbeat(_Msg):
@@ -49,13 +61,13 @@ class Heartbeat(_Msg):
 class Peer(msgspec.Struct, kw_only=True):
     rank: int
     address: str
-    port: int
+    ports: list[int]  # a handshake asks the first; a TCP check connects to all
     engine_id: str
 
 
 class Check(_Msg):
     peers: list[Peer]
-    wire: str
+    wire: str  # a handshake generation (v1, v2, v3), or "tcp": connect only
     timeout: float
 
 
@@ -71,6 +83,18 @@ class Hello(_Msg):
     pid: int
     python: str
     version: str
+    python_version: str = ""
+    vllm_version: str = ""  # "" when vllm is not installed on the host
+    address: str = ""  # the host's own address, by the ranks' rules
+    address_error: str = ""
+
+
+class Resolved(_Msg):
+    """From a user command's bootstrap: the address it chose, just before exec."""
+
+    rank: int
+    address: str
+    rule: str
 
 
 class Started(_Msg):
@@ -116,7 +140,7 @@ class AgentError(_Msg):
 
 
 Message = Union[
-    AgentSpec, Heartbeat, Check, Stop, Hello, Started, Ready, Output, RankError, Exited, CheckResult, AgentError
+    AgentSpec, Heartbeat, Check, Stop, Hello, Started, Resolved, Ready, Output, RankError, Exited, CheckResult, AgentError
 ]
 
 _encoder = msgspec.json.Encoder()

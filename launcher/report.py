@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Iterable, Sequence, TextIO
 
 from . import envpolicy
-from .plan import Host, LaunchPlan, render_argv
+from .plan import Host, LaunchPlan, RankSpec, render_argv, user_command
+
+
+def rank_span(spec: RankSpec) -> tuple[str, str]:
+    """("0", "5600") for one DP rank; ("0-1", "5600-5601") for a process serving several."""
+    ports = spec.ports or (spec.port,)
+    if len(ports) == 1:
+        return str(spec.rank), str(ports[0])
+    return f"{spec.rank}-{spec.rank + len(ports) - 1}", f"{ports[0]}-{ports[-1]}"
 from .supervisor import LaunchResult, RankState, Reporter
 
 
@@ -16,15 +25,31 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
 
 
 class ConsoleReporter(Reporter):
-    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, quiet_output: bool = False):
+    """Progress on stderr, ``[rN host]``-prefixed output, and optionally a log file per rank."""
+
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, quiet_output: bool = False, log_dir: str | None = None):
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.quiet_output = quiet_output
+        self.log_dir = log_dir
+        self._logs: dict[int, TextIO] = {}
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+
+    def close(self) -> None:
+        for log in self._logs.values():
+            log.close()
+        self._logs.clear()
 
     def progress(self, text: str) -> None:
         print(f"launcher: {text}", file=self.err, flush=True)
 
     def output(self, rank: RankState, stream: str, line: str) -> None:
+        if self.log_dir:
+            log = self._logs.get(rank.spec.rank)
+            if log is None:
+                log = self._logs[rank.spec.rank] = open(os.path.join(self.log_dir, f"rank-{rank.spec.rank}.log"), "a", encoding="utf-8")
+            print(line, file=log, flush=True)
         if not self.quiet_output:
             target = self.err if stream == "stderr" else self.out
             print(f"[r{rank.spec.rank} {rank.spec.host}] {line}", file=target, flush=True)
@@ -32,7 +57,8 @@ class ConsoleReporter(Reporter):
     def ready(self, ranks: list[RankState]) -> None:
         rows = [("RANK", "HOST", "ADDRESS", "PORT", "PID", "STATE", "ADDRESS RULE")]
         for r in sorted(ranks, key=lambda r: r.spec.rank):
-            rows.append((str(r.spec.rank), r.spec.host, r.address or "-", str(r.port or r.spec.port), str(r.pid or "-"), r.state, r.rule or "-"))
+            rank, ports = rank_span(r.spec)
+            rows.append((rank, r.spec.host, r.address or "-", ports, str(r.pid or "-"), r.state, r.rule or "-"))
         print(format_table(rows), file=self.out, flush=True)
 
 
@@ -47,6 +73,12 @@ def render_hosts(hosts: Iterable[Host]) -> str:
 def render_plan(plan: LaunchPlan, python: str = "python") -> str:
     """The dry run: per rank, where, which port, which command, which env and why."""
     lines = [f"job {plan.job_id}: {plan.world_size} ranks on {len(plan.hosts)} hosts, side-channel ports {plan.port_base}..{plan.port_base + plan.world_size - 1}"]
+    if not plan.builtin:
+        lines.append(
+            f"each process runs its command through launcher.bootstrap, which sets VLLM_NIXL_SIDE_CHANNEL_HOST and "
+            f"VLLM_HOST_IP to its host's own address (unless set for that host) and fills in {{host_ip}} {{head_ip}}; "
+            f"ready when {plan.readiness.describe()}"
+        )
     lines += [f"warning: {w}" for w in plan.warnings]
     for hp in plan.hosts:
         host = hp.host
@@ -56,11 +88,12 @@ def render_plan(plan: LaunchPlan, python: str = "python") -> str:
             else "loopback host" if host.is_loopback else "address the head reaches it on, else default route"
         )
         lines.append("")
-        lines.append(f"host {host.name} ({host.origin or 'given'}): {len(hp.ranks)} ranks; bind address: {rule}")
+        lines.append(f"host {host.name} ({host.origin or 'given'}): {host.slots} ranks; bind address: {rule}")
         for r in hp.ranks:
             report = r.env_report
-            lines.append(f"  rank {r.rank} (local {r.local_rank}) port {r.port} engine {r.engine_id}")
-            lines.append(f"    command: {render_argv(r.argv, host.python or python)}")
+            rank, ports = rank_span(r)
+            lines.append(f"  rank {rank} (local {r.local_rank}) port {ports} engine {r.engine_id}")
+            lines.append(f"    command: {render_argv(user_command(r.argv), host.python or python)}")
             for name in sorted(report.copied):
                 lines.append(f"    copied  {name}={envpolicy.masked(name, r.env[name])}  ({report.copied[name]})")
             for name in sorted(report.dropped):

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import protocol
+from . import __version__, protocol
 from .check import CheckMatrix, CheckOptions
 from .plan import HostPlan, LaunchPlan, RankSpec
 from .sidechannel import HandshakeError, tcp_probe
@@ -108,6 +108,7 @@ class _HostLink:
     conn: AgentConnection | None = None
     hello: protocol.Hello | None = None
     gone: bool = False  # its agent ended, or it was declared lost
+    abandoned: bool = False  # the job ended before its spec was sent
     last_seen: float = field(default_factory=time.monotonic)
     # Writes go through a thread of their own: a write to a partitioned host
     # blocks (the SSH window never reopens), and must not stall the pump.
@@ -127,13 +128,16 @@ class Supervisor:
         self._t0 = time.monotonic()
         self._stopping = False
         self._readers: list[threading.Thread] = []
+        self.head_ip: str | None = None
+        self._head_ip_known = threading.Event()  # {head_ip}: the first host's address, from its agent
 
     # --- lifecycle -------------------------------------------------------
 
     def start(self) -> None:
         """Start every host's agent in parallel (returns at once)."""
         self._t0 = time.monotonic()
-        self.reporter.progress(f"starting {self.plan.world_size} ranks on {len(self.links)} hosts ({self.transport.name})")
+        processes = "" if len(self.ranks) == self.plan.world_size else f" in {len(self.ranks)} processes"
+        self.reporter.progress(f"starting {self.plan.world_size} ranks{processes} on {len(self.links)} hosts ({self.transport.name})")
         for link in self.links:
             t = threading.Thread(target=self._run_link, args=(link,), daemon=True, name=f"agent-{link.plan.host.name}")
             t.start()
@@ -157,9 +161,10 @@ class Supervisor:
     def check(self, options: CheckOptions = CheckOptions()) -> CheckMatrix:
         """All-pairs handshake from every rank's address to every rank."""
         ranks = sorted(self.ranks.values(), key=lambda r: r.spec.rank)
-        self.matrix = CheckMatrix(tuple(r.spec.rank for r in ranks))
-        peers = [protocol.Peer(rank=r.spec.rank, address=r.address, port=r.port, engine_id=r.spec.engine_id) for r in ranks]
-        self.reporter.progress(f"handshaking all {len(ranks) ** 2} rank pairs ({options.wire} wire)")
+        self.matrix = CheckMatrix(tuple(r.spec.rank for r in ranks), options.wire)
+        peers = [protocol.Peer(rank=r.spec.rank, address=r.address, ports=list(r.spec.ports), engine_id=r.spec.engine_id) for r in ranks]
+        how = "TCP connects" if options.wire == "tcp" else f"handshakes, {options.wire} wire"
+        self.reporter.progress(f"checking all {len(ranks) ** 2} pairs ({how})")
         for link in self.links:
             self._send(link, protocol.Check(peers=peers, wire=options.wire, timeout=options.timeout))
         # Agents probe concurrently; a failing probe costs at most one timeout.
@@ -167,7 +172,7 @@ class Supervisor:
         self._pump(lambda: self.matrix.complete, deadline)
         if self.failure is None and not self.stop_requested.is_set() and not self.matrix.ok:
             bad = self.matrix.failures
-            self.failure = Failure("check", f"{len(bad)} of {len(ranks) ** 2} handshakes failed; first: r{bad[0].rank} -> r{bad[0].peer}: {bad[0].error}", EXIT_CHECK_FAILED)
+            self.failure = Failure("check", f"{len(bad)} of {len(ranks) ** 2} pairs failed the check; first: r{bad[0].rank} -> r{bad[0].peer}: {bad[0].error}", EXIT_CHECK_FAILED)
         return self.matrix
 
     def serve(self) -> None:
@@ -208,6 +213,13 @@ class Supervisor:
         host = link.plan.host
         try:
             link.conn = self.transport.start(host)
+            if self.plan.uses_head_ip and link.plan.index > 0 and not self._await_head_ip():
+                link.abandoned = True
+                link.conn.close_stdin()
+                link.conn.wait(2.0)
+                self._events.put((link, EOFError()))
+                return
+            readiness = self.plan.readiness
             spec = protocol.AgentSpec(
                 job_id=self.plan.job_id,
                 host=host.name,
@@ -215,9 +227,14 @@ class Supervisor:
                 host_is_loopback=host.is_loopback,
                 reached_address=self.transport.reached_address(host),
                 ranks=[
-                    protocol.RankLaunch(rank=r.rank, local_rank=r.local_rank, port=r.port, engine_id=r.engine_id, argv=list(r.argv), env=dict(r.env))
+                    protocol.RankLaunch(
+                        rank=r.rank, local_rank=r.local_rank, port=r.port, engine_id=r.engine_id,
+                        argv=list(r.argv), env=dict(r.env), ports=list(r.ports),
+                    )
                     for r in link.plan.ranks
                 ],
+                readiness=protocol.ReadyRule(kind=readiness.kind, port=readiness.port, url=readiness.url, pattern=readiness.pattern),
+                head_ip=self.head_ip,
                 grace=self.plan.options.grace,
                 heartbeat_interval=self.plan.options.heartbeat_interval,
                 heartbeat_timeout=self.plan.options.heartbeat_timeout,
@@ -244,6 +261,13 @@ class Supervisor:
             except protocol.ProtocolError:
                 self._events.put((link, ("noise", raw.decode("utf-8", "replace").rstrip())))
         self._events.put((link, EOFError()))
+
+    def _await_head_ip(self) -> bool:
+        """Hold a host's spec until the first host's agent says its address (False: the job ended first)."""
+        while not self._head_ip_known.wait(0.1):
+            if self.failure is not None or self.stop_requested.is_set() or self._stopping:
+                return False
+        return self.head_ip is not None
 
     def _send(self, link: _HostLink, message) -> None:
         if not link.gone:
@@ -308,9 +332,10 @@ class Supervisor:
                 self.reporter.progress(f"agent on {link.plan.host.name} spoke of rank {rank}, which is not its own; ignored")
                 return
         if isinstance(event, protocol.Hello):
-            link.hello = event
-            connected = sum(1 for lk in self.links if lk.hello is not None)
-            self.reporter.progress(f"agents connected {connected}/{len(self.links)} ({link.plan.host.name}: pid {event.pid})")
+            self._hello(link, event)
+        elif isinstance(event, protocol.Resolved):
+            state = self.ranks[event.rank]
+            state.address, state.rule = event.address, event.rule
         elif isinstance(event, protocol.Started):
             state = self.ranks[event.rank]
             state.state, state.pid, state.started_at = "started", event.pid, now
@@ -318,7 +343,8 @@ class Supervisor:
             state = self.ranks[event.rank]
             state.state, state.address, state.port, state.rule, state.ready_at = "ready", event.address, event.port, event.rule, now
             ready = sum(1 for r in self.ranks.values() if r.state == "ready")
-            self.reporter.progress(f"ranks ready {ready}/{len(self.ranks)} (rank {event.rank} on {state.spec.host} at {event.address}:{event.port})")
+            what = "ranks" if len(self.ranks) == self.plan.world_size else "processes"
+            self.reporter.progress(f"{what} ready {ready}/{len(self.ranks)} (rank {event.rank} on {state.spec.host} at {event.address}:{event.port})")
         elif isinstance(event, protocol.Output):
             state = self.ranks[event.rank]
             state.output.append(event.line)
@@ -335,6 +361,9 @@ class Supervisor:
         elif isinstance(event, TransportError):
             link.gone = True
             self._host_failed(link, str(event), kind="transport")
+        elif isinstance(event, EOFError) and link.abandoned:
+            link.gone = True
+            self._mark_lost_ranks(link)
         elif isinstance(event, EOFError):
             tail = link.conn.stderr_tail(wait=0 if self._stopping else 0.5) if link.conn else []
             said = f": {tail[-1]}" if tail else ""
@@ -349,6 +378,40 @@ class Supervisor:
                 self._lose_host(link, f"host {link.plan.host.name} lost: its agent ended{said}")
         elif isinstance(event, tuple) and event and event[0] == "noise":
             self.reporter.progress(f"agent on {link.plan.host.name} printed: {event[1][:200]}")
+
+    def _hello(self, link: _HostLink, hello: protocol.Hello) -> None:
+        link.hello = hello
+        connected = sum(1 for lk in self.links if lk.hello is not None)
+        where = hello.address or "address unknown"
+        self.reporter.progress(f"agents connected {connected}/{len(self.links)} ({link.plan.host.name}: {where}, pid {hello.pid})")
+        if link.plan.index == 0 and self.plan.uses_head_ip:
+            if hello.address:
+                self.head_ip = hello.address
+            elif self.failure is None:
+                self.failure = Failure("transport", f"host {link.plan.host.label} has no address for {{head_ip}}: {hello.address_error}", EXIT_HOST_LOST, host=link.plan.host.name)
+            self._head_ip_known.set()
+        if connected == len(self.links):
+            self._compare_versions()
+
+    def _compare_versions(self) -> None:
+        """Hosts that run different software: a warning, or a failure in a preflight."""
+        for what, version_of, head_value in (
+            ("launcher", lambda h: h.version, __version__),
+            ("Python", lambda h: h.python_version, None),
+            ("vLLM", lambda h: h.vllm_version or "not installed", None),
+        ):
+            found = collections.defaultdict(list)
+            for lk in self.links:
+                found[version_of(lk.hello)].append(lk.plan.host.name)
+            if head_value is not None and set(found) != {head_value}:
+                found.setdefault(f"{head_value} (head)", [])
+            if len(found) > 1:
+                listed = "; ".join(f"{v} on {', '.join(hosts) or 'the head'}" for v, hosts in sorted(found.items()))
+                message = f"hosts run different {what} versions: {listed}; install one version everywhere"
+                if self.plan.options.strict_versions and self.failure is None:
+                    self.failure = Failure("versions", message, EXIT_CHECK_FAILED)
+                else:
+                    self.reporter.progress(f"warning: {message}")
 
     def _rank_exited(self, state: RankState, code: int, now: float) -> None:
         state.state, state.exit_code, state.ended_at = "exited", code, now

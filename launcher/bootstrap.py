@@ -1,0 +1,75 @@
+"""Run a user command as a rank: resolve this host's address, set it, exec.
+
+``python -m launcher.bootstrap -- CMD ...`` is what the agent starts for a
+user command (``launcher run -- vllm serve ...``). Before exec, on the host
+itself, it does what vLLM's engine core does after PR #41806:
+
+- resolve this host's own address with the same rules as the built-in engine
+  core (``netif``), and ``os.environ.setdefault`` it into
+  ``VLLM_NIXL_SIDE_CHANNEL_HOST`` and ``VLLM_HOST_IP``: a value set for this
+  host on purpose wins, the head's never arrives (the agent dropped it);
+- fill in ``{host_ip}`` and ``{head_ip}``, which only the hosts know;
+- tell the agent the address it chose, close the control pipe, and exec the
+  command in place, so there is no extra process and signals reach it
+  directly.
+
+``VLLM_NIXL_SIDE_CHANNEL_PORT`` stays one value for the whole job (vLLM adds
+the DP index itself, and hashes the value into its compile cache), and DP
+ranks travel as CLI flags in the command, never as ``VLLM_DP_*``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import netif, protocol
+from .plan import render_template
+
+EXIT_BAD_ADDRESS = 2
+EXIT_NOT_FOUND = 127
+EXIT_NOT_EXECUTABLE = 126
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    env = os.environ
+    rank = int(env.get("LAUNCHER_RANK", "0"))
+    host = env.get("LAUNCHER_HOST", "this host")
+    if not args:
+        return _fail(rank, "no command given: usage: python -m launcher.bootstrap -- CMD ...", EXIT_NOT_FOUND)
+
+    try:
+        choice = netif.resolve_bind_address(env, host_is_loopback=env.get("LAUNCHER_HOST_IS_LOOPBACK") == "1")
+    except netif.BindAddressError as exc:
+        return _fail(rank, str(exc), EXIT_BAD_ADDRESS)
+    env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", choice.address)
+    env.setdefault("VLLM_HOST_IP", choice.address)
+    values = {"host_ip": choice.address, "head_ip": env.get("LAUNCHER_HEAD_IP") or choice.address}
+    args = list(render_template(args, values, strict=False))
+
+    protocol.report_to_agent(protocol.Resolved(rank=rank, address=choice.address, rule=choice.rule))
+    command_env = {k: v for k, v in env.items() if k != protocol.CONTROL_FD_VAR}
+    if protocol.CONTROL_FD_VAR in env:
+        os.set_inheritable(int(env[protocol.CONTROL_FD_VAR]), False)  # the command never sees the agent's pipe
+    try:
+        os.execvpe(args[0], args, command_env)
+    except FileNotFoundError:
+        return _fail(rank, f"command not found on {host}: {args[0]!r}; install it there or give its full path", EXIT_NOT_FOUND)
+    except PermissionError:
+        return _fail(rank, f"command not executable on {host}: {args[0]!r}", EXIT_NOT_EXECUTABLE)
+    except OSError as exc:
+        return _fail(rank, f"cannot run {args[0]!r} on {host}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE)
+    return 0  # not reached: exec replaced this process
+
+
+def _fail(rank: int, message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    protocol.report_to_agent(protocol.RankError(rank=rank, message=message))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""A stand-in for `vllm serve` on the points the launcher must get right.
+
+vLLM cannot run here (no GPU, no model), so tests launch this instead. It is
+written from vLLM's documented behaviour, not from launcher's code (it imports
+nothing of launcher), so a test passing means launcher drives *vLLM's* rules:
+
+- data parallelism from the CLI (``--data-parallel-size``, ``-size-local``,
+  ``-start-rank``, ``--headless``); with no DP on the CLI, ``VLLM_DP_RANK``/
+  ``VLLM_DP_SIZE`` are applied silently, as vLLM does;
+- one NIXL side-channel ROUTER per local DP rank at
+  ``tcp://{VLLM_NIXL_SIDE_CHANNEL_HOST or localhost}:{VLLM_NIXL_SIDE_CHANNEL_PORT or 5600 + dp_index}``;
+- a bind to an address that is not local fails with vLLM's error
+  (``zmq.error.ZMQError: Cannot assign requested address``) and exit 1;
+- the listener serves the v2 wire (``[b"get_meta_msg", pp_rank, tp_rank]``
+  -> payload, time) and, as vLLM's does, its thread dies on a request of another
+  arity, so later handshakes to it time out;
+- without ``--headless`` it serves the API server's ``GET /health`` on ``--port``.
+
+It prints one ``standin:`` line of JSON with what it saw (argv and env), for
+tests to assert on, and exits 0 on SIGTERM. ``STANDIN_EXIT=N`` makes it exit
+with N after binding, ``STANDIN_DELAY=S`` delays binding (a slow start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+
+import msgspec
+import zmq
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="vllm")
+    p.add_argument("subcommand", choices=["serve"])
+    p.add_argument("model")
+    p.add_argument("--data-parallel-size", type=int)
+    p.add_argument("--data-parallel-size-local", type=int)
+    p.add_argument("--data-parallel-start-rank", type=int, default=0)
+    p.add_argument("--data-parallel-address")
+    p.add_argument("--data-parallel-rpc-port", type=int)
+    p.add_argument("--headless", action="store_true")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--kv-transfer-config")
+    p.add_argument("--tag", action="append", default=[], help="free text, echoed back (quoting tests)")
+    return p.parse_args(argv)
+
+
+def dp_ranks(args, env):
+    if args.data_parallel_size is None:  # vLLM: env applies only when the CLI sets no DP
+        size = int(env.get("VLLM_DP_SIZE", "1"))
+        return size, [int(env.get("VLLM_DP_RANK", "0"))]
+    local = args.data_parallel_size_local or args.data_parallel_size
+    return args.data_parallel_size, list(range(args.data_parallel_start_rank, args.data_parallel_start_rank + local))
+
+
+def payload(engine_id: str) -> bytes:
+    metadata = msgspec.msgpack.encode({
+        "engine_id": engine_id, "agent_metadata": b"standin", "kv_caches_base_addr": [0], "device_id": 0,
+        "num_blocks": 1, "block_lens": [16], "kv_cache_layout": "HND", "block_size": 16,
+    })
+    return msgspec.msgpack.encode({"compatibility_hash": "standin", "agent_metadata_bytes": metadata})
+
+
+def serve_side_channel(sock, engine_id: str) -> None:
+    """vLLM's listener loop: any request it does not expect ends the thread."""
+    while True:
+        try:
+            identity, _, body = sock.recv_multipart()
+        except zmq.ZMQError:
+            return
+        request = msgspec.msgpack.decode(body)
+        if not (isinstance(request, list) and len(request) == 3 and request[0] == b"get_meta_msg" and request[2] == 0):
+            print(f"standin: listener for {engine_id} died on request {request!r}", file=sys.stderr, flush=True)
+            return
+        sock.send_multipart([identity, b"", payload(engine_id), msgspec.msgpack.encode(time.perf_counter())])
+
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    env = os.environ
+    size, ranks = dp_ranks(args, env)
+    host = env.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "localhost")
+    base = int(env.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600"))
+    config = json.loads(args.kv_transfer_config) if args.kv_transfer_config else {}
+    engine = config.get("engine_id") or uuid.uuid4().hex[:8]
+    seen = {
+        "argv": sys.argv[1:] if argv is None else argv,
+        "dp_size": size, "dp_ranks": ranks, "side_channel_host": host, "side_channel_port": base,
+        "vllm_host_ip": env.get("VLLM_HOST_IP"), "headless": args.headless, "tags": args.tag,
+        "launcher_vars": sorted(k for k in env if k.startswith("LAUNCHER_")),
+        "env": {k: v for k, v in env.items() if k.startswith(("VLLM_", "STANDIN_", "HF_"))},
+    }
+    print("standin: " + json.dumps(seen), flush=True)
+    time.sleep(float(env.get("STANDIN_DELAY", "0")))
+
+    ctx = zmq.Context()
+    for dp in ranks:
+        sock = ctx.socket(zmq.ROUTER)
+        endpoint = f"tcp://{host}:{base + dp}"
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            print(f"zmq.error.ZMQError: {exc.strerror} (addr='{endpoint}')", file=sys.stderr, flush=True)
+            return 1
+        threading.Thread(target=serve_side_channel, args=(sock, f"{engine}_dp{dp}"), daemon=True).start()
+        print(f"standin: side channel for DP rank {dp} at {endpoint}", flush=True)
+    if not args.headless:
+        server = http.server.ThreadingHTTPServer((host, args.port), Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        print(f"standin: API server at http://{host}:{args.port}", flush=True)
+
+    if "STANDIN_EXIT" in env:
+        time.sleep(0.3)
+        print("standin: exiting as asked", file=sys.stderr, flush=True)
+        return int(env["STANDIN_EXIT"])
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
