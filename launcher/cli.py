@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import signal
@@ -11,7 +12,7 @@ import threading
 
 from . import __version__, hostfile, report, transports
 from .api import default_transport, launch, plan_job
-from .check import CheckOptions, render_matrix
+from .check import CheckOptions
 from .plan import PLACEHOLDERS, LaunchOptions, PlanError, Readiness
 from .sidechannel import WIRES
 from .supervisor import EXIT_USAGE, LaunchResult
@@ -20,9 +21,14 @@ DEFAULT_HOSTFILE = "hostfile"
 
 
 def _env_pair(text: str) -> tuple[str, str]:
+    """NAME=VALUE, or NAME alone for this environment's value (keeps a secret out of argv)."""
     name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if not name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE or NAME, got {text!r}")
+    if not sep:
+        if name not in os.environ:
+            raise argparse.ArgumentTypeError(f"{name} is not set in this environment; export it or give {name}=VALUE")
+        value = os.environ[name]
     return name, value
 
 
@@ -46,21 +52,28 @@ def _seconds(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the error on the first line (the usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="launcher",
         description="Start vLLM engine-core ranks across hosts without Ray: each rank binds its own host's address.",
     )
     parser.add_argument("--version", action="version", version=f"launcher {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    hosts_common = argparse.ArgumentParser(add_help=False)
+    hosts_common = _Parser(add_help=False)
     hosts_common.add_argument("--hostfile", "-H", default=DEFAULT_HOSTFILE, help="hostfile to read (default: ./hostfile)")
 
-    plan_common = argparse.ArgumentParser(add_help=False, parents=[hosts_common])
+    plan_common = _Parser(add_help=False, parents=[hosts_common])
     g = plan_common.add_argument_group("job")
     g.add_argument("--port-base", type=_port, help="side-channel port base; rank R binds base+R (default: $VLLM_NIXL_SIDE_CHANNEL_PORT or 5600)")
-    g.add_argument("--env", "-e", type=_env_pair, action="append", default=[], metavar="NAME=VALUE", help="set a variable in every rank (repeatable)")
+    g.add_argument("--env", "-e", type=_env_pair, action="append", default=[], metavar="NAME=VALUE", help="set a variable in every rank; NAME alone copies this environment's value, keeping secrets out of ps (repeatable)")
     g.add_argument("--env-include", action="append", default=[], metavar="PATTERN", help="also copy head variables matching NAME, PREFIX_ or a glob (repeatable)")
     c = plan_common.add_argument_group(
         "user command (after --; without one, the built-in engine core runs)",
@@ -71,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rpc-port", type=_port, default=13345, help="value of {rpc_port} (default 13345)")
     c.add_argument("command_argv", nargs="*", metavar="-- CMD", help="the command each process runs, with placeholders")
 
-    run_common = argparse.ArgumentParser(add_help=False, parents=[plan_common])
+    run_common = _Parser(add_help=False, parents=[plan_common])
     r = run_common.add_argument_group("launch")
     r.add_argument("--transport", "-t", choices=["auto", "local", "ssh"], default="auto", help="how agents start: auto = local for loopback hosts, else ssh")
     r.add_argument("--ready-timeout", type=_seconds, default=60.0, help="seconds for every rank to become ready (default 60)")
@@ -186,9 +199,6 @@ def _launch(args, plan, transport) -> int:
 
 
 def _finish(result: LaunchResult, received: list[int], reporter: report.ConsoleReporter, plan) -> int:
-    if result.check is not None:
-        hosts = {r.rank: r.host for r in result.ranks}
-        print(render_matrix(result.check, hosts, color=sys.stdout.isatty()), flush=True)
     if result.failure is not None:
         print(f"launcher: FAILED: {result.failure.message}", file=sys.stderr)
         print(report.render_summary(result), file=sys.stderr, flush=True)

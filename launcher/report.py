@@ -7,6 +7,7 @@ import sys
 from typing import Iterable, Sequence, TextIO
 
 from . import envpolicy
+from .check import CheckMatrix, render_matrix
 from .plan import Host, LaunchPlan, RankSpec, render_argv, user_command
 
 
@@ -60,6 +61,10 @@ class ConsoleReporter(Reporter):
             rank, ports = rank_span(r.spec)
             rows.append((rank, r.spec.host, r.address or "-", ports, str(r.pid or "-"), r.state, r.rule or "-"))
         print(format_table(rows), file=self.out, flush=True)
+
+
+    def checked(self, matrix: CheckMatrix, hosts: dict[int, str]) -> None:
+        print(render_matrix(matrix, hosts, color=self.out.isatty()), file=self.out, flush=True)
 
 
 def render_hosts(hosts: Iterable[Host]) -> str:

@@ -98,6 +98,8 @@ class Reporter:
 
     def ready(self, ranks: list[RankState]) -> None: ...
 
+    def checked(self, matrix: CheckMatrix, hosts: dict[int, str]) -> None: ...
+
 
 _CLOSE = object()  # outbox sentinel: close the agent's stdin after what is queued
 
@@ -173,6 +175,8 @@ class Supervisor:
         if self.failure is None and not self.stop_requested.is_set() and not self.matrix.ok:
             bad = self.matrix.failures
             self.failure = Failure("check", f"{len(bad)} of {len(ranks) ** 2} pairs failed the check; first: r{bad[0].rank} -> r{bad[0].peer}: {bad[0].error}", EXIT_CHECK_FAILED)
+        if not self.stop_requested.is_set():
+            self.reporter.checked(self.matrix, {r.spec.rank: r.spec.host for r in ranks})
         return self.matrix
 
     def serve(self) -> None:

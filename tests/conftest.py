@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import socket
@@ -38,11 +39,11 @@ def free_port_base(count: int = 8) -> int:
 
 
 def launcher_processes():
-    """Agents and engine cores of ours still alive on this machine (any namespace)."""
+    """Agents, engine cores and stand-in vLLMs still alive on this machine (any namespace)."""
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "launcher.agent" in cmd or "launcher.engine_core" in cmd:
+        if any(name in cmd for name in ("launcher.agent", "launcher.engine_core", "launcher.bootstrap", "standin_vllm.py")):
             found.append(p)
     return found
 
@@ -91,8 +92,8 @@ def launcher_cmd(*args):
 
 # --- driving the CLI -------------------------------------------------------------
 
-# A ready row of the rank table: RANK HOST ADDRESS PORT PID ready ...
-ROW = re.compile(r"^(\d+)\s+(\S+)\s+(\S+)\s+(\d+)\s+(\d+)\s+ready\b")
+# A ready row of the rank table: RANK HOST ADDRESS PORT PID ready ... (per host: "0-1 ... 5600-5601")
+ROW = re.compile(r"^(\d+)(?:-\d+)?\s+(\S+)\s+(\S+)\s+(\d+)(?:-\d+)?\s+(\d+)\s+ready\b")
 
 
 def table_rows(text_or_lines):
@@ -125,9 +126,14 @@ class RunningLauncher:
         for line in stream:
             lines.append(line.rstrip("\n"))
 
-    def ready_rows(self, count, timeout=30):
+    def ready_rows(self, count, timeout=30, after=None):
+        """The first ``count`` ready rows (of the table printed after the line ``after``, if given)."""
+
         def ready():
-            found = table_rows(list(self.stdout))
+            lines = list(self.stdout)
+            if after is not None:
+                lines = lines[lines.index(after) + 1:] if after in lines else []
+            found = table_rows(lines)
             return found if len(found) >= count else (self.proc.poll() is not None and "exited")
 
         rows = wait_for(ready, timeout)
@@ -140,6 +146,24 @@ class RunningLauncher:
         for t in self._threads:
             t.join(5)
         return code
+
+
+STANDIN = os.path.join(REPO, "tests", "standin_vllm.py")
+
+
+def standin(*args):
+    """argv of the stand-in `vllm serve` (tests/standin_vllm.py)."""
+    return [sys.executable, STANDIN, "serve", "M", *args]
+
+
+def standin_reports(lines):
+    """What each stand-in saw, keyed by the host it ran on (from its `standin:` JSON line)."""
+    found = {}
+    for line in lines:
+        m = re.match(r"^\[r(\d+) (\S+)\] standin: (\{.*)$", line)
+        if m:
+            found[(int(m.group(1)), m.group(2))] = json.loads(m.group(3))
+    return found
 
 
 def vllm_handshake(address, port):

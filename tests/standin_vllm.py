@@ -18,7 +18,8 @@ nothing of launcher), so a test passing means launcher drives *vLLM's* rules:
 
 It prints one ``standin:`` line of JSON with what it saw (argv and env), for
 tests to assert on, and exits 0 on SIGTERM. ``STANDIN_EXIT=N`` makes it exit
-with N after binding, ``STANDIN_DELAY=S`` delays binding (a slow start).
+with N after binding (only the process serving DP rank ``STANDIN_EXIT_DP``, if
+given); ``STANDIN_DELAY=S`` delays binding (a slow start).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         print(f"standin: API server at http://{host}:{args.port}", flush=True)
 
-    if "STANDIN_EXIT" in env:
+    if "STANDIN_EXIT" in env and int(env.get("STANDIN_EXIT_DP", ranks[0])) in ranks:
         time.sleep(0.3)
         print("standin: exiting as asked", file=sys.stderr, flush=True)
         return int(env["STANDIN_EXIT"])

@@ -2,13 +2,14 @@
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 
 import psutil
 import pytest
 
-from conftest import RunningLauncher, launcher_cmd, table_rows, vllm_handshake, wait_for, write_hostfile
+from conftest import RunningLauncher, launcher_cmd, standin, standin_reports, table_rows, vllm_handshake, wait_for, write_hostfile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -201,3 +202,50 @@ def test_a_silent_partition_is_noticed_by_heartbeats_on_both_sides(hosts, tmp_pa
         assert wait_for(lambda: not psutil.pid_exists(ready[1][4]), 5.0)
     finally:
         subprocess.run(["ip", "link", "set", link, "up"], check=True)
+
+
+# --- user commands: `launcher run -- vllm serve ...` with the stand-in vLLM ------------
+
+DP_ARGS = (
+    "--data-parallel-size", "{world_size}", "--data-parallel-size-local", "{local_size}",
+    "--data-parallel-start-rank", "{host_first_rank}", "--data-parallel-address", "{head_ip}",
+    "--data-parallel-rpc-port", "{rpc_port}",
+)
+
+
+def test_vllm_multi_node_dp_with_the_heads_variables_leaking_binds_every_host_its_own(hosts, tmp_path):
+    hf = write_hostfile(tmp_path, "h1 slots=2\nh2 slots=2\nh3 slots=1\n")
+    api = shlex.join(standin(*DP_ARGS, "--port", "8000", "--tag", "it's {host}"))
+    run = RunningLauncher(
+        ["-H", hf, *hosts.ssh_args(), "--per-host", "--preflight", "--ready-timeout", "30", "--head-command", api,
+         "--", *standin(*DP_ARGS, "--headless", "--tag", "it's {host}")],
+        env={**os.environ, **LEAKED, "VLLM_DP_RANK": "7", "VLLM_DP_SIZE": "9"},
+    )
+    assert len(run.ready_rows(5)) == 5  # the preflight's built-in cores, one per DP rank, then its check:
+    rows = run.ready_rows(3, after="all 25 handshakes ok")
+    assert [(r[0], r[1], r[2]) for r in rows] == [(0, "h1", "198.18.0.11"), (2, "h2", "198.18.0.12"), (4, "h3", "198.18.0.13")]
+    for dp, host in [(0, "h1"), (1, "h1"), (2, "h2"), (3, "h2"), (4, "h3")]:  # vLLM's port rule: base + DP index
+        assert vllm_handshake(hosts.host(host).address, 5600 + dp).endswith(f"_dp{dp}")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 143
+    assert any("preflight passed" in line for line in run.stderr)
+
+    seen = standin_reports(run.stdout)
+    for (rank, host), got in seen.items():
+        own = hosts.host(host).address
+        assert (got["side_channel_host"], got["vllm_host_ip"]) == (own, own), host  # never the head's 198.18.0.1
+        argv = got["argv"]
+        assert argv[argv.index("--data-parallel-address") + 1] == "198.18.0.11"  # {head_ip}: h1's own address
+        assert got["tags"] == [f"it's {host}"] and got["headless"] == (host != "h1")
+    assert {host: got["dp_ranks"] for (_, host), got in seen.items()} == {"h1": [0, 1], "h2": [2, 3], "h3": [4]}
+    assert {got["dp_size"] for got in seen.values()} == {5}
+
+
+def test_a_vllm_failing_on_one_host_ends_the_job_everywhere_with_its_code(hosts, tmp_path):
+    hf = write_hostfile(tmp_path, "h1 slots=2\nh2 slots=2 env:STANDIN_EXIT=3\nh3 slots=2\n")
+    done = subprocess.run(
+        launcher_cmd("run", "-H", hf, *hosts.ssh_args(), "--per-host", "--", *standin(*DP_ARGS, "--headless")),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.split("launcher: FAILED: ")[1].startswith("rank 2 on h2 exited with code 3")

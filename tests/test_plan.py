@@ -44,3 +44,88 @@ def test_a_hashed_vllm_variable_that_differs_per_host_warns():
     assert any("VLLM_ATTENTION_BACKEND" in w for w in plan.build(hosts, LaunchOptions(), {}, "j").warnings)
     ok = [Host("a", env=(("NCCL_SOCKET_IFNAME", "eth1"),)), Host("b")]
     assert plan.build(ok, LaunchOptions(), {}, "j").warnings == ()
+
+
+# --- user commands -----------------------------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from launcher.plan import Readiness, kv_transfer_engine_id, render_template, user_command  # noqa: E402
+
+VLLM_DP = (
+    "vllm", "serve", "M", "--data-parallel-size", "{world_size}", "--data-parallel-size-local", "{local_size}",
+    "--data-parallel-start-rank", "{host_first_rank}", "--data-parallel-address", "{head_ip}",
+    "--data-parallel-rpc-port", "{rpc_port}", "--headless",
+)
+
+
+def test_per_host_mode_starts_one_process_per_host_with_its_dp_slice():
+    p = plan.build(HOSTS, LaunchOptions(port_base=7000, command=VLLM_DP, per_host=True, rpc_port=9000), {}, "j")
+    commands = [user_command(r.argv) for r in p.ranks]
+    assert [(r.host, r.rank, r.ports) for r in p.ranks] == [
+        ("a", 0, (7000, 7001)), ("b", 2, (7002, 7003, 7004)), ("c", 5, (7005,)),
+    ]
+    assert [c[4:10:2] for c in commands] == [("6", "2", "0"), ("6", "3", "2"), ("6", "1", "5")]
+    # {head_ip} waits for the hosts; everything else is filled in by the plan.
+    assert {c[10] for c in commands} == {"{head_ip}"} and {c[12] for c in commands} == {"9000"}
+    assert p.uses_head_ip and p.world_size == 6 and p.readiness == Readiness("ports")
+    # Per rank (the default), every rank is its own process with its own port.
+    per_rank = plan.build(HOSTS, LaunchOptions(command=("x", "{rank}", "{local_rank}", "{port}")), {"VLLM_NIXL_SIDE_CHANNEL_PORT": "7000"}, "j")
+    assert [user_command(r.argv) for r in per_rank.ranks][3] == ("x", "3", "1", "7003")
+
+
+def test_the_head_command_runs_on_the_first_host_only():
+    options = LaunchOptions(command=VLLM_DP, head_command=VLLM_DP[:-1], per_host=True)
+    argvs = [user_command(r.argv) for r in plan.build(HOSTS, options, {}, "j").ranks]
+    assert "--headless" not in argvs[0] and all(a[-1] == "--headless" for a in argvs[1:])
+
+
+def test_placeholders_leave_json_and_escaped_braces_alone():
+    values = {"rank": "3", "host": "h2"}
+    args = ['{"kv_connector":"NixlConnector"}', "{{rank}}", "r{rank}-{host}", "{ rank }", "{host_ip}"]
+    assert render_template(args, values, leave=frozenset({"host_ip"})) == (
+        '{"kv_connector":"NixlConnector"}', "{rank}", "r3-h2", "{ rank }", "{host_ip}",
+    )
+
+
+@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="{}"))))
+def test_arguments_without_braces_pass_through_verbatim(args):
+    assert render_template(args, {"rank": "0"}) == tuple(args)
+
+
+@pytest.mark.parametrize(
+    "options, hosts, message",
+    [
+        (LaunchOptions(command=("vllm", "--x={rnak}")), HOSTS, "unknown placeholder {rnak} in argument 1 of the command ('--x={rnak}')"),
+        (LaunchOptions(head_command=("vllm",)), HOSTS, "a head command needs a command for the other hosts too"),
+        (LaunchOptions(command=("vllm", "--kv-transfer-config", '{"engine_id": "p"}'), per_host=True), HOSTS,
+         "engine_id 'p' to rank 0 and rank 2 (hosts a and b)"),
+        (LaunchOptions(command=("vllm", '--kv-transfer-config={"engine_id": "p"'),), HOSTS, "--kv-transfer-config is not valid JSON"),
+        (LaunchOptions(command=("vllm",)), [Host("a", origin="hf:1"), Host("b", env=(("VLLM_NIXL_SIDE_CHANNEL_HOST", "0.0.0.0"),), origin="hf:2")],
+         "hf:2): env:VLLM_NIXL_SIDE_CHANNEL_HOST=0.0.0.0 is the wildcard address"),
+        (LaunchOptions(command=("vllm",)), [Host("a"), Host("b", env=(("VLLM_NIXL_SIDE_CHANNEL_HOST", "localhost"),))],
+         "env:VLLM_NIXL_SIDE_CHANNEL_HOST=localhost is loopback"),
+        (LaunchOptions(command=("vllm",), readiness=Readiness("report")), HOSTS, "cannot report readiness itself"),
+    ],
+)
+def test_traps_in_user_commands_are_caught_before_launch(options, hosts, message):
+    with pytest.raises(PlanError) as err:
+        plan.build(hosts, options, {}, "j")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unique_engine_ids_and_loopback_only_jobs_are_fine():
+    per_host = ("vllm", "--kv-transfer-config", '{"engine_id": "decode-{host}-{rank}"}')
+    p = plan.build(HOSTS, LaunchOptions(command=per_host), {}, "j")
+    assert kv_transfer_engine_id(user_command(p.ranks[2].argv)) == "decode-b-2"
+    loopback = [Host("localhost", env=(("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1"),))]
+    assert plan.build(loopback, LaunchOptions(command=("vllm",)), {}, "j").world_size == 1
+
+
+def test_the_preflight_plan_binds_the_same_hosts_and_ports_with_the_builtin_core():
+    user = plan.build(HOSTS, LaunchOptions(command=VLLM_DP, per_host=True), {"VLLM_NIXL_SIDE_CHANNEL_PORT": "7000"}, "j")
+    pre = plan.preflight_plan(user)
+    assert pre.builtin and pre.options.strict_versions and pre.readiness == Readiness("report")
+    assert [r.port for r in pre.ranks] == [p for r in user.ranks for p in r.ports]
+    assert [h.host for h in pre.hosts] == [h.host for h in user.hosts]

@@ -1,0 +1,137 @@
+"""User commands on loopback: `launcher run -- vllm serve ...` with a stand-in vLLM."""
+
+import os
+import signal
+import socket
+import subprocess
+
+import psutil
+import pytest
+
+from conftest import RunningLauncher, launcher_cmd, standin, standin_reports, vllm_handshake, write_hostfile
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
+
+DP_ARGS = (
+    "--data-parallel-size", "{world_size}", "--data-parallel-size-local", "{local_size}",
+    "--data-parallel-start-rank", "{host_first_rank}", "--data-parallel-address", "{head_ip}",
+    "--data-parallel-rpc-port", "{rpc_port}",
+)
+# Every one reaches the command verbatim: no shell runs between the head and it.
+AWKWARD = ["a b", "it's", '"quoted"', "$(touch {pwned})", "; exit 9", "line1\nline2", "ünïcode ✓", "*", "{{rank}}", "-x=1=2"]
+LEAKED = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "198.18.255.254", "VLLM_HOST_IP": "198.18.255.254", "VLLM_DP_RANK": "5", "VLLM_DP_SIZE": "9"}
+
+
+def run_cmd(*args, timeout=60, env=None):
+    return subprocess.run(launcher_cmd(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def failed_line(stderr: str) -> str:
+    return stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
+
+
+def test_per_host_vllm_dp_binds_its_own_address_and_gets_every_argument_verbatim(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    pwned = tmp_path / "pwned"
+    tags = [t.replace("{pwned}", str(pwned)) for t in AWKWARD]
+    secret = "hf_s3cr3t-value"
+    run = RunningLauncher(  # `--env NAME` takes the value from the head's env: not even the head's argv shows it
+        ["-H", hf, "--port-base", str(port_base), "--per-host", "--env", "HF_TOKEN", "--env", "VLLM_X=a\nb=c",
+         "--", *standin(*DP_ARGS, "--headless", *[f"--tag={t}" for t in tags])],
+        env={**os.environ, **LEAKED, "HF_TOKEN": secret},
+    )
+    rows = run.ready_rows(1)
+    assert rows == [(0, "localhost", "127.0.0.1", port_base, rows[0][4])]
+    # Both DP ranks' side channels answer vLLM's v2 handshake at base + DP index.
+    assert vllm_handshake("127.0.0.1", port_base + 1).endswith("_dp1")
+    # The secret is in the environment, never in any process's argv.
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if secret in " ".join(p.info["cmdline"] or [])]
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 143
+
+    seen = standin_reports(run.stdout)[(0, "localhost")]
+    assert seen["tags"] == [t.replace("{{rank}}", "{rank}") for t in tags] and not pwned.exists()
+    assert seen["argv"][seen["argv"].index("--data-parallel-address") + 1] == "127.0.0.1"
+    assert (seen["dp_size"], seen["dp_ranks"]) == (2, [0, 1])  # from the CLI flags, not the leaked VLLM_DP_*
+    assert (seen["side_channel_host"], seen["vllm_host_ip"], seen["side_channel_port"]) == ("127.0.0.1", "127.0.0.1", port_base)
+    assert seen["env"]["HF_TOKEN"] == secret and seen["env"]["VLLM_X"] == "a\nb=c"
+    assert "VLLM_DP_RANK" not in seen["env"] and "LAUNCHER_CONTROL_FD" not in seen["launcher_vars"]
+
+
+def test_a_command_that_never_becomes_ready_ends_after_the_ready_timeout(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--ready-timeout", "2", "--grace", "1",
+                   "--env", "STANDIN_DELAY=60", "--", *standin("--headless", "--data-parallel-size", "2", "--data-parallel-start-rank", "{rank}", "--data-parallel-size-local", "1"))
+    assert done.returncode == 4, done.stderr
+    first = failed_line(done.stderr)
+    assert first.startswith("2 ranks not ready after 2s: rank 0 on localhost (started), rank 1 on localhost (started)")
+    assert "its last output: standin: {" in first and first.endswith("raise --ready-timeout if they are slow")
+
+
+def test_a_failing_rank_ends_the_job_with_its_own_exit_code(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=3\n")
+    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--env", "STANDIN_EXIT=7", "--env", "STANDIN_EXIT_DP=1",
+                   "--", *standin("--headless", "--data-parallel-size", "{world_size}", "--data-parallel-start-rank", "{rank}", "--data-parallel-size-local", "1"))
+    assert done.returncode == 7, done.stderr
+    assert failed_line(done.stderr) == "rank 1 on localhost exited with code 7; last output: standin: exiting as asked"
+    summary = done.stderr.split("RANK  HOST", 1)[1]
+    assert "ROOT CAUSE" in [line for line in summary.splitlines() if line.startswith("1 ")][0]
+
+
+@pytest.mark.parametrize(
+    "ready, never",
+    [
+        ("--ready-log=API server at", "--ready-log=no such line"),
+        ("--ready-url=http://{host_ip}:{api}/health", "--ready-url=http://{host_ip}:{api}/nothing-here"),
+        ("--ready-port={api}", "--ready-port={free}"),
+    ],
+)
+def test_readiness_by_log_line_url_or_port_is_what_decides(tmp_path, port_base, ready, never):
+    hf = write_hostfile(tmp_path, "localhost\n")
+    ports = {"{api}": str(port_base + 5), "{free}": str(port_base + 6)}
+
+    def rule(text):
+        for k, v in ports.items():
+            text = text.replace(k, v)
+        return text
+
+    command = ["--", *standin("--port", ports["{api}"])]
+    run = RunningLauncher(["-H", hf, "--port-base", str(port_base), rule(ready), *command])
+    assert run.ready_rows(1)[0][:3] == (0, "localhost", "127.0.0.1")
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 130
+    # The same stand-in under a rule it never meets is never ready.
+    stuck = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--ready-timeout", "2", "--grace", "1", rule(never), *command)
+    assert stuck.returncode == 4 and "1 ranks not ready after 2s: rank 0 on localhost (started)" in stuck.stderr
+
+
+def test_a_missing_command_is_one_clear_error(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost\n")
+    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--", "no-such-vllm", "serve")
+    assert done.returncode == 127, done.stderr
+    assert failed_line(done.stderr).startswith("rank 0 on localhost exited with code 127: command not found on localhost: 'no-such-vllm'")
+    assert "Traceback" not in done.stderr
+
+
+def test_check_on_a_command_connects_only_and_a_wrong_generation_handshake_kills_vllms_listener(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    cmd = standin(*DP_ARGS, "--headless")
+    tcp = run_cmd("check", "-H", hf, "--port-base", str(port_base), "--per-host", "--", *cmd)
+    assert tcp.returncode == 0, tcp.stderr
+    assert "all 1 TCP connects ok" in tcp.stdout and "died" not in tcp.stderr
+    # A v1 request has the wrong arity for this (v2) listener: vLLM's listener
+    # thread dies on it, which is why TCP is the default for commands.
+    v1 = run_cmd("check", "-H", hf, "--port-base", str(port_base), "--per-host", "--wire", "v1", "--handshake-timeout", "1", "--", *cmd)
+    assert v1.returncode == 5 and "listener for" in v1.stderr and "died on request" in v1.stderr
+
+
+def test_preflight_finds_a_busy_port_before_the_command_starts(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port_base + 1))
+        busy.listen()
+        done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--per-host", "--preflight", "--", *standin(*DP_ARGS, "--headless"))
+    assert done.returncode != 0
+    assert "preflight: built-in engine cores" in done.stderr and "standin:" not in done.stdout
+    first = failed_line(done.stderr)
+    assert first.startswith("rank 1 on localhost exited with code 3") and f"127.0.0.1:{port_base + 1}" in first
