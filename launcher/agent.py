@@ -77,6 +77,7 @@ class Agent:
         self.events = EventWriter(stdout, self.request_stop)
         self.ranks: list[RankProcess] = []
         self.stop_reason: str | None = None
+        self.stop_signal = 0
         self._stop = threading.Event()
         self.last_heard = time.monotonic()
         self.reached = spec.reached_address or netif.ssh_server_address(os.environ)
@@ -263,9 +264,9 @@ class Agent:
 
     # --- supervise -------------------------------------------------------
 
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: str, signum: int = 0) -> None:
         if self.stop_reason is None:
-            self.stop_reason = reason
+            self.stop_reason, self.stop_signal = reason, signum
         self._stop.set()
 
     def supervise(self) -> None:
@@ -280,6 +281,8 @@ class Agent:
             silent = now - self.last_heard
             if silent > self.spec.heartbeat_timeout:
                 self.request_stop(f"no word from the head for {silent:.0f}s (heartbeat timeout)")
+        # Before any exit it causes: the head then knows those exits are not the cause.
+        self.events.send(protocol.Stopping(reason=self.stop_reason or "stopping", signal=self.stop_signal))
         self.shutdown()
 
     def _report_exits(self) -> None:
@@ -373,7 +376,7 @@ def main() -> int:
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     agent = Agent(spec, stdin, stdout)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda s, _f: agent.request_stop(f"agent received {signal.Signals(s).name}"))
+        signal.signal(signum, lambda s, _f: agent.request_stop(f"agent received {signal.Signals(s).name}", s))
     agent.events.send(agent.hello())
     agent.start_ranks()
     agent.start_threads()

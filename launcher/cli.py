@@ -42,6 +42,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -68,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     hosts_common = _Parser(add_help=False)
-    hosts_common.add_argument("--hostfile", "-H", default=DEFAULT_HOSTFILE, help="hostfile to read (default: ./hostfile)")
+    hosts_common.add_argument("--hostfile", "-H", help="hostfile to read (default: the Slurm allocation inside one, else ./hostfile)")
+    hosts_common.add_argument("--slots", type=_positive, help="ranks per node for hosts from a Slurm allocation (default: SLURM_TASKS_PER_NODE)")
 
     plan_common = _Parser(add_help=False, parents=[hosts_common])
     g = plan_common.add_argument_group("job")
@@ -86,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_common = _Parser(add_help=False, parents=[plan_common])
     r = run_common.add_argument_group("launch")
-    r.add_argument("--transport", "-t", choices=["auto", "local", "ssh"], default="auto", help="how agents start: auto = local for loopback hosts, else ssh")
+    r.add_argument("--transport", "-t", choices=["auto", "local", "ssh", "slurm"], default="auto", help="how agents start: auto = local for loopback hosts, slurm (srun) for nodes of the current allocation, else ssh")
     r.add_argument("--ready-timeout", type=_seconds, default=60.0, help="seconds for every rank to become ready (default 60)")
     r.add_argument("--grace", type=_seconds, default=5.0, help="seconds between SIGTERM and SIGKILL at teardown (default 5)")
     r.add_argument("--heartbeat-timeout", type=_seconds, default=15.0, help="seconds of silence before a host is declared lost (default 15)")
@@ -116,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        hosts = hostfile.read(args.hostfile)
+        hosts = _hosts(args)
         if args.command == "hosts":
             print(report.render_hosts(hosts))
             return 0
@@ -138,10 +149,18 @@ def main(argv: list[str] | None = None) -> int:
             print(report.render_plan(plan, python=sys.executable))
             return 0
         transport = _transport(args, plan)
-    except (hostfile.HostfileError, PlanError, transports.TransportError) as exc:
+    except (hostfile.HostfileError, hostfile.AllocationError, PlanError, transports.TransportError) as exc:
         print(f"launcher: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return _launch(args, plan, transport)
+
+
+def _hosts(args) -> list:
+    if args.hostfile is None and hostfile.in_allocation(os.environ):
+        return hostfile.from_slurm(os.environ, slots=args.slots)
+    if args.slots is not None:
+        raise PlanError("--slots applies to the nodes of a Slurm allocation; a hostfile gives slots=N on each line")
+    return hostfile.read(args.hostfile or DEFAULT_HOSTFILE)
 
 
 def _readiness(args) -> Readiness | None:
@@ -200,7 +219,9 @@ def _launch(args, plan, transport) -> int:
 
 def _finish(result: LaunchResult, received: list[int], reporter: report.ConsoleReporter, plan) -> int:
     if result.failure is not None:
-        print(f"launcher: FAILED: {result.failure.message}", file=sys.stderr)
+        # A signal is an order, not a fault: "stopped", not "FAILED".
+        verdict = "stopped" if result.failure.kind == "signal" else "FAILED"
+        print(f"launcher: {verdict}: {result.failure.message}", file=sys.stderr)
         print(report.render_summary(result), file=sys.stderr, flush=True)
         return result.exit_code
     if received:

@@ -135,12 +135,20 @@ class CheckResult(_Msg):
     error: str = ""
 
 
+class Stopping(_Msg):
+    """The agent is stopping its ranks; what follows from it is a consequence, not a cause."""
+
+    reason: str
+    signal: int = 0  # the signal the agent received (scancel, kill), if that is why
+
+
 class AgentError(_Msg):
     message: str
 
 
 Message = Union[
-    AgentSpec, Heartbeat, Check, Stop, Hello, Started, Resolved, Ready, Output, RankError, Exited, CheckResult, AgentError
+    AgentSpec, Heartbeat, Check, Stop, Hello, Started, Resolved, Ready, Output, RankError, Exited, CheckResult, Stopping,
+    AgentError,
 ]
 
 _encoder = msgspec.json.Encoder()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import queue
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +67,7 @@ class RankResult:
 
 @dataclass(frozen=True)
 class Failure:
-    kind: str  # rank-exited, rank-error, host-lost, transport, not-ready, duplicate-address, unreachable, check, signal
+    kind: str  # rank-exited, rank-error, host-lost, transport, not-ready, duplicate-address, unreachable, check, versions, signal
     message: str
     exit_code: int
     rank: int | None = None
@@ -360,6 +361,8 @@ class Supervisor:
         elif isinstance(event, protocol.CheckResult):
             if self.matrix is not None:
                 self.matrix.add(event)
+        elif isinstance(event, protocol.Stopping):
+            self._agent_stopping(link, event)
         elif isinstance(event, protocol.AgentError):
             self.reporter.progress(f"agent on {link.plan.host.name}: {event.message}")
         elif isinstance(event, TransportError):
@@ -427,6 +430,16 @@ class Supervisor:
         kind = "rank-error" if state.error else "rank-exited"
         self.failure = Failure(kind, f"rank {state.spec.rank} on {state.spec.host} {how}{why}", exit_code, state.spec.rank, state.spec.host)
 
+    def _agent_stopping(self, link: _HostLink, event: protocol.Stopping) -> None:
+        """A signal to an agent (scancel signals every step at once) ends the job like one to the head."""
+        if not event.signal or self._stopping or self.failure is not None or self.stop_requested.is_set():
+            return
+        name = signal.Signals(event.signal).name
+        self.failure = Failure(
+            "signal", f"the agent on {link.plan.host.name} received {name} (scancel, or a kill on that host); stopping every host",
+            128 + event.signal, host=link.plan.host.name,
+        )
+
     def _host_failed(self, link: _HostLink, message: str, kind: str = "host-lost") -> None:
         if self.failure is None:
             self.failure = Failure(kind, message, EXIT_HOST_LOST, host=link.plan.host.name)
@@ -482,10 +495,15 @@ class Supervisor:
                 return state, str(exc)
 
         with ThreadPoolExecutor(max_workers=16) as pool:
-            for state, error in pool.map(probe, list(self.ranks.values())):
-                if error and self.failure is None:
-                    self.failure = Failure(
-                        "unreachable",
-                        f"rank {state.spec.rank} on {state.spec.host} listens at {state.address}:{state.port} but the head cannot reach it ({error})",
-                        EXIT_HOST_LOST, state.spec.rank, state.spec.host,
-                    )
+            unreachable = [(state, error) for state, error in pool.map(probe, list(self.ranks.values())) if error]
+        if not unreachable:
+            return
+        state, error = unreachable[0]
+        # A rank that just exited refuses connections too: let its exit, if on its way, be the cause.
+        self._pump(lambda: state.state == "exited", time.monotonic() + 1.0)
+        if self.failure is None:
+            self.failure = Failure(
+                "unreachable",
+                f"rank {state.spec.rank} on {state.spec.host} listens at {state.address}:{state.port} but the head cannot reach it ({error})",
+                EXIT_HOST_LOST, state.spec.rank, state.spec.host,
+            )
