@@ -126,7 +126,8 @@ class SideChannelListener:
             return SideChannelBindError(
                 exc.errno,
                 f"side-channel port {self.port} is already in use at {where}; "
-                f"stop what holds it (ss -ltnp 'sport = :{self.port}') or move the ports with --port-base",
+                f"stop what holds it (ss -ltnp 'sport = :{self.port}') or move the ports with --port-base "
+                f"(two vLLM instances on one host, such as prefill and decode, need side-channel bases at least their DP size apart)",
             )
         if exc.errno == errno.EADDRNOTAVAIL:
             return SideChannelBindError(exc.errno, f"cannot bind {where}: Cannot assign requested address (not this host's address)")

@@ -67,6 +67,7 @@ class NetnsCluster:
         self.known_hosts = os.path.join(workdir, "known_hosts")
         self.ssh_config = os.path.join(workdir, "ssh_config")
         self.sshd: dict[str, subprocess.Popen] = {}
+        self.daemon_pids: set[int] = set()  # other daemons living on the hosts (slurmd), not strays
 
     def __enter__(self) -> "NetnsCluster":
         return self.up()
@@ -174,11 +175,11 @@ class NetnsCluster:
         return next(h for h in self.hosts if h.name == name)
 
     def stray_pids(self) -> dict[str, list[int]]:
-        """Per host, the processes that are not its listening sshd."""
+        """Per host, the processes that are not its daemons (sshd, and slurmd if any)."""
         stray = {}
         for host in self.hosts:
             daemon = self.sshd.get(host.name)
-            pids = [p for p in host.pids() if daemon is None or p != daemon.pid]
+            pids = [p for p in host.pids() if (daemon is None or p != daemon.pid) and p not in self.daemon_pids]
             if pids:
                 stray[host.name] = pids
         return stray

@@ -182,6 +182,7 @@ def vllm_handshake(address, port):
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 from netns_cluster import NetnsCluster, missing_tools  # noqa: E402
+import slurm_cluster  # noqa: E402
 
 E2E_REQUIRED = bool(os.environ.get("CI") or os.environ.get("LAUNCHER_REQUIRE_E2E"))
 
@@ -189,14 +190,25 @@ E2E_REQUIRED = bool(os.environ.get("CI") or os.environ.get("LAUNCHER_REQUIRE_E2E
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     """Three SSH hosts in network namespaces; h1 has a second interface (198.19.0.11)."""
-    missing = missing_tools()
-    if missing:
-        message = f"netns cluster unavailable: missing {', '.join(missing)}; run scripts/setup-test-host.sh"
-        if E2E_REQUIRED:
-            pytest.fail(message)  # in CI a missing sshd is a failure, not a skip
-        pytest.skip(message)
+    _require("netns cluster", missing_tools())
     with NetnsCluster(3, workdir=str(tmp_path_factory.mktemp("netns"))) as built:
         yield built
+
+
+@pytest.fixture(scope="session")
+def slurm(cluster, tmp_path_factory):
+    """Real Slurm on the cluster's hosts: slurmctld on the head, a slurmd in each namespace."""
+    _require("Slurm cluster", slurm_cluster.missing_tools())
+    with slurm_cluster.SlurmCluster(hosts=cluster, workdir=str(tmp_path_factory.mktemp(f"{slurm_cluster.PREFIX}-slurm"))) as built:
+        yield built
+
+
+def _require(what, missing):
+    if missing:
+        message = f"{what} unavailable: missing {', '.join(missing)}; run scripts/setup-test-host.sh"
+        if E2E_REQUIRED:
+            pytest.fail(message)  # in CI a missing sshd or slurmd is a failure, not a skip
+        pytest.skip(message)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ __all__ = ["AgentConnection", "Transport", "TransportError", "get"]
 
 
 def get(name: str, **options) -> Transport:
-    """A transport by name: ``local`` or ``ssh``."""
+    """A transport by name: ``local``, ``ssh`` or ``slurm``."""
     if name == "local":
         from .local import LocalTransport
 
@@ -19,4 +19,8 @@ def get(name: str, **options) -> Transport:
         from .ssh import SSHTransport
 
         return SSHTransport(**options)
-    raise TransportError(f"unknown transport {name!r}; choose local or ssh")
+    if name == "slurm":
+        from .slurm import SlurmTransport
+
+        return SlurmTransport(**options)
+    raise TransportError(f"unknown transport {name!r}; choose local, ssh or slurm")

@@ -23,7 +23,9 @@ def base_environment(env=None) -> dict[str, str]:
     return {k: v for k, v in env.items() if k in BASE_ENV_NAMES or k.startswith("LC_")}
 
 
-class LocalConnection(AgentConnection):
+class ProcessConnection(AgentConnection):
+    """An agent behind a local process's pipes: the agent itself, or srun standing in for it."""
+
     def __init__(self, host: Host, popen: subprocess.Popen):
         super().__init__(host)
         self.popen = popen
@@ -79,7 +81,7 @@ class LocalTransport(Transport):
             )
         except OSError as exc:
             raise TransportError(f"{host.label}: cannot start the agent with {python!r}: {exc.strerror or exc}; check python=/cwd= for this host") from None
-        return LocalConnection(host, popen)
+        return ProcessConnection(host, popen)
 
     def reached_address(self, host: Host) -> str | None:
         name = host.name.strip("[]")

@@ -1,0 +1,94 @@
+"""Agents through ``srun``, inside a Slurm allocation (sbatch or salloc).
+
+One job step per node: ``srun --nodes=1 --ntasks=1 --nodelist=NODE --overlap
+python -m launcher.agent``, its stdin and stdout being the agent's, exactly as
+an SSH channel is. One step per node rather than one step for all keeps one
+agent per connection (no demultiplexing of a shared stdout, a lost node is
+that node's failure), and each step is visible in ``squeue -s`` as
+``launcher-agent``. ``--overlap`` lets the steps share CPUs with the batch
+step and with each other; the ranks themselves are the agent's children.
+
+Slurm's own guarantees and where they stop: ``scancel`` signals every step
+(SIGTERM, then SIGKILL after KillWait) and the agent stops its ranks on
+SIGTERM; ranks run in their own session, so proctrack/pgid would miss them,
+which is why they also die with the agent (PR_SET_PDEATHSIG). SIGTERM to
+``srun`` SIGKILLs its task, so the head ends an agent by closing its stdin,
+and signals srun only as a last resort. srun hides a task's exit code
+(``--kill-on-bad-exit`` returns 143): the agent reports each rank's own code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+from ..plan import Host
+from .base import AgentConnection, Transport, TransportError
+from .local import ProcessConnection
+
+
+class SlurmTransport(Transport):
+    name = "slurm"
+
+    def __init__(self, env=None, srun: str = "srun", extra_args: tuple[str, ...] = ()):
+        self.env = dict(os.environ if env is None else env)
+        if not self.env.get("SLURM_JOB_ID"):
+            raise TransportError("the slurm transport runs inside an allocation (sbatch or salloc): SLURM_JOB_ID is not set")
+        self.srun = shutil.which(srun, path=self.env.get("PATH"))
+        if self.srun is None:
+            raise TransportError(f"{srun!r} is not on PATH; load Slurm's client tools (module load slurm?) or use --transport ssh")
+        self.extra_args = tuple(extra_args)
+        self._addresses: dict[str, str] | None = None
+
+    def command(self, host: Host) -> list[str]:
+        """The srun command line that starts ``host``'s agent (no job data in it: that goes on stdin)."""
+        python = host.python or sys.executable
+        return [
+            self.srun, "--nodes=1", "--ntasks=1", f"--nodelist={host.name}", "--overlap", "--kill-on-bad-exit=1",
+            "--job-name=launcher-agent", "--quiet", *([f"--chdir={host.cwd}"] if host.cwd else []), *self.extra_args,
+            python, "-m", "launcher.agent",
+        ]
+
+    def start(self, host: Host) -> AgentConnection:
+        try:
+            popen = subprocess.Popen(
+                self.command(host), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=self.env, start_new_session=True,
+            )
+        except OSError as exc:
+            raise TransportError(f"{host.label}: cannot run srun: {exc.strerror or exc}") from None
+        return ProcessConnection(host, popen)
+
+    def reached_address(self, host: Host) -> str | None:
+        """The node's NodeAddr in Slurm's config (resolved), which its ranks then verify is local."""
+        if self._addresses is None:
+            self._addresses = self._node_addresses()
+        return self._addresses.get(host.name)
+
+    def _node_addresses(self) -> dict[str, str]:
+        try:
+            out = subprocess.run(
+                ["scontrol", "show", "nodes", "--oneliner"], capture_output=True, text=True, env=self.env, timeout=10,
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return {}
+        found = {}
+        for name, addr in re.findall(r"NodeName=(\S+).*?\bNodeAddr=(\S+)", out):
+            found[name] = _resolve(addr)
+        return {k: v for k, v in found.items() if v}
+
+
+def _resolve(name: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    try:
+        return socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+    except OSError:
+        return None
