@@ -342,6 +342,29 @@ def _reap_orphans(popens, me: psutil.Process) -> None:
             pass
 
 
+def sweep_job(job_id: str) -> list[int]:
+    """SIGKILL every process on this host that carries ``LAUNCHER_JOB_ID=job_id``.
+
+    The head's second line of defence after it lost an agent (SIGKILLed, or its
+    host cut off): the agent's ranks died with it (PR_SET_PDEATHSIG), but what
+    they started in sessions of their own did not. They are found by the job
+    id in their environment (inherited from the rank), never by name, so no
+    other job's processes are touched.
+    """
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get("LAUNCHER_JOB_ID") == job_id:
+                proc.kill()
+                found.append(proc)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(found, timeout=2.0)
+    return [p.pid for p in found]
+
+
 def _die_with_parent(parent: int) -> None:
     """In the child, before exec: SIGKILL me when the agent dies."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -370,6 +393,9 @@ def main() -> int:
     except protocol.ProtocolError as exc:
         print(f"launcher agent: {exc}", file=sys.stderr)
         return 2
+    if isinstance(spec, protocol.Sweep):
+        EventWriter(stdout, lambda _reason: None).send(protocol.Swept(pids=sweep_job(spec.job_id)))
+        return 0
     if not isinstance(spec, protocol.AgentSpec):
         print(f"launcher agent: expected an agent spec first, got {type(spec).__name__}", file=sys.stderr)
         return 2

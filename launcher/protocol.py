@@ -58,6 +58,12 @@ class Heartbeat(_Msg):
     pass
 
 
+class Sweep(_Msg):
+    """Instead of a spec: kill every process of this job left on the host, report, exit."""
+
+    job_id: str
+
+
 class Peer(msgspec.Struct, kw_only=True):
     rank: int
     address: str
@@ -142,13 +148,17 @@ class Stopping(_Msg):
     signal: int = 0  # the signal the agent received (scancel, kill), if that is why
 
 
+class Swept(_Msg):
+    pids: list[int]
+
+
 class AgentError(_Msg):
     message: str
 
 
 Message = Union[
-    AgentSpec, Heartbeat, Check, Stop, Hello, Started, Resolved, Ready, Output, RankError, Exited, CheckResult, Stopping,
-    AgentError,
+    AgentSpec, Sweep, Heartbeat, Check, Stop, Hello, Started, Resolved, Ready, Output, RankError, Exited, CheckResult, Stopping,
+    Swept, AgentError,
 ]
 
 _encoder = msgspec.json.Encoder()

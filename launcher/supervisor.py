@@ -132,6 +132,7 @@ class Supervisor:
         self._stopping = False
         self._readers: list[threading.Thread] = []
         self.head_ip: str | None = None
+        self._sweepers: list[threading.Thread] = []
         self._head_ip_known = threading.Event()  # {head_ip}: the first host's address, from its agent
 
     # --- lifecycle -------------------------------------------------------
@@ -199,6 +200,10 @@ class Supervisor:
         for t in self._readers:
             t.join(timeout=5.0)
         self._drain()
+        # A sweep of a host that is cut off waits for its connect timeout: give up on it.
+        deadline = time.monotonic() + 5.0
+        for t in self._sweepers:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         self.transport.close()
         return self.result()
 
@@ -325,7 +330,7 @@ class Supervisor:
             silent = now - link.last_seen
             if link.hello is not None and silent > self.plan.options.heartbeat_timeout and not self._stopping:
                 # Nothing more will come; its agent stops its ranks on its own timeout.
-                self._lose_host(link, f"host {link.plan.host.name} lost: no word from its agent for {silent:.0f}s (heartbeat timeout)")
+                self._lose_host(link, f"host {link.plan.host.name} lost: no word from its agent for {silent:.0f}s (heartbeat timeout)", sweep=False)
 
     def _handle(self, link: _HostLink, event) -> None:
         link.last_seen = time.monotonic()
@@ -444,12 +449,42 @@ class Supervisor:
         if self.failure is None:
             self.failure = Failure(kind, message, EXIT_HOST_LOST, host=link.plan.host.name)
 
-    def _lose_host(self, link: _HostLink, message: str, kind: str = "host-lost") -> None:
-        """Nothing more comes from this host: a failure unless we are stopping anyway."""
+    def _lose_host(self, link: _HostLink, message: str, kind: str = "host-lost", sweep: bool = True) -> None:
+        """Nothing more comes from this host: a failure unless we are stopping anyway.
+
+        ``sweep``: the host is likely reachable (its agent died, its SSH session
+        dropped), so clean up after the agent; a silent host is left to its
+        agent's own heartbeat timeout.
+        """
         link.gone = True
         if not self._stopping:
             self._host_failed(link, message, kind)
+        if sweep and any(self.ranks[r.rank].pid is not None and self.ranks[r.rank].state != "exited" for r in link.plan.ranks):
+            self._sweep(link)  # its agent did not see its ranks out
         self._mark_lost_ranks(link)
+
+    def _sweep(self, link: _HostLink) -> None:
+        """In the background: a fresh agent connection kills what this job left on the host."""
+        host = link.plan.host
+
+        def run() -> None:
+            try:
+                conn = self.transport.start(host)
+                conn.send(protocol.encode(protocol.Sweep(job_id=self.plan.job_id)))
+                conn.close_stdin()
+                for raw in iter(conn.readline, b""):
+                    message = protocol.decode(raw)
+                    if isinstance(message, protocol.Swept):
+                        if message.pids:
+                            self.reporter.progress(f"swept {len(message.pids)} processes this job left on {host.name} (pids {' '.join(map(str, message.pids))})")
+                        break
+                conn.wait(2.0)
+            except (TransportError, OSError, protocol.ProtocolError) as exc:
+                self.reporter.progress(f"could not sweep {host.name} after losing its agent: {exc}")
+
+        t = threading.Thread(target=run, daemon=True, name=f"sweep-{host.name}")
+        t.start()
+        self._sweepers.append(t)
 
     def _mark_lost_ranks(self, link: _HostLink) -> None:
         for spec in link.plan.ranks:
@@ -487,9 +522,14 @@ class Supervisor:
                 )
                 return
 
+        readiness = self.plan.readiness
+        if readiness.kind in ("url", "log"):
+            return  # nothing known to listen on the host's address: no port to reach
+        port_of = (lambda _state: readiness.port) if readiness.kind == "port" else (lambda state: state.port)
+
         def probe(state: RankState) -> tuple[RankState, str | None]:
             try:
-                tcp_probe(state.address, state.port, timeout=5.0)
+                tcp_probe(state.address, port_of(state), timeout=5.0)
                 return state, None
             except HandshakeError as exc:
                 return state, str(exc)
@@ -504,6 +544,6 @@ class Supervisor:
         if self.failure is None:
             self.failure = Failure(
                 "unreachable",
-                f"rank {state.spec.rank} on {state.spec.host} listens at {state.address}:{state.port} but the head cannot reach it ({error})",
+                f"rank {state.spec.rank} on {state.spec.host} listens at {state.address}:{port_of(state)} but the head cannot reach it ({error})",
                 EXIT_HOST_LOST, state.spec.rank, state.spec.host,
             )

@@ -249,3 +249,20 @@ def test_a_vllm_failing_on_one_host_ends_the_job_everywhere_with_its_code(hosts,
     )
     assert done.returncode == 3, done.stderr
     assert done.stderr.split("launcher: FAILED: ")[1].startswith("rank 2 on h2 exited with code 3")
+
+
+def test_a_sigkilled_agent_leaves_nothing_its_ranks_detached(hosts, tmp_path):
+    # The rank starts a grandchild in a session of its own: PR_SET_PDEATHSIG is
+    # not inherited across fork, so only the head's sweep can find it.
+    detach = "setsid sleep 1000 & echo up; exec sleep 1000"
+    run = RunningLauncher(["-H", write_hostfile(tmp_path, "h1\nh2\n"), *hosts.ssh_args(), "--ready-log", "^up$", "--", "sh", "-c", detach])
+    rank_pid = run.ready_rows(2)[1][4]
+    h2 = hosts.host("h2")
+    detached = wait_for(lambda: [p for p in h2.pids() if p != rank_pid and psutil.Process(p).cmdline() == ["sleep", "1000"]])
+    assert detached and os.getsid(detached[0]) == detached[0]
+    agent = next(p for p in h2.pids() if "launcher.agent" in " ".join(psutil.Process(p).cmdline()))
+    os.kill(agent, signal.SIGKILL)
+    assert run.finish() == 3
+    assert any(line.startswith("launcher: FAILED: host h2 lost: its agent ended") for line in run.stderr)
+    assert any(f"swept 1 processes this job left on h2 (pids {detached[0]})" in line for line in run.stderr), run.stderr[-5:]
+    # ...and the `hosts` fixture checks that h1 and h2 hold nothing but their sshd.
