@@ -288,8 +288,11 @@ class Agent:
     def _report_exits(self) -> None:
         for rp in self.ranks:
             if not rp.reported_exit and rp.popen.poll() is not None:
-                for reader in rp.readers:  # its last output and error first
-                    reader.join(timeout=1.0)
+                # Its last output and error first; but a grandchild that kept the
+                # rank's stdout open would hold the pipes forever: half a second in all.
+                deadline = time.monotonic() + 0.5
+                for reader in rp.readers:
+                    reader.join(timeout=max(0.0, deadline - time.monotonic()))
                 rp.reported_exit = True
                 self.events.send(protocol.Exited(rank=rp.spec.rank, returncode=rp.popen.returncode))
 

@@ -109,14 +109,18 @@ def render_plan(plan: LaunchPlan, python: str = "python") -> str:
 
 
 def render_summary(result: LaunchResult) -> str:
-    """Per rank: how it ended; the root cause first."""
-    rows = [("RANK", "HOST", "ADDRESS", "PID", "STATE", "EXIT", "READY AT", "NOTE")]
+    """Per rank: how and when it ended, its error or last line; the root cause marked."""
+    rows = [("RANK", "HOST", "ADDRESS", "PID", "STATE", "EXIT", "READY AT", "ENDED AT", "NOTE")]
     root = result.failure.rank if result.failure else None
     for r in result.ranks:
         exit_text = "-" if r.exit_code is None else (str(r.exit_code) if r.exit_code >= 0 else f"signal {-r.exit_code}")
-        note = (r.error or "")[:80]
+        note = (r.error or (r.last_output if r.rank == root else "") or "")[:80]
         if r.rank == root:
             note = "ROOT CAUSE" + (f": {note}" if note else "")
         rows.append((str(r.rank), r.host, r.address or "-", str(r.pid or "-"), r.state, exit_text,
-                     f"{r.ready_at:.2f}s" if r.ready_at is not None else "-", note or "-"))
+                     _seconds(r.ready_at), _seconds(r.ended_at), note or "-"))
     return format_table(rows)
+
+
+def _seconds(t: float | None) -> str:
+    return "-" if t is None else f"{t:.2f}s"

@@ -63,6 +63,7 @@ class RankResult:
     started_at: float | None
     ready_at: float | None
     ended_at: float | None
+    last_output: str | None = None  # its last line of output, for the summary
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class Supervisor:
         self._events: queue.Queue = queue.Queue()
         self._t0 = time.monotonic()
         self._stopping = False
-        self._readers: list[threading.Thread] = []
+        self._readers: list[tuple[_HostLink, threading.Thread]] = []
         self.head_ip: str | None = None
         self._sweepers: list[threading.Thread] = []
         self._head_ip_known = threading.Event()  # {head_ip}: the first host's address, from its agent
@@ -145,7 +146,7 @@ class Supervisor:
         for link in self.links:
             t = threading.Thread(target=self._run_link, args=(link,), daemon=True, name=f"agent-{link.plan.host.name}")
             t.start()
-            self._readers.append(t)
+            self._readers.append((link, t))
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Pump events until every rank is ready and reachable, or the job failed."""
@@ -197,8 +198,9 @@ class Supervisor:
         for link in self.links:
             if link.conn is not None and link.conn.wait(0 if link.gone else 2.0) is None:
                 link.conn.terminate()
-        for t in self._readers:
-            t.join(timeout=5.0)
+        for link, t in self._readers:
+            # A lost host's reader may sit in a read that no FIN will ever end.
+            t.join(timeout=0.5 if link.gone else 5.0)
         self._drain()
         # A sweep of a host that is cut off waits for its connect timeout: give up on it.
         deadline = time.monotonic() + 5.0
@@ -212,6 +214,7 @@ class Supervisor:
             RankResult(
                 rank=s.spec.rank, host=s.spec.host, address=s.address, port=s.spec.port, pid=s.pid, state=s.state,
                 exit_code=s.exit_code, error=s.error, started_at=s.started_at, ready_at=s.ready_at, ended_at=s.ended_at,
+                last_output=s.output[-1] if s.output else None,
             )
             for s in sorted(self.ranks.values(), key=lambda s: s.spec.rank)
         )
@@ -456,6 +459,8 @@ class Supervisor:
         dropped), so clean up after the agent; a silent host is left to its
         agent's own heartbeat timeout.
         """
+        if link.gone:
+            return  # already lost (e.g. by heartbeat); its reader's EOF adds nothing
         link.gone = True
         if not self._stopping:
             self._host_failed(link, message, kind)

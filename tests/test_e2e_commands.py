@@ -75,7 +75,8 @@ def test_a_failing_rank_ends_the_job_with_its_own_exit_code(tmp_path, port_base)
     assert done.returncode == 7, done.stderr
     assert failed_line(done.stderr) == "rank 1 on localhost exited with code 7; last output: standin: exiting as asked"
     summary = done.stderr.split("RANK  HOST", 1)[1]
-    assert "ROOT CAUSE" in [line for line in summary.splitlines() if line.startswith("1 ")][0]
+    row = [line for line in summary.splitlines() if line.startswith("1 ")][0]
+    assert row.split()[5] == "7" and row.endswith("ROOT CAUSE: standin: exiting as asked")  # its exit code and last word
 
 
 @pytest.mark.parametrize(

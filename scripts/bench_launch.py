@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Start-up time and memory of launcher against plain OpenSSH, on the netns cluster.
+
+    sudo python scripts/bench_launch.py [--hosts 1 2 4 8] [--repeat 5]
+
+For each host count it builds the namespace cluster, then, in this process,
+alternates (so both see the same machine state):
+
+- baseline: ``ssh -F CONFIG hN python3 -c pass`` to every host in parallel
+  (OpenSSH, a Python start on the far end: the least any SSH launcher pays);
+- launcher: ``launcher.launch`` of one built-in engine core per host, from
+  the call until every rank is bound and ready (agents started, addresses
+  detected, listeners bound, the head's reachability probe done), then stop.
+
+It prints median times, their ratio, and the resident memory of one agent and
+one engine core on a host. Numbers are for this machine; the ratio is the
+figure to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from netns_cluster import NetnsCluster  # noqa: E402
+
+import launcher  # noqa: E402
+from launcher import transports  # noqa: E402
+from launcher.plan import Host, LaunchOptions  # noqa: E402
+from launcher.supervisor import Reporter  # noqa: E402
+
+
+def plain_ssh(cluster: NetnsCluster) -> float:
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(["ssh", "-F", cluster.ssh_config, "-o", "BatchMode=yes", h.name, "python3", "-c", "pass"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for h in cluster.hosts
+    ]
+    for p in procs:
+        if p.wait() != 0:
+            raise RuntimeError(f"ssh failed: {p.stderr.read().decode()}")
+    return time.perf_counter() - start
+
+
+class ReadyProbe(Reporter):
+    """Notes when every rank is ready, and then one agent's and one engine core's RSS on the first host."""
+
+    def __init__(self, cluster: NetnsCluster):
+        self.cluster, self.at, self.rss = cluster, 0.0, {}
+
+    def ready(self, ranks) -> None:
+        self.at = time.perf_counter()
+        for pid in self.cluster.hosts[0].pids():
+            try:
+                proc = psutil.Process(pid)
+                cmd = " ".join(proc.cmdline())
+                for name in ("launcher.agent", "launcher.engine_core"):
+                    if name in cmd:
+                        self.rss[name] = proc.memory_info().rss
+            except psutil.Error:
+                pass
+
+
+def launcher_ready(cluster: NetnsCluster, probe: ReadyProbe) -> float:
+    plan = launcher.plan_job([Host(h.name) for h in cluster.hosts], LaunchOptions(), env={})
+    transport = transports.get("ssh", config_path=cluster.ssh_config, known_hosts=cluster.known_hosts)
+    start = time.perf_counter()
+    result = launcher.launch(plan, transport, reporter=probe)
+    if not result.ok:
+        raise RuntimeError(result.failure.message)
+    return probe.at - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hosts", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    rows = [("hosts", "plain ssh (s)", "launcher ready (s)", "ratio", "agent RSS (MiB)", "engine core RSS (MiB)")]
+    for count in args.hosts:
+        with NetnsCluster(count) as cluster:
+            probe = ReadyProbe(cluster)
+            plain_ssh(cluster)  # warm caches and known_hosts once, for both
+            base, ours = [], []
+            for _ in range(args.repeat):
+                base.append(plain_ssh(cluster))
+                ours.append(launcher_ready(cluster, probe))
+            b, o = statistics.median(base), statistics.median(ours)
+            rows.append((str(count), f"{b:.3f}", f"{o:.3f}", f"{o / b:.2f}x",
+                         f"{probe.rss.get('launcher.agent', 0) / 2**20:.0f}", f"{probe.rss.get('launcher.engine_core', 0) / 2**20:.0f}"))
+            print(f"{count} hosts: ssh {b:.3f}s, launcher {o:.3f}s", file=sys.stderr, flush=True)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"median of {args.repeat} runs per row, {os.cpu_count()} CPUs")
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
