@@ -32,34 +32,24 @@ def _env_pair(text: str) -> tuple[str, str]:
     return name, value
 
 
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1..65535)")
-    return port
+def _number(convert, what: str, ok, bound: str):
+    """An argparse type: ``convert`` the text, then require ``ok``; errors say which and why."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} {bound}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
-    return value
+_port = _number(int, "a port number", lambda v: 1 <= v <= 65535, "is not a TCP port (1..65535)")
+_positive = _number(int, "a whole number", lambda v: v >= 1, "must be at least 1")
+_seconds = _number(float, "a number of seconds", lambda v: v > 0, "must be more than 0 seconds")
 
 
 class _Parser(argparse.ArgumentParser):

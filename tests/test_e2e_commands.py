@@ -4,6 +4,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 
 import psutil
 import pytest
@@ -70,13 +71,17 @@ def test_a_command_that_never_becomes_ready_ends_after_the_ready_timeout(tmp_pat
 
 def test_a_failing_rank_ends_the_job_with_its_own_exit_code(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=3\n")
-    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--env", "STANDIN_EXIT=7", "--env", "STANDIN_EXIT_DP=1",
+    logs = tmp_path / "logs"
+    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--env", "STANDIN_EXIT=7", "--env", "STANDIN_EXIT_DP=1", "--log-dir", str(logs),
                    "--", *standin("--headless", "--data-parallel-size", "{world_size}", "--data-parallel-start-rank", "{rank}", "--data-parallel-size-local", "1"))
     assert done.returncode == 7, done.stderr
     assert failed_line(done.stderr) == "rank 1 on localhost exited with code 7; last output: standin: exiting as asked"
     summary = done.stderr.split("RANK  HOST", 1)[1]
     row = [line for line in summary.splitlines() if line.startswith("1 ")][0]
     assert row.split()[5] == "7" and row.endswith("ROOT CAUSE: standin: exiting as asked")  # its exit code and last word
+    # --log-dir: each rank's output, unprefixed, in a file of its own.
+    assert sorted(p.name for p in logs.iterdir()) == ["rank-0.log", "rank-1.log", "rank-2.log"]
+    assert (logs / "rank-1.log").read_text().splitlines()[-1] == "standin: exiting as asked"
 
 
 @pytest.mark.parametrize(
@@ -136,3 +141,19 @@ def test_preflight_finds_a_busy_port_before_the_command_starts(tmp_path, port_ba
     assert "preflight: built-in engine cores" in done.stderr and "standin:" not in done.stdout
     first = failed_line(done.stderr)
     assert first.startswith("rank 1 on localhost exited with code 3") and f"127.0.0.1:{port_base + 1}" in first
+
+
+def test_preflight_refuses_hosts_that_run_different_python_versions(tmp_path, port_base):
+    # A host whose interpreter reports another Python version (hostfile python=).
+    other = tmp_path / "python-3.9"
+    other.write_text(
+        "#!/bin/sh\nexec " + sys.executable + " -c \"import platform, runpy; platform.python_version = lambda: '3.9.0'; "
+        "runpy.run_module('launcher.agent', run_name='__main__')\"\n"
+    )
+    other.chmod(0o755)
+    hf = write_hostfile(tmp_path, f"localhost\n127.0.0.1 python={other}\n")
+    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--preflight", "--", *standin("--headless"))
+    assert done.returncode == 5, done.stderr
+    first = failed_line(done.stderr)
+    assert first.startswith("hosts run different Python versions: ") and "3.9.0 on 127.0.0.1" in first
+    assert first.endswith("install one version everywhere") and "standin:" not in done.stdout
