@@ -129,3 +129,14 @@ def test_the_preflight_plan_binds_the_same_hosts_and_ports_with_the_builtin_core
     assert pre.builtin and pre.options.strict_versions and pre.readiness == Readiness("report")
     assert [r.port for r in pre.ranks] == [p for r in user.ranks for p in r.ports]
     assert [h.host for h in pre.hosts] == [h.host for h in user.hosts]
+
+
+def test_the_auto_transport_follows_where_the_hosts_are():
+    from launcher.api import default_transport
+
+    remote = plan.build([Host("n1"), Host("n2")], LaunchOptions(), {}, "j")
+    allocation = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_TASKS_PER_NODE": "1(x3)"}
+    assert default_transport(remote, allocation) == "slurm"  # every host is a node of this allocation
+    assert default_transport(remote, {**allocation, "SLURM_JOB_NODELIST": "n[2-3]"}) == "ssh"
+    assert default_transport(remote, {}) == "ssh"
+    assert default_transport(plan.build([Host("localhost")], LaunchOptions(), {}, "j"), allocation) == "local"
