@@ -382,7 +382,13 @@ class Supervisor:
         elif isinstance(event, EOFError):
             tail = link.conn.stderr_tail(wait=0 if self._stopping else 0.5) if link.conn else []
             said = f": {tail[-1]}" if tail else ""
-            if link.hello is None:
+            cancelled = link.conn.cancelled_by_scheduler() if link.conn else None
+            if cancelled and not self._stopping and self.failure is None and not self.stop_requested.is_set():
+                # scancel ended the step before the agent's own word got through: an order, not a fault.
+                link.gone = True
+                self._mark_lost_ranks(link)
+                self.failure = Failure("signal", f"host {link.plan.host.name}: {cancelled}; stopping every host", 128 + signal.SIGTERM, host=link.plan.host.name)
+            elif link.hello is None:
                 self._lose_host(
                     link,
                     f"host {link.plan.host.label}: the agent did not start{said}; install launcher there "

@@ -71,7 +71,7 @@ class SlurmCluster:
             self._start("slurmctld", ["slurmctld", "-D", "-i", "-f", self.conf])
             for host in self.hosts.hosts:
                 self._start_slurmd(host)
-            self._wait_idle()
+            self.wait_idle()
         except BaseException:
             self.down()
             raise
@@ -119,7 +119,8 @@ class SlurmCluster:
              "sh", "-c", script, "sh", os.path.join(self.workdir, "hosts"), host.name, self.conf],
         )
 
-    def _wait_idle(self, timeout: float = 30.0) -> None:
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Until every node is IDLE (a finished job's nodes pass through COMPLETING first)."""
         deadline = time.monotonic() + timeout
         while True:
             for name, proc in self.daemons.items():

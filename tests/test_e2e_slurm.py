@@ -25,6 +25,7 @@ LAUNCHER = f"{sys.executable} -m launcher.cli"
 class Job:
     def __init__(self, slurm, tmp_path, script, *args, env=None):
         self.slurm, self.output = slurm, tmp_path / "job.out"
+        slurm.wait_idle()  # the last test's job may still be completing: start this one at once
         env = {**os.environ, **slurm.env, **LEAKED, "LAUNCHER": LAUNCHER, **(env or {})}
         done = subprocess.run(
             ["sbatch", "--parsable", f"--output={self.output}", f"--chdir={tmp_path}", *args, os.path.join(REPO, "scripts", script)],
@@ -72,14 +73,14 @@ def test_vllm_dp_batch_script_serves_until_scancel_and_leaves_nothing(slurm, hos
     job.wait_for_output("processes ready 3/3")
     subprocess.run(["scancel", job.id], env={**os.environ, **slurm.env}, check=True)
     info = job.wait()
-    assert info["JobState"] == "CANCELLED"
     out = job.text()
-    assert "preflight passed" in out
+    assert info["JobState"] == "CANCELLED", out[-2000:]
+    assert "preflight passed" in out, out[-2000:]
     # scancel signals the steps and the batch script at once; whichever the head hears first, it is a stop, not a fault.
     assert re.search(r"^launcher: stopped(: the agent on h\d received SIGTERM| by SIGTERM; all 6 ranks stopped)", out, re.M), out[-1500:]
-    assert "FAILED" not in out
+    assert "FAILED" not in out, out[-2000:]
     seen = job.standins()
-    assert set(seen) == {"h1", "h2", "h3"}
+    assert set(seen) == {"h1", "h2", "h3"}, out[-2000:]
     for host, got in seen.items():
         own = slurm.hosts.host(host).address
         assert (got["side_channel_host"], got["vllm_host_ip"]) == (own, own)
@@ -108,3 +109,19 @@ def test_hosts_and_plan_read_the_allocation_outside_any_daemon():
                              capture_output=True, text=True, env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, timeout=30)
     assert outside.returncode == 2
     assert outside.stderr.startswith("launcher: error: the slurm transport runs inside an allocation (sbatch or salloc): SLURM_JOB_ID is not set")
+
+
+def test_a_step_slurm_cancelled_is_told_apart_from_a_lost_agent():
+    from launcher.plan import Host
+    from launcher.transports.slurm import SrunConnection
+
+    def connection(stderr_line):
+        proc = subprocess.Popen(["sh", "-c", f"echo '{stderr_line}' >&2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        conn = SrunConnection(Host("h2"), proc)
+        conn.wait(5)
+        conn.stderr_tail(wait=5)
+        return conn
+
+    cancelled = connection("slurmstepd: error: *** STEP 5.2 ON h2 CANCELLED AT 2026-11-24T12:18:30 ***")
+    assert cancelled.cancelled_by_scheduler() == "Slurm cancelled its step (STEP 5.2 ON h2 CANCELLED AT 2026-11-24T12:18:30)"
+    assert connection("srun: error: h2: task 0: Killed").cancelled_by_scheduler() is None

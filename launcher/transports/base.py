@@ -50,6 +50,10 @@ class AgentConnection(abc.ABC):
         finally:
             self._stderr_done.set()
 
+    def cancelled_by_scheduler(self) -> str | None:
+        """Why the scheduler ended this agent (e.g. scancel), if it did; None for SSH and local."""
+        return None
+
     def stderr_tail(self, wait: float = 0.5) -> list[str]:
         """The agent's last stderr lines (what it said before dying)."""
         self._stderr_done.wait(wait)

@@ -32,6 +32,17 @@ from .base import AgentConnection, Transport, TransportError
 from .local import ProcessConnection
 
 
+class SrunConnection(ProcessConnection):
+    """An agent behind srun; slurmstepd says on its stderr when Slurm cancelled the step."""
+
+    def cancelled_by_scheduler(self) -> str | None:
+        for line in self.stderr_tail(wait=0):
+            found = re.search(r"\*\*\* (.* CANCELLED AT .*?) \*\*\*", line)  # slurmstepd: error: *** STEP 12.3 ON n2 CANCELLED AT ... ***
+            if found:
+                return f"Slurm cancelled its step ({found.group(1)})"
+        return None
+
+
 class SlurmTransport(Transport):
     name = "slurm"
 
@@ -62,7 +73,7 @@ class SlurmTransport(Transport):
             )
         except OSError as exc:
             raise TransportError(f"{host.label}: cannot run srun: {exc.strerror or exc}") from None
-        return ProcessConnection(host, popen)
+        return SrunConnection(host, popen)
 
     def reached_address(self, host: Host) -> str | None:
         """The node's NodeAddr in Slurm's config (resolved), which its ranks then verify is local."""
