@@ -234,6 +234,11 @@ def build(
         )
     if options.head_command and not options.command:
         raise PlanError("a head command needs a command for the other hosts too: launcher run --head-command '...' -- CMD ...")
+    if options.per_host and not options.command:
+        raise PlanError(
+            "--per-host applies to a command that serves all of a host's DP ranks (vllm serve --data-parallel-size-local "
+            "{local_size}); the built-in engine core runs one process per rank: drop --per-host or give -- CMD"
+        )
     policy = envpolicy.EnvPolicy(include=tuple(options.env_include))
 
     host_plans, rank = [], 0
