@@ -24,3 +24,10 @@ def test_usage_errors_lead_with_one_line(tmp_path, args, first_line):
     assert done.returncode == 2
     assert done.stderr.splitlines()[0].startswith(first_line), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_hostfile_error_is_exactly_one_line(tmp_path):
+    hf = write_hostfile(tmp_path, "localhost slots=0\n")
+    done = subprocess.run(launcher_cmd("check", "-H", hf), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"launcher: error: {hf}:1: slots must be at least 1, got 0 (line: 'localhost slots=0')"]

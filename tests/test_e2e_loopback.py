@@ -128,9 +128,3 @@ def test_python_api_returns_per_rank_results(port_base):
     ]
     assert all(r.exit_code == 0 and r.pid and 0 <= r.started_at <= r.ready_at <= r.ended_at for r in result.ranks)
 
-
-def test_usage_errors_are_one_line_with_exit_2(tmp_path):
-    hf = write_hostfile(tmp_path, "localhost slots=0\n")
-    done = subprocess.run(launcher_cmd("check", "-H", hf), capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"launcher: error: {hf}:1: slots must be at least 1, got 0 (line: 'localhost slots=0')"]
