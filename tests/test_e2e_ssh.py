@@ -266,3 +266,19 @@ def test_a_sigkilled_agent_leaves_nothing_its_ranks_detached(hosts, tmp_path):
     assert any(line.startswith("launcher: FAILED: host h2 lost: its agent ended") for line in run.stderr)
     assert any(f"swept 1 processes this job left on h2 (pids {detached[0]})" in line for line in run.stderr), run.stderr[-5:]
     # ...and the `hosts` fixture checks that h1 and h2 hold nothing but their sshd.
+
+
+# A rank that ignores SIGTERM and leaves two grandchildren, one in its own session.
+STUBBORN = "trap '' TERM; setsid sleep 1000 & sleep 1000 & echo up; wait"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
+def test_a_signalled_head_leaves_nothing_on_any_host_even_stubborn_ranks(hosts, tmp_path, signum, code):
+    run = RunningLauncher(["-H", write_hostfile(tmp_path, hosts.hostfile(slots=1)), *hosts.ssh_args(), "--grace", "1",
+                           "--ready-log", "^up$", "--", "sh", "-c", STUBBORN])
+    run.ready_rows(3)
+    assert all(len(hosts.host(h).pids()) >= 5 for h in ("h1", "h2", "h3"))  # sshd, session, agent, rank, 2 grandchildren
+    run.proc.send_signal(signum)
+    assert run.finish() == code
+    # Within the grace period and 2 s, every host holds nothing but its sshd (SIGKILL: the agents see EOF).
+    assert wait_for(lambda: not hosts.stray_pids(), timeout=1 + 2), hosts.stray_pids()
