@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import shlex
@@ -47,6 +48,13 @@ def _number(convert, what: str, ok, bound: str):
     return parse
 
 
+def _network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a network like 10.0.0.0/8 or fd00::/64") from None
+
+
 _port = _number(int, "a port number", lambda v: 1 <= v <= 65535, "is not a TCP port (1..65535)")
 _positive = _number(int, "a whole number", lambda v: v >= 1, "must be at least 1")
 _seconds = _number(float, "a number of seconds", lambda v: v > 0, "must be more than 0 seconds")
@@ -75,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = plan_common.add_argument_group("job")
     g.add_argument("--port-base", type=_port, help="side-channel port base; rank R binds base+R (default: $VLLM_NIXL_SIDE_CHANNEL_PORT or 5600)")
     g.add_argument("--env", "-e", type=_env_pair, action="append", default=[], metavar="NAME=VALUE", help="set a variable in every rank; NAME alone copies this environment's value, keeping secrets out of ps (repeatable)")
+    g.add_argument("--ifname", metavar="SPEC", help="bind-address interface for hosts whose line sets none: eth, =eth0, ^docker,lo (NCCL_SOCKET_IFNAME syntax)")
+    g.add_argument("--cidr", type=_network, metavar="NET", help="bind-address network for hosts whose line sets none, e.g. 10.1.0.0/16")
     g.add_argument("--env-include", action="append", default=[], metavar="PATTERN", help="also copy head variables matching NAME, PREFIX_ or a glob (repeatable)")
     c = plan_common.add_argument_group(
         "user command (after --; without one, the built-in engine core runs)",
@@ -128,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             command=tuple(args.command_argv),
             head_command=tuple(shlex.split(args.head_command)) if args.head_command else (),
             per_host=args.per_host,
+            ifname=args.ifname,
+            cidr=args.cidr,
             rpc_port=args.rpc_port,
             **({} if args.command == "plan" else dict(
                 ready_timeout=args.ready_timeout, grace=args.grace, heartbeat_timeout=args.heartbeat_timeout,

@@ -154,6 +154,8 @@ class LaunchOptions:
     rpc_port: int = DEFAULT_RPC_PORT
     readiness: Readiness | None = None  # None: `report` for the built-in core, `ports` for a command
     strict_versions: bool = False  # different launcher/Python/vLLM versions across hosts fail the job (preflight)
+    ifname: str | None = None  # --ifname: for every host whose line gives none (Slurm nodes have no line)
+    cidr: str | None = None  # --cidr: likewise
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,7 @@ def build(
     """Assign ranks to hosts in hostfile order and compute every rank's env."""
     if not hosts:
         raise PlanError("no hosts to launch on: the hostfile lists none; add a line such as 'localhost slots=2'")
+    hosts = [replace(h, ifname=h.ifname or options.ifname, cidr=h.cidr or options.cidr) for h in hosts]
     _check_job_env(options.env)
     for host in hosts:
         _check_host_env(host)

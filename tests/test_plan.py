@@ -141,3 +141,10 @@ def test_the_auto_transport_follows_where_the_hosts_are():
     assert default_transport(remote, {**allocation, "SLURM_JOB_NODELIST": "n[2-3]"}) == "ssh"
     assert default_transport(remote, {}) == "ssh"
     assert default_transport(plan.build([Host("localhost")], LaunchOptions(), {}, "j"), allocation) == "local"
+
+
+def test_job_wide_bind_selectors_fill_in_for_hosts_without_their_own():
+    options = LaunchOptions(ifname="ib", cidr="10.1.0.0/16")
+    p = plan.build([Host("a", ifname="eth1"), Host("b")], options, {}, "j")  # Slurm nodes look like "b": no line of their own
+    assert [(h.host.ifname, h.host.cidr) for h in p.hosts] == [("eth1", "10.1.0.0/16"), ("ib", "10.1.0.0/16")]
+    assert p.ranks[1].env["LAUNCHER_BIND_IFNAME"] == "ib"
