@@ -8,6 +8,10 @@ host's address.
     plan = launcher.plan_job(launcher.hostfile.read("hostfile"))
     result = launcher.launch(plan, check=launcher.CheckOptions())
     assert result.ok, result.failure.message
+
+A user command instead of the built-in engine core::
+
+    options = launcher.LaunchOptions(command=("vllm", "serve", "M", "--headless", ...), per_host=True)
 """
 
 __version__ = "0.1.0"
@@ -15,10 +19,10 @@ __version__ = "0.1.0"
 from . import hostfile  # noqa: E402
 from .api import launch, plan_job  # noqa: E402
 from .check import CheckOptions  # noqa: E402
-from .plan import Host, LaunchOptions, LaunchPlan, RankSpec  # noqa: E402
+from .plan import Host, LaunchOptions, LaunchPlan, RankSpec, Readiness  # noqa: E402
 from .supervisor import LaunchResult, RankResult  # noqa: E402
 
 __all__ = [
-    "CheckOptions", "Host", "LaunchOptions", "LaunchPlan", "LaunchResult", "RankResult", "RankSpec",
+    "CheckOptions", "Host", "LaunchOptions", "LaunchPlan", "LaunchResult", "RankResult", "RankSpec", "Readiness",
     "hostfile", "launch", "plan_job",
 ]
