@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             env=tuple(args.env),
             env_include=tuple(args.env_include),
             command=tuple(args.command_argv),
-            head_command=tuple(shlex.split(args.head_command)) if args.head_command else (),
+            head_command=_head_command(args.head_command),
             per_host=args.per_host,
             ifname=args.ifname,
             cidr=args.cidr,
@@ -165,10 +165,21 @@ def _hosts(args) -> list:
     return hostfile.read(args.hostfile or DEFAULT_HOSTFILE)
 
 
+def _head_command(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as exc:
+        raise PlanError(f"--head-command is not one shell-quoted command ({exc}): {text!r}") from None
+
+
 def _readiness(args) -> Readiness | None:
     if args.ready_port:
         return Readiness("port", port=args.ready_port)
     if args.ready_url:
+        if not args.ready_url.startswith(("http://", "https://")):
+            raise PlanError(f"--ready-url {args.ready_url!r} is not an http(s) URL; for example http://{{host_ip}}:8000/health")
         return Readiness("url", url=args.ready_url)
     if args.ready_log:
         try:
