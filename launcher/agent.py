@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from . import __version__, envpolicy, netif, protocol
-from .plan import render_template
+from .command import render_template
 from .sidechannel import HandshakeError, compatibility_hash, handshake, tcp_probe
 
 PR_SET_PDEATHSIG = 1

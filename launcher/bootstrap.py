@@ -24,7 +24,7 @@ import os
 import sys
 
 from . import netif, protocol
-from .plan import render_template
+from .command import render_template
 
 EXIT_BAD_ADDRESS = 2
 EXIT_NOT_FOUND = 127

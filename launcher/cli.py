@@ -14,7 +14,8 @@ import threading
 from . import __version__, hostfile, report, transports
 from .api import default_transport, launch, plan_job
 from .check import CheckOptions
-from .plan import PLACEHOLDERS, LaunchOptions, PlanError, Readiness
+from .command import PLACEHOLDERS
+from .plan import LaunchOptions, PlanError, Readiness
 from .sidechannel import WIRES
 from .supervisor import EXIT_USAGE, LaunchResult
 

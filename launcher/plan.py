@@ -9,72 +9,19 @@ environment into a frozen ``LaunchPlan`` that the supervisor executes and that
 from __future__ import annotations
 
 import ipaddress
-import json
-import re
-import shlex
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from . import envpolicy
+from .command import BOOTSTRAP, BUILTIN_ENGINE, RUNTIME_PLACEHOLDERS, CommandError, kv_transfer_engine_id, render_template, user_command
 
 DEFAULT_PORT_BASE = 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default
 DEFAULT_RPC_PORT = 13345  # the --data-parallel-rpc-port of vLLM's multi-node examples
-BUILTIN_ENGINE = ("{python}", "-m", "launcher.engine_core")
-BOOTSTRAP = ("{python}", "-m", "launcher.bootstrap", "--")
-
-# Placeholders a user command may use. The head fills in all but the runtime
-# ones, which only the host knows: ``launcher.bootstrap`` fills those in.
-PLACEHOLDERS: Mapping[str, str] = {
-    "rank": "the process's first data-parallel rank",
-    "local_rank": "its index on its host (0 in --per-host mode)",
-    "local_size": "data-parallel ranks on its host",
-    "world_size": "data-parallel ranks in the job",
-    "host": "the host's name as the hostfile gives it",
-    "host_index": "the host's line in the hostfile, from 0",
-    "host_first_rank": "the first data-parallel rank on its host",
-    "port": "its side-channel port (base + rank)",
-    "port_base": "VLLM_NIXL_SIDE_CHANNEL_PORT, one value per job",
-    "rpc_port": "the data-parallel RPC port (--rpc-port)",
-    "job_id": "the launcher's job id",
-    "host_ip": "the host's own address, detected on the host",
-    "head_ip": "the first host's own address, detected on that host",
-}
-RUNTIME_PLACEHOLDERS = frozenset({"host_ip", "head_ip"})
-_PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}|\{([a-z_]+)\}")
-
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
 
 class PlanError(ValueError):
     """A launch that cannot be planned; the message names the culprit and the fix."""
-
-
-def render_template(
-    args: Sequence[str], values: Mapping[str, str], *, leave: frozenset[str] = frozenset(), strict: bool = True
-) -> tuple[str, ...]:
-    """Fill ``{name}`` placeholders; ``{{name}}`` is a literal ``{name}``.
-
-    Only ``{lowercase_name}`` is a placeholder, so JSON such as
-    ``{"kv_connector": "NixlConnector"}`` passes through untouched. Names in
-    ``leave`` stay as they are, for a later stage to fill; with ``strict``
-    off, so does any name not in ``values``.
-    """
-
-    def fill(match: re.Match, index: int) -> str:
-        if match.group(1):
-            return match.group(0) if match.group(1) in leave else "{" + match.group(1) + "}"
-        name = match.group(2)
-        if name in values:
-            return values[name]
-        if name in leave or not strict:
-            return match.group(0)
-        known = " ".join("{" + n + "}" for n in PLACEHOLDERS)
-        raise PlanError(
-            f"unknown placeholder {{{name}}} in argument {index} of the command ({args[index]!r}); "
-            f"known: {known}; write {{{{{name}}}}} for a literal {{{name}}}"
-        )
-
-    return tuple(_PLACEHOLDER.sub(lambda m: fill(m, i), a) for i, a in enumerate(args))
 
 
 @dataclass(frozen=True)
@@ -326,20 +273,20 @@ def _argv(options: LaunchOptions, host_index: int, values: Mapping[str, str]) ->
     if not options.command:
         return BUILTIN_ENGINE
     command = options.head_command if options.head_command and host_index == 0 else options.command
-    return BOOTSTRAP + render_template(command, values, leave=RUNTIME_PLACEHOLDERS)
-
-
-def user_command(argv: Sequence[str]) -> tuple[str, ...]:
-    """The user's part of a process's argv (what follows the bootstrap)."""
-    argv = tuple(argv)
-    return argv[len(BOOTSTRAP):] if argv[: len(BOOTSTRAP)] == BOOTSTRAP else argv
+    try:
+        return BOOTSTRAP + render_template(command, values, leave=RUNTIME_PLACEHOLDERS)
+    except CommandError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def _check_engine_ids(processes: Sequence[RankSpec]) -> None:
     """Two processes with one kv-transfer engine_id fail vLLM's handshake ("engine ID mismatch")."""
     seen: dict[str, RankSpec] = {}
     for spec in processes:
-        engine_id = kv_transfer_engine_id(user_command(spec.argv))
+        try:
+            engine_id = kv_transfer_engine_id(user_command(spec.argv))
+        except CommandError as exc:
+            raise PlanError(str(exc)) from None
         if engine_id is None:
             continue
         other = seen.setdefault(engine_id, spec)
@@ -350,24 +297,6 @@ def _check_engine_ids(processes: Sequence[RankSpec]) -> None:
                 f"NIXL peers then refuse each other (engine ID mismatch): make it unique, e.g. \"engine_id\": \"prefill-{{host}}-{{rank}}\", "
                 f"or leave it out and let vLLM generate one"
             )
-
-
-def kv_transfer_engine_id(args: Sequence[str]) -> str | None:
-    """The engine_id in a ``--kv-transfer-config`` JSON argument, if any."""
-    for i, arg in enumerate(args):
-        if arg == "--kv-transfer-config" and i + 1 < len(args):
-            text = args[i + 1]
-        elif arg.startswith("--kv-transfer-config="):
-            text = arg.partition("=")[2]
-        else:
-            continue
-        try:
-            config = json.loads(text)
-        except ValueError:
-            raise PlanError(f"--kv-transfer-config is not valid JSON: {text!r}; quote it as one shell word") from None
-        if isinstance(config, dict) and config.get("engine_id") is not None:
-            return str(config["engine_id"])
-    return None
 
 
 def _check_side_channel_hosts(hosts: Sequence[Host]) -> None:
@@ -443,8 +372,3 @@ def _compile_hash_warnings(hosts: Sequence[Host]) -> list[str]:
         for name in names
         if len({dict(h.env).get(name) for h in hosts}) > 1
     ]
-
-
-def render_argv(argv: Sequence[str], python: str) -> str:
-    """The command as a shell would show it, with ``{python}`` filled in."""
-    return shlex.join(python if a == "{python}" else a for a in argv)

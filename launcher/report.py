@@ -8,7 +8,8 @@ from typing import Iterable, Sequence, TextIO
 
 from . import envpolicy
 from .check import CheckMatrix, render_matrix
-from .plan import Host, LaunchPlan, RankSpec, render_argv, user_command
+from .command import render_argv, user_command
+from .plan import Host, LaunchPlan, RankSpec
 
 
 def rank_span(spec: RankSpec) -> tuple[str, str]:

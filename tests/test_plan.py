@@ -48,10 +48,8 @@ def test_a_hashed_vllm_variable_that_differs_per_host_warns():
 
 # --- user commands -----------------------------------------------------------
 
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from launcher.plan import Readiness, kv_transfer_engine_id, render_template, user_command  # noqa: E402
+from launcher.command import kv_transfer_engine_id, user_command  # noqa: E402
+from launcher.plan import Readiness  # noqa: E402
 
 VLLM_DP = (
     "vllm", "serve", "M", "--data-parallel-size", "{world_size}", "--data-parallel-size-local", "{local_size}",
@@ -79,19 +77,6 @@ def test_the_head_command_runs_on_the_first_host_only():
     options = LaunchOptions(command=VLLM_DP, head_command=VLLM_DP[:-1], per_host=True)
     argvs = [user_command(r.argv) for r in plan.build(HOSTS, options, {}, "j").ranks]
     assert "--headless" not in argvs[0] and all(a[-1] == "--headless" for a in argvs[1:])
-
-
-def test_placeholders_leave_json_and_escaped_braces_alone():
-    values = {"rank": "3", "host": "h2"}
-    args = ['{"kv_connector":"NixlConnector"}', "{{rank}}", "r{rank}-{host}", "{ rank }", "{host_ip}"]
-    assert render_template(args, values, leave=frozenset({"host_ip"})) == (
-        '{"kv_connector":"NixlConnector"}', "{rank}", "r3-h2", "{ rank }", "{host_ip}",
-    )
-
-
-@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="{}"))))
-def test_arguments_without_braces_pass_through_verbatim(args):
-    assert render_template(args, {"rank": "0"}) == tuple(args)
 
 
 @pytest.mark.parametrize(
