@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
-            print(f"zmq.error.ZMQError: {exc.strerror} (addr='{endpoint}')", file=sys.stderr, flush=True)
+            print(f"zmq.error.ZMQError: {exc}", file=sys.stderr, flush=True)  # the last line of vLLM's traceback
             return 1
         threading.Thread(target=serve_side_channel, args=(sock, f"{engine}_dp{dp}"), daemon=True).start()
         print(f"standin: side channel for DP rank {dp} at {endpoint}", flush=True)

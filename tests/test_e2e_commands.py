@@ -157,3 +157,15 @@ def test_preflight_refuses_hosts_that_run_different_python_versions(tmp_path, po
     first = failed_line(done.stderr)
     assert first.startswith("hosts run different Python versions: ") and "3.9.0 on 127.0.0.1" in first
     assert first.endswith("install one version everywhere") and "standin:" not in done.stdout
+
+
+def test_a_vllm_that_cannot_bind_its_side_channel_fails_the_job_with_vllms_own_words(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    with socket.socket() as busy:  # another instance's side channel, say
+        busy.bind(("127.0.0.1", port_base + 1))
+        busy.listen()
+        done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--per-host", "--", *standin(*DP_ARGS, "--headless"))
+    assert done.returncode == 1, done.stderr
+    assert failed_line(done.stderr) == (
+        f"rank 0 on localhost exited with code 1; last output: zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:{port_base + 1}')"
+    )
