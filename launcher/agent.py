@@ -81,7 +81,7 @@ class Agent:
         self._stop = threading.Event()
         self.last_heard = time.monotonic()
         self.reached = spec.reached_address or netif.ssh_server_address(os.environ)
-        self.base_env = envpolicy.strip_worker_specific(os.environ)
+        self.base_env = envpolicy.host_environment(os.environ)
         self._ready_pattern = re.compile(spec.readiness.pattern) if spec.readiness.kind == "log" else None
         self._ready_lock = threading.Lock()
 

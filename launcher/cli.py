@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--accept-new-host-keys", action="store_true", help="trust and record keys of hosts not in known_hosts (changed keys are always refused)")
     s.add_argument("--identity", "-i", action="append", default=[], metavar="KEYFILE", help="private key to try (repeatable)")
     s.add_argument("--connect-timeout", type=_seconds, default=10.0, help="seconds to connect to each host (default 10)")
+    sl = run_common.add_argument_group("slurm")
+    sl.add_argument("--srun-arg", action="append", default=[], metavar="ARG", help="extra srun option for the agents' steps, e.g. --srun-arg=--gpus-per-node=8 (repeatable)")
 
     sub.add_parser("hosts", parents=[hosts_common], help="print the parsed hostfile")
     sub.add_parser("plan", parents=[plan_common], help="dry run: per rank, host, port, command and environment (secrets masked)")
@@ -202,6 +204,8 @@ def _transport(args, plan) -> transports.Transport:
             identities=tuple(args.identity),
             connect_timeout=args.connect_timeout,
         )
+    if name == "slurm":
+        return transports.get("slurm", extra_args=tuple(args.srun_arg))
     return transports.get(name)
 
 

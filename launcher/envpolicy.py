@@ -166,11 +166,25 @@ def rank_environment(
     return EnvReport(env=env, copied=copied, dropped=dropped, set=sources)
 
 
-def strip_worker_specific(env: Mapping[str, str]) -> dict[str, str]:
-    """A host's own environment without worker-specific or launcher names.
+DEVICE_VISIBILITY = frozenset(name for name, why in WORKER_SPECIFIC.items() if why == _DEVICES)
 
-    The agent applies this to the environment it was started with (an SSH
-    login, ``srun --export=ALL``, a local subprocess) before adding the plan's
-    values, so a value leaked from the head by any path cannot reach a rank.
+
+def without_worker_specific(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` minus every worker-specific name: what a transport may carry from the head to a host."""
+    return {k: v for k, v in env.items() if k not in WORKER_SPECIFIC}
+
+
+def host_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment an agent was started with, as the base of its ranks'.
+
+    Worker-specific and launcher names are dropped, so nothing the head
+    leaked by any path reaches a rank; except device visibility, which the
+    host itself set: SSH never forwards the head's environment, the local
+    transport passes a login-like set, and the Slurm transport starts srun
+    without the head's worker-specific values, so a ``CUDA_VISIBLE_DEVICES``
+    found here is Slurm's choice for this node's step (or the host's profile).
     """
-    return {k: v for k, v in env.items() if k not in WORKER_SPECIFIC and not k.startswith(LAUNCHER_PREFIX)}
+    return {
+        k: v for k, v in env.items()
+        if (k not in WORKER_SPECIFIC or (k in DEVICE_VISIBILITY and v)) and not k.startswith(LAUNCHER_PREFIX)
+    }

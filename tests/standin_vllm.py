@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         "dp_size": size, "dp_ranks": ranks, "side_channel_host": host, "side_channel_port": base,
         "vllm_host_ip": env.get("VLLM_HOST_IP"), "headless": args.headless, "tags": args.tag,
         "launcher_vars": sorted(k for k in env if k.startswith("LAUNCHER_")),
-        "env": {k: v for k, v in env.items() if k.startswith(("VLLM_", "STANDIN_", "HF_"))},
+        "env": {k: v for k, v in env.items() if k.startswith(("VLLM_", "STANDIN_", "HF_", "CUDA_"))},
     }
     print("standin: " + json.dumps(seen), flush=True)
     time.sleep(float(env.get("STANDIN_DELAY", "0")))

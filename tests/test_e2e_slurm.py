@@ -85,7 +85,7 @@ def test_vllm_dp_batch_script_serves_until_scancel_and_leaves_nothing(slurm, hos
         own = slurm.hosts.host(host).address
         assert (got["side_channel_host"], got["vllm_host_ip"]) == (own, own)
         assert got["argv"][got["argv"].index("--data-parallel-address") + 1] == slurm.hosts.host("h1").address
-        assert got["headless"] == (host != "h1") and "VLLM_DP_RANK" not in got["env"]
+        assert got["headless"] == (host != "h1") and "VLLM_DP_RANK" not in got["env"] and "CUDA_VISIBLE_DEVICES" not in got["env"]
     assert {host: got["dp_ranks"] for host, got in seen.items()} == {"h1": [0, 1], "h2": [2, 3], "h3": [4, 5]}
     # The `hosts` fixture then checks every node holds nothing but its sshd and slurmd.
 
@@ -125,3 +125,14 @@ def test_a_step_slurm_cancelled_is_told_apart_from_a_lost_agent():
     cancelled = connection("slurmstepd: error: *** STEP 5.2 ON h2 CANCELLED AT 2026-11-24T12:18:30 ***")
     assert cancelled.cancelled_by_scheduler() == "Slurm cancelled its step (STEP 5.2 ON h2 CANCELLED AT 2026-11-24T12:18:30)"
     assert connection("srun: error: h2: task 0: Killed").cancelled_by_scheduler() is None
+
+
+def test_srun_gets_the_extra_options_and_none_of_the_heads_worker_specific_values():
+    from launcher.plan import Host
+    from launcher.transports.slurm import SlurmTransport
+
+    head_env = {"SLURM_JOB_ID": "7", "PATH": os.environ["PATH"], "CUDA_VISIBLE_DEVICES": "0", "VLLM_HOST_IP": HEAD, "HF_HOME": "/h"}
+    transport = SlurmTransport(env=head_env, extra_args=("--gpus-per-node=8",))
+    argv = transport.command(Host("n2", cwd="/srv"))
+    assert "--nodelist=n2" in argv and argv[-5:] == ["--chdir=/srv", "--gpus-per-node=8", sys.executable, "-m", "launcher.agent"]
+    assert transport.srun_environment() == {"SLURM_JOB_ID": "7", "PATH": os.environ["PATH"], "HF_HOME": "/h"}

@@ -52,9 +52,10 @@ def test_plain_values_are_shown():
     assert envpolicy.masked("NCCL_DEBUG", "INFO") == "INFO"
 
 
-def test_agent_strips_worker_specific_names_from_the_hosts_own_environment():
-    stripped = envpolicy.strip_worker_specific({**SEED_LEAK, "PATH": "/bin", "LAUNCHER_X": "1"})
-    assert stripped == {"PATH": "/bin"}
+def test_agent_strips_worker_specific_names_from_the_hosts_own_environment_but_its_devices():
+    stripped = envpolicy.host_environment({**SEED_LEAK, "PATH": "/bin", "LAUNCHER_X": "1", "ROCR_VISIBLE_DEVICES": ""})
+    # The device list is the host's own (Slurm's per-node choice, the host's profile): transports never carry the head's.
+    assert stripped == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"}
 
 
 names = st.sampled_from(

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 
+from .. import envpolicy
 from ..plan import Host
 from .base import AgentConnection, Transport, TransportError
 from .local import ProcessConnection
@@ -65,11 +66,21 @@ class SlurmTransport(Transport):
             python, "-m", "launcher.agent",
         ]
 
+    def srun_environment(self) -> dict[str, str]:
+        """srun's own environment, which it exports to the step (``--export=ALL``, as Slurm users expect).
+
+        Without the head's worker-specific values, so that what the agent finds
+        on the node, such as the ``CUDA_VISIBLE_DEVICES`` Slurm sets for a step
+        holding GPUs (``--srun-arg=--gpus-per-node=8``), is the node's own.
+        (``--export=ALL,NAME=`` does not unset NAME inside a batch job.)
+        """
+        return envpolicy.without_worker_specific(self.env)
+
     def start(self, host: Host) -> AgentConnection:
         try:
             popen = subprocess.Popen(
                 self.command(host), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=self.env, start_new_session=True,
+                env=self.srun_environment(), start_new_session=True,
             )
         except OSError as exc:
             raise TransportError(f"{host.label}: cannot run srun: {exc.strerror or exc}") from None
