@@ -27,7 +27,7 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
 
 
 class ConsoleReporter(Reporter):
-    """Progress on stderr, ``[rN host]``-prefixed output, and optionally a log file per rank."""
+    """Progress on stderr, ``[rN host]``-prefixed output (``[r0-7 host]`` per host), and optionally a log file per rank."""
 
     def __init__(self, out: TextIO | None = None, err: TextIO | None = None, quiet_output: bool = False, log_dir: str | None = None):
         self.out = out or sys.stdout
@@ -54,7 +54,7 @@ class ConsoleReporter(Reporter):
             print(line, file=log, flush=True)
         if not self.quiet_output:
             target = self.err if stream == "stderr" else self.out
-            print(f"[r{rank.spec.rank} {rank.spec.host}] {line}", file=target, flush=True)
+            print(f"[r{rank_span(rank.spec)[0]} {rank.spec.host}] {line}", file=target, flush=True)
 
     def ready(self, ranks: list[RankState]) -> None:
         rows = [("RANK", "HOST", "ADDRESS", "PORT", "PID", "STATE", "ADDRESS RULE")]

@@ -160,7 +160,7 @@ def standin_reports(lines):
     """What each stand-in saw, keyed by the host it ran on (from its `standin:` JSON line)."""
     found = {}
     for line in lines:
-        m = re.match(r"^\[r(\d+) (\S+)\] standin: (\{.*)$", line)
+        m = re.match(r"^\[r(\d+)(?:-\d+)? (\S+)\] standin: (\{.*)$", line)
         if m:
             found[(int(m.group(1)), m.group(2))] = json.loads(m.group(3))
     return found

@@ -50,6 +50,7 @@ def test_per_host_vllm_dp_binds_its_own_address_and_gets_every_argument_verbatim
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish() == 143
 
+    assert any(line.startswith("[r0-1 localhost] standin: ") for line in run.stdout)  # the process serves DP ranks 0-1
     seen = standin_reports(run.stdout)[(0, "localhost")]
     assert seen["tags"] == [t.replace("{{rank}}", "{rank}") for t in tags] and not pwned.exists()
     assert seen["argv"][seen["argv"].index("--data-parallel-address") + 1] == "127.0.0.1"

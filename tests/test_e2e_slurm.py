@@ -51,7 +51,7 @@ class Job:
 
     def standins(self) -> dict[str, dict]:
         """What the stand-in vLLM saw on each node."""
-        return {host: json.loads(body) for host, body in re.findall(r"^\[r\d+ (\S+)\] standin: (\{.*)$", self.text(), re.M)}
+        return {host: json.loads(body) for host, body in re.findall(r"^\[r[\d-]+ (\S+)\] standin: (\{.*)$", self.text(), re.M)}
 
 
 def test_the_example_batch_script_checks_all_pairs_green_and_drops_the_heads_variables(slurm, hosts, tmp_path):
