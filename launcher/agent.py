@@ -79,6 +79,7 @@ class Agent:
         self.stop_reason: str | None = None
         self.stop_signal = 0
         self._stop = threading.Event()
+        self._kill_now = threading.Event()  # the head asked again: no more grace
         self.last_heard = time.monotonic()
         self.reached = spec.reached_address or netif.ssh_server_address(os.environ)
         self.base_env = envpolicy.host_environment(os.environ)
@@ -236,6 +237,8 @@ class Agent:
                 continue
             if isinstance(message, protocol.Stop):
                 self.request_stop(message.reason or "stopped by the head")
+                if message.now:
+                    self._kill_now.set()
             elif isinstance(message, protocol.Check):
                 _thread(self._run_check, message)
         self.request_stop("the head closed the connection (stdin EOF)")
@@ -298,20 +301,24 @@ class Agent:
 
     def shutdown(self) -> None:
         """SIGTERM every rank's group and descendant, SIGKILL after the grace period."""
-        terminate_tree([rp.popen for rp in self.ranks], self.spec.grace)
+        terminate_tree([rp.popen for rp in self.ranks], self.spec.grace, hurry=self._kill_now)
         self._report_exits()
 
 
-def terminate_tree(popens: list[subprocess.Popen], grace: float) -> None:
-    """Stop these processes, their groups and every descendant of this process."""
+def terminate_tree(popens: list[subprocess.Popen], grace: float, hurry: threading.Event | None = None) -> None:
+    """Stop these processes, their groups and every descendant of this process.
+
+    SIGTERM, then SIGKILL after ``grace`` seconds, or as soon as ``hurry`` is set.
+    """
     me = psutil.Process()
+    hurry = hurry or threading.Event()
     _signal_all(popens, me, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not hurry.is_set():
         _reap_orphans(popens, me)
         if all(p.poll() is not None for p in popens) and not me.children(recursive=True):
             return
-        time.sleep(0.05)
+        hurry.wait(0.05)
     _signal_all(popens, me, signal.SIGKILL)
     for p in popens:
         p.wait()

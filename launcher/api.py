@@ -50,12 +50,14 @@ def launch(
     stop: threading.Event | None = None,
     reporter: Reporter | None = None,
     preflight: bool = False,
+    hurry: threading.Event | None = None,
 ) -> LaunchResult:
     """Start every rank, wait until all are ready, then check and/or serve, then stop.
 
     ``check``: run the all-pairs handshake once ready. ``serve``: keep running
     until ``stop`` is set or a rank fails. With neither, stop as soon as every
-    rank is ready. Setting ``stop`` ends any phase. Every process is stopped
+    rank is ready. Setting ``stop`` ends any phase; setting ``hurry`` while
+    stopping SIGKILLs the ranks without waiting out the grace period. Every process is stopped
     before this returns, also when it raises. ``preflight``: first run the
     built-in engine core on the same hosts and ports with the all-pairs check
     (``plan.preflight_plan``); if that fails, its result is returned and the
@@ -65,12 +67,12 @@ def launch(
     if preflight:
         if reporter is not None:
             reporter.progress("preflight: built-in engine cores on the same hosts, addresses and ports")
-        result = launch(planmod.preflight_plan(plan), transport, check=CheckOptions(), stop=stop, reporter=reporter)
+        result = launch(planmod.preflight_plan(plan), transport, check=CheckOptions(), stop=stop, reporter=reporter, hurry=hurry)
         if not result.ok or (stop is not None and stop.is_set()):
             return result
         if reporter is not None:
             reporter.progress("preflight passed")
-    supervisor = Supervisor(plan, transport, reporter, stop)
+    supervisor = Supervisor(plan, transport, reporter, stop, hurry)
     try:
         supervisor.start()
         if supervisor.wait_ready():

@@ -210,12 +210,16 @@ def _transport(args, plan) -> transports.Transport:
 
 
 def _launch(args, plan, transport) -> int:
-    stop = threading.Event()
+    stop, hurry = threading.Event(), threading.Event()
     received: list[int] = []
 
     def on_signal(signum, _frame):
         received.append(signum)
-        stop.set()
+        if stop.is_set():
+            hurry.set()  # asked twice: no more grace
+        else:
+            stop.set()
+            print(f"launcher: {signal.Signals(signum).name}: stopping every rank (again to kill at once)", file=sys.stderr, flush=True)
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
@@ -228,7 +232,7 @@ def _launch(args, plan, transport) -> int:
     try:
         result = launch(
             plan, transport, check=check, serve=args.command == "run", stop=stop, reporter=reporter,
-            preflight=getattr(args, "preflight", False),
+            preflight=getattr(args, "preflight", False), hurry=hurry,
         )
     finally:
         reporter.close()

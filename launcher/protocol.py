@@ -79,6 +79,7 @@ class Check(_Msg):
 
 class Stop(_Msg):
     reason: str = ""
+    now: bool = False  # skip the rest of the grace period: SIGKILL at once (a second Ctrl-C)
 
 
 # --- agent/rank -> head --------------------------------------------------------

@@ -120,9 +120,13 @@ class _HostLink:
 
 
 class Supervisor:
-    def __init__(self, plan: LaunchPlan, transport: Transport, reporter: Reporter | None = None, stop: threading.Event | None = None):
+    def __init__(
+        self, plan: LaunchPlan, transport: Transport, reporter: Reporter | None = None,
+        stop: threading.Event | None = None, hurry: threading.Event | None = None,
+    ):
         self.plan, self.transport = plan, transport
         self.stop_requested = stop or threading.Event()  # set from anywhere (a signal handler) to end any phase
+        self.hurry = hurry or threading.Event()  # set while stopping: SIGKILL now instead of waiting out the grace
         self.reporter = reporter or Reporter()
         self.ranks = {r.rank: RankState(r) for r in plan.ranks}
         self.links = [_HostLink(h) for h in plan.hosts]
@@ -192,9 +196,15 @@ class Supervisor:
         self.reporter.progress(f"stopping: {reason}")
         for link in self.links:
             self._send(link, protocol.Stop(reason=reason))
+        deadline = time.monotonic() + self.plan.options.grace + 5.0
+        self._pump(lambda: self._all_ended() or self.hurry.is_set(), deadline)
+        if self.hurry.is_set() and not self._all_ended():
+            self.reporter.progress("killing every rank now (SIGKILL)")
+            for link in self.links:
+                self._send(link, protocol.Stop(reason="killed at the user's request", now=True))
+            self._pump(self._all_ended, deadline)
+        for link in self.links:  # stdin EOF after what is queued: the agent's last word
             link.outbox.put(_CLOSE)
-        grace = self.plan.options.grace
-        self._pump(self._all_ended, time.monotonic() + grace + 5.0)
         for link in self.links:
             if link.conn is not None and link.conn.wait(0 if link.gone else 2.0) is None:
                 link.conn.terminate()

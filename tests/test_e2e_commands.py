@@ -4,12 +4,13 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import sys
 
 import psutil
 import pytest
 
-from conftest import RunningLauncher, launcher_cmd, standin, standin_reports, vllm_handshake, write_hostfile
+from conftest import RunningLauncher, launcher_cmd, standin, standin_reports, vllm_handshake, wait_for, write_hostfile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -170,3 +171,22 @@ def test_a_vllm_that_cannot_bind_its_side_channel_fails_the_job_with_vllms_own_w
     assert failed_line(done.stderr) == (
         f"rank 0 on localhost exited with code 1; last output: zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:{port_base + 1}')"
     )
+
+
+def test_a_second_ctrl_c_kills_at_once_instead_of_waiting_out_the_grace(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost\n")
+    stubborn = "trap '' TERM INT; setsid sleep 1000 & sleep 1000 & echo up; wait"
+    run = RunningLauncher(["-H", hf, "--port-base", str(port_base), "--grace", "60", "--ready-log", "^up$", "--", "sh", "-c", stubborn])
+    rank_pid = run.ready_rows(1)[0][4]
+    family = [psutil.Process(rank_pid), *psutil.Process(rank_pid).children(recursive=True)]
+    assert len(family) == 3
+    run.proc.send_signal(signal.SIGINT)
+    assert wait_for(lambda: any("again to kill at once" in line for line in run.stderr), 5)
+    time.sleep(0.5)
+    assert run.proc.poll() is None  # waiting out the 60 s grace on a rank that ignores SIGTERM
+    started = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish(timeout=20) == 130
+    assert time.monotonic() - started < 10  # not the 60 s grace
+    assert any("killing every rank now (SIGKILL)" in line for line in run.stderr)
+    assert wait_for(lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 3)
