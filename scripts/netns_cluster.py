@@ -252,13 +252,19 @@ def _sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return done
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def up_down_parser(doc: str, up_help: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``up [COUNT]`` / ``down`` command line of a test-cluster script: (parser, its ``up`` parser)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="build the cluster and print a hostfile")
+    up = sub.add_parser("up", help=up_help)
     up.add_argument("count", type=int, nargs="?", default=3)
-    up.add_argument("--slots", type=int, default=2)
     sub.add_parser("down", help="remove the cluster (and anything a crashed run left)")
+    return parser, up
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, up = up_down_parser(__doc__, "build the cluster and print a hostfile")
+    up.add_argument("--slots", type=int, default=2)
     args = parser.parse_args(argv)
     if args.command == "down":
         removed = sweep()

@@ -15,7 +15,6 @@ nodes, so the machine's own ``/etc/hosts`` is never touched.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from netns_cluster import NET, PREFIX, NetnsCluster, _sh  # noqa: E402
+from netns_cluster import NET, PREFIX, NetnsCluster, _sh, up_down_parser  # noqa: E402
 
 CTLD_PORT, SLURMD_PORT = 16817, 16818
 STATE_DIR = os.path.join("/tmp", f"{PREFIX}-slurm-cluster")
@@ -194,12 +193,7 @@ def missing_tools() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="build netns hosts and Slurm on them")
-    up.add_argument("count", type=int, nargs="?", default=3)
-    sub.add_parser("down", help="remove the cluster (and anything a crashed run left)")
-    args = parser.parse_args(argv)
+    args = up_down_parser(__doc__, "build netns hosts and Slurm on them")[0].parse_args(argv)
     if args.command == "down":
         SlurmCluster().down()
         print("removed the Slurm cluster")
