@@ -119,6 +119,16 @@ class _HostLink:
     outbox: queue.Queue = field(default_factory=queue.Queue)
 
 
+def _start_fix(host, said: list[str]) -> str:
+    """What to do about an agent that died before saying hello, from what it printed."""
+    text = " ".join(said[-3:])
+    if host.cwd and ("cd:" in text or "chdir" in text):
+        return "fix cwd= for this host in the hostfile (the directory must exist there)"
+    if "No module named" in text:
+        return "install launcher there (same version) or set python= for this host in the hostfile"
+    return "check that python= for this host (default: the head's own interpreter path) runs there with launcher installed"
+
+
 class Supervisor:
     def __init__(
         self, plan: LaunchPlan, transport: Transport, reporter: Reporter | None = None,
@@ -399,12 +409,7 @@ class Supervisor:
                 self._mark_lost_ranks(link)
                 self.failure = Failure("signal", f"host {link.plan.host.name}: {cancelled}; stopping every host", 128 + signal.SIGTERM, host=link.plan.host.name)
             elif link.hello is None:
-                self._lose_host(
-                    link,
-                    f"host {link.plan.host.label}: the agent did not start{said}; install launcher there "
-                    f"(same version) or set python= for this host in the hostfile",
-                    kind="transport",
-                )
+                self._lose_host(link, f"host {link.plan.host.label}: the agent did not start{said}; {_start_fix(link.plan.host, tail)}", kind="transport")
             else:
                 self._lose_host(link, f"host {link.plan.host.name} lost: its agent ended{said}")
         elif isinstance(event, tuple) and event and event[0] == "noise":

@@ -282,3 +282,16 @@ def test_a_signalled_head_leaves_nothing_on_any_host_even_stubborn_ranks(hosts, 
     assert run.finish() == code
     # Within the grace period and 2 s, every host holds nothing but its sshd (SIGKILL: the agents see EOF).
     assert wait_for(lambda: not hosts.stray_pids(), timeout=1 + 2), hosts.stray_pids()
+
+
+def test_a_working_directory_full_of_shell_metacharacters_is_used_verbatim(hosts, tmp_path):
+    odd = tmp_path / "d;touch${IFS}PWNED;$(id)'q\"ü"
+    odd.mkdir()
+    done = check(hosts, write_hostfile(tmp_path, f"h1 cwd={odd}\n"))
+    assert done.returncode == 0, done.stderr
+    assert not list(tmp_path.rglob("PWNED")) and not os.path.exists("PWNED")  # nothing ran as shell
+    # and the built-in core really ran there: a missing directory is a one-line error naming it
+    missing = check(hosts, write_hostfile(tmp_path, f"h1 cwd={odd}x\n"))
+    first = missing.stderr.split("launcher: FAILED: ")[1].splitlines()[0]
+    assert missing.returncode == 3 and "the agent did not start: bash: line 1: cd: " in first and "No such file or directory" in first
+    assert first.endswith("fix cwd= for this host in the hostfile (the directory must exist there)")
