@@ -55,7 +55,9 @@ def launch(
     """Start every rank, wait until all are ready, then check and/or serve, then stop.
 
     ``check``: run the all-pairs handshake once ready. ``serve``: keep running
-    until ``stop`` is set or a rank fails. With neither, stop as soon as every
+    until ``stop`` is set or a rank fails. With ``options.to_completion`` the
+    command is finite: wait for every rank to exit (readiness is not awaited);
+    the first non-zero exit stops the rest. With neither, stop as soon as every
     rank is ready. Setting ``stop`` ends any phase; setting ``hurry`` while
     stopping SIGKILLs the ranks without waiting out the grace period. Every process is stopped
     before this returns, also when it raises. ``preflight``: first run the
@@ -75,7 +77,9 @@ def launch(
     supervisor = Supervisor(plan, transport, reporter, stop, hurry)
     try:
         supervisor.start()
-        if supervisor.wait_ready():
+        if plan.options.to_completion:
+            supervisor.wait_exited()
+        elif supervisor.wait_ready():
             if check is not None:
                 supervisor.check(check)
             if serve and supervisor.failure is None:
@@ -87,6 +91,8 @@ def launch(
         reason = supervisor.failure.message
     elif supervisor.stop_requested.is_set():
         reason = "stop requested"
+    elif plan.options.to_completion:
+        reason = "every rank exited 0"
     else:
         reason = "check complete" if check is not None else "every rank was ready"
     return supervisor.stop(reason)

@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--wire", choices=sorted(WIRES) + ["tcp"], help="v1 [msg,tp], v2 [msg,pp,tp], v3 [msg,pp,pcp,tp] handshakes, or tcp connects only (default: v2 for the built-in core, tcp for a command: a handshake of the wrong generation kills a real vLLM listener)")
     check.add_argument("--handshake-timeout", type=_seconds, default=5.0, help="seconds per handshake (default 5, as vLLM)")
     run = sub.add_parser("run", parents=[run_common], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job")
+    run.add_argument("--to-completion", action="store_true", help="the command ends on its own (a test, a benchmark): wait for every rank; exit 0 when all exit 0, else the first failure's code")
     run.add_argument("--preflight", action="store_true", help="first prove hosts, versions, addresses and ports with the built-in core; start the command only if all pass")
     return parser
 
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             **({} if args.command == "plan" else dict(
                 ready_timeout=args.ready_timeout, grace=args.grace, heartbeat_timeout=args.heartbeat_timeout,
                 readiness=_readiness(args),
+                to_completion=getattr(args, "to_completion", False),
             )),
         )
         plan = plan_job(hosts, options)
@@ -250,7 +252,8 @@ def _finish(result: LaunchResult, received: list[int], reporter: report.ConsoleR
         name = signal.Signals(received[0]).name
         reporter.progress(f"stopped by {name}; all {plan.world_size} ranks stopped")
         return 128 + received[0]
-    reporter.progress(f"ok: {plan.world_size} ranks on {len(plan.hosts)} hosts, all stopped ({result.duration:.1f}s)")
+    ended = "every rank exited 0" if plan.options.to_completion else "all stopped"
+    reporter.progress(f"ok: {plan.world_size} ranks on {len(plan.hosts)} hosts, {ended} ({result.duration:.1f}s)")
     return 0
 
 

@@ -101,6 +101,7 @@ class LaunchOptions:
     rpc_port: int = DEFAULT_RPC_PORT
     readiness: Readiness | None = None  # None: `report` for the built-in core, `ports` for a command
     strict_versions: bool = False  # different launcher/Python/vLLM versions across hosts fail the job (preflight)
+    to_completion: bool = False  # a finite command: wait for every rank to exit; exit 0 is success, not a failure
     ifname: str | None = None  # --ifname: for every host whose line gives none (Slurm nodes have no line)
     cidr: str | None = None  # --cidr: likewise
 
@@ -184,6 +185,8 @@ def build(
         )
     if options.head_command and not options.command:
         raise PlanError("a head command needs a command for the other hosts too: launcher run --head-command '...' -- CMD ...")
+    if options.to_completion and not options.command:
+        raise PlanError("--to-completion is for a command that ends (a test, a benchmark); the built-in engine core serves until stopped")
     if options.per_host and not options.command:
         raise PlanError(
             "--per-host applies to a command that serves all of a host's DP ranks (vllm serve --data-parallel-size-local "

@@ -200,6 +200,10 @@ class Supervisor:
         """Pump events until a stop is requested or the job fails."""
         self._pump(lambda: False, None)
 
+    def wait_exited(self) -> None:
+        """Pump events until every rank has exited (``to_completion``), one fails, or a stop is requested."""
+        self._pump(lambda: all(r.state in ("exited", "lost") for r in self.ranks.values()), None)
+
     def stop(self, reason: str = "job finished") -> LaunchResult:
         """Stop every rank on every host; wait for their ends; return the result."""
         self._stopping = True
@@ -452,6 +456,10 @@ class Supervisor:
     def _rank_exited(self, state: RankState, code: int, now: float) -> None:
         state.state, state.exit_code, state.ended_at = "exited", code, now
         if self._stopping or self.failure is not None:
+            return
+        if code == 0 and self.plan.options.to_completion:
+            done = sum(1 for r in self.ranks.values() if r.state == "exited")
+            self.reporter.progress(f"ranks done {done}/{len(self.ranks)} (rank {state.spec.rank} on {state.spec.host} exited 0)")
             return
         how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
         why = f": {state.error}" if state.error else (f"; last output: {state.output[-1]}" if state.output else "")

@@ -190,3 +190,24 @@ def test_a_second_ctrl_c_kills_at_once_instead_of_waiting_out_the_grace(tmp_path
     assert time.monotonic() - started < 10  # not the 60 s grace
     assert any("killing every rank now (SIGKILL)" in line for line in run.stderr)
     assert wait_for(lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 3)
+
+
+def test_a_finite_command_runs_to_completion_on_every_rank(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=3\n")
+    script = 'echo "rank {rank} of {world_size} binds $VLLM_NIXL_SIDE_CHANNEL_HOST:$(({port_base} + {rank}))"'
+    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--to-completion", "--", "sh", "-c", script)
+    assert done.returncode == 0, done.stderr
+    assert sorted(line for line in done.stdout.splitlines() if " binds " in line) == [
+        f"[r{r} localhost] rank {r} of 3 binds 127.0.0.1:{port_base + r}" for r in range(3)
+    ]
+    assert "ranks done 3/3" in done.stderr and "ok: 3 ranks on 1 hosts, every rank exited 0" in done.stderr
+
+
+def test_a_finite_command_that_fails_on_one_rank_stops_the_rest(tmp_path, port_base):
+    hf = write_hostfile(tmp_path, "localhost slots=3\n")
+    started = time.monotonic()
+    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--to-completion", "--grace", "2",
+                   "--", "sh", "-c", "if [ {rank} = 2 ]; then echo broken >&2; exit 4; fi; exec sleep 60")
+    assert done.returncode == 4, done.stderr
+    assert failed_line(done.stderr) == "rank 2 on localhost exited with code 4; last output: broken"
+    assert time.monotonic() - started < 20  # the others were stopped, not waited for

@@ -85,6 +85,7 @@ def test_the_head_command_runs_on_the_first_host_only():
         (LaunchOptions(command=("vllm", "--x={rnak}")), HOSTS, "unknown placeholder {rnak} in argument 1 of the command ('--x={rnak}')"),
         (LaunchOptions(head_command=("vllm",)), HOSTS, "a head command needs a command for the other hosts too"),
         (LaunchOptions(per_host=True), HOSTS, "--per-host applies to a command that serves all of a host's DP ranks"),
+        (LaunchOptions(to_completion=True), HOSTS, "--to-completion is for a command that ends"),
         (LaunchOptions(command=("vllm", "--kv-transfer-config", '{"engine_id": "p"}'), per_host=True), HOSTS,
          "engine_id 'p' to rank 0 and rank 2 (hosts a and b)"),
         (LaunchOptions(command=("vllm", '--kv-transfer-config={"engine_id": "p"'),), HOSTS, "--kv-transfer-config is not valid JSON"),
