@@ -26,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 from .. import envpolicy
 from ..plan import Host
@@ -56,6 +57,7 @@ class SlurmTransport(Transport):
             raise TransportError(f"{srun!r} is not on PATH; load Slurm's client tools (module load slurm?) or use --transport ssh")
         self.extra_args = tuple(extra_args)
         self._addresses: dict[str, str] | None = None
+        self._lock = threading.Lock()  # agents start in parallel: ask scontrol once
 
     def command(self, host: Host) -> list[str]:
         """The srun command line that starts ``host``'s agent (no job data in it: that goes on stdin)."""
@@ -88,8 +90,9 @@ class SlurmTransport(Transport):
 
     def reached_address(self, host: Host) -> str | None:
         """The node's NodeAddr in Slurm's config (resolved), which its ranks then verify is local."""
-        if self._addresses is None:
-            self._addresses = self._node_addresses()
+        with self._lock:
+            if self._addresses is None:
+                self._addresses = self._node_addresses()
         return self._addresses.get(host.name)
 
     def _node_addresses(self) -> dict[str, str]:
