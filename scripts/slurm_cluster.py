@@ -148,10 +148,17 @@ class SlurmCluster:
     # --- down ----------------------------------------------------------------
 
     def down(self) -> None:
+        # SIGTERM first: slurmctld then reaps its own slurmscriptd, which SIGKILL
+        # would leave a zombie under an init that may never reap it.
         for proc in self.daemons.values():
             if proc.poll() is None:
+                proc.terminate()
+        for proc in self.daemons.values():
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-            proc.wait()
+                proc.wait()
             self.hosts.daemon_pids.discard(proc.pid)
         self.daemons.clear()
         sweep()
