@@ -39,14 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(env.get("LAUNCHER_RANK", "0"))
     host = env.get("LAUNCHER_HOST", "this host")
     if not args:
-        return _fail(rank, "no command given: usage: python -m launcher.bootstrap -- CMD ...", EXIT_NOT_FOUND)
+        return protocol.rank_failed(rank, "no command given: usage: python -m launcher.bootstrap -- CMD ...", EXIT_NOT_FOUND)
 
     try:
-        choice = netif.resolve_bind_address(env, host_is_loopback=env.get("LAUNCHER_HOST_IS_LOOPBACK") == "1")
+        choice = netif.claim_bind_address(env)
     except netif.BindAddressError as exc:
-        return _fail(rank, str(exc), EXIT_BAD_ADDRESS)
-    env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", choice.address)
-    env.setdefault("VLLM_HOST_IP", choice.address)
+        return protocol.rank_failed(rank, str(exc), EXIT_BAD_ADDRESS)
     values = {"host_ip": choice.address, "head_ip": env.get("LAUNCHER_HEAD_IP") or choice.address}
     args = list(render_template(args, values, strict=False))
 
@@ -57,18 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.execvpe(args[0], args, command_env)
     except FileNotFoundError:
-        return _fail(rank, f"command not found on {host}: {args[0]!r}; install it there or give its full path", EXIT_NOT_FOUND)
+        return protocol.rank_failed(rank, f"command not found on {host}: {args[0]!r}; install it there or give its full path", EXIT_NOT_FOUND)
     except PermissionError:
-        return _fail(rank, f"command not executable on {host}: {args[0]!r}", EXIT_NOT_EXECUTABLE)
+        return protocol.rank_failed(rank, f"command not executable on {host}: {args[0]!r}", EXIT_NOT_EXECUTABLE)
     except OSError as exc:
-        return _fail(rank, f"cannot run {args[0]!r} on {host}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE)
+        return protocol.rank_failed(rank, f"cannot run {args[0]!r} on {host}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE)
     return 0  # not reached: exec replaced this process
-
-
-def _fail(rank: int, message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    protocol.report_to_agent(protocol.RankError(rank=rank, message=message))
-    return code
 
 
 if __name__ == "__main__":

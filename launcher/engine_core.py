@@ -31,23 +31,16 @@ def main() -> int:
     engine_id = env["LAUNCHER_ENGINE_ID"]
     port = int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]) + rank  # as vLLM: base + DP index
 
-    def fail(message: str, code: int) -> int:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        protocol.report_to_agent(protocol.RankError(rank=rank, message=message))
-        return code
-
     try:
-        choice = netif.resolve_bind_address(env, host_is_loopback=env.get("LAUNCHER_HOST_IS_LOOPBACK") == "1")
+        choice = netif.claim_bind_address(env)
     except netif.BindAddressError as exc:
-        return fail(str(exc), EXIT_BAD_ADDRESS)
-    env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", choice.address)
-    env.setdefault("VLLM_HOST_IP", choice.address)
+        return protocol.rank_failed(rank, str(exc), EXIT_BAD_ADDRESS)
 
     listener = SideChannelListener(choice.address, port, {0: builtin_payload(engine_id, env["LAUNCHER_JOB_ID"], 0)})
     try:
         listener.bind()
     except SideChannelBindError as exc:
-        return fail(str(exc), EXIT_BIND_FAILED)
+        return protocol.rank_failed(rank, str(exc), EXIT_BIND_FAILED)
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

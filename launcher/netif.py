@@ -248,6 +248,17 @@ def resolve_bind_address(env: Mapping[str, str] | None = None, *, host_is_loopba
     return select_bind_address(request, local_interfaces(), default_route_interface())
 
 
+def claim_bind_address(env) -> BindChoice:
+    """What a rank does first, as vLLM's engine core after PR #41806: resolve
+    this host's address from the rank's environment, then ``setdefault`` it
+    into ``VLLM_NIXL_SIDE_CHANNEL_HOST`` and ``VLLM_HOST_IP`` (a value set for
+    the host wins). Raises BindAddressError."""
+    choice = resolve_bind_address(env, host_is_loopback=env.get("LAUNCHER_HOST_IS_LOOPBACK") == "1")
+    env.setdefault(EXPLICIT_VAR, choice.address)
+    env.setdefault("VLLM_HOST_IP", choice.address)
+    return choice
+
+
 def _is_hostname(value: str) -> bool:
     try:
         ipaddress.ip_address(value.strip("[]"))

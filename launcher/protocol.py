@@ -9,6 +9,7 @@ writes ``Ready`` or ``RankError`` to the control pipe the agent gave it
 from __future__ import annotations
 
 import os
+import sys
 from typing import Union
 
 import msgspec
@@ -184,6 +185,13 @@ def decode(line: bytes | str) -> Message:
 
 
 CONTROL_FD_VAR = "LAUNCHER_CONTROL_FD"
+
+
+def rank_failed(rank: int, message: str, code: int) -> int:
+    """From a rank: say why it cannot go on, on its stderr and to its agent; returns ``code`` to exit with."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    report_to_agent(RankError(rank=rank, message=message))
+    return code
 
 
 def report_to_agent(message: _Msg) -> None:
