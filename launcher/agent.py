@@ -209,7 +209,7 @@ class Agent:
             elif rule.kind == "port":
                 tcp_probe(address, rule.port, timeout=1.0)
             elif rule.kind == "url":
-                url = render_template([rule.url], {"host_ip": _url_host(address), "port": str(rp.spec.port), "rank": str(rp.spec.rank)}, strict=False)[0]
+                url = render_template([rule.url], {"host_ip": netif.url_host(address), "port": str(rp.spec.port), "rank": str(rp.spec.rank)}, strict=False)[0]
                 with urllib.request.urlopen(url, timeout=2.0) as reply:
                     return 200 <= reply.status < 300
             return True
@@ -380,10 +380,6 @@ def _die_with_parent(parent: int) -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the agent died before prctl took effect
         os._exit(1)
-
-
-def _url_host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
 
 
 def _thread(target, *args) -> threading.Thread:

@@ -274,7 +274,12 @@ def _resolve(name: str) -> str:
         return name  # left as is; select_bind_address reports it is not an IP
 
 
+def url_host(address: str) -> str:
+    """An address as the host part of a URL or ZMQ endpoint: IPv6 in brackets."""
+    bare = address.strip("[]")
+    return f"[{bare}]" if ":" in bare else bare
+
+
 def zmq_tcp_path(address: str, port: int) -> str:
     """``tcp://host:port`` with IPv6 bracketed, as ZMQ wants it."""
-    bare = address.strip("[]")
-    return f"tcp://[{bare}]:{port}" if ":" in bare else f"tcp://{bare}:{port}"
+    return f"tcp://{url_host(address)}:{port}"

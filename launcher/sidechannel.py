@@ -27,7 +27,7 @@ from typing import Mapping
 import msgspec
 import zmq
 
-from .netif import zmq_tcp_path
+from .netif import url_host, zmq_tcp_path
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,7 @@ def handshake(
         sock.setsockopt(zmq.IPV6, 1)
     endpoint = zmq_tcp_path(address, port)
     if source:
-        src = f"[{source.strip('[]')}]" if ":" in source else source
-        endpoint = endpoint.replace("tcp://", f"tcp://{src}:0;", 1)
+        endpoint = endpoint.replace("tcp://", f"tcp://{url_host(source)}:0;", 1)
     start = time.perf_counter()
     try:
         sock.connect(endpoint)
