@@ -14,6 +14,8 @@ from typing import Union
 
 import msgspec
 
+from .plan import Readiness
+
 
 class _Msg(msgspec.Struct, tag_field="type", tag=lambda name: name.lower(), kw_only=True, omit_defaults=True):
     pass
@@ -32,15 +34,6 @@ class RankLaunch(msgspec.Struct, kw_only=True):
     ports: list[int] = []  # every side-channel port it binds; [] means [port]
 
 
-class ReadyRule(msgspec.Struct, kw_only=True, frozen=True):
-    """plan.Readiness on the wire: report | ports | port | url | log."""
-
-    kind: str = "report"
-    port: int = 0
-    url: str = ""
-    pattern: str = ""
-
-
 class AgentSpec(_Msg):
     job_id: str
     host: str
@@ -51,7 +44,7 @@ class AgentSpec(_Msg):
     heartbeat_interval: float
     heartbeat_timeout: float
     reached_address: str | None = None  # None: the agent reads SSH_CONNECTION
-    readiness: ReadyRule = ReadyRule()
+    readiness: Readiness = msgspec.field(default_factory=lambda: Readiness("report"))
     head_ip: str | None = None  # the first host's address, for {head_ip}
 
 

@@ -256,7 +256,6 @@ class Supervisor:
                 link.conn.wait(2.0)
                 self._events.put((link, EOFError()))
                 return
-            readiness = self.plan.readiness
             spec = protocol.AgentSpec(
                 job_id=self.plan.job_id,
                 host=host.name,
@@ -270,7 +269,7 @@ class Supervisor:
                     )
                     for r in link.plan.ranks
                 ],
-                readiness=protocol.ReadyRule(kind=readiness.kind, port=readiness.port, url=readiness.url, pattern=readiness.pattern),
+                readiness=self.plan.readiness,
                 head_ip=self.head_ip,
                 grace=self.plan.options.grace,
                 heartbeat_interval=self.plan.options.heartbeat_interval,
