@@ -204,7 +204,7 @@ class Agent:
         rule, address = self.spec.readiness, rp.resolved.address
         try:
             if rule.kind == "ports":
-                for port in rp.spec.ports or [rp.spec.port]:
+                for port in rp.spec.ports:
                     tcp_probe(address, port, timeout=1.0)
             elif rule.kind == "port":
                 tcp_probe(address, rule.port, timeout=1.0)

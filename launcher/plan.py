@@ -125,7 +125,7 @@ class RankSpec:
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(hash=False)
     env_report: envpolicy.EnvReport = field(hash=False)
-    ports: tuple[int, ...] = ()  # every side-channel port it binds (per host: one per local DP rank)
+    ports: tuple[int, ...]  # every side-channel port it binds: (port,), or one per local DP rank (--per-host)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class RankLaunch(msgspec.Struct, kw_only=True):
     engine_id: str
     argv: list[str]  # "{python}" stands for the agent's interpreter
     env: dict[str, str]
-    ports: list[int] = []  # every side-channel port it binds; [] means [port]
+    ports: list[int]  # every side-channel port it binds: [port], or one per local DP rank (--per-host)
 
 
 class AgentSpec(_Msg):

@@ -14,7 +14,7 @@ from .plan import Host, LaunchPlan, RankSpec
 
 def rank_span(spec: RankSpec) -> tuple[str, str]:
     """("0", "5600") for one DP rank; ("0-1", "5600-5601") for a process serving several."""
-    ports = spec.ports or (spec.port,)
+    ports = spec.ports
     if len(ports) == 1:
         return str(spec.rank), str(ports[0])
     return f"{spec.rank}-{spec.rank + len(ports) - 1}", f"{ports[0]}-{ports[-1]}"

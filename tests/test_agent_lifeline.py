@@ -35,7 +35,7 @@ def start_agent(scripts, grace=1.0, heartbeat_timeout=60.0):
     spec = protocol.AgentSpec(
         job_id="t", host="localhost", host_index=0, host_is_loopback=True, reached_address="127.0.0.1",
         ranks=[
-            protocol.RankLaunch(rank=i, local_rank=i, port=0, engine_id=f"t-dp{i}", argv=["{python}", "-c", code], env={})
+            protocol.RankLaunch(rank=i, local_rank=i, port=0, engine_id=f"t-dp{i}", argv=["{python}", "-c", code], env={}, ports=[0])
             for i, code in enumerate(scripts)
         ],
         grace=grace, heartbeat_interval=0.2, heartbeat_timeout=heartbeat_timeout,
