@@ -406,11 +406,10 @@ class Supervisor:
             tail = link.conn.stderr_tail(wait=0 if self._stopping else 0.5) if link.conn else []
             said = f": {tail[-1]}" if tail else ""
             cancelled = link.conn.cancelled_by_scheduler() if link.conn else None
-            if cancelled and not self._stopping and self.failure is None and not self.stop_requested.is_set():
+            if cancelled:
                 # scancel ended the step before the agent's own word got through: an order, not a fault.
-                link.gone = True
-                self._mark_lost_ranks(link)
-                self.failure = Failure("signal", f"host {link.plan.host.name}: {cancelled}; stopping every host", 128 + signal.SIGTERM, host=link.plan.host.name)
+                self._stopped_by_signal(link, f"host {link.plan.host.name}: {cancelled}", signal.SIGTERM)
+                self._lose_host(link, f"host {link.plan.host.name}: {cancelled}", sweep=False)
             elif link.hello is None:
                 self._lose_host(link, f"host {link.plan.host.label}: the agent did not start{said}; {_start_fix(link.plan.host, tail)}", kind="transport")
             else:
@@ -467,14 +466,14 @@ class Supervisor:
         self.failure = Failure(kind, f"rank {state.spec.rank} on {state.spec.host} {how}{why}", exit_code, state.spec.rank, state.spec.host)
 
     def _agent_stopping(self, link: _HostLink, event: protocol.Stopping) -> None:
-        """A signal to an agent (scancel signals every step at once) ends the job like one to the head."""
-        if not event.signal or self._stopping or self.failure is not None or self.stop_requested.is_set():
-            return
-        name = signal.Signals(event.signal).name
-        self.failure = Failure(
-            "signal", f"the agent on {link.plan.host.name} received {name} (scancel, or a kill on that host); stopping every host",
-            128 + event.signal, host=link.plan.host.name,
-        )
+        if event.signal:
+            name = signal.Signals(event.signal).name
+            self._stopped_by_signal(link, f"the agent on {link.plan.host.name} received {name} (scancel, or a kill on that host)", event.signal)
+
+    def _stopped_by_signal(self, link: _HostLink, what: str, signum: int) -> None:
+        """A signal on a host's side (scancel signals every step at once) ends the job like one to the head."""
+        if not self._stopping and self.failure is None and not self.stop_requested.is_set():
+            self.failure = Failure("signal", f"{what}; stopping every host", 128 + signum, host=link.plan.host.name)
 
     def _host_failed(self, link: _HostLink, message: str, kind: str = "host-lost") -> None:
         if self.failure is None:
