@@ -102,6 +102,16 @@ def table_rows(text_or_lines):
     return [(int(r), h, a, int(p), int(pid)) for r, h, a, p, pid in (m.groups() for m in map(ROW.match, lines) if m)]
 
 
+def run_launcher(*args, timeout=60, env=None):
+    """``launcher ARGS...`` to its end, output captured; ``env`` adds to this process's environment."""
+    return subprocess.run(launcher_cmd(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def failed_line(stderr: str) -> str:
+    """The one line after ``launcher: FAILED:``: what failed, where, and why."""
+    return stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
+
+
 def write_hostfile(tmp_path, text):
     path = tmp_path / "hostfile"
     path.write_text(text)

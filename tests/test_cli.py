@@ -1,10 +1,9 @@
 """Usage errors: exit 2, the error on the first line, never a traceback."""
 
-import subprocess
 
 import pytest
 
-from conftest import launcher_cmd, write_hostfile
+from conftest import run_launcher, write_hostfile
 
 
 @pytest.mark.parametrize(
@@ -22,7 +21,7 @@ from conftest import launcher_cmd, write_hostfile
 )
 def test_usage_errors_lead_with_one_line(tmp_path, args, first_line):
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
-    done = subprocess.run(launcher_cmd(*args[:1], *(["-H", hf] if args else []), *args[1:]), capture_output=True, text=True, timeout=30)
+    done = run_launcher(*args[:1], *(["-H", hf] if args else []), *args[1:], timeout=30)
     assert done.returncode == 2
     assert done.stderr.splitlines()[0].startswith(first_line), done.stderr
     assert "Traceback" not in done.stderr
@@ -30,7 +29,7 @@ def test_usage_errors_lead_with_one_line(tmp_path, args, first_line):
 
 def test_a_hostfile_error_is_exactly_one_line(tmp_path):
     hf = write_hostfile(tmp_path, "localhost slots=0\n")
-    done = subprocess.run(launcher_cmd("check", "-H", hf), capture_output=True, text=True, timeout=30)
+    done = run_launcher("check", "-H", hf, timeout=30)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"launcher: error: {hf}:1: slots must be at least 1, got 0 (line: 'localhost slots=0')"]
 

@@ -3,14 +3,13 @@
 import os
 import signal
 import socket
-import subprocess
 import time
 import sys
 
 import psutil
 import pytest
 
-from conftest import RunningLauncher, launcher_cmd, standin, standin_reports, vllm_handshake, wait_for, write_hostfile
+from conftest import RunningLauncher, failed_line, run_launcher, standin, standin_reports, vllm_handshake, wait_for, write_hostfile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -22,14 +21,6 @@ DP_ARGS = (
 # Every one reaches the command verbatim: no shell runs between the head and it.
 AWKWARD = ["a b", "it's", '"quoted"', "$(touch {pwned})", "; exit 9", "line1\nline2", "ünïcode ✓", "*", "{{rank}}", "-x=1=2"]
 LEAKED = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "198.18.255.254", "VLLM_HOST_IP": "198.18.255.254", "VLLM_DP_RANK": "5", "VLLM_DP_SIZE": "9"}
-
-
-def run_cmd(*args, timeout=60, env=None):
-    return subprocess.run(launcher_cmd(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def failed_line(stderr: str) -> str:
-    return stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
 
 
 def test_per_host_vllm_dp_binds_its_own_address_and_gets_every_argument_verbatim(tmp_path, port_base):
@@ -63,7 +54,7 @@ def test_per_host_vllm_dp_binds_its_own_address_and_gets_every_argument_verbatim
 
 def test_a_command_that_never_becomes_ready_ends_after_the_ready_timeout(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
-    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--ready-timeout", "2", "--grace", "1",
+    done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--ready-timeout", "2", "--grace", "1",
                    "--env", "STANDIN_DELAY=60", "--", *standin("--headless", "--data-parallel-size", "2", "--data-parallel-start-rank", "{rank}", "--data-parallel-size-local", "1"))
     assert done.returncode == 4, done.stderr
     first = failed_line(done.stderr)
@@ -74,7 +65,7 @@ def test_a_command_that_never_becomes_ready_ends_after_the_ready_timeout(tmp_pat
 def test_a_failing_rank_ends_the_job_with_its_own_exit_code(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=3\n")
     logs = tmp_path / "logs"
-    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--env", "STANDIN_EXIT=7", "--env", "STANDIN_EXIT_DP=1", "--log-dir", str(logs),
+    done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--env", "STANDIN_EXIT=7", "--env", "STANDIN_EXIT_DP=1", "--log-dir", str(logs),
                    "--", *standin("--headless", "--data-parallel-size", "{world_size}", "--data-parallel-start-rank", "{rank}", "--data-parallel-size-local", "1"))
     assert done.returncode == 7, done.stderr
     assert failed_line(done.stderr) == "rank 1 on localhost exited with code 7; last output: standin: exiting as asked"
@@ -109,13 +100,13 @@ def test_readiness_by_log_line_url_or_port_is_what_decides(tmp_path, port_base, 
     run.proc.send_signal(signal.SIGINT)
     assert run.finish() == 130
     # The same stand-in under a rule it never meets is never ready.
-    stuck = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--ready-timeout", "2", "--grace", "1", rule(never), *command)
+    stuck = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--ready-timeout", "2", "--grace", "1", rule(never), *command)
     assert stuck.returncode == 4 and "1 ranks not ready after 2s: rank 0 on localhost (started)" in stuck.stderr
 
 
 def test_a_missing_command_is_one_clear_error(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost\n")
-    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--", "no-such-vllm", "serve")
+    done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--", "no-such-vllm", "serve")
     assert done.returncode == 127, done.stderr
     assert failed_line(done.stderr).startswith("rank 0 on localhost exited with code 127: command not found on localhost: 'no-such-vllm'")
     assert "Traceback" not in done.stderr
@@ -124,12 +115,12 @@ def test_a_missing_command_is_one_clear_error(tmp_path, port_base):
 def test_check_on_a_command_connects_only_and_a_wrong_generation_handshake_kills_vllms_listener(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
     cmd = standin(*DP_ARGS, "--headless")
-    tcp = run_cmd("check", "-H", hf, "--port-base", str(port_base), "--per-host", "--", *cmd)
+    tcp = run_launcher("check", "-H", hf, "--port-base", str(port_base), "--per-host", "--", *cmd)
     assert tcp.returncode == 0, tcp.stderr
     assert "all 1 TCP connects ok" in tcp.stdout and "died" not in tcp.stderr
     # A v1 request has the wrong arity for this (v2) listener: vLLM's listener
     # thread dies on it, which is why TCP is the default for commands.
-    v1 = run_cmd("check", "-H", hf, "--port-base", str(port_base), "--per-host", "--wire", "v1", "--handshake-timeout", "1", "--", *cmd)
+    v1 = run_launcher("check", "-H", hf, "--port-base", str(port_base), "--per-host", "--wire", "v1", "--handshake-timeout", "1", "--", *cmd)
     assert v1.returncode == 5 and "listener for" in v1.stderr and "died on request" in v1.stderr
 
 
@@ -138,7 +129,7 @@ def test_preflight_finds_a_busy_port_before_the_command_starts(tmp_path, port_ba
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port_base + 1))
         busy.listen()
-        done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--per-host", "--preflight", "--", *standin(*DP_ARGS, "--headless"))
+        done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--per-host", "--preflight", "--", *standin(*DP_ARGS, "--headless"))
     assert done.returncode != 0
     assert "preflight: built-in engine cores" in done.stderr and "standin:" not in done.stdout
     first = failed_line(done.stderr)
@@ -154,7 +145,7 @@ def test_preflight_refuses_hosts_that_run_different_python_versions(tmp_path, po
     )
     other.chmod(0o755)
     hf = write_hostfile(tmp_path, f"localhost\n127.0.0.1 python={other}\n")
-    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--preflight", "--", *standin("--headless"))
+    done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--preflight", "--", *standin("--headless"))
     assert done.returncode == 5, done.stderr
     first = failed_line(done.stderr)
     assert first.startswith("hosts run different Python versions: ") and "3.9.0 on 127.0.0.1" in first
@@ -166,7 +157,7 @@ def test_a_vllm_that_cannot_bind_its_side_channel_fails_the_job_with_vllms_own_w
     with socket.socket() as busy:  # another instance's side channel, say
         busy.bind(("127.0.0.1", port_base + 1))
         busy.listen()
-        done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--per-host", "--", *standin(*DP_ARGS, "--headless"))
+        done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--per-host", "--", *standin(*DP_ARGS, "--headless"))
     assert done.returncode == 1, done.stderr
     assert failed_line(done.stderr) == (
         f"rank 0 on localhost exited with code 1; last output: zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:{port_base + 1}')"
@@ -195,7 +186,7 @@ def test_a_second_ctrl_c_kills_at_once_instead_of_waiting_out_the_grace(tmp_path
 def test_a_finite_command_runs_to_completion_on_every_rank(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=3\n")
     script = 'echo "rank {rank} of {world_size} binds $VLLM_NIXL_SIDE_CHANNEL_HOST:$(({port_base} + {rank}))"'
-    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--to-completion", "--", "sh", "-c", script)
+    done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--to-completion", "--", "sh", "-c", script)
     assert done.returncode == 0, done.stderr
     assert sorted(line for line in done.stdout.splitlines() if " binds " in line) == [
         f"[r{r} localhost] rank {r} of 3 binds 127.0.0.1:{port_base + r}" for r in range(3)
@@ -206,7 +197,7 @@ def test_a_finite_command_runs_to_completion_on_every_rank(tmp_path, port_base):
 def test_a_finite_command_that_fails_on_one_rank_stops_the_rest(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=3\n")
     started = time.monotonic()
-    done = run_cmd("run", "-H", hf, "--port-base", str(port_base), "--to-completion", "--grace", "2",
+    done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--to-completion", "--grace", "2",
                    "--", "sh", "-c", "if [ {rank} = 2 ]; then echo broken >&2; exit 4; fi; exec sleep 60")
     assert done.returncode == 4, done.stderr
     assert failed_line(done.stderr) == "rank 2 on localhost exited with code 4; last output: broken"

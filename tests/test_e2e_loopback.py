@@ -3,7 +3,6 @@
 import os
 import re
 import signal
-import subprocess
 import time
 
 import psutil
@@ -13,7 +12,7 @@ import launcher
 from launcher.check import CheckOptions
 from launcher.plan import Host, LaunchOptions
 
-from conftest import RunningLauncher, launcher_cmd, table_rows, vllm_handshake, wait_for, write_hostfile
+from conftest import RunningLauncher, run_launcher, table_rows, vllm_handshake, wait_for, write_hostfile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -25,7 +24,7 @@ LEAKED = {
 }
 def test_check_on_loopback_handshakes_every_pair_and_exits_0(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=3\n")
-    done = subprocess.run(launcher_cmd("check", "-H", hf, "--port-base", str(port_base)), capture_output=True, text=True, timeout=60)
+    done = run_launcher("check", "-H", hf, "--port-base", str(port_base), timeout=60)
     assert done.returncode == 0, done.stderr
     assert "all 9 handshakes ok" in done.stdout
     assert [(r[0], r[2], r[3]) for r in table_rows(done.stdout)] == [(i, "127.0.0.1", port_base + i) for i in range(3)]
@@ -54,11 +53,11 @@ def test_run_serves_vllm_clients_with_a_clean_env_until_signalled(tmp_path, port
 def test_seed_regression_head_address_in_env_is_dropped_and_ranks_bind_their_own(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
     env = {**os.environ, **LEAKED}
-    done = subprocess.run(launcher_cmd("check", "-H", hf, "--port-base", str(port_base)), capture_output=True, text=True, env=env, timeout=60)
+    done = run_launcher("check", "-H", hf, "--port-base", str(port_base), env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "198.18.255.254" not in done.stdout
     assert [r[2] for r in table_rows(done.stdout)] == ["127.0.0.1", "127.0.0.1"]
-    shown = subprocess.run(launcher_cmd("plan", "-H", hf), capture_output=True, text=True, env=env, timeout=30).stdout
+    shown = run_launcher("plan", "-H", hf, env=env, timeout=30).stdout
     for name in LEAKED:
         assert re.search(rf"dropped {name}\s+\(worker-specific", shown), name
 
@@ -66,7 +65,7 @@ def test_seed_regression_head_address_in_env_is_dropped_and_ranks_bind_their_own
 def test_a_non_local_per_host_address_fails_fast_with_the_clear_error(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=2 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.255.254\n")
     start = time.monotonic()
-    done = subprocess.run(launcher_cmd("check", "-H", hf, "--port-base", str(port_base), "--ready-timeout", "60"), capture_output=True, text=True, timeout=60)
+    done = run_launcher("check", "-H", hf, "--port-base", str(port_base), "--ready-timeout", "60", timeout=60)
     assert time.monotonic() - start < 20  # fails at once, not at the ready timeout
     assert done.returncode == 2  # the rank's own exit code: bad address
     # Both ranks fail; whichever the head hears first is the root cause.
@@ -101,7 +100,7 @@ def test_a_port_in_use_is_named_with_host_address_and_fix(tmp_path, port_base):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", port_base + 1))
         squatter.listen()
-        done = subprocess.run(launcher_cmd("check", "-H", hf, "--port-base", str(port_base)), capture_output=True, text=True, timeout=60)
+        done = run_launcher("check", "-H", hf, "--port-base", str(port_base), timeout=60)
     assert done.returncode != 0
     assert f"side-channel port {port_base + 1} is already in use at 127.0.0.1:{port_base + 1}" in done.stderr
     assert "--port-base" in done.stderr and "Traceback" not in done.stderr
@@ -109,11 +108,11 @@ def test_a_port_in_use_is_named_with_host_address_and_fix(tmp_path, port_base):
 
 def test_loopback_hosts_get_distinct_addresses_and_duplicates_are_refused(tmp_path, port_base):
     ok = write_hostfile(tmp_path, "127.0.0.1\n127.0.0.2 slots=2\n")
-    done = subprocess.run(launcher_cmd("check", "-H", ok, "--port-base", str(port_base)), capture_output=True, text=True, timeout=60)
+    done = run_launcher("check", "-H", ok, "--port-base", str(port_base), timeout=60)
     assert done.returncode == 0, done.stderr
     assert [r[2] for r in table_rows(done.stdout)] == ["127.0.0.1", "127.0.0.2", "127.0.0.2"]
     dup = write_hostfile(tmp_path, "localhost\n127.0.0.1\n")
-    done = subprocess.run(launcher_cmd("check", "-H", dup, "--port-base", str(port_base)), capture_output=True, text=True, timeout=60)
+    done = run_launcher("check", "-H", dup, "--port-base", str(port_base), timeout=60)
     assert done.returncode == 3
     assert "hosts localhost and 127.0.0.1 both report address 127.0.0.1" in done.stderr
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, STANDIN, launcher_cmd, table_rows, wait_for
+from conftest import REPO, STANDIN, launcher_cmd, run_launcher, table_rows, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -100,10 +100,10 @@ def test_a_rank_failing_on_one_node_ends_the_job_with_that_ranks_code(slurm, hos
 
 def test_hosts_and_plan_read_the_allocation_outside_any_daemon():
     env = {**os.environ, "SLURM_JOB_NODELIST": "gpu[10-11],cpu1", "SLURM_TASKS_PER_NODE": "2(x2),1"}
-    done = subprocess.run(launcher_cmd("hosts"), capture_output=True, text=True, env=env, timeout=30)
+    done = run_launcher("hosts", env=env, timeout=30)
     assert done.returncode == 0, done.stderr
     assert [line.split()[:4:3] for line in done.stdout.splitlines()[1:]] == [["gpu10", "2"], ["gpu11", "2"], ["cpu1", "1"]]
-    plan = subprocess.run(launcher_cmd("plan", "--slots", "4"), capture_output=True, text=True, env=env, timeout=30)
+    plan = run_launcher("plan", "--slots", "4", env=env, timeout=30)
     assert plan.returncode == 0 and "12 ranks on 3 hosts" in plan.stdout
     outside = subprocess.run(launcher_cmd("check", "--transport", "slurm", "-H", os.path.join(REPO, "hostfile")),
                              capture_output=True, text=True, env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, timeout=30)

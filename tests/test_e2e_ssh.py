@@ -9,7 +9,7 @@ import subprocess
 import psutil
 import pytest
 
-from conftest import RunningLauncher, launcher_cmd, standin, standin_reports, table_rows, vllm_handshake, wait_for, write_hostfile
+from conftest import RunningLauncher, failed_line, launcher_cmd, run_launcher, standin, standin_reports, table_rows, vllm_handshake, wait_for, write_hostfile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -18,10 +18,7 @@ LEAKED = {"VLLM_NIXL_SIDE_CHANNEL_HOST": HEAD, "VLLM_HOST_IP": HEAD, "CUDA_VISIB
 
 
 def check(cluster, hf, *extra, env=None, timeout=90):
-    return subprocess.run(
-        launcher_cmd("check", "-H", hf, *cluster.ssh_args(), *extra), capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=timeout,
-    )
+    return run_launcher("check", "-H", hf, *cluster.ssh_args(), *extra, env=env, timeout=timeout)
 
 
 def test_seed_bug_head_address_leaked_yet_every_rank_binds_its_own_host(hosts, tmp_path):
@@ -88,7 +85,7 @@ def test_a_non_local_explicit_address_fails_that_host_and_stops_the_others(hosts
     hf = write_hostfile(tmp_path, "h1 slots=2\nh2\nh3 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99\n")
     done = check(hosts, hf)
     assert done.returncode == 2
-    first = done.stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
+    first = failed_line(done.stderr)
     assert first.startswith("rank 3 on h3 exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99 is not an address of h3")
     assert "eth0 198.18.0.13/24" in first and "Traceback" not in done.stderr
 
@@ -96,7 +93,7 @@ def test_a_non_local_explicit_address_fails_that_host_and_stops_the_others(hosts
 def test_remote_python_missing_is_a_clear_error(hosts, tmp_path):
     done = check(hosts, write_hostfile(tmp_path, "h1\nh2 python=/nonexistent/python3\n"))
     assert done.returncode == 3
-    failed = done.stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
+    failed = failed_line(done.stderr)
     assert failed.startswith("host h2") and "the agent did not start" in failed and "python=" in failed
 
 
@@ -110,7 +107,7 @@ def test_remote_python_missing_is_a_clear_error(hosts, tmp_path):
 def test_hosts_without_sshd_fail_with_one_line(hosts, tmp_path, line, extra, expected):
     done = check(hosts, write_hostfile(tmp_path, f"h1\n{line}\n"), *extra, timeout=60)
     assert done.returncode == 3
-    failed = done.stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
+    failed = failed_line(done.stderr)
     assert expected in failed and "Traceback" not in done.stderr
 
 
@@ -151,14 +148,14 @@ def test_unknown_host_key_is_refused_unless_new_keys_are_accepted(hosts, tmp_pat
     config = tmp_path / "ssh_config"
     config.write_text(open(hosts.ssh_config).read().replace(hosts.known_hosts, str(known)))
     args = ["check", "-H", write_hostfile(tmp_path, "h1\nh3\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", str(known)]
-    done = subprocess.run(launcher_cmd(*args), capture_output=True, text=True, timeout=60)
+    done = run_launcher(*args, timeout=60)
     assert done.returncode == 3
     assert re.search(r"host key of 198\.18\.0\.1[13] is unknown .* --accept-new-host-keys", done.stderr)
-    done = subprocess.run(launcher_cmd(*args, "--accept-new-host-keys"), capture_output=True, text=True, timeout=60)
+    done = run_launcher(*args, "--accept-new-host-keys", timeout=60)
     assert done.returncode == 0, done.stderr
     recorded = known.read_text()
     assert "198.18.0.11 ssh-ed25519" in recorded and "198.18.0.13 ssh-ed25519" in recorded
-    done = subprocess.run(launcher_cmd(*args), capture_output=True, text=True, timeout=60)  # now known
+    done = run_launcher(*args, timeout=60)  # now known
     assert done.returncode == 0, done.stderr
 
 
@@ -248,7 +245,7 @@ def test_a_vllm_failing_on_one_host_ends_the_job_everywhere_with_its_code(hosts,
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 3, done.stderr
-    assert done.stderr.split("launcher: FAILED: ")[1].startswith("rank 2 on h2 exited with code 3")
+    assert failed_line(done.stderr).startswith("rank 2 on h2 exited with code 3")
 
 
 def test_a_sigkilled_agent_leaves_nothing_its_ranks_detached(hosts, tmp_path):
@@ -292,6 +289,6 @@ def test_a_working_directory_full_of_shell_metacharacters_is_used_verbatim(hosts
     assert not list(tmp_path.rglob("PWNED")) and not os.path.exists("PWNED")  # nothing ran as shell
     # and the built-in core really ran there: a missing directory is a one-line error naming it
     missing = check(hosts, write_hostfile(tmp_path, f"h1 cwd={odd}x\n"))
-    first = missing.stderr.split("launcher: FAILED: ")[1].splitlines()[0]
+    first = failed_line(missing.stderr)
     assert missing.returncode == 3 and "the agent did not start: bash: line 1: cd: " in first and "No such file or directory" in first
     assert first.endswith("fix cwd= for this host in the hostfile (the directory must exist there)")
