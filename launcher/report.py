@@ -21,9 +21,10 @@ def rank_span(spec: RankSpec) -> tuple[str, str]:
 from .supervisor import LaunchResult, RankState, Reporter
 
 
-def format_table(rows: Sequence[Sequence[str]]) -> str:
+def format_table(rows: Sequence[Sequence[str]], right: bool = False) -> str:
+    """Columns two spaces apart, each as wide as its widest cell; ``right`` aligns numbers."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.rjust(w) if right else c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 class ConsoleReporter(Reporter):

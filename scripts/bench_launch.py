@@ -34,6 +34,7 @@ from netns_cluster import NetnsCluster  # noqa: E402
 import launcher  # noqa: E402
 from launcher import transports  # noqa: E402
 from launcher.plan import Host, LaunchOptions  # noqa: E402
+from launcher.report import format_table  # noqa: E402
 from launcher.supervisor import Reporter  # noqa: E402
 
 
@@ -97,10 +98,8 @@ def main() -> int:
             rows.append((str(count), f"{b:.3f}", f"{o:.3f}", f"{o / b:.2f}x",
                          f"{probe.rss.get('launcher.agent', 0) / 2**20:.0f}", f"{probe.rss.get('launcher.engine_core', 0) / 2**20:.0f}"))
             print(f"{count} hosts: ssh {b:.3f}s, launcher {o:.3f}s", file=sys.stderr, flush=True)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"median of {args.repeat} runs per row, {os.cpu_count()} CPUs")
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    print(format_table(rows, right=True))
     return 0
 
 

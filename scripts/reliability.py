@@ -28,6 +28,8 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from netns_cluster import NetnsCluster  # noqa: E402
 
+from launcher.report import format_table  # noqa: E402
+
 # Ignores SIGTERM (so teardown needs the SIGKILL after the grace period) and
 # leaves a grandchild in its own session and one in its process group.
 WORST_RANK = "trap '' TERM; setsid sleep 1000 & sleep 1000 & echo up; if [ {rank} = 1 ] && [ -n \"$FAIL\" ]; then sleep 1; exit 9; fi; wait"
@@ -143,11 +145,9 @@ def main() -> int:
             rows.append((name, "/".join(codes), f"{statistics.median(r[1] for r in results):.2f}",
                          f"{max(r[2] for r in results):.2f}", str(sum(r[3] for r in results)), f"{target:g}"))
             print(f"{name}: {results}", file=sys.stderr, flush=True)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"3 SSH hosts, 1 rank each (ignores SIGTERM, 2 grandchildren), grace {args.grace:g}s, "
           f"heartbeat timeout {HEARTBEAT:g}s; {args.repeat} runs per case: median head exit, worst all-gone, total left")
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(format_table(rows))
     return 0
 
 
