@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import re
@@ -36,6 +37,15 @@ def free_port_base(count: int = 8) -> int:
         if ok:
             return base
     raise RuntimeError("no free port range")
+
+
+@contextlib.contextmanager
+def port_taken(port: int, address: str = "127.0.0.1"):
+    """Another program listening on ``address:port`` while the block runs."""
+    with socket.socket() as s:
+        s.bind((address, port))
+        s.listen()
+        yield
 
 
 def launcher_processes():

@@ -2,14 +2,13 @@
 
 import os
 import signal
-import socket
 import time
 import sys
 
 import psutil
 import pytest
 
-from conftest import RunningLauncher, failed_line, run_launcher, standin, standin_reports, vllm_handshake, wait_for, write_hostfile
+from conftest import RunningLauncher, failed_line, port_taken, run_launcher, standin, standin_reports, vllm_handshake, wait_for, write_hostfile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -126,9 +125,7 @@ def test_check_on_a_command_connects_only_and_a_wrong_generation_handshake_kills
 
 def test_preflight_finds_a_busy_port_before_the_command_starts(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", port_base + 1))
-        busy.listen()
+    with port_taken(port_base + 1):
         done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--per-host", "--preflight", "--", *standin(*DP_ARGS, "--headless"))
     assert done.returncode != 0
     assert "preflight: built-in engine cores" in done.stderr and "standin:" not in done.stdout
@@ -154,9 +151,7 @@ def test_preflight_refuses_hosts_that_run_different_python_versions(tmp_path, po
 
 def test_a_vllm_that_cannot_bind_its_side_channel_fails_the_job_with_vllms_own_words(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
-    with socket.socket() as busy:  # another instance's side channel, say
-        busy.bind(("127.0.0.1", port_base + 1))
-        busy.listen()
+    with port_taken(port_base + 1):  # another instance's side channel, say
         done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--per-host", "--", *standin(*DP_ARGS, "--headless"))
     assert done.returncode == 1, done.stderr
     assert failed_line(done.stderr) == (

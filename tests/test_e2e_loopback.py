@@ -12,7 +12,7 @@ import launcher
 from launcher.check import CheckOptions
 from launcher.plan import Host, LaunchOptions
 
-from conftest import RunningLauncher, run_launcher, table_rows, vllm_handshake, wait_for, write_hostfile
+from conftest import RunningLauncher, port_taken, run_launcher, table_rows, vllm_handshake, wait_for, write_hostfile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -95,11 +95,7 @@ def test_killing_the_head_with_sigkill_leaves_nothing_behind(tmp_path, port_base
 
 def test_a_port_in_use_is_named_with_host_address_and_fix(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
-    import socket
-
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", port_base + 1))
-        squatter.listen()
+    with port_taken(port_base + 1):
         done = run_launcher("check", "-H", hf, "--port-base", str(port_base), timeout=60)
     assert done.returncode != 0
     assert f"side-channel port {port_base + 1} is already in use at 127.0.0.1:{port_base + 1}" in done.stderr
