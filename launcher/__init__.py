@@ -12,17 +12,37 @@ host's address.
 A user command instead of the built-in engine core::
 
     options = launcher.LaunchOptions(command=("vllm", "serve", "M", "--headless", ...), per_host=True)
+
+The names below load on first use: an agent, a rank or the bootstrap in
+front of ``vllm serve`` imports ``launcher.agent`` (or ``.engine_core``,
+``.bootstrap``) without loading the head's modules (supervisor, SSH, Slurm).
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from . import hostfile  # noqa: E402
-from .api import launch, plan_job  # noqa: E402
-from .check import CheckOptions  # noqa: E402
-from .plan import Host, LaunchOptions, LaunchPlan, RankSpec, Readiness  # noqa: E402
-from .supervisor import LaunchResult, RankResult  # noqa: E402
+import importlib
 
-__all__ = [
-    "CheckOptions", "Host", "LaunchOptions", "LaunchPlan", "LaunchResult", "RankResult", "RankSpec", "Readiness",
-    "hostfile", "launch", "plan_job",
-]
+from .version import __version__
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "launch": "api", "plan_job": "api",
+    "CheckOptions": "check",
+    "Host": "plan", "LaunchOptions": "plan", "LaunchPlan": "plan", "RankSpec": "plan", "Readiness": "plan",
+    "LaunchResult": "results", "RankResult": "results", "Failure": "results",
+}
+__all__ = sorted([*_EXPORTS, "hostfile", "__version__"])
+
+
+def __getattr__(name: str):
+    if name == "hostfile":
+        return importlib.import_module(".hostfile", __name__)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'launcher' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

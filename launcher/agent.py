@@ -20,6 +20,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,9 +34,12 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from . import __version__, envpolicy, netif, protocol
-from .command import render_template
-from .sidechannel import HandshakeError, compatibility_hash, handshake, tcp_probe
+from . import envpolicy, netif, protocol
+from .version import __version__
+from . import wire
+from .command import render_template, vllm_interpreter_hint
+from .probe import ProbeError, tcp_connect
+from .sidechannel import HandshakeError, handshake
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -85,6 +89,7 @@ class Agent:
         self.base_env = envpolicy.host_environment(os.environ)
         self._ready_pattern = re.compile(spec.readiness.pattern) if spec.readiness.kind == "log" else None
         self._ready_lock = threading.Lock()
+        self._vllm_versions: dict[tuple[str, str], str] = {}
 
     def hello(self) -> protocol.Hello:
         """Who and where this agent is, including the address its ranks will pick."""
@@ -205,15 +210,15 @@ class Agent:
         try:
             if rule.kind == "ports":
                 for port in rp.spec.ports:
-                    tcp_probe(address, port, timeout=1.0)
+                    tcp_connect(address, port, timeout=1.0)
             elif rule.kind == "port":
-                tcp_probe(address, rule.port, timeout=1.0)
+                tcp_connect(address, rule.port, timeout=1.0)
             elif rule.kind == "url":
                 url = render_template([rule.url], {"host_ip": netif.url_host(address), "port": str(rp.spec.port), "rank": str(rp.spec.rank)}, strict=False)[0]
                 with urllib.request.urlopen(url, timeout=2.0) as reply:
                     return 200 <= reply.status < 300
             return True
-        except (HandshakeError, urllib.error.URLError, OSError, ValueError):
+        except (ProbeError, urllib.error.URLError, OSError, ValueError):
             return False
 
     def _declare_ready(self, rp: RankProcess) -> None:
@@ -223,9 +228,18 @@ class Agent:
                 return
             rp.ready = protocol.Ready(
                 rank=rp.spec.rank, address=rp.resolved.address, port=rp.spec.port, pid=rp.popen.pid,
-                rule=rp.resolved.rule, engine_id=rp.spec.engine_id,
+                rule=rp.resolved.rule, engine_id=rp.spec.engine_id, vllm_version=self._vllm_version(rp),
             )
         self.events.send(rp.ready)
+
+    def _vllm_version(self, rp: RankProcess) -> str:
+        """The version of the vLLM a rank's command runs (the check picks its wire by it), cached per command."""
+        hint = vllm_interpreter_hint(rp.spec.argv)
+        if hint is None:
+            return ""
+        if hint not in self._vllm_versions:
+            self._vllm_versions[hint] = installed_vllm_version(hint, {**self.base_env, **rp.spec.env})
+        return self._vllm_versions[hint]
 
     def _read_head(self) -> None:
         for raw in iter(self.stdin.readline, b""):
@@ -244,25 +258,9 @@ class Agent:
         self.request_stop("the head closed the connection (stdin EOF)")
 
     def _run_check(self, check: protocol.Check) -> None:
-        expect_hash = compatibility_hash(self.spec.job_id)
         pairs = [(rp.ready, peer) for rp in self.ranks if rp.ready for peer in check.peers]
-
-        def probe(pair) -> protocol.CheckResult:
-            mine, peer = pair
-            try:
-                if check.wire == "tcp":  # safe against any listener, a real vLLM's included
-                    latency = max(tcp_probe(peer.address, port, check.timeout, source=mine.address) for port in peer.ports)
-                else:
-                    latency = handshake(
-                        peer.address, peer.ports[0], wire=check.wire, timeout=check.timeout,
-                        source=mine.address, expect_engine_id=peer.engine_id, expect_hash=expect_hash,
-                    ).latency_ms
-            except HandshakeError as exc:
-                return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=False, error=str(exc))
-            return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=True, latency_ms=round(latency, 3))
-
         with ThreadPoolExecutor(max_workers=16) as pool:
-            for result in pool.map(probe, pairs):
+            for result in pool.map(lambda pair: probe_peer(pair[0], pair[1], check.timeout), pairs):
                 self.events.send(result)
 
     # --- supervise -------------------------------------------------------
@@ -303,6 +301,56 @@ class Agent:
         """SIGTERM every rank's group and descendant, SIGKILL after the grace period."""
         terminate_tree([rp.popen for rp in self.ranks], self.spec.grace, hurry=self._kill_now)
         self._report_exits()
+
+
+def probe_peer(mine: protocol.Ready, peer: protocol.Peer, timeout: float) -> protocol.CheckResult:
+    """Probe every side-channel port of ``peer`` from ``mine``'s address: a handshake of the peer's wire, or a TCP connect."""
+    latencies, engines = [], []
+    try:
+        for port in peer.ports:
+            if peer.wire == wire.TCP:  # safe against any listener, a real vLLM's included
+                latencies.append(tcp_connect(peer.address, port, timeout, source=mine.address))
+                continue
+            done = handshake(peer.address, port, wire.generation(peer.wire), timeout=timeout, source=mine.address)
+            meta, got_hash = done.reply.metadata, done.reply.compat_hash or ""
+            where = f"{peer.address}:{port}"
+            if peer.expect_hash is not None and got_hash and got_hash != peer.expect_hash:  # "": no hash on this wire
+                raise HandshakeError(f"{where}: compatibility hash mismatch (another job's engine is listening there)")
+            if peer.expect_engine_id is not None and meta.engine_id != peer.expect_engine_id:
+                raise HandshakeError(f"{where}: engine ID mismatch: expected {peer.expect_engine_id}, got {meta.engine_id}")
+            latencies.append(done.latency_ms)
+            engines.append(protocol.EngineSeen(port=port, engine_id=meta.engine_id, compat_hash=got_hash))
+    except (HandshakeError, ProbeError, wire.WireError) as exc:
+        return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=False, error=str(exc))
+    return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=True, latency_ms=round(max(latencies), 3), engines=engines)
+
+
+def installed_vllm_version(hint: tuple[str, str], env: dict[str, str]) -> str:
+    """Ask the interpreter behind a vLLM command which vLLM it has, without importing vLLM (tens of ms)."""
+    kind, name = hint
+    path = shutil.which(name, path=env.get("PATH"))
+    if path is None:
+        return ""
+    if kind == "script":  # vLLM's console script: its interpreter is on the #! line
+        try:
+            with open(path, "rb") as f:
+                first = f.readline(512).decode("utf-8", "replace")
+        except OSError:
+            return ""
+        words = first[2:].split() if first.startswith("#!") else []
+        if not words:
+            return ""
+        path = shutil.which(words[1], path=env.get("PATH")) if os.path.basename(words[0]) == "env" and len(words) > 1 else words[0]
+        if path is None:
+            return ""
+    try:
+        done = subprocess.run(
+            [path, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
+            capture_output=True, text=True, timeout=20, env=env, stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def terminate_tree(popens: list[subprocess.Popen], grace: float, hurry: threading.Event | None = None) -> None:

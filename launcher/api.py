@@ -12,7 +12,8 @@ from . import plan as planmod
 from . import transports
 from .check import CheckOptions
 from .plan import Host, LaunchOptions, LaunchPlan
-from .supervisor import LaunchResult, Reporter, Supervisor
+from .results import LaunchResult
+from .supervisor import Reporter, Supervisor
 
 
 def plan_job(

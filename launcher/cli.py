@@ -11,13 +11,14 @@ import signal
 import sys
 import threading
 
-from . import __version__, hostfile, report, transports
+from . import hostfile, report, transports
+from .version import __version__
 from .api import default_transport, launch, plan_job
-from .check import CheckOptions
+from . import wire
+from .check import WIRE_CHOICES, CheckOptions
 from .command import PLACEHOLDERS
 from .plan import LaunchOptions, PlanError, Readiness
-from .sidechannel import WIRES
-from .supervisor import EXIT_USAGE, LaunchResult
+from .results import EXIT_USAGE, LaunchResult
 
 DEFAULT_HOSTFILE = "hostfile"
 
@@ -119,10 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("hosts", parents=[hosts_common], help="print the parsed hostfile")
     sub.add_parser("plan", parents=[plan_common], help="dry run: per rank, host, port, command and environment (secrets masked)")
-    check = sub.add_parser("check", parents=[run_common], help="launch, handshake every rank pair, print the matrix, stop")
-    check.add_argument("--wire", choices=sorted(WIRES) + ["tcp"], help="v1 [msg,tp], v2 [msg,pp,tp], v3 [msg,pp,pcp,tp] handshakes, or tcp connects only (default: v2 for the built-in core, tcp for a command: a handshake of the wrong generation kills a real vLLM listener)")
-    check.add_argument("--handshake-timeout", type=_seconds, default=5.0, help="seconds per handshake (default 5, as vLLM)")
-    run = sub.add_parser("run", parents=[run_common], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job")
+    probing = _Parser(add_help=False)
+    p = probing.add_argument_group("all-pairs check")
+    p.add_argument("--wire", choices=WIRE_CHOICES, default="auto", help=(
+        "what each probe speaks: auto (default) = per peer, the handshake generation of the vLLM its command runs "
+        "(the built-in core's for it), else a TCP connect; or force one: "
+        + "; ".join(g.describe() for g in wire.GENERATIONS)
+        + "; or tcp (connect only). A handshake of the wrong generation kills a real vLLM listener"
+    ))
+    p.add_argument("--handshake-timeout", type=_seconds, default=5.0, help="seconds per handshake (default 5, as vLLM)")
+    sub.add_parser("check", parents=[run_common, probing], help="launch, probe every rank pair, print the matrix, stop")
+    run = sub.add_parser("run", parents=[run_common, probing], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job")
+    run.add_argument("--check", action="store_true", help="once every rank is ready, run the all-pairs check on the running job (vLLM's own side channels) and serve only if it passes")
     run.add_argument("--to-completion", action="store_true", help="the command ends on its own (a test, a benchmark): wait for every rank; exit 0 when all exit 0, else the first failure's code")
     run.add_argument("--preflight", action="store_true", help="first prove hosts, versions, addresses and ports with the built-in core; start the command only if all pass")
     return parser
@@ -229,8 +238,8 @@ def _launch(args, plan, transport) -> int:
     for warning in plan.warnings:
         reporter.progress(f"warning: {warning}")
     check = None
-    if args.command == "check":
-        check = CheckOptions(wire=args.wire or ("v2" if plan.builtin else "tcp"), timeout=args.handshake_timeout)
+    if args.command == "check" or getattr(args, "check", False):
+        check = CheckOptions(wire=args.wire, timeout=args.handshake_timeout)
     try:
         result = launch(
             plan, transport, check=check, serve=args.command == "run", stop=stop, reporter=reporter,

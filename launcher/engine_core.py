@@ -18,11 +18,30 @@ import signal
 import sys
 import threading
 
-from . import netif, protocol
-from .sidechannel import SideChannelBindError, SideChannelListener, builtin_payload
+from . import netif, protocol, wire
+from .sidechannel import SideChannelBindError, SideChannelListener
 
 EXIT_BAD_ADDRESS = 2
 EXIT_BIND_FAILED = 3
+
+
+def builtin_payload(engine_id: str, job_id: str, tp_rank: int = 0) -> bytes:
+    """The handshake payload of the built-in engine core, in vLLM's current format (no KV cache behind it)."""
+    metadata = wire.NixlAgentMetadata(
+        engine_id=engine_id,
+        agent_metadata=f"launcher-agent:{engine_id}:tp{tp_rank}".encode(),
+        kv_caches_base_addr=[],
+        device_id=tp_rank,
+        num_blocks=0,
+        block_lens=[],
+        block_strides=[],
+        kv_cache_layout="HND",
+        block_size=16,
+        ssm_sizes=(0, 0),
+        attn_backend_name="launcher-builtin",
+        physical_blocks_per_logical_kv_block=1,
+    )
+    return wire.encode_payload(metadata, wire.compatibility_hash(job_id))
 
 
 def main() -> int:

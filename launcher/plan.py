@@ -13,7 +13,10 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from . import envpolicy
-from .command import BOOTSTRAP, BUILTIN_ENGINE, RUNTIME_PLACEHOLDERS, CommandError, kv_transfer_engine_id, render_template, user_command
+from .command import (
+    BOOTSTRAP, BUILTIN_ENGINE, RUNTIME_PLACEHOLDERS, CommandError, is_vllm_serve, kv_transfer_engine_id, render_template,
+    user_command, uses_nixl, vllm_dp_ranks,
+)
 
 DEFAULT_PORT_BASE = 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default
 DEFAULT_RPC_PORT = 13345  # the --data-parallel-rpc-port of vLLM's multi-node examples
@@ -222,6 +225,10 @@ def build(
                 "host": host.name, "host_index": index, "host_first_rank": served[0] - local_rank,
                 "port": port_base + rank, "port_base": port_base, "rpc_port": options.rpc_port, "job_id": job_id,
             }
+            argv = _argv(options, index, {k: str(v) for k, v in values.items()})
+            # A vLLM command binds where its own DP flags say (base + each DP index it serves), whatever our rank count.
+            vllm_ranks = vllm_dp_ranks(user_command(argv)) if options.command else None
+            ports = tuple(port_base + r for r in (vllm_ranks if vllm_ranks is not None else served))
             ranks.append(
                 RankSpec(
                     rank=rank,
@@ -230,10 +237,10 @@ def build(
                     host=host.name,
                     world_size=world_size,
                     local_size=host.slots,
-                    port=port_base + rank,
+                    port=ports[0],
                     engine_id=rank_vars["LAUNCHER_ENGINE_ID"],
-                    argv=_argv(options, index, {k: str(v) for k, v in values.items()}),
-                    ports=tuple(port_base + r for r in served),
+                    argv=argv,
+                    ports=ports,
                     env=report.env,
                     env_report=report,
                 )
@@ -242,12 +249,15 @@ def build(
         host_plans.append(HostPlan(host=host, index=index, ranks=tuple(ranks)))
 
     processes = [r for h in host_plans for r in h.ranks]
+    _check_port_overlap(host_plans)
     if options.command:
         _check_engine_ids(processes)
         _check_side_channel_hosts(hosts)
     readiness = options.readiness or Readiness("ports" if options.command else "report")
     if readiness.kind == "report" and options.command:
         raise PlanError("a user command cannot report readiness itself; use the side-channel ports (default), --ready-port, --ready-url or --ready-log")
+    if readiness.kind == "ports" and options.command:
+        _check_side_channel_opens(processes)
     return LaunchPlan(
         job_id=job_id,
         hosts=tuple(host_plans),
@@ -280,6 +290,38 @@ def _argv(options: LaunchOptions, host_index: int, values: Mapping[str, str]) ->
         return BOOTSTRAP + render_template(command, values, leave=RUNTIME_PLACEHOLDERS)
     except CommandError as exc:
         raise PlanError(str(exc)) from None
+
+
+def _check_port_overlap(host_plans: Sequence[HostPlan]) -> None:
+    """Two processes of one host cannot both bind a side-channel port."""
+    for hp in host_plans:
+        owner: dict[int, RankSpec] = {}
+        for spec in hp.ranks:
+            for port in spec.ports:
+                other = owner.setdefault(port, spec)
+                if other is not spec:
+                    raise PlanError(
+                        f"{hp.host.label}: processes {other.rank} and {spec.rank} would both bind side-channel port {port} "
+                        f"(their vLLM DP flags give them the same DP index); give each process on a host its own "
+                        f"--data-parallel-start-rank/--data-parallel-rank, or put them on different hosts"
+                    )
+
+
+def _check_side_channel_opens(processes: Sequence[RankSpec]) -> None:
+    """vLLM opens its side channel only with a NixlConnector: without one, port readiness never holds."""
+    for spec in processes:
+        args = user_command(spec.argv)
+        try:
+            silent = is_vllm_serve(args) and not uses_nixl(args)
+        except CommandError as exc:
+            raise PlanError(str(exc)) from None
+        if silent:
+            raise PlanError(
+                f"rank {spec.rank} on {spec.host} runs vllm serve without a NixlConnector --kv-transfer-config, so it opens "
+                f"no side channel and would never count as ready by its side-channel ports; use --ready-url "
+                f"'http://{{host_ip}}:8000/health' (an API server), --ready-log 'Application startup complete' "
+                f"or --ready-port, or configure NixlConnector"
+            )
 
 
 def _check_engine_ids(processes: Sequence[RankSpec]) -> None:

@@ -59,15 +59,18 @@ class Sweep(_Msg):
 
 
 class Peer(msgspec.Struct, kw_only=True):
+    """A rank to probe: every one of its side-channel ports, with ``wire``."""
+
     rank: int
     address: str
-    ports: list[int]  # a handshake asks the first; a TCP check connects to all
-    engine_id: str
+    ports: list[int]
+    wire: str  # a handshake generation (wire.GENERATIONS), or "tcp": connect only
+    expect_hash: str | None = None  # None: report the peer's, the head compares them across the job
+    expect_engine_id: str | None = None  # a built-in core's; None: report it
 
 
 class Check(_Msg):
     peers: list[Peer]
-    wire: str  # a handshake generation (v1, v2, v3), or "tcp": connect only
     timeout: float
 
 
@@ -110,6 +113,7 @@ class Ready(_Msg):
     pid: int
     rule: str
     engine_id: str
+    vllm_version: str = ""  # of the vLLM its command runs, if it runs one
 
 
 class Output(_Msg):
@@ -128,12 +132,21 @@ class Exited(_Msg):
     returncode: int  # negative: killed by that signal
 
 
+class EngineSeen(msgspec.Struct, kw_only=True):
+    """What a handshake learned about the engine core behind one port."""
+
+    port: int
+    engine_id: str
+    compat_hash: str = ""  # "" from vLLM before 0.13 (no hash on the wire)
+
+
 class CheckResult(_Msg):
     rank: int
     peer: int
     ok: bool
     latency_ms: float = 0.0
     error: str = ""
+    engines: list[EngineSeen] = []
 
 
 class Stopping(_Msg):

@@ -18,7 +18,8 @@ def rank_span(spec: RankSpec) -> tuple[str, str]:
     if len(ports) == 1:
         return str(spec.rank), str(ports[0])
     return f"{spec.rank}-{spec.rank + len(ports) - 1}", f"{ports[0]}-{ports[-1]}"
-from .supervisor import LaunchResult, RankState, Reporter
+from .results import LaunchResult
+from .supervisor import RankState, Reporter
 
 
 def format_table(rows: Sequence[Sequence[str]], right: bool = False) -> str:
@@ -65,8 +66,8 @@ class ConsoleReporter(Reporter):
         print(format_table(rows), file=self.out, flush=True)
 
 
-    def checked(self, matrix: CheckMatrix, hosts: dict[int, str]) -> None:
-        print(render_matrix(matrix, hosts, color=self.out.isatty()), file=self.out, flush=True)
+    def checked(self, matrix: CheckMatrix) -> None:
+        print(render_matrix(matrix, color=self.out.isatty()), file=self.out, flush=True)
 
 
 def render_hosts(hosts: Iterable[Host]) -> str:

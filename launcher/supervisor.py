@@ -18,19 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import __version__, protocol
+from . import protocol
+from .version import __version__
+from . import check as checking
 from .check import CheckMatrix, CheckOptions
 from .plan import HostPlan, LaunchPlan, RankSpec
-from .sidechannel import HandshakeError, tcp_probe
+from .probe import ProbeError, tcp_connect
+from .results import EXIT_CHECK_FAILED, EXIT_HOST_LOST, EXIT_NOT_READY, Failure, LaunchResult, RankResult
 from .transports import AgentConnection, Transport, TransportError
-
-# Exit codes of the launcher itself (a failing rank's own code is passed through).
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_HOST_LOST = 3
-EXIT_NOT_READY = 4
-EXIT_CHECK_FAILED = 5
-
 
 @dataclass
 class RankState:
@@ -40,55 +35,13 @@ class RankState:
     address: str | None = None
     port: int | None = None
     rule: str | None = None
+    vllm_version: str = ""
     exit_code: int | None = None
     error: str | None = None
     started_at: float | None = None
     ready_at: float | None = None
     ended_at: float | None = None
     output: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
-
-
-@dataclass(frozen=True)
-class RankResult:
-    """How one rank went; times are seconds since the launch began."""
-
-    rank: int
-    host: str
-    address: str | None
-    port: int
-    pid: int | None
-    state: str
-    exit_code: int | None  # negative: killed by that signal
-    error: str | None
-    started_at: float | None
-    ready_at: float | None
-    ended_at: float | None
-    last_output: str | None = None  # its last line of output, for the summary
-
-
-@dataclass(frozen=True)
-class Failure:
-    kind: str  # rank-exited, rank-error, host-lost, transport, not-ready, duplicate-address, unreachable, check, versions, signal
-    message: str
-    exit_code: int
-    rank: int | None = None
-    host: str | None = None
-
-
-@dataclass(frozen=True)
-class LaunchResult:
-    ranks: tuple[RankResult, ...]
-    failure: Failure | None
-    check: CheckMatrix | None
-    duration: float
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_OK if self.failure is None else self.failure.exit_code
 
 
 class Reporter:
@@ -100,7 +53,7 @@ class Reporter:
 
     def ready(self, ranks: list[RankState]) -> None: ...
 
-    def checked(self, matrix: CheckMatrix, hosts: dict[int, str]) -> None: ...
+    def checked(self, matrix: CheckMatrix) -> None: ...
 
 
 _CLOSE = object()  # outbox sentinel: close the agent's stdin after what is queued
@@ -178,22 +131,38 @@ class Supervisor:
         return self.failure is None
 
     def check(self, options: CheckOptions = CheckOptions()) -> CheckMatrix:
-        """All-pairs handshake from every rank's address to every rank."""
+        """All-pairs probe from every rank's address to every rank (handshakes where the wire is known)."""
         ranks = sorted(self.ranks.values(), key=lambda r: r.spec.rank)
-        self.matrix = CheckMatrix(tuple(r.spec.rank for r in ranks), options.wire)
-        peers = [protocol.Peer(rank=r.spec.rank, address=r.address, ports=list(r.spec.ports), engine_id=r.spec.engine_id) for r in ranks]
-        how = "TCP connects" if options.wire == "tcp" else f"handshakes, {options.wire} wire"
+        hosts = {r.spec.rank: r.spec.host for r in ranks}
+        targets = [
+            checking.Target(r.spec.rank, r.spec.host, r.address, r.spec.ports, r.spec.engine_id, r.vllm_version) for r in ranks
+        ]
+        peers, notes = checking.plan_probes(targets, options, builtin=self.plan.builtin, job_id=self.plan.job_id)
+        self.matrix = CheckMatrix(tuple(hosts), {p.rank: p.wire for p in peers}, hosts)
+        for note in notes:
+            self.reporter.progress(note)
+        kinds = sorted({p.wire for p in peers})
+        how = ", ".join("TCP connects" if k == "tcp" else f"handshakes, {k} wire" for k in kinds)
         self.reporter.progress(f"checking all {len(ranks) ** 2} pairs ({how})")
         for link in self.links:
-            self._send(link, protocol.Check(peers=peers, wire=options.wire, timeout=options.timeout))
-        # Agents probe concurrently; a failing probe costs at most one timeout.
-        deadline = time.monotonic() + options.timeout * 2 + 5
+            self._send(link, protocol.Check(peers=peers, timeout=options.timeout))
+        # Agents probe concurrently; a failing probe costs at most one timeout per port.
+        most_ports = max(len(r.spec.ports) for r in ranks)
+        deadline = time.monotonic() + options.timeout * (most_ports + 1) + 5
         self._pump(lambda: self.matrix.complete, deadline)
-        if self.failure is None and not self.stop_requested.is_set() and not self.matrix.ok:
+        if self.failure is None and not self.stop_requested.is_set():
             bad = self.matrix.failures
-            self.failure = Failure("check", f"{len(bad)} of {len(ranks) ** 2} pairs failed the check; first: r{bad[0].rank} -> r{bad[0].peer}: {bad[0].error}", EXIT_CHECK_FAILED)
+            problems = self.matrix.problems
+            if bad:
+                first = bad[0]
+                self.failure = Failure(
+                    "check", f"{len(bad)} of {len(ranks) ** 2} pairs failed the check; first: r{first.rank} ({hosts[first.rank]}) -> "
+                    f"r{first.peer} ({hosts[first.peer]}): {first.error}", EXIT_CHECK_FAILED,
+                )
+            elif problems:
+                self.failure = Failure("check", problems[0], EXIT_CHECK_FAILED)
         if not self.stop_requested.is_set():
-            self.reporter.checked(self.matrix, {r.spec.rank: r.spec.host for r in ranks})
+            self.reporter.checked(self.matrix)
         return self.matrix
 
     def serve(self) -> None:
@@ -378,6 +347,7 @@ class Supervisor:
         elif isinstance(event, protocol.Ready):
             state = self.ranks[event.rank]
             state.state, state.address, state.port, state.rule, state.ready_at = "ready", event.address, event.port, event.rule, now
+            state.vllm_version = event.vllm_version
             ready = sum(1 for r in self.ranks.values() if r.state == "ready")
             what = "ranks" if len(self.ranks) == self.plan.world_size else "processes"
             self.reporter.progress(f"{what} ready {ready}/{len(self.ranks)} (rank {event.rank} on {state.spec.host} at {event.address}:{event.port})")
@@ -561,9 +531,9 @@ class Supervisor:
 
         def probe(state: RankState) -> tuple[RankState, str | None]:
             try:
-                tcp_probe(state.address, port_of(state), timeout=5.0)
+                tcp_connect(state.address, port_of(state), timeout=5.0)
                 return state, None
-            except HandshakeError as exc:
+            except ProbeError as exc:
                 return state, str(exc)
 
         with ThreadPoolExecutor(max_workers=16) as pool:

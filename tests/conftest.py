@@ -13,7 +13,7 @@ import psutil
 import pytest
 import zmq
 
-from launcher import sidechannel
+from launcher import wire
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,6 +187,7 @@ def standin_reports(lines):
 
 
 def vllm_handshake(address, port):
+    """The engine id behind a side channel, asked as vLLM 0.26 and later ask: (msg, pp_rank, tp_rank)."""
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 5000)
@@ -194,8 +195,8 @@ def vllm_handshake(address, port):
     sock.send(msgspec.msgpack.encode([b"get_meta_msg", 0, 0]))
     frames = sock.recv_multipart()
     sock.close()
-    payload = msgspec.msgpack.decode(frames[0], type=sidechannel.NixlHandshakePayload)
-    return msgspec.msgpack.decode(payload.agent_metadata_bytes, type=sidechannel.NixlAgentMetadata).engine_id
+    payload = msgspec.msgpack.decode(frames[0], type=wire.NixlHandshakePayload)
+    return msgspec.msgpack.decode(payload.agent_metadata_bytes, type=wire.NixlAgentMetadata).engine_id
 
 
 # --- the netns + sshd cluster --------------------------------------------------

@@ -115,7 +115,7 @@ def test_loopback_hosts_get_distinct_addresses_and_duplicates_are_refused(tmp_pa
 
 def test_python_api_returns_per_rank_results(port_base):
     plan = launcher.plan_job([Host("localhost", slots=2)], LaunchOptions(port_base=port_base))
-    result = launcher.launch(plan, check=CheckOptions(wire="v3"))
+    result = launcher.launch(plan, check=CheckOptions(wire="v1"))
     assert result.ok and result.exit_code == 0
     assert result.check.ok and len(result.check.results) == 4
     assert [(r.rank, r.address, r.port, r.state) for r in result.ranks] == [

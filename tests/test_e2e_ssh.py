@@ -75,9 +75,9 @@ def test_an_unreachable_listener_shows_red_in_the_matrix_with_the_reason(hosts, 
     matrix = done.stdout.split("handshake latency")[1]
     assert re.search(r"^h1 r0 .*\d", matrix, re.M)
     assert re.search(r"^h2 r1\s+FAIL\s+[\d.]+\s+[\d.]+$", matrix, re.M)
-    assert "r1 -> r0: 198.19.0.11:5600: Network is unreachable" in matrix
+    assert "r1 (h2) -> r0 (h1): 198.19.0.11:5600: Network is unreachable" in matrix
     # Probes leave from each rank's own address: r0's replies cannot route back to 198.19 either.
-    assert "r0 -> r1: 198.18.0.12:5601: connect timed out after 2s" in matrix
+    assert "r0 (h1) -> r1 (h2): 198.18.0.12:5601: connect timed out after 2s" in matrix
     assert "4 of 9 handshakes failed" in matrix
 
 

@@ -54,7 +54,8 @@ from launcher.plan import Readiness  # noqa: E402
 VLLM_DP = (
     "vllm", "serve", "M", "--data-parallel-size", "{world_size}", "--data-parallel-size-local", "{local_size}",
     "--data-parallel-start-rank", "{host_first_rank}", "--data-parallel-address", "{head_ip}",
-    "--data-parallel-rpc-port", "{rpc_port}", "--headless",
+    "--data-parallel-rpc-port", "{rpc_port}", "--kv-transfer-config", '{"kv_connector":"NixlConnector","kv_role":"kv_both"}',
+    "--headless",
 )
 
 
@@ -71,6 +72,36 @@ def test_per_host_mode_starts_one_process_per_host_with_its_dp_slice():
     # Per rank (the default), every rank is its own process with its own port.
     per_rank = plan.build(HOSTS, LaunchOptions(command=("x", "{rank}", "{local_rank}", "{port}")), {"VLLM_NIXL_SIDE_CHANNEL_PORT": "7000"}, "j")
     assert [user_command(r.argv) for r in per_rank.ranks][3] == ("x", "3", "1", "7003")
+
+
+def test_a_vllm_command_is_expected_where_its_own_dp_flags_bind_it():
+    kv = ("--kv-transfer-config", '{"kv_connector":"NixlConnector"}')
+    # vLLM's recipe: the API-server host names no start rank (vLLM 0.32 would infer hybrid load balancing).
+    head = ("vllm", "serve", "M", "-dp", "{world_size}", "--data-parallel-size-local", "{local_size}", *kv)
+    p = plan.build(HOSTS, LaunchOptions(port_base=7000, command=VLLM_DP, head_command=head, per_host=True), {}, "j")
+    assert [r.ports for r in p.ranks] == [(7000, 7001), (7002, 7003, 7004), (7005,)]
+    # Prefill and decode without data parallelism: each binds base + 0 on its own host, whatever its rank.
+    pd = plan.build(HOSTS, LaunchOptions(port_base=7000, command=("vllm", "serve", "M", *kv), per_host=True), {}, "j")
+    assert [r.ports for r in pd.ranks] == [(7000,), (7000,), (7000,)]
+    # External load balancing: the rank it is given.
+    ext = plan.build([Host("a")], LaunchOptions(port_base=7000, command=("vllm", "serve", "M", "-dp", "8", "--data-parallel-rank", "5", *kv)), {}, "j")
+    assert ext.ranks[0].ports == (7005,)
+    # Not vLLM: the launcher's own rule, base + rank.
+    other = plan.build(HOSTS, LaunchOptions(port_base=7000, command=("python", "serve.py")), {}, "j")
+    assert [r.port for r in other.ranks] == [7000, 7001, 7002, 7003, 7004, 7005]
+
+
+def test_two_vllm_processes_that_would_bind_one_port_on_a_host_are_refused():
+    kv = ("--kv-transfer-config", '{"kv_connector":"NixlConnector"}')
+    with pytest.raises(plan.PlanError, match=r"a: processes 0 and 1 would both bind side-channel port 7000"):
+        plan.build([Host("a", slots=2)], LaunchOptions(port_base=7000, command=("vllm", "serve", "M", *kv)), {}, "j")
+
+
+def test_vllm_without_a_nixl_connector_needs_another_readiness_rule():
+    command = ("vllm", "serve", "M", "--data-parallel-size", "1")
+    with pytest.raises(plan.PlanError, match="runs vllm serve without a NixlConnector --kv-transfer-config.*--ready-url"):
+        plan.build([Host("a")], LaunchOptions(command=command), {}, "j")
+    assert plan.build([Host("a")], LaunchOptions(command=command, readiness=Readiness("log", pattern="x")), {}, "j").ranks
 
 
 def test_the_head_command_runs_on_the_first_host_only():

@@ -1,0 +1,33 @@
+"""A TCP connect, the probe that is safe against any listener (a real vLLM's included)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+# Linux: bind an address now, a port only at connect(), so that a probe
+# from a chosen source address does not reserve an ephemeral port per socket.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+class ProbeError(Exception):
+    """A connect that failed; str() is ``address:port: reason``."""
+
+
+def tcp_connect(address: str, port: int, timeout: float, source: str | None = None) -> float:
+    """Connect to ``address:port`` (from ``source``, if given); milliseconds taken, or ProbeError."""
+    start = time.perf_counter()
+    bare = address.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            if source:
+                s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                s.bind((source.strip("[]"), 0))
+            s.connect((bare, port))
+        except socket.timeout:
+            raise ProbeError(f"{address}:{port}: connect timed out after {timeout:g}s") from None
+        except OSError as exc:
+            raise ProbeError(f"{address}:{port}: {exc.strerror or exc}") from None
+    return (time.perf_counter() - start) * 1000
