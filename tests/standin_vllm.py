@@ -5,8 +5,15 @@ written from vLLM's documented behaviour, not from launcher's code (it imports
 nothing of launcher), so a test passing means launcher drives *vLLM's* rules:
 
 - data parallelism from the CLI (``--data-parallel-size``, ``-size-local``,
-  ``-start-rank``, ``--headless``); with no DP on the CLI, ``VLLM_DP_RANK``/
-  ``VLLM_DP_SIZE`` are applied silently, as vLLM does;
+  ``-start-rank``, ``-rank``, ``--headless``); with no DP on the CLI,
+  ``VLLM_DP_RANK``/``VLLM_DP_SIZE`` are applied silently, as vLLM does;
+- vLLM 0.32's load-balancing rules: a start rank on a host that is not
+  headless means hybrid load balancing (external when its local size is 1,
+  which a non-MoE model refuses), and then the API server refuses headless
+  peers, which say hello on ``--data-parallel-address:--data-parallel-rpc-port``
+  (``RuntimeError: Remote engine N must not use --headless in external or
+  hybrid dp lb mode``); in the default (internal) mode it refuses peers that
+  are not headless;
 - one NIXL side-channel ROUTER per local DP rank at
   ``tcp://{VLLM_NIXL_SIDE_CHANNEL_HOST or localhost}:{VLLM_NIXL_SIDE_CHANNEL_PORT or 5600 + dp_index}``;
 - a bind to an address that is not local fails with vLLM's error
@@ -29,6 +36,7 @@ import http.server
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -42,11 +50,12 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="vllm")
     p.add_argument("subcommand", choices=["serve"])
     p.add_argument("model")
-    p.add_argument("--data-parallel-size", type=int)
-    p.add_argument("--data-parallel-size-local", type=int)
-    p.add_argument("--data-parallel-start-rank", type=int, default=0)
+    p.add_argument("--data-parallel-size", "-dp", type=int)
+    p.add_argument("--data-parallel-size-local", "-dpl", type=int)
+    p.add_argument("--data-parallel-start-rank", "-dpr", type=int)
+    p.add_argument("--data-parallel-rank", "-dpn", type=int)
     p.add_argument("--data-parallel-address")
-    p.add_argument("--data-parallel-rpc-port", type=int)
+    p.add_argument("--data-parallel-rpc-port", type=int, default=29550)
     p.add_argument("--headless", action="store_true")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--kv-transfer-config")
@@ -58,8 +67,54 @@ def dp_ranks(args, env):
     if args.data_parallel_size is None:  # vLLM: env applies only when the CLI sets no DP
         size = int(env.get("VLLM_DP_SIZE", "1"))
         return size, [int(env.get("VLLM_DP_RANK", "0"))]
+    if args.data_parallel_rank is not None:
+        return args.data_parallel_size, [args.data_parallel_rank]
     local = args.data_parallel_size_local or args.data_parallel_size
-    return args.data_parallel_size, list(range(args.data_parallel_start_rank, args.data_parallel_start_rank + local))
+    start = args.data_parallel_start_rank or 0
+    return args.data_parallel_size, list(range(start, start + local))
+
+
+def lb_mode(args) -> str:
+    """vLLM 0.32's choice (EngineArgs.create_engine_config): internal, hybrid or external load balancing."""
+    size = args.data_parallel_size or 1
+    local = args.data_parallel_size_local
+    if args.data_parallel_rank is not None:
+        return "external"
+    if local is not None and args.data_parallel_start_rank is not None and not args.headless and local < size:
+        return "external" if local == 1 else "hybrid"
+    return "internal"
+
+
+def coordinate(args, mode: str, first_rank: int) -> None:
+    """The DP handshake on the RPC port, reduced to the rule that refuses mixed modes."""
+    address, port = args.data_parallel_address or "127.0.0.1", args.data_parallel_rpc_port
+    if not args.headless and first_rank == 0:
+        server = socket.create_server((address, port), reuse_port=False)
+
+        def accept():
+            while True:
+                conn, _ = server.accept()
+                hello = json.loads(conn.makefile().readline() or "{}")
+                headless = hello.get("headless")
+                if headless is not None and headless != (mode == "internal"):
+                    need = "must not use" if headless else "must use"
+                    why = "in external or hybrid dp lb mode" if headless else "unless in external or hybrid dp lb mode"
+                    print(f"RuntimeError: Remote engine {hello.get('rank')} {need} --headless {why}", file=sys.stderr, flush=True)
+                    os._exit(1)
+                conn.close()
+
+        threading.Thread(target=accept, daemon=True).start()
+    elif args.headless or first_rank > 0:
+        def hello():
+            for _ in range(600):
+                try:
+                    with socket.create_connection((address, port), timeout=1) as conn:
+                        conn.sendall(json.dumps({"rank": first_rank, "headless": args.headless}).encode() + b"\n")
+                        return
+                except OSError:
+                    time.sleep(0.1)
+
+        threading.Thread(target=hello, daemon=True).start()
 
 
 def payload(engine_id: str) -> bytes:
@@ -97,13 +152,17 @@ def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     env = os.environ
     size, ranks = dp_ranks(args, env)
+    mode = lb_mode(args)
+    if mode == "external" and size > 1 and "moe" not in args.model.lower():
+        print("ValueError: Non-MoE models do not support external data parallel mode.", file=sys.stderr, flush=True)
+        return 1
     host = env.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "localhost")
     base = int(env.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600"))
     config = json.loads(args.kv_transfer_config) if args.kv_transfer_config else {}
     engine = config.get("engine_id") or uuid.uuid4().hex[:8]
     seen = {
         "argv": sys.argv[1:] if argv is None else argv,
-        "dp_size": size, "dp_ranks": ranks, "side_channel_host": host, "side_channel_port": base,
+        "dp_size": size, "dp_ranks": ranks, "lb_mode": mode, "side_channel_host": host, "side_channel_port": base,
         "vllm_host_ip": env.get("VLLM_HOST_IP"), "headless": args.headless, "tags": args.tag,
         "launcher_vars": sorted(k for k in env if k.startswith("LAUNCHER_")),
         "env": {k: v for k, v in env.items() if k.startswith(("VLLM_", "STANDIN_", "HF_", "CUDA_"))},
@@ -122,6 +181,8 @@ def main(argv=None) -> int:
             return 1
         threading.Thread(target=serve_side_channel, args=(sock, f"{engine}_dp{dp}"), daemon=True).start()
         print(f"standin: side channel for DP rank {dp} at {endpoint}", flush=True)
+    if size > 1:
+        coordinate(args, mode, ranks[0])
     if not args.headless:
         server = http.server.ThreadingHTTPServer((host, args.port), Health)
         threading.Thread(target=server.serve_forever, daemon=True).start()

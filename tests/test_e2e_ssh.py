@@ -203,16 +203,17 @@ def test_a_silent_partition_is_noticed_by_heartbeats_on_both_sides(hosts, tmp_pa
 
 # --- user commands: `launcher run -- vllm serve ...` with the stand-in vLLM ------------
 
-DP_ARGS = (
+# The README's recipe, as vLLM's own docs give it: the API-server host names no start rank.
+API_DP_ARGS = (
     "--data-parallel-size", "{world_size}", "--data-parallel-size-local", "{local_size}",
-    "--data-parallel-start-rank", "{host_first_rank}", "--data-parallel-address", "{head_ip}",
-    "--data-parallel-rpc-port", "{rpc_port}",
+    "--data-parallel-address", "{head_ip}", "--data-parallel-rpc-port", "{rpc_port}",
 )
+DP_ARGS = (*API_DP_ARGS, "--data-parallel-start-rank", "{host_first_rank}")
 
 
 def test_vllm_multi_node_dp_with_the_heads_variables_leaking_binds_every_host_its_own(hosts, tmp_path):
     hf = write_hostfile(tmp_path, "h1 slots=2\nh2 slots=2\nh3 slots=1\n")
-    api = shlex.join(standin(*DP_ARGS, "--port", "8000", "--tag", "it's {host}"))
+    api = shlex.join(standin(*API_DP_ARGS, "--port", "8000", "--tag", "it's {host}"))
     run = RunningLauncher(
         ["-H", hf, *hosts.ssh_args(), "--per-host", "--preflight", "--ready-timeout", "30", "--head-command", api,
          "--", *standin(*DP_ARGS, "--headless", "--tag", "it's {host}")],
@@ -235,7 +236,21 @@ def test_vllm_multi_node_dp_with_the_heads_variables_leaking_binds_every_host_it
         assert argv[argv.index("--data-parallel-address") + 1] == "198.18.0.11"  # {head_ip}: h1's own address
         assert got["tags"] == [f"it's {host}"] and got["headless"] == (host != "h1")
     assert {host: got["dp_ranks"] for (_, host), got in seen.items()} == {"h1": [0, 1], "h2": [2, 3], "h3": [4]}
-    assert {got["dp_size"] for got in seen.values()} == {5}
+    assert {got["dp_size"] for got in seen.values()} == {5} and {got["lb_mode"] for got in seen.values()} == {"internal"}
+
+
+def test_a_start_rank_on_the_api_server_host_is_refused_as_vllm_refuses_it(hosts, tmp_path):
+    # vLLM 0.32 infers hybrid load balancing from it, then refuses the headless hosts.
+    hf = write_hostfile(tmp_path, "h1 slots=2\nh2 slots=2\n")
+    done = subprocess.run(
+        launcher_cmd("run", "-H", hf, *hosts.ssh_args(), "--per-host", "--head-command", shlex.join(standin(*DP_ARGS)),
+                     "--", *standin(*DP_ARGS, "--headless")),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert failed_line(done.stderr) == (
+        "rank 0 on h1 exited with code 1; last output: RuntimeError: Remote engine 2 must not use --headless in external or hybrid dp lb mode"
+    )
 
 
 def test_a_vllm_failing_on_one_host_ends_the_job_everywhere_with_its_code(hosts, tmp_path):
