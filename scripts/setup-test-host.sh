@@ -20,3 +20,5 @@ fi
 # Debian's packages start no daemon without systemd here; the tests start their own.
 mkdir -p /run/sshd
 python3 -m pip install -q -e ".[test]"
+# Real vLLM (CPU build) and a tiny model, in a venv of their own: scripts/setup-real-vllm.sh.
+bash "$(dirname "$0")/setup-real-vllm.sh"

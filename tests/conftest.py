@@ -224,6 +224,45 @@ def slurm(cluster, tmp_path_factory):
         yield built
 
 
+# --- real vLLM (scripts/setup-real-vllm.sh) -----------------------------------------
+
+VLLM_HOME = os.environ.get("LAUNCHER_VLLM_HOME", "/opt/launcher-test")
+
+
+class RealVllm:
+    """The real-vLLM test install: its venv and the tiny model (scripts/setup-real-vllm.sh)."""
+
+    python = os.path.join(VLLM_HOME, "vllm", "bin", "python")
+    vllm = os.path.join(VLLM_HOME, "vllm", "bin", "vllm")
+    model = os.path.join(VLLM_HOME, "tiny-llama")
+    # CPU-only, offline, a small KV cache; threads unpinned (pinned, NIXL's threads
+    # share the worker's core and stall transfers); UCX over TCP.
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1",
+        "HF_HUB_OFFLINE": "1", "UCX_TLS": "tcp",
+    }
+    serve_args = ("--load-format", "dummy", "--max-model-len", "256", "--enforce-eager")
+
+    def serve(self, *args: str) -> list[str]:
+        return [self.vllm, "serve", self.model, *self.serve_args, *args]
+
+    def run_python(self, script: str, timeout: float = 120) -> dict:
+        """Run a helper under tests/real_vllm with vLLM's interpreter (launcher on its path); its JSON output."""
+        done = subprocess.run(
+            [self.python, os.path.join(REPO, "tests", "real_vllm", script)], capture_output=True, text=True,
+            timeout=timeout, env={**os.environ, "PYTHONPATH": REPO},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def real_vllm():
+    missing = [p for p in (RealVllm.python, RealVllm.vllm, os.path.join(RealVllm.model, "config.json")) if not os.path.exists(p)]
+    _require("real vLLM", missing)
+    return RealVllm()
+
+
 def _require(what, missing):
     if missing:
         message = f"{what} unavailable: missing {', '.join(missing)}; run scripts/setup-test-host.sh"

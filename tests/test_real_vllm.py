@@ -1,0 +1,205 @@
+"""Real vLLM (0.32, CPU build, a tiny local model, NIXL over TCP) started by launcher on namespace hosts.
+
+Every claim launcher makes about vLLM is shown here on vLLM's own code:
+its environment names and compile-cache hash, both directions of the
+side-channel wire, multi-node data parallel with the README's recipe,
+prefill/decode over NIXL from the prefiller's own address, the all-pairs
+check against vLLM's real listeners, and teardown. vLLM processes are
+expensive here (about 3 GB and 25-45 s each on 2 cores), so one DP
+deployment and one decoder serve several assertions.
+"""
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import RunningLauncher, failed_line, launcher_cmd, wait_for, write_hostfile
+from launcher import envpolicy, plan
+
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.real_vllm]
+
+# What a user's shell may hold: none of it may reach a rank.
+LEAKED = {
+    "VLLM_NIXL_SIDE_CHANNEL_HOST": "198.18.0.1", "VLLM_HOST_IP": "198.18.0.1", "VLLM_DP_RANK": "3", "VLLM_DP_SIZE": "9",
+    "VLLM_DP_MASTER_IP": "198.18.0.1", "CUDA_VISIBLE_DEVICES": "0",
+}
+API = "198.18.0.11:8000"  # h1, the DP job's API server
+DECODER = "198.18.0.13:8200"  # h3
+
+
+# --- vLLM's own facts --------------------------------------------------------------
+
+
+def test_launchers_environment_rules_agree_with_the_installed_vllm(real_vllm):
+    facts = real_vllm.run_python("vllm_names.py")
+    assert facts["version"] == "0.32.0+cpu"
+    assert facts["defaults"] == {"VLLM_NIXL_SIDE_CHANNEL_HOST": "localhost", "VLLM_NIXL_SIDE_CHANNEL_PORT": plan.DEFAULT_PORT_BASE}
+    # Everything vLLM never copies to a worker, launcher never copies either.
+    assert set(facts["worker_specific"]) <= set(envpolicy.WORKER_SPECIFIC)
+    # Everything vLLM copies by prefix or name, launcher's allowlist copies too.
+    assert set(facts["copy_prefixes"]) <= set(envpolicy.DEFAULT_PREFIXES)
+    assert set(facts["copy_names"]) <= set(envpolicy.DEFAULT_NAMES)
+    # Which VLLM_ variables the compile-cache hash covers, name by name (VLLM_DP_RANK is hashed in 0.32).
+    known = [n for n in facts["known"] if n.startswith("VLLM_")]
+    hashed = set(facts["hashed"])
+    assert {n for n in known if envpolicy.in_compile_hash(n) != (n in hashed)} == set()
+    assert envpolicy.COMPILE_HASH_IGNORED <= set(known)
+
+
+def test_the_wire_in_both_directions_with_vllms_own_listener_and_client(real_vllm):
+    out = real_vllm.run_python("vllm_wire.py")
+    to_vllm, from_vllm = out["launcher_to_vllm"], out["vllm_to_launcher"]
+    # launcher's client decodes vLLM's real listener's reply (vLLM's hash, not launcher's, is accepted)...
+    assert to_vllm["v2"] == {"engine_id": "vllm-engine_dp0", "compat_hash": "ab" * 32, "block_lens": [2048, 2048],
+                             "attn_backend_name": "CPU_ATTN", "remote_time": True}
+    assert to_vllm["probe"]["ok"] and to_vllm["probe"]["engines"][0][1:] == ["vllm-engine_dp0", "ab" * 32]
+    # ...and a request of the older generation kills vLLM's listener thread for good: why --wire auto never guesses.
+    assert to_vllm["v1"].endswith("no handshake reply within 2s") and not to_vllm["listener_alive_after_v1"]
+    assert to_vllm["v2_after_v1"].endswith("Connection refused")
+    # vLLM's own client decodes the built-in engine core's payload into vLLM's NixlAgentMetadata...
+    assert from_vllm["agents"] == {"0,0": "agent-job1-dp3"}
+    assert from_vllm["metadata_type"].endswith("nixl.metadata.NixlAgentMetadata")
+    assert from_vllm["metadata"] == {"engine_id": "job1-dp3", "block_strides": [], "ssm_sizes": [0, 0]}
+    # ...and refuses it for vLLM's own reasons.
+    assert from_vllm["wrong_engine"] == "Remote NIXL agent engine ID mismatch"
+    assert from_vllm["wrong_hash"] == "NIXL compatibility hash mismatch"
+
+
+# --- a DP deployment (prefiller) and a decoder, shared by the tests below -----------------
+
+
+def post(url, body, timeout=120):
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
+        return json.load(reply)
+
+
+def metrics(address):
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    found = {}
+    for name, labels, value in re.findall(r"^(vllm:[a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$", text, re.M):
+        source = re.search(r'source="([^"]+)"', labels or "")
+        key = f"{name}[{source.group(1)}]" if source else name
+        found[key] = found.get(key, 0.0) + float(value)
+    return found
+
+
+def kv(role):
+    return json.dumps({"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"})
+
+
+def head_env(real_vllm):
+    """The head's environment: vLLM's settings for this machine, plus the values that must not leak."""
+    return {**os.environ, **LEAKED, **real_vllm.env, "TRANSFORMERS_OFFLINE": "1"}
+
+
+class Deployment:
+    """`launcher run` of a vLLM deployment in the background."""
+
+    def __init__(self, cluster, real_vllm, hostfile, args):
+        self.run = RunningLauncher(["-H", hostfile, *cluster.ssh_args(), "--ready-timeout", "400", *args], env=head_env(real_vllm))
+
+    def stop(self):
+        if self.run.proc.poll() is None:
+            self.run.proc.send_signal(signal.SIGINT)
+        return self.run.finish(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def deployments(cluster, real_vllm, tmp_path_factory):
+    """DP 2 over h1 and h2 with the README's recipe (plus the NixlConnector), checked all-pairs with
+    vLLM's own side channels once ready; and a decoder on h3. Both stopped (and checked) at the end."""
+    tmp = tmp_path_factory.mktemp("vllm")
+    dp = "--data-parallel-size {world_size} --data-parallel-size-local {local_size} --data-parallel-address {head_ip} --data-parallel-rpc-port {rpc_port}"
+    head = shlex.join(real_vllm.serve(*dp.split(), "--kv-transfer-config", kv("kv_both")))
+    prefill = Deployment(cluster, real_vllm, write_hostfile(tmp, "h1\nh2\n"), [
+        "--per-host", "--check", "--head-command", head,
+        "--", *real_vllm.serve(*dp.split(), "--kv-transfer-config", kv("kv_both"), "--data-parallel-start-rank", "{host_first_rank}", "--headless"),
+    ])
+    decode_hosts = tmp / "decode"
+    decode_hosts.mkdir()
+    decode = Deployment(cluster, real_vllm, write_hostfile(decode_hosts, "h3\n"), ["--", *real_vllm.serve("--port", "8200", "--kv-transfer-config", kv("kv_both"))])
+    started = time.monotonic()
+    try:
+        prefill.rows = prefill.run.ready_rows(2, timeout=400)
+        decode.rows = decode.run.ready_rows(1, timeout=400)
+        assert wait_for(lambda: _healthy(API) and _healthy(DECODER), timeout=120), "API servers did not answer /health"
+        prefill.ready_after = time.monotonic() - started
+        yield prefill, decode
+    finally:
+        for d in (prefill, decode):
+            if d.run.proc.poll() is None:
+                d.run.proc.kill()
+                d.run.finish()
+        wait_for(lambda: not cluster.stray_pids(), timeout=30)
+
+
+def _healthy(address):
+    try:
+        with urllib.request.urlopen(f"http://{address}/health", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def test_multi_node_dp_binds_each_engines_side_channel_on_its_own_host(deployments, cluster):
+    prefill, _ = deployments
+    assert [r[:4] for r in prefill.rows] == [(0, "h1", "198.18.0.11", 5600), (1, "h2", "198.18.0.12", 5601)]
+    # The head's 198.18.0.1 leaked into its environment; each engine core listens on its own host at base + DP rank.
+    for host, port in (("h1", 5600), ("h2", 5601)):
+        listening = cluster.host(host).run("ss", "-ltnH", f"sport = :{port}").stdout.split()
+        assert f"{cluster.host(host).address}:{port}" in listening, (host, listening)
+    # --check: every engine handshaken from every engine's address with vLLM 0.32's wire, one hash, distinct engine ids.
+    out = "\n".join(prefill.run.stdout)
+    assert "handshake latency in ms (v2 wire;" in out and "all 4 handshakes ok" in out and "problem:" not in out, out[-2000:]
+
+
+def test_the_api_server_answers_and_both_engines_serve(deployments, real_vllm):
+    for _ in range(4):
+        done = post(f"http://{API}/v1/completions", {"model": real_vllm.model, "prompt": "hello world", "max_tokens": 3})
+        assert done["usage"]["completion_tokens"] == 3
+    assert metrics(API)["vllm:request_success_total"] >= 4
+
+
+def test_decode_pulls_the_prefilled_kv_over_nixl_from_the_prefillers_own_address(deployments, real_vllm):
+    # As vLLM's toy proxy does: prefill with do_remote_decode, then decode with the returned params.
+    prefill, decode = deployments
+    prompt = "the quick brown fox jumps over the lazy dog " * 6
+    before = metrics(DECODER)
+    for _ in range(2):  # the DP API server balances: both engines become prefillers
+        prefilled = post(f"http://{API}/v1/completions", {
+            "model": real_vllm.model, "prompt": prompt, "max_tokens": 1,
+            "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False},
+        })
+        params = prefilled["kv_transfer_params"]
+        engine = int(params["remote_engine_id"].rsplit("_dp", 1)[1])
+        assert (params["remote_host"], params["remote_port"]) == (f"198.18.0.1{engine + 1}", 5600 + engine)
+        try:
+            decoded = post(f"http://{DECODER}/v1/completions", {"model": real_vllm.model, "prompt": prompt, "max_tokens": 4,
+                                                                "kv_transfer_params": params})
+        except OSError as exc:
+            pytest.fail(f"decode failed ({exc}); decoder's last output: {decode.run.stdout[-15:]} {decode.run.stderr[-15:]}")
+        assert decoded["usage"]["completion_tokens"] == 4
+    after = metrics(DECODER)
+    # vLLM's own evidence that KV blocks moved: bytes read over NIXL, tokens sourced from the transfer, no failure.
+    assert after["vllm:nixl_bytes_transferred_sum"] > before.get("vllm:nixl_bytes_transferred_sum", 0)
+    assert after["vllm:prompt_tokens_by_source_total[external_kv_transfer]"] >= 2 * 50
+    assert after["vllm:nixl_num_failed_transfers_total"] == 0
+
+
+def test_ctrl_c_stops_every_vllm_process_on_every_host(deployments, cluster):
+    prefill, decode = deployments
+    assert prefill.run.proc.poll() is None and decode.run.proc.poll() is None, "a deployment ended early"
+    started = time.monotonic()
+    assert prefill.stop() == 130 and decode.stop() == 130
+    assert wait_for(lambda: not cluster.stray_pids(), timeout=20), f"left on hosts: {cluster.stray_pids()}"
+    assert time.monotonic() - started < 30
+    assert any("stopped by SIGINT; all 2 ranks stopped" in line for line in prefill.run.stderr)
