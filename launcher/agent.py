@@ -201,9 +201,45 @@ class Agent:
         """Poll the rank's readiness rule until it holds, the rank ends, or we stop."""
         while not self._stop.is_set() and rp.popen.poll() is None:
             if self._probe_ready(rp):
-                self._declare_ready(rp)
+                held = self._ports_held_elsewhere(rp) if self.spec.readiness.kind == "ports" else None
+                if held:
+                    self._fail_rank(rp, held)
+                else:
+                    self._declare_ready(rp)
                 return
             self._stop.wait(0.2)
+
+    def _ports_held_elsewhere(self, rp: RankProcess) -> str | None:
+        """Why a side-channel port that accepts connections is not the rank's own, if it is not.
+
+        vLLM 0.32 waits forever for a listener that failed to bind (another
+        program holds its port), so a connect alone would call a hung vLLM
+        ready. Processes we may not inspect count as the rank's.
+        """
+        try:
+            tree = {rp.popen.pid, *(c.pid for c in psutil.Process(rp.popen.pid).children(recursive=True))}
+            listeners = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr]
+        except psutil.Error:
+            return None
+        address = rp.resolved.address.strip("[]")
+        for port in rp.spec.ports:
+            holders = {c.pid for c in listeners if c.laddr.port == port and c.laddr.ip in (address, "0.0.0.0", "::")}
+            if holders and None not in holders and not holders & tree:
+                pid = min(holders)
+                try:
+                    what = " ".join(psutil.Process(pid).cmdline())[:80]
+                except psutil.Error:
+                    what = "?"
+                return (
+                    f"side-channel port {port} at {rp.resolved.address} is held by another process (pid {pid}: {what}), "
+                    f"so this rank's vLLM cannot bind it, and vLLM then waits for its listener forever; stop what holds "
+                    f"the port or move the job's ports with --port-base"
+                )
+        return None
+
+    def _fail_rank(self, rp: RankProcess, message: str) -> None:
+        """A rank that can never become ready: the head ends the job with this reason."""
+        self.events.send(protocol.RankError(rank=rp.spec.rank, message=message, fatal=True))
 
     def _probe_ready(self, rp: RankProcess) -> bool:
         rule, address = self.spec.readiness, rp.resolved.address

@@ -125,6 +125,7 @@ class Output(_Msg):
 class RankError(_Msg):
     rank: int
     message: str
+    fatal: bool = False  # it can never become ready: the job ends now (its exit would be a consequence)
 
 
 class Exited(_Msg):

@@ -356,7 +356,11 @@ class Supervisor:
             state.output.append(event.line)
             self.reporter.output(state, event.stream, event.line)
         elif isinstance(event, protocol.RankError):
-            self.ranks[event.rank].error = event.message
+            state = self.ranks[event.rank]
+            state.error = event.message
+            if event.fatal and self.failure is None and not self._stopping:
+                self.failure = Failure("not-ready", f"rank {event.rank} on {state.spec.host} cannot become ready: {event.message}",
+                                       EXIT_NOT_READY, event.rank, state.spec.host)
         elif isinstance(event, protocol.Exited):
             self._rank_exited(self.ranks[event.rank], event.returncode, now)
         elif isinstance(event, protocol.CheckResult):

@@ -16,8 +16,10 @@ nothing of launcher), so a test passing means launcher drives *vLLM's* rules:
   are not headless;
 - one NIXL side-channel ROUTER per local DP rank at
   ``tcp://{VLLM_NIXL_SIDE_CHANNEL_HOST or localhost}:{VLLM_NIXL_SIDE_CHANNEL_PORT or 5600 + dp_index}``;
-- a bind to an address that is not local fails with vLLM's error
-  (``zmq.error.ZMQError: Cannot assign requested address``) and exit 1;
+- a bind that fails (an address that is not local, a port another program
+  holds) prints vLLM's error (``zmq.error.ZMQError: Cannot assign requested
+  address``) and then hangs, as vLLM 0.32 does: its listener thread dies
+  before signalling ready, and the engine core waits for the signal forever;
 - the listener serves the v2 wire (``[b"get_meta_msg", pp_rank, tp_rank]``
   -> payload, time) and, as vLLM's does, its thread dies on a request of another
   arity, so later handshakes to it time out;
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
             print(f"zmq.error.ZMQError: {exc}", file=sys.stderr, flush=True)  # the last line of vLLM's traceback
-            return 1
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            threading.Event().wait()  # vLLM: ready_event.wait() with no timeout
         threading.Thread(target=serve_side_channel, args=(sock, f"{engine}_dp{dp}"), daemon=True).start()
         print(f"standin: side channel for DP rank {dp} at {endpoint}", flush=True)
     if size > 1:

@@ -51,6 +51,10 @@ def test_launchers_environment_rules_agree_with_the_installed_vllm(real_vllm):
     hashed = set(facts["hashed"])
     assert {n for n in known if envpolicy.in_compile_hash(n) != (n in hashed)} == set()
     assert envpolicy.COMPILE_HASH_IGNORED <= set(known)
+    # A leaked VLLM_DP_RANK=3 moves a DP-less engine core to DP index 3 (its side channel to base + 3);
+    # with DP on the command line it is ignored. Why launcher drops VLLM_DP_* and passes DP as flags.
+    assert (facts["dp_index_no_cli_dp"], facts["dp_index_cli_dp"]) == (3, 1)
+    assert {"VLLM_DP_RANK", "VLLM_DP_SIZE"} <= set(envpolicy.WORKER_SPECIFIC)
 
 
 def test_the_wire_in_both_directions_with_vllms_own_listener_and_client(real_vllm):
@@ -70,6 +74,11 @@ def test_the_wire_in_both_directions_with_vllms_own_listener_and_client(real_vll
     # ...and refuses it for vLLM's own reasons.
     assert from_vllm["wrong_engine"] == "Remote NIXL agent engine ID mismatch"
     assert from_vllm["wrong_hash"] == "NIXL compatibility hash mismatch"
+    # On a port another program holds, vLLM's listener thread dies before it signals ready, and vLLM waits
+    # for that signal with no timeout: the engine core hangs (so launcher checks who holds a ready port).
+    busy = out["busy_port"]
+    assert not busy["thread_alive"] and not busy["ready"]
+    assert busy["error"] == f"zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:{busy['port']}')"
 
 
 # --- a DP deployment (prefiller) and a decoder, shared by the tests below -----------------

@@ -11,6 +11,7 @@ Prints one JSON object with what happened; tests/test_real_vllm.py asserts on it
 2. vLLM's real client (``NixlBaseConnectorWorker._nixl_handshake``, run with a
    small stand-in for ``self``) against launcher's listener serving the
    built-in engine core's payload.
+3. vLLM's listener on a port another program holds.
 """
 
 import json
@@ -83,6 +84,27 @@ def launcher_client_against_vllm_listener() -> dict:
     return out
 
 
+def vllm_listener_on_a_busy_port() -> dict:
+    """vLLM's listener thread when its port is taken: it dies before signalling ready, and
+    vLLM waits on that signal with no timeout (set_xfer_handshake_metadata): the engine core hangs."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        errors = []
+        threading.excepthook = lambda args: errors.append(f"{type(args.exc_value).__module__}.{type(args.exc_value).__name__}: {args.exc_value}")
+        ready, stop = threading.Event(), threading.Event()
+        thread = threading.Thread(
+            target=base_scheduler.NixlBaseConnectorScheduler._nixl_handshake_listener,
+            args=({(0, 0): b""}, ready, stop, HOST, port), daemon=True,
+        )
+        thread.start()
+        thread.join(5)
+        return {"thread_alive": thread.is_alive(), "ready": ready.wait(1), "error": errors[0] if errors else "", "port": port}
+
+
 class _Topology:
     def handshake_target_ranks(self, remote_tp_size, remote_dcp_size=1):
         return [0]
@@ -122,4 +144,8 @@ def vllm_client_against_launcher_listener() -> dict:
 
 if __name__ == "__main__":
     zmq.Context.instance()
-    print(json.dumps({"launcher_to_vllm": launcher_client_against_vllm_listener(), "vllm_to_launcher": vllm_client_against_launcher_listener()}))
+    print(json.dumps({
+        "launcher_to_vllm": launcher_client_against_vllm_listener(),
+        "vllm_to_launcher": vllm_client_against_launcher_listener(),
+        "busy_port": vllm_listener_on_a_busy_port(),
+    }))
