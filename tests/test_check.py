@@ -1,0 +1,68 @@
+"""The all-pairs check's decisions, without processes: what each probe speaks, and the verdict."""
+
+from launcher import wire
+from launcher.check import CheckMatrix, CheckOptions, Target, plan_probes, render_matrix
+from launcher.protocol import CheckResult, EngineSeen
+
+TARGETS = [Target(0, "h1", "10.0.0.1", (5600,), "j-dp0", "0.32.0+cpu"), Target(1, "h2", "10.0.0.2", (5601,), "j-dp1", "0.40.0"),
+           Target(2, "h3", "10.0.0.3", (5602,), "j-dp2", "")]
+
+
+def test_auto_speaks_each_peers_generation_and_tcp_where_it_cannot_tell():
+    peers, notes = plan_probes(TARGETS, CheckOptions(), builtin=False, job_id="j")
+    assert [(p.rank, p.wire, p.expect_hash, p.expect_engine_id) for p in peers] == [
+        (0, "v2", None, None), (1, "tcp", None, None), (2, "tcp", None, None),
+    ]
+    assert notes == [
+        "rank 1 on h2: vLLM 0.40.0 is newer than the releases launcher knows (up to 0.33.0); checked by TCP connect",
+        "rank 2 on h3: no vLLM found for its command; checked by TCP connect",
+    ]
+
+
+def test_builtin_cores_are_held_to_the_jobs_hash_and_engine_ids_and_a_forced_wire_wins():
+    peers, notes = plan_probes(TARGETS, CheckOptions(), builtin=True, job_id="j")
+    assert {p.wire for p in peers} == {wire.CURRENT.name} and not notes
+    assert [p.expect_engine_id for p in peers] == ["j-dp0", "j-dp1", "j-dp2"]
+    assert {p.expect_hash for p in peers} == {wire.compatibility_hash("j")}
+    forced, _ = plan_probes(TARGETS, CheckOptions(wire="v1"), builtin=False, job_id="j")
+    assert {p.wire for p in forced} == {"v1"}
+
+
+def matrix_of(engines):
+    """Every rank probed every rank ok; ``engines[peer]`` is what each probe of that peer learned."""
+    ranks = tuple(engines)
+    m = CheckMatrix(ranks, {r: "v2" for r in ranks}, {0: "h1", 1: "h2", 2: "h3"})
+    for a in ranks:
+        for b in ranks:
+            m.add(CheckResult(rank=a, peer=b, ok=True, latency_ms=1.0, engines=[EngineSeen(port=5600 + b, engine_id=engines[b][0], compat_hash=engines[b][1])]))
+    return m
+
+
+def test_one_hash_and_distinct_engine_ids_across_the_job_pass():
+    assert matrix_of({0: ("e0", "aa"), 1: ("e1", "aa"), 2: ("e2", "")}).ok  # "": an old vLLM without a hash
+
+
+def test_two_hashes_are_vllms_pd_hash_mismatch_naming_both_processes():
+    m = matrix_of({0: ("e0", "aa" * 32), 1: ("e1", "bb" * 32), 2: ("e2", "aa" * 32)})
+    assert not m.ok and not m.failures
+    assert m.problems == [
+        f"compatibility hash mismatch: rank 0 on h1 (port 5600) reports {'aa' * 6}…, rank 1 on h2 (port 5601) reports {'bb' * 6}…; "
+        "vLLM's peers refuse each other (NIXL compatibility hash mismatch): run one vLLM version, model, dtype and KV-cache "
+        "configuration everywhere"
+    ]
+    assert "problem: compatibility hash mismatch" in render_matrix(m)
+
+
+def test_one_engine_id_on_two_engines_is_refused():
+    m = matrix_of({0: ("same", "aa"), 1: ("same", "aa")})
+    assert m.problems == [
+        "engine id 'same' is reported by rank 0 on h1 (port 5600) and rank 1 on h2 (port 5601); peers that expect one fail "
+        "with 'engine ID mismatch': give each process its own engine_id in --kv-transfer-config, or none"
+    ]
+
+
+def test_a_missing_result_is_a_failure_with_a_reason():
+    m = CheckMatrix((0, 1), {0: "tcp", 1: "tcp"}, {0: "a", 1: "b"})
+    m.add(CheckResult(rank=0, peer=1, ok=True, latency_ms=0.5))
+    assert not m.complete and len(m.failures) == 3
+    assert "3 of 4 TCP connects failed" in render_matrix(m)
