@@ -22,21 +22,21 @@ from __future__ import annotations
 
 import importlib
 
-from .version import __version__
+from .version import __version__  # noqa: F401  (re-exported)
 
 # public name -> the module that defines it
 _EXPORTS = {
     "launch": "api", "plan_job": "api",
     "CheckOptions": "check",
-    "Host": "plan", "LaunchOptions": "plan", "LaunchPlan": "plan", "RankSpec": "plan", "Readiness": "plan",
+    "Host": "plan", "LaunchOptions": "plan", "LaunchPlan": "plan", "RankSpec": "plan",
     "LaunchResult": "results", "RankResult": "results", "Failure": "results",
 }
-__all__ = sorted([*_EXPORTS, "hostfile", "__version__"])
+__all__ = sorted([*_EXPORTS, "hostfile", "readiness", "__version__"])
 
 
 def __getattr__(name: str):
-    if name == "hostfile":
-        return importlib.import_module(".hostfile", __name__)
+    if name in ("hostfile", "readiness"):
+        return importlib.import_module(f".{name}", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value

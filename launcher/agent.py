@@ -19,7 +19,6 @@ import ctypes
 import importlib.metadata
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -27,17 +26,15 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import psutil
 
-from . import envpolicy, netif, protocol
+from . import envpolicy, netif, protocol, readiness
 from .version import __version__
 from . import wire
-from .command import render_template, vllm_interpreter_hint
+from .command import vllm_interpreter_hint
 from .probe import ProbeError, tcp_connect
 from .sidechannel import HandshakeError, handshake
 
@@ -87,7 +84,6 @@ class Agent:
         self.last_heard = time.monotonic()
         self.reached = spec.reached_address or netif.ssh_server_address(os.environ)
         self.base_env = envpolicy.host_environment(os.environ)
-        self._ready_pattern = re.compile(spec.readiness.pattern) if spec.readiness.kind == "log" else None
         self._ready_lock = threading.Lock()
         self._vllm_versions: dict[tuple[str, str], str] = {}
 
@@ -171,7 +167,7 @@ class Agent:
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.events.send(protocol.Output(rank=rp.spec.rank, stream=name, line=line))
-            if self._ready_pattern is not None and not rp.log_matched and self._ready_pattern.search(line):
+            if isinstance(self.spec.readiness, readiness.Log) and not rp.log_matched and self.spec.readiness.matches(line):
                 rp.log_matched = True
                 self._declare_ready(rp)
         stream.close()
@@ -190,18 +186,19 @@ class Agent:
                     rp.ready = message
                 elif isinstance(message, protocol.Resolved):
                     rp.resolved = message
-                    if self.spec.readiness.kind == "log":
-                        self._declare_ready(rp)
-                    elif self.spec.readiness.kind != "report":
+                    if self.spec.readiness.polled:
                         _thread(self._await_ready, rp)
+                    else:
+                        self._declare_ready(rp)  # log: once the line is seen too
 
     # --- readiness of user commands ---------------------------------------
 
     def _await_ready(self, rp: RankProcess) -> None:
         """Poll the rank's readiness rule until it holds, the rank ends, or we stop."""
         while not self._stop.is_set() and rp.popen.poll() is None:
-            if self._probe_ready(rp):
-                held = self._ports_held_elsewhere(rp) if self.spec.readiness.kind == "ports" else None
+            rule = self.spec.readiness
+            if rule.probe(rp.resolved.address, ports=rp.spec.ports, port=rp.spec.port, rank=rp.spec.rank):
+                held = self._ports_held_elsewhere(rp) if isinstance(rule, readiness.Ports) else None
                 if held:
                     self._fail_rank(rp, held)
                 else:
@@ -241,26 +238,10 @@ class Agent:
         """A rank that can never become ready: the head ends the job with this reason."""
         self.events.send(protocol.RankError(rank=rp.spec.rank, message=message, fatal=True))
 
-    def _probe_ready(self, rp: RankProcess) -> bool:
-        rule, address = self.spec.readiness, rp.resolved.address
-        try:
-            if rule.kind == "ports":
-                for port in rp.spec.ports:
-                    tcp_connect(address, port, timeout=1.0)
-            elif rule.kind == "port":
-                tcp_connect(address, rule.port, timeout=1.0)
-            elif rule.kind == "url":
-                url = render_template([rule.url], {"host_ip": netif.url_host(address), "port": str(rp.spec.port), "rank": str(rp.spec.rank)}, strict=False)[0]
-                with urllib.request.urlopen(url, timeout=2.0) as reply:
-                    return 200 <= reply.status < 300
-            return True
-        except (ProbeError, urllib.error.URLError, OSError, ValueError):
-            return False
-
     def _declare_ready(self, rp: RankProcess) -> None:
         """Ready once its address is known and its rule holds (log: both may come in either order)."""
         with self._ready_lock:
-            if rp.ready is not None or rp.resolved is None or (self._ready_pattern is not None and not rp.log_matched):
+            if rp.ready is not None or rp.resolved is None or (isinstance(self.spec.readiness, readiness.Log) and not rp.log_matched):
                 return
             rp.ready = protocol.Ready(
                 rank=rp.spec.rank, address=rp.resolved.address, port=rp.spec.port, pid=rp.popen.pid,

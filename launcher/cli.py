@@ -17,7 +17,8 @@ from .api import default_transport, launch, plan_job
 from . import wire
 from .check import WIRE_CHOICES, CheckOptions
 from .command import PLACEHOLDERS
-from .plan import LaunchOptions, PlanError, Readiness
+from . import readiness
+from .plan import LaunchOptions, PlanError
 from .results import EXIT_USAGE, LaunchResult
 
 DEFAULT_HOSTFILE = "hostfile"
@@ -188,19 +189,19 @@ def _head_command(text: str | None) -> tuple[str, ...]:
         raise PlanError(f"--head-command is not one shell-quoted command ({exc}): {text!r}") from None
 
 
-def _readiness(args) -> Readiness | None:
+def _readiness(args) -> readiness.Readiness | None:
     if args.ready_port:
-        return Readiness("port", port=args.ready_port)
+        return readiness.Port(port=args.ready_port)
     if args.ready_url:
         if not args.ready_url.startswith(("http://", "https://")):
             raise PlanError(f"--ready-url {args.ready_url!r} is not an http(s) URL; for example http://{{host_ip}}:8000/health")
-        return Readiness("url", url=args.ready_url)
+        return readiness.Url(url=args.ready_url)
     if args.ready_log:
         try:
             re.compile(args.ready_log)
         except re.error as exc:
             raise PlanError(f"--ready-log {args.ready_log!r} is not a regular expression: {exc}") from None
-        return Readiness("log", pattern=args.ready_log)
+        return readiness.Log(pattern=args.ready_log)
     return None
 
 

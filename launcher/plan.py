@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from . import envpolicy
+from .readiness import Ports, Readiness, Report
 from .command import (
     BOOTSTRAP, BUILTIN_ENGINE, RUNTIME_PLACEHOLDERS, CommandError, is_vllm_serve, kv_transfer_engine_id, render_template,
     user_command, uses_nixl, vllm_dp_ranks,
@@ -25,32 +26,6 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost
 
 class PlanError(ValueError):
     """A launch that cannot be planned; the message names the culprit and the fix."""
-
-
-@dataclass(frozen=True)
-class Readiness:
-    """When a rank counts as ready.
-
-    ``report``: the built-in engine core says so itself. ``ports``: a TCP
-    connect to each of its side-channel ports on its own address succeeds (the
-    default for user commands; never a handshake, which can kill a real vLLM
-    listener). ``port``: a TCP connect to ``port``. ``url``: an HTTP GET of
-    ``url`` answers 2xx. ``log``: a line of its output matches ``pattern``.
-    """
-
-    kind: str = "ports"
-    port: int = 0
-    url: str = ""
-    pattern: str = ""
-
-    def describe(self) -> str:
-        return {
-            "report": "the engine core reports it",
-            "ports": "its side-channel ports accept TCP connections",
-            "port": f"port {self.port} accepts TCP connections",
-            "url": f"GET {self.url} answers 2xx",
-            "log": f"an output line matches {self.pattern!r}",
-        }[self.kind]
 
 
 @dataclass(frozen=True)
@@ -102,7 +77,7 @@ class LaunchOptions:
     head_command: tuple[str, ...] = ()  # the first host's command, when it differs (the API server)
     per_host: bool = False  # one process per host serving all its DP ranks, as `vllm serve --data-parallel-size-local`
     rpc_port: int = DEFAULT_RPC_PORT
-    readiness: Readiness | None = None  # None: `report` for the built-in core, `ports` for a command
+    readiness: Readiness | None = None  # None: Report() for the built-in core, Ports() for a command
     strict_versions: bool = False  # different launcher/Python/vLLM versions across hosts fail the job (preflight)
     to_completion: bool = False  # a finite command: wait for every rank to exit; exit 0 is success, not a failure
     ifname: str | None = None  # --ifname: for every host whose line gives none (Slurm nodes have no line)
@@ -145,7 +120,7 @@ class LaunchPlan:
     options: LaunchOptions
     port_base: int
     warnings: tuple[str, ...] = ()
-    readiness: Readiness = Readiness("report")
+    readiness: Readiness = Report()
 
     @property
     def builtin(self) -> bool:
@@ -253,10 +228,10 @@ def build(
     if options.command:
         _check_engine_ids(processes)
         _check_side_channel_hosts(hosts)
-    readiness = options.readiness or Readiness("ports" if options.command else "report")
-    if readiness.kind == "report" and options.command:
+    readiness = options.readiness or (Ports() if options.command else Report())
+    if isinstance(readiness, Report) and options.command:
         raise PlanError("a user command cannot report readiness itself; use the side-channel ports (default), --ready-port, --ready-url or --ready-log")
-    if readiness.kind == "ports" and options.command:
+    if isinstance(readiness, Ports) and options.command:
         _check_side_channel_opens(processes)
     return LaunchPlan(
         job_id=job_id,

@@ -14,7 +14,7 @@ from typing import Union
 
 import msgspec
 
-from .plan import Readiness
+from .readiness import Readiness, Report
 
 
 class _Msg(msgspec.Struct, tag_field="type", tag=lambda name: name.lower(), kw_only=True, omit_defaults=True):
@@ -44,7 +44,7 @@ class AgentSpec(_Msg):
     heartbeat_interval: float
     heartbeat_timeout: float
     reached_address: str | None = None  # None: the agent reads SSH_CONNECTION
-    readiness: Readiness = msgspec.field(default_factory=lambda: Readiness("report"))
+    readiness: Readiness = msgspec.field(default_factory=Report)
     head_ip: str | None = None  # the first host's address, for {head_ip}
 
 

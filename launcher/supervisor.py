@@ -528,10 +528,9 @@ class Supervisor:
                 )
                 return
 
-        readiness = self.plan.readiness
-        if readiness.kind in ("url", "log"):
+        port_of = lambda state: self.plan.readiness.reachable_port(state.port)  # noqa: E731
+        if port_of(next(iter(self.ranks.values()))) is None:
             return  # nothing known to listen on the host's address: no port to reach
-        port_of = (lambda _state: readiness.port) if readiness.kind == "port" else (lambda state: state.port)
 
         def probe(state: RankState) -> tuple[RankState, str | None]:
             try:

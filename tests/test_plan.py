@@ -49,7 +49,7 @@ def test_a_hashed_vllm_variable_that_differs_per_host_warns():
 # --- user commands -----------------------------------------------------------
 
 from launcher.command import kv_transfer_engine_id, user_command  # noqa: E402
-from launcher.plan import Readiness  # noqa: E402
+from launcher.readiness import Log, Ports, Report  # noqa: E402
 
 VLLM_DP = (
     "vllm", "serve", "M", "--data-parallel-size", "{world_size}", "--data-parallel-size-local", "{local_size}",
@@ -68,7 +68,7 @@ def test_per_host_mode_starts_one_process_per_host_with_its_dp_slice():
     assert [c[4:10:2] for c in commands] == [("6", "2", "0"), ("6", "3", "2"), ("6", "1", "5")]
     # {head_ip} waits for the hosts; everything else is filled in by the plan.
     assert {c[10] for c in commands} == {"{head_ip}"} and {c[12] for c in commands} == {"9000"}
-    assert p.uses_head_ip and p.world_size == 6 and p.readiness == Readiness("ports")
+    assert p.uses_head_ip and p.world_size == 6 and p.readiness == Ports()
     # Per rank (the default), every rank is its own process with its own port.
     per_rank = plan.build(HOSTS, LaunchOptions(command=("x", "{rank}", "{local_rank}", "{port}")), {"VLLM_NIXL_SIDE_CHANNEL_PORT": "7000"}, "j")
     assert [user_command(r.argv) for r in per_rank.ranks][3] == ("x", "3", "1", "7003")
@@ -101,7 +101,7 @@ def test_vllm_without_a_nixl_connector_needs_another_readiness_rule():
     command = ("vllm", "serve", "M", "--data-parallel-size", "1")
     with pytest.raises(plan.PlanError, match="runs vllm serve without a NixlConnector --kv-transfer-config.*--ready-url"):
         plan.build([Host("a")], LaunchOptions(command=command), {}, "j")
-    assert plan.build([Host("a")], LaunchOptions(command=command, readiness=Readiness("log", pattern="x")), {}, "j").ranks
+    assert plan.build([Host("a")], LaunchOptions(command=command, readiness=Log(pattern="x")), {}, "j").ranks
 
 
 def test_the_head_command_runs_on_the_first_host_only():
@@ -124,7 +124,7 @@ def test_the_head_command_runs_on_the_first_host_only():
          "hf:2): env:VLLM_NIXL_SIDE_CHANNEL_HOST=0.0.0.0 is the wildcard address"),
         (LaunchOptions(command=("vllm",)), [Host("a"), Host("b", env=(("VLLM_NIXL_SIDE_CHANNEL_HOST", "localhost"),))],
          "env:VLLM_NIXL_SIDE_CHANNEL_HOST=localhost is loopback"),
-        (LaunchOptions(command=("vllm",), readiness=Readiness("report")), HOSTS, "cannot report readiness itself"),
+        (LaunchOptions(command=("vllm",), readiness=Report()), HOSTS, "cannot report readiness itself"),
     ],
 )
 def test_traps_in_user_commands_are_caught_before_launch(options, hosts, message):
@@ -144,7 +144,7 @@ def test_unique_engine_ids_and_loopback_only_jobs_are_fine():
 def test_the_preflight_plan_binds_the_same_hosts_and_ports_with_the_builtin_core():
     user = plan.build(HOSTS, LaunchOptions(command=VLLM_DP, per_host=True), {"VLLM_NIXL_SIDE_CHANNEL_PORT": "7000"}, "j")
     pre = plan.preflight_plan(user)
-    assert pre.builtin and pre.options.strict_versions and pre.readiness == Readiness("report")
+    assert pre.builtin and pre.options.strict_versions and pre.readiness == Report()
     assert [r.port for r in pre.ranks] == [p for r in user.ranks for p in r.ports]
     assert [h.host for h in pre.hosts] == [h.host for h in user.hosts]
 
