@@ -16,6 +16,7 @@ The agent holds the job on its host (DESIGN: Lifeline):
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from . import envpolicy, netif, protocol, readiness
+from . import envpolicy, netif, protocol, rankenv, readiness
 from .version import __version__
 from . import wire
 from .command import vllm_interpreter_hint
@@ -82,7 +83,11 @@ class Agent:
         self._stop = threading.Event()
         self._kill_now = threading.Event()  # the head asked again: no more grace
         self.last_heard = time.monotonic()
-        self.reached = spec.reached_address or netif.ssh_server_address(os.environ)
+        self.facts = rankenv.HostFacts(
+            host_is_loopback=spec.host_is_loopback,
+            reached_address=spec.reached_address or netif.ssh_server_address(os.environ),
+            head_ip=spec.head_ip,
+        )
         self.base_env = envpolicy.host_environment(os.environ)
         self._ready_lock = threading.Lock()
         self._vllm_versions: dict[tuple[str, str], str] = {}
@@ -91,10 +96,11 @@ class Agent:
         """Who and where this agent is, including the address its ranks will pick."""
         address = error = ""
         if self.spec.ranks:
+            env = envpolicy.process_environment(self.base_env, self.spec.ranks[0].env, self.facts)
             try:
-                env = {**self.base_env, **self.spec.ranks[0].env, **self._reached_env()}
-                address = netif.resolve_bind_address(env, host_is_loopback=self.spec.host_is_loopback).address
-            except netif.BindAddressError as exc:
+                request = netif.bind_request(rankenv.RankIdentity.from_env(env), self.facts, env.get(netif.EXPLICIT_VAR))
+                address = netif.resolve_bind_address(request).address
+            except (netif.BindAddressError, rankenv.RankEnvError) as exc:
                 error = str(exc)
         try:
             vllm = importlib.metadata.version("vllm")
@@ -104,9 +110,6 @@ class Agent:
             hostname=socket.gethostname(), pid=os.getpid(), python=sys.executable, version=__version__,
             python_version=platform.python_version(), vllm_version=vllm, address=address, address_error=error,
         )
-
-    def _reached_env(self) -> dict[str, str]:
-        return {"LAUNCHER_REACHED_ADDRESS": self.reached} if self.reached else {}
 
     # --- start -----------------------------------------------------------
 
@@ -120,15 +123,7 @@ class Agent:
         parent = os.getpid()
         for launch in self.spec.ranks:
             read_fd, write_fd = os.pipe()
-            env = {
-                **self.base_env,
-                **launch.env,
-                **self._reached_env(),
-                protocol.CONTROL_FD_VAR: str(write_fd),
-                "LAUNCHER_HOST_IS_LOOPBACK": "1" if self.spec.host_is_loopback else "0",
-            }
-            if self.spec.head_ip:
-                env["LAUNCHER_HEAD_IP"] = self.spec.head_ip
+            env = envpolicy.process_environment(self.base_env, launch.env, dataclasses.replace(self.facts, control_fd=write_fd))
             argv = [sys.executable if a == "{python}" else a for a in launch.argv]
             try:
                 popen = subprocess.Popen(
@@ -431,7 +426,7 @@ def sweep_job(job_id: str) -> list[int]:
         if proc.pid == os.getpid():
             continue
         try:
-            if proc.environ().get("LAUNCHER_JOB_ID") == job_id:
+            if proc.environ().get(rankenv.JOB_ID_VAR) == job_id:
                 proc.kill()
                 found.append(proc)
         except psutil.Error:

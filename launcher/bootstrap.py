@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import netif, protocol
+from . import netif, protocol, rankenv
 from .command import render_template
 
 EXIT_BAD_ADDRESS = 2
@@ -36,8 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["--"]:
         args = args[1:]
     env = os.environ
-    rank = int(env.get("LAUNCHER_RANK", "0"))
-    host = env.get("LAUNCHER_HOST", "this host")
+    try:
+        me, facts = rankenv.RankIdentity.from_env(env), rankenv.HostFacts.from_env(env)
+    except rankenv.RankEnvError as exc:
+        return protocol.rank_failed(0, str(exc), EXIT_BAD_ADDRESS)
+    rank, host = me.rank, me.host
     if not args:
         return protocol.rank_failed(rank, "no command given: usage: python -m launcher.bootstrap -- CMD ...", EXIT_NOT_FOUND)
 
@@ -45,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         choice = netif.claim_bind_address(env)
     except netif.BindAddressError as exc:
         return protocol.rank_failed(rank, str(exc), EXIT_BAD_ADDRESS)
-    values = {"host_ip": choice.address, "head_ip": env.get("LAUNCHER_HEAD_IP") or choice.address}
+    values = {"host_ip": choice.address, "head_ip": facts.head_ip or choice.address}
     args = list(render_template(args, values, strict=False))
 
     protocol.report_to_agent(protocol.Resolved(rank=rank, address=choice.address, rule=choice.rule))
-    command_env = {k: v for k, v in env.items() if k != protocol.CONTROL_FD_VAR}
-    if protocol.CONTROL_FD_VAR in env:
-        os.set_inheritable(int(env[protocol.CONTROL_FD_VAR]), False)  # the command never sees the agent's pipe
+    command_env = {k: v for k, v in env.items() if k != rankenv.CONTROL_FD_VAR}
+    if facts.control_fd is not None:
+        os.set_inheritable(facts.control_fd, False)  # the command never sees the agent's pipe
     try:
         os.execvpe(args[0], args, command_env)
     except FileNotFoundError:

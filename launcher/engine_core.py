@@ -8,7 +8,7 @@ before binding, so a wrong address is a one-line error, not a ZMQ traceback
 and not a hang.
 
 Run by the agent as ``python -m launcher.engine_core``; its identity comes from
-``LAUNCHER_*`` variables.
+its environment (``rankenv``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from . import netif, protocol, wire
+from . import netif, protocol, rankenv, wire
 from .sidechannel import SideChannelBindError, SideChannelListener
 
 EXIT_BAD_ADDRESS = 2
@@ -46,16 +46,18 @@ def builtin_payload(engine_id: str, job_id: str, tp_rank: int = 0) -> bytes:
 
 def main() -> int:
     env = os.environ
-    rank = int(env["LAUNCHER_RANK"])
-    engine_id = env["LAUNCHER_ENGINE_ID"]
-    port = int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]) + rank  # as vLLM: base + DP index
+    try:
+        me = rankenv.RankIdentity.from_env(env)
+    except rankenv.RankEnvError as exc:
+        return protocol.rank_failed(0, str(exc), EXIT_BAD_ADDRESS)
+    rank, engine_id, port = me.rank, me.engine_id, me.port  # as vLLM: base + DP index
 
     try:
         choice = netif.claim_bind_address(env)
     except netif.BindAddressError as exc:
         return protocol.rank_failed(rank, str(exc), EXIT_BAD_ADDRESS)
 
-    listener = SideChannelListener(choice.address, port, {0: builtin_payload(engine_id, env["LAUNCHER_JOB_ID"], 0)})
+    listener = SideChannelListener(choice.address, port, {0: builtin_payload(engine_id, me.job_id, 0)})
     try:
         listener.bind()
     except SideChannelBindError as exc:

@@ -12,7 +12,8 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-LAUNCHER_PREFIX = "LAUNCHER_"
+from . import rankenv
+
 
 # vLLM's own copy rules (vllm.ray.ray_env.DEFAULT_ENV_VAR_PREFIXES) plus NIXL_ and TORCH_.
 DEFAULT_PREFIXES = ("VLLM_", "NCCL_", "UCX_", "NIXL_", "HF_", "HUGGING_FACE_", "LMCACHE_", "FLASH_ATTENTION_", "TORCH_")
@@ -143,7 +144,7 @@ def rank_environment(
     dropped: dict[str, str] = {}
     sources: dict[str, str] = {}
     for name in sorted(head_env):
-        if name.startswith(LAUNCHER_PREFIX):
+        if name.startswith(rankenv.PREFIX):
             continue  # the head's own launcher state never travels
         if name in WORKER_SPECIFIC:  # whatever the allowlist says
             dropped[name] = f"worker-specific: {WORKER_SPECIFIC[name]}"
@@ -179,6 +180,25 @@ def without_worker_specific(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in WORKER_SPECIFIC}
 
 
+# What a rank's environment is made of, in the order the layers apply.
+LAYERS: tuple[tuple[str, str], ...] = (
+    ("host", "the agent's own environment on the host (its login, or srun's), minus worker-specific and LAUNCHER_ names; "
+             "device visibility the host set itself is kept"),
+    ("copied", "the head's variables on the allowlist, minus worker-specific ones"),
+    ("--env", "set for every rank on the command line"),
+    ("host option", "env: on the host's hostfile line; never overwritten by what follows"),
+    ("launcher", "the rank's identity (LAUNCHER_RANK, ...) and VLLM_NIXL_SIDE_CHANNEL_PORT, one value per job"),
+    ("host facts", "added by the agent: the address the head reached the host on, {head_ip}, the control pipe"),
+    ("address", "on the host, before the command runs: VLLM_NIXL_SIDE_CHANNEL_HOST and VLLM_HOST_IP setdefault to "
+                "the address the rank binds"),
+)
+
+
+def process_environment(host_env: Mapping[str, str], planned: Mapping[str, str], facts: rankenv.HostFacts) -> dict[str, str]:
+    """What the agent starts a rank with: the host layer (``host_environment``), the plan's layers, the host facts."""
+    return {**host_env, **planned, **facts.to_env()}
+
+
 def host_environment(env: Mapping[str, str]) -> dict[str, str]:
     """The environment an agent was started with, as the base of its ranks'.
 
@@ -191,5 +211,5 @@ def host_environment(env: Mapping[str, str]) -> dict[str, str]:
     """
     return {
         k: v for k, v in env.items()
-        if (k not in WORKER_SPECIFIC or (k in DEVICE_VISIBILITY and v)) and not k.startswith(LAUNCHER_PREFIX)
+        if (k not in WORKER_SPECIFIC or (k in DEVICE_VISIBILITY and v)) and not k.startswith(rankenv.PREFIX)
     }

@@ -3,25 +3,19 @@
 ``select_bind_address`` is pure: it takes a snapshot of this host's interfaces
 and the rank's selectors and returns the address with the rule that chose it.
 ``local_interfaces`` is the one probe (netifaces for addresses, psutil for
-link state). Rules, first match wins:
-
-1. an explicit ``VLLM_NIXL_SIDE_CHANNEL_HOST`` (``os.environ.setdefault``
-   semantics, as in vLLM's fix), which must be a local, up address;
-2. an interface selector in ``NCCL_SOCKET_IFNAME`` syntax (``eth``, ``=eth0``,
-   ``^docker,lo``);
-3. a CIDR selector;
-4. the local address the head reached this host on (SSH_CONNECTION);
-5. the default-route interface's address;
-6. loopback, only when the host itself is loopback.
+link state). ``BIND_RULES`` is the order, first match wins, and
+``describe`` says, from what the plan knows, which rule will decide: the dry
+run and the run read the same order.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
+
+from .rankenv import HostFacts, RankIdentity
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 EXPLICIT_VAR = "VLLM_NIXL_SIDE_CHANNEL_HOST"
@@ -59,10 +53,23 @@ class BindRequest:
     hostname: str = "this host"
 
 
+# (key, what it means), in the order they are tried.
+BIND_RULES: tuple[tuple[str, str], ...] = (
+    ("explicit", f"an explicit {EXPLICIT_VAR} set for the host (os.environ.setdefault, as vLLM's fix); it must be a local, up address"),
+    ("ifname", "an interface selector in NCCL_SOCKET_IFNAME syntax (eth, =eth0, ^docker,lo)"),
+    ("cidr", "a network selector (cidr=10.1.0.0/16)"),
+    ("reached", "the local address the head reached this host on (SSH_CONNECTION, Slurm's NodeAddr)"),
+    ("default-route", "the default-route interface's address"),
+    ("loopback", "loopback, only when the host itself is loopback"),
+)
+DECIDED_ON_THE_HOST = ("reached", "default-route", "loopback")
+
+
 @dataclass(frozen=True)
 class BindChoice:
     address: str
-    rule: str
+    rule: str  # what chose it, for people
+    key: str = ""  # which of BIND_RULES
 
 
 def select_bind_address(
@@ -72,7 +79,7 @@ def select_bind_address(
 ) -> BindChoice:
     """Pick this host's bind address; raise BindAddressError naming what to fix."""
     if request.explicit:
-        return BindChoice(_explicit(request, addresses), f"{EXPLICIT_VAR} (explicit)")
+        return BindChoice(_explicit(request, addresses), f"{EXPLICIT_VAR} (explicit)", "explicit")
     usable = [a for a in addresses if a.up and not a.address.is_link_local]
     if request.ifname:
         match = ifname_matcher(request.ifname)
@@ -80,32 +87,51 @@ def select_bind_address(
         if not found:
             raise _error(request, addresses, f"no up interface matches ifname={request.ifname}", "fix ifname= in the hostfile")
         best = _preferred(found)
-        return BindChoice(str(best.address), f"ifname={request.ifname} ({best.interface})")
+        return BindChoice(str(best.address), f"ifname={request.ifname} ({best.interface})", "ifname")
     if request.cidr:
         network = ipaddress.ip_network(request.cidr, strict=False)
         found = [a for a in usable if a.address.version == network.version and a.address in network]
         if not found:
             raise _error(request, addresses, f"no up interface has an address in cidr={network}", "fix cidr= in the hostfile")
         best = _preferred(found)
-        return BindChoice(str(best.address), f"cidr={network} ({best.interface})")
+        return BindChoice(str(best.address), f"cidr={network} ({best.interface})", "cidr")
     if request.reached:
         local = _local_match(request.reached, usable)
         if local is not None:
-            return BindChoice(str(local), "address the head reached this host on")
+            return BindChoice(str(local), "address the head reached this host on", "reached")
     if default_interface:
         found = [a for a in usable if a.interface == default_interface and not a.is_loopback]
         if found:
-            return BindChoice(str(_preferred(found).address), f"default-route interface {default_interface}")
+            return BindChoice(str(_preferred(found).address), f"default-route interface {default_interface}", "default-route")
     if request.host_is_loopback:
         found = [a for a in usable if a.is_loopback]
         if found:
-            return BindChoice(str(_preferred(found).address), "loopback host")
+            return BindChoice(str(_preferred(found).address), "loopback host", "loopback")
     raise _error(
         request,
         addresses,
         "cannot tell which address to bind (no selector, no head connection, no default route)",
         "add ifname= or cidr= for this host in the hostfile",
     )
+
+
+def deciding_rule(request: BindRequest) -> str | None:
+    """The rule that decides from what the plan knows (explicit, ifname, cidr), or None: the host decides."""
+    for key, value in (("explicit", request.explicit), ("ifname", request.ifname), ("cidr", request.cidr)):
+        if value:
+            return key
+    return None
+
+
+def describe(request: BindRequest) -> str:
+    """Which rule will choose this host's address, as ``launcher plan`` prints it."""
+    key = deciding_rule(request)
+    if key == "explicit":
+        return f"explicit {EXPLICIT_VAR}={request.explicit}"
+    if key is not None:
+        return f"{key}={getattr(request, key)}"
+    tail = ", else loopback" if request.host_is_loopback else ""
+    return f"the address the head reaches it on, else the default-route interface{tail}"
 
 
 def ifname_matcher(spec: str) -> Callable[[str], bool]:
@@ -226,25 +252,18 @@ def ssh_server_address(env: Mapping[str, str]) -> str | None:
     return fields[2] if len(fields) == 4 else None
 
 
-def request_from_env(env: Mapping[str, str], *, host_is_loopback: bool) -> BindRequest:
-    """The rank's selectors, as the agent put them in its environment."""
-    explicit = env.get(EXPLICIT_VAR)
+def bind_request(identity: RankIdentity, facts: HostFacts, explicit: str | None) -> BindRequest:
+    """What a rank knows when it picks its address (``explicit``: its VLLM_NIXL_SIDE_CHANNEL_HOST)."""
     if explicit is not None and _is_hostname(explicit):
-        explicit = _resolve(explicit)
+        explicit = resolve(explicit) or explicit  # left as is: select_bind_address says it is not an IP
     return BindRequest(
-        explicit=explicit,
-        ifname=env.get("LAUNCHER_BIND_IFNAME") or None,
-        cidr=env.get("LAUNCHER_BIND_CIDR") or None,
-        reached=env.get("LAUNCHER_REACHED_ADDRESS") or None,
-        host_is_loopback=host_is_loopback,
-        hostname=socket.gethostname(),
+        explicit=explicit or None, ifname=identity.ifname, cidr=identity.cidr, reached=facts.reached_address,
+        host_is_loopback=facts.host_is_loopback, hostname=socket.gethostname(),
     )
 
 
-def resolve_bind_address(env: Mapping[str, str] | None = None, *, host_is_loopback: bool = False) -> BindChoice:
-    """Probe this host and choose; what a rank calls at start-up."""
-    env = os.environ if env is None else env
-    request = request_from_env(env, host_is_loopback=host_is_loopback)
+def resolve_bind_address(request: BindRequest) -> BindChoice:
+    """Probe this host and choose."""
     return select_bind_address(request, local_interfaces(), default_route_interface())
 
 
@@ -252,8 +271,9 @@ def claim_bind_address(env) -> BindChoice:
     """What a rank does first, as vLLM's engine core after PR #41806: resolve
     this host's address from the rank's environment, then ``setdefault`` it
     into ``VLLM_NIXL_SIDE_CHANNEL_HOST`` and ``VLLM_HOST_IP`` (a value set for
-    the host wins). Raises BindAddressError."""
-    choice = resolve_bind_address(env, host_is_loopback=env.get("LAUNCHER_HOST_IS_LOOPBACK") == "1")
+    the host wins). Raises BindAddressError (or RankEnvError)."""
+    request = bind_request(RankIdentity.from_env(env), HostFacts.from_env(env), env.get(EXPLICIT_VAR))
+    choice = resolve_bind_address(request)
     env.setdefault(EXPLICIT_VAR, choice.address)
     env.setdefault("VLLM_HOST_IP", choice.address)
     return choice
@@ -267,11 +287,21 @@ def _is_hostname(value: str) -> bool:
         return value.lower() != "localhost" and bool(value)
 
 
-def _resolve(name: str) -> str:
+def resolve(name: str) -> str | None:
+    """A host name or address literal as one IP address string (IPv6 unbracketed), or None.
+
+    The one place the launcher asks the resolver (getaddrinfo), for transports
+    and ranks alike; literals are returned without asking.
+    """
+    bare = name.strip("[]")
     try:
-        return socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
-    except OSError:
-        return name  # left as is; select_bind_address reports it is not an IP
+        return str(ipaddress.ip_address(bare.split("%", 1)[0]))
+    except ValueError:
+        pass
+    try:
+        return socket.getaddrinfo(bare, None, type=socket.SOCK_STREAM)[0][4][0]
+    except (OSError, UnicodeError):
+        return None
 
 
 def url_host(address: str) -> str:

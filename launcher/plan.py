@@ -12,7 +12,8 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
-from . import envpolicy
+from . import envpolicy, netif, rankenv
+from .rankenv import RankIdentity
 from .readiness import Ports, Readiness, Report
 from .command import (
     BOOTSTRAP, BUILTIN_ENGINE, RUNTIME_PLACEHOLDERS, CommandError, is_vllm_serve, kv_transfer_engine_id, render_template,
@@ -92,18 +93,20 @@ class RankSpec:
     mode it serves all of its host's DP ranks and is keyed by the first.
     """
 
-    rank: int  # global rank == data-parallel rank (the first it serves)
-    local_rank: int
-    host_index: int
-    host: str
-    world_size: int
-    local_size: int
-    port: int  # side-channel port: base + rank, as vLLM binds it
-    engine_id: str
+    identity: RankIdentity  # who it is; what its LAUNCHER_* variables say
     argv: tuple[str, ...]
+    ports: tuple[int, ...]  # every side-channel port it binds (base + each DP index it serves, as vLLM computes them)
     env: Mapping[str, str] = field(hash=False)
     env_report: envpolicy.EnvReport = field(hash=False)
-    ports: tuple[int, ...]  # every side-channel port it binds: (port,), or one per local DP rank (--per-host)
+
+    rank = property(lambda self: self.identity.rank)  # global rank == data-parallel rank (the first it serves)
+    local_rank = property(lambda self: self.identity.local_rank)
+    local_size = property(lambda self: self.identity.local_size)
+    world_size = property(lambda self: self.identity.world_size)
+    host = property(lambda self: self.identity.host)
+    host_index = property(lambda self: self.identity.host_index)
+    engine_id = property(lambda self: self.identity.engine_id)
+    port = property(lambda self: self.ports[0])
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,13 @@ class HostPlan:
     host: Host
     index: int
     ranks: tuple[RankSpec, ...]
+
+    def bind_request(self) -> netif.BindRequest:
+        """What its ranks will know when they pick their address, as far as the plan knows it."""
+        return netif.BindRequest(
+            explicit=dict(self.host.env).get(netif.EXPLICIT_VAR), ifname=self.host.ifname, cidr=self.host.cidr,
+            host_is_loopback=self.host.is_loopback, hostname=self.host.name,
+        )
 
 
 @dataclass(frozen=True)
@@ -178,48 +188,19 @@ def build(
         per_process = host.slots if options.per_host else 1
         for local_rank in range(0, host.slots, per_process):
             served = tuple(range(rank, rank + per_process))
-            rank_vars = {
-                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(port_base),  # one value per job; vLLM adds the DP index
-                "LAUNCHER_JOB_ID": job_id,
-                "LAUNCHER_RANK": str(rank),
-                "LAUNCHER_LOCAL_RANK": str(local_rank),
-                "LAUNCHER_WORLD_SIZE": str(world_size),
-                "LAUNCHER_LOCAL_SIZE": str(host.slots),
-                "LAUNCHER_HOST": host.name,
-                "LAUNCHER_ENGINE_ID": f"{job_id}-dp{rank}",
-            }
-            if host.ifname:
-                rank_vars["LAUNCHER_BIND_IFNAME"] = host.ifname
-            if host.cidr:
-                rank_vars["LAUNCHER_BIND_CIDR"] = host.cidr
-            report = envpolicy.rank_environment(
-                head_env, policy, job_env=options.env, host_env=host.env, rank_env=rank_vars
+            identity = RankIdentity(
+                job_id=job_id, rank=rank, local_rank=local_rank, local_size=host.slots, world_size=world_size,
+                host=host.name, host_index=index, engine_id=f"{job_id}-dp{rank}", port_base=port_base,
+                ifname=host.ifname, cidr=host.cidr,
             )
-            values = {
-                "rank": rank, "local_rank": local_rank, "local_size": host.slots, "world_size": world_size,
-                "host": host.name, "host_index": index, "host_first_rank": served[0] - local_rank,
-                "port": port_base + rank, "port_base": port_base, "rpc_port": options.rpc_port, "job_id": job_id,
-            }
-            argv = _argv(options, index, {k: str(v) for k, v in values.items()})
+            report = envpolicy.rank_environment(
+                head_env, policy, job_env=options.env, host_env=host.env, rank_env=identity.to_env()
+            )
+            argv = _argv(options, index, {**placeholders(identity), "rpc_port": str(options.rpc_port)})
             # A vLLM command binds where its own DP flags say (base + each DP index it serves), whatever our rank count.
             vllm_ranks = vllm_dp_ranks(user_command(argv)) if options.command else None
             ports = tuple(port_base + r for r in (vllm_ranks if vllm_ranks is not None else served))
-            ranks.append(
-                RankSpec(
-                    rank=rank,
-                    local_rank=local_rank,
-                    host_index=index,
-                    host=host.name,
-                    world_size=world_size,
-                    local_size=host.slots,
-                    port=ports[0],
-                    engine_id=rank_vars["LAUNCHER_ENGINE_ID"],
-                    argv=argv,
-                    ports=ports,
-                    env=report.env,
-                    env_report=report,
-                )
-            )
+            ranks.append(RankSpec(identity=identity, argv=argv, ports=ports, env=report.env, env_report=report))
             rank += per_process
         host_plans.append(HostPlan(host=host, index=index, ranks=tuple(ranks)))
 
@@ -241,6 +222,17 @@ def build(
         warnings=tuple(_compile_hash_warnings(hosts)),
         readiness=readiness,
     )
+
+
+def placeholders(identity: RankIdentity) -> dict[str, str]:
+    """The head's values for a command's placeholders (command.PLACEHOLDERS), all but {rpc_port}."""
+    values = {
+        "rank": identity.rank, "local_rank": identity.local_rank, "local_size": identity.local_size,
+        "world_size": identity.world_size, "host": identity.host, "host_index": identity.host_index,
+        "host_first_rank": identity.rank - identity.local_rank, "port": identity.port, "port_base": identity.port_base,
+        "job_id": identity.job_id,
+    }
+    return {k: str(v) for k, v in values.items()}
 
 
 def preflight_plan(plan: LaunchPlan) -> LaunchPlan:
@@ -380,7 +372,7 @@ def _check_host_env(host: Host) -> None:
 
 
 def _check_not_reserved(name: str, where: str) -> None:
-    if name.startswith(envpolicy.LAUNCHER_PREFIX):
+    if name.startswith(rankenv.PREFIX):
         raise PlanError(f"{where}{name} uses the reserved LAUNCHER_ prefix, which the launcher sets itself; rename it")
 
 

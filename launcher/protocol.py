@@ -14,6 +14,7 @@ from typing import Union
 
 import msgspec
 
+from .rankenv import CONTROL_FD_VAR
 from .readiness import Readiness, Report
 
 
@@ -191,9 +192,6 @@ def decode(line: bytes | str) -> Message:
         raise ProtocolError(f"not a launcher message ({exc}): {text.strip()[:200]!r}") from None
 
 
-CONTROL_FD_VAR = "LAUNCHER_CONTROL_FD"
-
-
 def rank_failed(rank: int, message: str, code: int) -> int:
     """From a rank: say why it cannot go on, on its stderr and to its agent; returns ``code`` to exit with."""
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -203,7 +201,7 @@ def rank_failed(rank: int, message: str, code: int) -> int:
 
 def report_to_agent(message: _Msg) -> None:
     """From a rank: write one message to the agent's control pipe, if there is one."""
-    fd = os.environ.get(CONTROL_FD_VAR)
+    fd = os.environ.get(CONTROL_FD_VAR)  # HostFacts.control_fd, read raw: a rank may report before anything else
     if fd is None:
         return
     try:

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Iterable, Sequence, TextIO
 
-from . import envpolicy
+from . import envpolicy, netif
 from .check import CheckMatrix, render_matrix
 from .command import render_argv, user_command
 from .plan import Host, LaunchPlan, RankSpec
@@ -87,16 +87,13 @@ def render_plan(plan: LaunchPlan, python: str = "python") -> str:
             f"VLLM_HOST_IP to its host's own address (unless set for that host) and fills in {{host_ip}} {{head_ip}}; "
             f"ready when {plan.readiness.describe()}"
         )
+    layers = " < ".join(name for name, _ in envpolicy.LAYERS)
+    lines.append(f"each rank's environment, in layers (later wins; a host option is never overwritten): {layers}")
     lines += [f"warning: {w}" for w in plan.warnings]
     for hp in plan.hosts:
         host = hp.host
-        rule = (
-            f"ifname={host.ifname}" if host.ifname else f"cidr={host.cidr}" if host.cidr
-            else "explicit VLLM_NIXL_SIDE_CHANNEL_HOST" if any(k == "VLLM_NIXL_SIDE_CHANNEL_HOST" for k, _ in host.env)
-            else "loopback host" if host.is_loopback else "address the head reaches it on, else default route"
-        )
         lines.append("")
-        lines.append(f"host {host.name} ({host.origin or 'given'}): {host.slots} ranks; bind address: {rule}")
+        lines.append(f"host {host.name} ({host.origin or 'given'}): {host.slots} ranks; bind address: {netif.describe(hp.bind_request())}")
         for r in hp.ranks:
             report = r.env_report
             rank, ports = rank_span(r)

@@ -114,3 +114,51 @@ def test_zmq_paths_bracket_ipv6():
 def test_the_probe_sees_this_hosts_loopback():
     found = netif.local_interfaces()
     assert any(a.interface == "lo" and str(a.address) == "127.0.0.1" and a.network.prefixlen == 8 and a.up for a in found)
+
+
+# --- the dry run and the run read one rule order -------------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from launcher import envpolicy, plan as planning  # noqa: E402
+from launcher.plan import Host, LaunchOptions  # noqa: E402
+from launcher.rankenv import HostFacts, RankIdentity  # noqa: E402
+
+SNAPSHOT = [
+    netif.InterfaceAddress("lo", ipaddress.ip_address("127.0.0.1"), ipaddress.ip_network("127.0.0.0/8")),
+    netif.InterfaceAddress("eth0", ipaddress.ip_address("10.0.0.5"), ipaddress.ip_network("10.0.0.0/24")),
+    netif.InterfaceAddress("ib0", ipaddress.ip_address("192.168.7.5"), ipaddress.ip_network("192.168.7.0/24")),
+    netif.InterfaceAddress("docker0", ipaddress.ip_address("172.17.0.1"), ipaddress.ip_network("172.17.0.0/16"), up=False),
+]
+
+
+@given(
+    name=st.sampled_from(["localhost", "node1", "127.0.0.2"]),
+    explicit=st.sampled_from([None, "127.0.0.2", "10.0.0.5", "10.9.9.9", "localhost", "0.0.0.0"]),
+    ifname=st.sampled_from([None, "lo", "=eth0", "ib", "^lo,docker", "nope"]),
+    cidr=st.sampled_from([None, "10.0.0.0/8", "192.168.7.0/24", "172.17.0.0/16"]),
+    reached=st.sampled_from([None, "10.0.0.5", "192.168.7.5", "10.9.9.9"]),
+    default=st.sampled_from([None, "eth0", "ib0"]),
+)
+def test_the_dry_run_names_the_rule_the_run_applies(name, explicit, ifname, cidr, reached, default):
+    host = Host(name, ifname=ifname, cidr=cidr, env=(("VLLM_NIXL_SIDE_CHANNEL_HOST", explicit),) if explicit else ())
+    hp = planning.build([host], LaunchOptions(), {}, "j").hosts[0]
+    planned = netif.deciding_rule(hp.bind_request())
+    shown = netif.describe(hp.bind_request())
+    # The run: the rank's environment as the agent builds it, read back as the rank reads it.
+    env = envpolicy.process_environment({}, hp.ranks[0].env, HostFacts(host_is_loopback=host.is_loopback, reached_address=reached))
+    request = netif.bind_request(RankIdentity.from_env(env), HostFacts.from_env(env), env.get(netif.EXPLICIT_VAR))
+    try:
+        choice = netif.select_bind_address(request, SNAPSHOT, default)
+    except netif.BindAddressError:
+        return  # the run refuses, naming the fix: it never binds by another rule than the plan showed
+    if planned is None:
+        assert choice.key in netif.DECIDED_ON_THE_HOST and shown.startswith("the address the head reaches it on")
+    else:
+        assert choice.key == planned and shown.startswith("explicit" if planned == "explicit" else f"{planned}=")
+
+
+def test_an_explicit_address_beats_the_ifname_on_the_same_line_in_the_dry_run_too():
+    host = Host("localhost", ifname="lo", env=(("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.2"),))
+    hp = planning.build([host], LaunchOptions(), {}, "j").hosts[0]
+    assert netif.describe(hp.bind_request()) == "explicit VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.2"
