@@ -7,7 +7,6 @@ import threading
 import uuid
 from typing import Mapping, Sequence
 
-from . import hostfile
 from . import plan as planmod
 from . import transports
 from .check import CheckOptions
@@ -24,22 +23,6 @@ def plan_job(
 ) -> LaunchPlan:
     """A plan for ``hosts`` from ``env`` (default: this process's environment)."""
     return planmod.build(hosts, options, os.environ if env is None else env, job_id or uuid.uuid4().hex[:8])
-
-
-def default_transport(plan: LaunchPlan, env: Mapping[str, str] | None = None) -> str:
-    """``local`` when every host is this machine's loopback; ``slurm`` inside an
-    allocation that holds every host; else ``ssh``."""
-    env = os.environ if env is None else env
-    if all(h.host.is_loopback for h in plan.hosts):
-        return "local"
-    if hostfile.in_allocation(env) and env.get("SLURM_JOB_ID"):
-        try:
-            nodes = {h.name for h in hostfile.from_slurm(env, slots=1)}
-        except hostfile.AllocationError:
-            nodes = set()
-        if all(h.host.name in nodes for h in plan.hosts):
-            return "slurm"
-    return "ssh"
 
 
 def launch(
@@ -66,7 +49,7 @@ def launch(
     (``plan.preflight_plan``); if that fails, its result is returned and the
     command never starts.
     """
-    transport = transport or transports.get(default_transport(plan))
+    transport = transport or transports.get(transports.choose([h.host for h in plan.hosts], os.environ))
     if preflight:
         if reporter is not None:
             reporter.progress("preflight: built-in engine cores on the same hosts, addresses and ports")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import re
 import shlex
@@ -11,9 +10,9 @@ import signal
 import sys
 import threading
 
-from . import hostfile, report, transports
+from . import argtypes, hostfile, report, transports
 from .version import __version__
-from .api import default_transport, launch, plan_job
+from .api import launch, plan_job
 from . import wire
 from .check import WIRE_CHOICES, CheckOptions
 from .command import PLACEHOLDERS
@@ -36,33 +35,6 @@ def _env_pair(text: str) -> tuple[str, str]:
     return name, value
 
 
-def _number(convert, what: str, ok, bound: str):
-    """An argparse type: ``convert`` the text, then require ``ok``; errors say which and why."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text} {bound}")
-        return value
-
-    return parse
-
-
-def _network(text: str) -> str:
-    try:
-        return str(ipaddress.ip_network(text, strict=False))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a network like 10.0.0.0/8 or fd00::/64") from None
-
-
-_port = _number(int, "a port number", lambda v: 1 <= v <= 65535, "is not a TCP port (1..65535)")
-_positive = _number(int, "a whole number", lambda v: v >= 1, "must be at least 1")
-_seconds = _number(float, "a number of seconds", lambda v: v > 0, "must be more than 0 seconds")
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, with the error on the first line (the usage is one --help away)."""
 
@@ -80,14 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     hosts_common = _Parser(add_help=False)
     hosts_common.add_argument("--hostfile", "-H", help="hostfile to read (default: the Slurm allocation inside one, else ./hostfile)")
-    hosts_common.add_argument("--slots", type=_positive, help="ranks per node for hosts from a Slurm allocation (default: SLURM_TASKS_PER_NODE)")
+    hosts_common.add_argument("--slots", type=argtypes.positive, help="ranks per node for hosts from a Slurm allocation (default: SLURM_TASKS_PER_NODE)")
 
     plan_common = _Parser(add_help=False, parents=[hosts_common])
     g = plan_common.add_argument_group("job")
-    g.add_argument("--port-base", type=_port, help="side-channel port base; rank R binds base+R (default: $VLLM_NIXL_SIDE_CHANNEL_PORT or 5600)")
+    g.add_argument("--port-base", type=argtypes.port, help="side-channel port base; rank R binds base+R (default: $VLLM_NIXL_SIDE_CHANNEL_PORT or 5600)")
     g.add_argument("--env", "-e", type=_env_pair, action="append", default=[], metavar="NAME=VALUE", help="set a variable in every rank; NAME alone copies this environment's value, keeping secrets out of ps (repeatable)")
     g.add_argument("--ifname", metavar="SPEC", help="bind-address interface for hosts whose line sets none: eth, =eth0, ^docker,lo (NCCL_SOCKET_IFNAME syntax)")
-    g.add_argument("--cidr", type=_network, metavar="NET", help="bind-address network for hosts whose line sets none, e.g. 10.1.0.0/16")
+    g.add_argument("--cidr", type=argtypes.network, metavar="NET", help="bind-address network for hosts whose line sets none, e.g. 10.1.0.0/16")
     g.add_argument("--env-include", action="append", default=[], metavar="PATTERN", help="also copy head variables matching NAME, PREFIX_ or a glob (repeatable)")
     c = plan_common.add_argument_group(
         "user command (after --; without one, the built-in engine core runs)",
@@ -95,29 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--per-host", action="store_true", help="one process per host serving all its slots as DP ranks (vllm serve --data-parallel-size-local)")
     c.add_argument("--head-command", metavar="'CMD ...'", help="the first host's command when it differs (e.g. without --headless); one shell-quoted string")
-    c.add_argument("--rpc-port", type=_port, default=13345, help="value of {rpc_port} (default 13345)")
+    c.add_argument("--rpc-port", type=argtypes.port, default=13345, help="value of {rpc_port} (default 13345)")
     c.add_argument("command_argv", nargs="*", metavar="-- CMD", help="the command each process runs, with placeholders")
 
     run_common = _Parser(add_help=False, parents=[plan_common])
     r = run_common.add_argument_group("launch")
-    r.add_argument("--transport", "-t", choices=["auto", "local", "ssh", "slurm"], default="auto", help="how agents start: auto = local for loopback hosts, slurm (srun) for nodes of the current allocation, else ssh")
-    r.add_argument("--ready-timeout", type=_seconds, default=60.0, help="seconds for every rank to become ready (default 60)")
-    r.add_argument("--grace", type=_seconds, default=5.0, help="seconds between SIGTERM and SIGKILL at teardown (default 5)")
-    r.add_argument("--heartbeat-timeout", type=_seconds, default=15.0, help="seconds of silence before a host is declared lost (default 15)")
+    r.add_argument("--ready-timeout", type=argtypes.seconds, default=60.0, help="seconds for every rank to become ready (default 60)")
+    r.add_argument("--grace", type=argtypes.seconds, default=5.0, help="seconds between SIGTERM and SIGKILL at teardown (default 5)")
+    r.add_argument("--heartbeat-timeout", type=argtypes.seconds, default=15.0, help="seconds of silence before a host is declared lost (default 15)")
     r.add_argument("--quiet", "-q", action="store_true", help="do not stream rank output")
     r.add_argument("--log-dir", metavar="DIR", help="also write each rank's output to DIR/rank-N.log")
     ready = r.add_mutually_exclusive_group()
-    ready.add_argument("--ready-port", type=_port, help="a command is ready when this port accepts TCP on its host's address")
+    ready.add_argument("--ready-port", type=argtypes.port, help="a command is ready when this port accepts TCP on its host's address")
     ready.add_argument("--ready-url", metavar="URL", help="... when GET URL answers 2xx ({host_ip} {port} {rank} filled in), e.g. http://{host_ip}:8000/health")
     ready.add_argument("--ready-log", metavar="REGEX", help="... when a line of its output matches REGEX")
-    s = run_common.add_argument_group("ssh")
-    s.add_argument("--ssh-config", help="ssh client config (default: ~/.ssh/config if present)")
-    s.add_argument("--known-hosts", help="known_hosts file to verify host keys (default: ~/.ssh/known_hosts)")
-    s.add_argument("--accept-new-host-keys", action="store_true", help="trust and record keys of hosts not in known_hosts (changed keys are always refused)")
-    s.add_argument("--identity", "-i", action="append", default=[], metavar="KEYFILE", help="private key to try (repeatable)")
-    s.add_argument("--connect-timeout", type=_seconds, default=10.0, help="seconds to connect to each host (default 10)")
-    sl = run_common.add_argument_group("slurm")
-    sl.add_argument("--srun-arg", action="append", default=[], metavar="ARG", help="extra srun option for the agents' steps, e.g. --srun-arg=--gpus-per-node=8 (repeatable)")
+    transports.add_arguments(run_common)  # --transport and each backend's own options
 
     sub.add_parser("hosts", parents=[hosts_common], help="print the parsed hostfile")
     sub.add_parser("plan", parents=[plan_common], help="dry run: per rank, host, port, command and environment (secrets masked)")
@@ -129,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(g.describe() for g in wire.GENERATIONS)
         + "; or tcp (connect only). A handshake of the wrong generation kills a real vLLM listener"
     ))
-    p.add_argument("--handshake-timeout", type=_seconds, default=5.0, help="seconds per handshake (default 5, as vLLM)")
+    p.add_argument("--handshake-timeout", type=argtypes.seconds, default=5.0, help="seconds per handshake (default 5, as vLLM)")
     sub.add_parser("check", parents=[run_common, probing], help="launch, probe every rank pair, print the matrix, stop")
     run = sub.add_parser("run", parents=[run_common, probing], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job")
     run.add_argument("--check", action="store_true", help="once every rank is ready, run the all-pairs check on the running job (vLLM's own side channels) and serve only if it passes")
@@ -166,15 +130,17 @@ def main(argv: list[str] | None = None) -> int:
             print(report.render_plan(plan, python=sys.executable))
             return 0
         transport = _transport(args, plan)
-    except (hostfile.HostfileError, hostfile.AllocationError, PlanError, transports.TransportError) as exc:
+    except (hostfile.HostfileError, transports.AllocationError, PlanError, transports.TransportError) as exc:
         print(f"launcher: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return _launch(args, plan, transport)
 
 
 def _hosts(args) -> list:
-    if args.hostfile is None and hostfile.in_allocation(os.environ):
-        return hostfile.from_slurm(os.environ, slots=args.slots)
+    if args.hostfile is None:
+        found = transports.allocation_hosts(os.environ, args.slots)
+        if found is not None:
+            return found
     if args.slots is not None:
         raise PlanError("--slots applies to the nodes of a Slurm allocation; a hostfile gives slots=N on each line")
     return hostfile.read(args.hostfile or DEFAULT_HOSTFILE)
@@ -206,19 +172,8 @@ def _readiness(args) -> readiness.Readiness | None:
 
 
 def _transport(args, plan) -> transports.Transport:
-    name = default_transport(plan) if args.transport == "auto" else args.transport
-    if name == "ssh":
-        return transports.get(
-            "ssh",
-            config_path=args.ssh_config,
-            known_hosts=args.known_hosts,
-            accept_new_host_keys=args.accept_new_host_keys,
-            identities=tuple(args.identity),
-            connect_timeout=args.connect_timeout,
-        )
-    if name == "slurm":
-        return transports.get("slurm", extra_args=tuple(args.srun_arg))
-    return transports.get(name)
+    name = transports.choose([h.host for h in plan.hosts], os.environ) if args.transport == "auto" else args.transport
+    return transports.from_args(name, args, os.environ)
 
 
 def _launch(args, plan, transport) -> int:

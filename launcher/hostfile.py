@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import hostlist
 
@@ -177,46 +177,3 @@ def _is_ipv6(text: str) -> bool:
         return ipaddress.ip_address(text).version == 6
     except ValueError:
         return False
-
-
-
-# --- Slurm allocations ---------------------------------------------------------
-
-NODELIST_VARS = ("SLURM_JOB_NODELIST", "SLURM_NODELIST")
-
-
-class AllocationError(ValueError):
-    """A Slurm allocation the launcher cannot read; str() names the variable and the fix."""
-
-
-def in_allocation(env: Mapping[str, str]) -> bool:
-    return any(env.get(name) for name in NODELIST_VARS)
-
-
-def from_slurm(env: Mapping[str, str], slots: int | None = None) -> list[Host]:
-    """The allocation's nodes, in Slurm's order, with its tasks per node as slots.
-
-    ``SLURM_JOB_NODELIST`` (``node[01-04,07]``) is expanded with python-hostlist,
-    which keeps Slurm's order, so host index N is SLURM_NODEID N. Slots come
-    from ``SLURM_TASKS_PER_NODE`` (``2(x3),1``) unless ``slots`` is given.
-    """
-    var = next((name for name in NODELIST_VARS if env.get(name)), None)
-    if var is None:
-        raise AllocationError("not inside a Slurm allocation (SLURM_JOB_NODELIST is not set); run under sbatch or salloc, or pass --hostfile")
-    try:
-        nodes = hostlist.expand_hostlist(env[var])
-    except hostlist.BadHostlist as exc:
-        raise AllocationError(f"{var}={env[var]!r} is not a Slurm hostlist ({exc})") from None
-    if slots is not None:
-        counts = [slots] * len(nodes)
-    else:
-        raw = env.get("SLURM_TASKS_PER_NODE", "")
-        try:
-            counts = hostlist.parse_slurm_tasks_per_node(raw) if raw else [1] * len(nodes)
-        except (ValueError, hostlist.BadHostlist):
-            raise AllocationError(f"SLURM_TASKS_PER_NODE={raw!r} is not Slurm's format (such as '2(x3),1'); pass --slots N") from None
-        if len(counts) != len(nodes):
-            raise AllocationError(
-                f"SLURM_TASKS_PER_NODE={raw!r} gives {len(counts)} nodes but {var} lists {len(nodes)}; pass --slots N"
-            )
-    return [Host(name=node, slots=count, origin=f"{var}[{i}]") for i, (node, count) in enumerate(zip(nodes, counts))]

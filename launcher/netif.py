@@ -293,14 +293,20 @@ def resolve(name: str) -> str | None:
     The one place the launcher asks the resolver (getaddrinfo), for transports
     and ranks alike; literals are returned without asking.
     """
-    bare = name.strip("[]")
+    literal = address_literal(name)
+    if literal is not None:
+        return literal
     try:
-        return str(ipaddress.ip_address(bare.split("%", 1)[0]))
-    except ValueError:
-        pass
-    try:
-        return socket.getaddrinfo(bare, None, type=socket.SOCK_STREAM)[0][4][0]
+        return socket.getaddrinfo(name.strip("[]"), None, type=socket.SOCK_STREAM)[0][4][0]
     except (OSError, UnicodeError):
+        return None
+
+
+def address_literal(text: str) -> str | None:
+    """``text`` as an IP address string if it is one (brackets and an IPv6 scope dropped), else None."""
+    try:
+        return str(ipaddress.ip_address(text.strip("[]").split("%", 1)[0]))
+    except ValueError:
         return None
 
 

@@ -379,7 +379,7 @@ class Supervisor:
         elif isinstance(event, EOFError):
             tail = link.conn.stderr_tail(wait=0 if self._stopping else 0.5) if link.conn else []
             said = f": {tail[-1]}" if tail else ""
-            cancelled = link.conn.cancelled_by_scheduler() if link.conn else None
+            cancelled = link.conn.stop_reason() if link.conn else None
             if cancelled:
                 # scancel ended the step before the agent's own word got through: an order, not a fault.
                 self._stopped_by_signal(link, f"host {link.plan.host.name}: {cancelled}", signal.SIGTERM)

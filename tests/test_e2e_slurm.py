@@ -123,8 +123,8 @@ def test_a_step_slurm_cancelled_is_told_apart_from_a_lost_agent():
         return conn
 
     cancelled = connection("slurmstepd: error: *** STEP 5.2 ON h2 CANCELLED AT 2026-11-24T12:18:30 ***")
-    assert cancelled.cancelled_by_scheduler() == "Slurm cancelled its step (STEP 5.2 ON h2 CANCELLED AT 2026-11-24T12:18:30)"
-    assert connection("srun: error: h2: task 0: Killed").cancelled_by_scheduler() is None
+    assert cancelled.stop_reason() == "Slurm cancelled its step (STEP 5.2 ON h2 CANCELLED AT 2026-11-24T12:18:30)"
+    assert connection("srun: error: h2: task 0: Killed").stop_reason() is None
 
 
 def test_srun_gets_the_extra_options_and_none_of_the_heads_worker_specific_values():

@@ -70,30 +70,3 @@ def test_any_text_parses_or_fails_with_one_line_located_error(text):
     else:
         assert all(h.slots >= 1 and h.name for h in hosts)
         assert len({h.name for h in hosts}) == len(hosts)
-
-
-# --- Slurm allocations ------------------------------------------------------------
-
-
-def test_an_allocation_keeps_slurms_node_order_and_tasks_per_node():
-    env = {"SLURM_JOB_NODELIST": "gpu[10-11,02],cpu1", "SLURM_TASKS_PER_NODE": "2(x3),1"}
-    hosts = hostfile.from_slurm(env)
-    assert [(h.name, h.slots) for h in hosts] == [("gpu10", 2), ("gpu11", 2), ("gpu02", 2), ("cpu1", 1)]
-    assert hosts[2].origin == "SLURM_JOB_NODELIST[2]"  # index == SLURM_NODEID
-    assert [h.slots for h in hostfile.from_slurm(env, slots=8)] == [8] * 4
-    assert [h.slots for h in hostfile.from_slurm({"SLURM_NODELIST": "n[1-2]"})] == [1, 1]
-
-
-@pytest.mark.parametrize(
-    "env, message",
-    [
-        ({}, "not inside a Slurm allocation (SLURM_JOB_NODELIST is not set)"),
-        ({"SLURM_JOB_NODELIST": "n[1-"}, "SLURM_JOB_NODELIST='n[1-' is not a Slurm hostlist"),
-        ({"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "2(x"}, "SLURM_TASKS_PER_NODE='2(x' is not Slurm's format"),
-        ({"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "2(x3)"}, "gives 3 nodes but SLURM_JOB_NODELIST lists 2; pass --slots N"),
-    ],
-)
-def test_a_bad_allocation_is_a_one_line_error_naming_the_variable(env, message):
-    with pytest.raises(hostfile.AllocationError) as err:
-        hostfile.from_slurm(env)
-    assert message in str(err.value) and "\n" not in str(err.value)

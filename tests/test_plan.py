@@ -150,14 +150,14 @@ def test_the_preflight_plan_binds_the_same_hosts_and_ports_with_the_builtin_core
 
 
 def test_the_auto_transport_follows_where_the_hosts_are():
-    from launcher.api import default_transport
+    from launcher.transports import choose
 
-    remote = plan.build([Host("n1"), Host("n2")], LaunchOptions(), {}, "j")
+    remote = [Host("n1"), Host("n2")]
     allocation = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_TASKS_PER_NODE": "1(x3)"}
-    assert default_transport(remote, allocation) == "slurm"  # every host is a node of this allocation
-    assert default_transport(remote, {**allocation, "SLURM_JOB_NODELIST": "n[2-3]"}) == "ssh"
-    assert default_transport(remote, {}) == "ssh"
-    assert default_transport(plan.build([Host("localhost")], LaunchOptions(), {}, "j"), allocation) == "local"
+    assert choose(remote, allocation) == "slurm"  # every host is a node of this allocation
+    assert choose(remote, {**allocation, "SLURM_JOB_NODELIST": "n[2-3]"}) == "ssh"
+    assert choose(remote, {}) == "ssh"
+    assert choose([Host("localhost")], allocation) == "local"
 
 
 def test_job_wide_bind_selectors_fill_in_for_hosts_without_their_own():

@@ -1,16 +1,28 @@
-"""The transport interface: start an agent on a host, talk to it in lines."""
+"""The transport interface: start an agent on a host, talk to it in lines.
+
+A backend is one ``Transport`` subclass in a module of its own. Its class
+methods say where it applies (``claims``, ``allocation_hosts``) and what it
+takes from the command line (``add_arguments``, ``from_args``); an instance
+starts agents (``start``) and knows the address the head reaches a host on.
+"""
 
 from __future__ import annotations
 
 import abc
+import argparse
 import collections
 import threading
+from typing import ClassVar, Mapping, Sequence
 
 from ..plan import Host
 
 
 class TransportError(RuntimeError):
     """The agent could not be started; str() is one line naming the host and the fix."""
+
+
+class AllocationError(ValueError):
+    """An allocation (Slurm, ...) the launcher cannot read; str() names the variable and the fix."""
 
 
 class AgentConnection(abc.ABC):
@@ -50,8 +62,8 @@ class AgentConnection(abc.ABC):
         finally:
             self._stderr_done.set()
 
-    def cancelled_by_scheduler(self) -> str | None:
-        """Why the scheduler ended this agent (e.g. scancel), if it did; None for SSH and local."""
+    def stop_reason(self) -> str | None:
+        """Why the backend itself stopped this agent on purpose (Slurm's scancel), if it did; None otherwise."""
         return None
 
     def stderr_tail(self, wait: float = 0.5) -> list[str]:
@@ -61,7 +73,30 @@ class AgentConnection(abc.ABC):
 
 
 class Transport(abc.ABC):
-    name: str = ""
+    name: ClassVar[str] = ""
+
+    # --- where this backend applies (class methods: no instance needed) -----------
+
+    @classmethod
+    def claims(cls, hosts: Sequence[Host], env: Mapping[str, str]) -> bool:
+        """Whether ``--transport auto`` should start these hosts' agents with this backend."""
+        return False
+
+    @classmethod
+    def allocation_hosts(cls, env: Mapping[str, str], slots: int | None) -> list[Host] | None:
+        """The hosts of the allocation this process runs in (a batch job), or None when not inside one."""
+        return None
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """This backend's command-line options."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str]) -> "Transport":
+        """An instance configured from the parsed command line."""
+        return cls()
+
+    # --- starting agents -----------------------------------------------------------
 
     @abc.abstractmethod
     def start(self, host: Host) -> AgentConnection:

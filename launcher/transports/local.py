@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
+from typing import Mapping, Sequence
 
+from .. import netif
 from ..plan import Host
 from .base import AgentConnection, Transport, TransportError
 
@@ -67,6 +67,10 @@ class LocalTransport(Transport):
 
     name = "local"
 
+    @classmethod
+    def claims(cls, hosts: Sequence[Host], env: Mapping[str, str]) -> bool:
+        return all(h.is_loopback for h in hosts)
+
     def start(self, host: Host) -> AgentConnection:
         python = host.python or sys.executable
         try:
@@ -84,14 +88,7 @@ class LocalTransport(Transport):
         return ProcessConnection(host, popen)
 
     def reached_address(self, host: Host) -> str | None:
-        name = host.name.strip("[]")
-        try:
-            return str(ipaddress.ip_address(name))
-        except ValueError:
-            pass
-        if host.is_loopback:
-            return "127.0.0.1"
-        try:
-            return socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
-        except OSError:
-            return None
+        literal = netif.address_literal(host.name)
+        if literal is not None:
+            return literal
+        return "127.0.0.1" if host.is_loopback else netif.resolve(host.name)

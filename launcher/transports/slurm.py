@@ -19,25 +19,62 @@ and signals srun only as a last resort. srun hides a task's exit code
 
 from __future__ import annotations
 
-import ipaddress
+import argparse
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
+from typing import Mapping, Sequence
 
-from .. import envpolicy
+import hostlist
+
+from .. import envpolicy, netif
 from ..plan import Host
-from .base import AgentConnection, Transport, TransportError
+from .base import AgentConnection, AllocationError, Transport, TransportError
 from .local import ProcessConnection
+
+NODELIST_VARS = ("SLURM_JOB_NODELIST", "SLURM_NODELIST")
+
+
+def in_allocation(env: Mapping[str, str]) -> bool:
+    return any(env.get(name) for name in NODELIST_VARS)
+
+
+def allocation_hosts(env: Mapping[str, str], slots: int | None = None) -> list[Host]:
+    """The allocation's nodes, in Slurm's order, with its tasks per node as slots.
+
+    ``SLURM_JOB_NODELIST`` (``node[01-04,07]``) is expanded with python-hostlist,
+    which keeps Slurm's order, so host index N is SLURM_NODEID N. Slots come
+    from ``SLURM_TASKS_PER_NODE`` (``2(x3),1``) unless ``slots`` is given.
+    """
+    var = next((name for name in NODELIST_VARS if env.get(name)), None)
+    if var is None:
+        raise AllocationError("not inside a Slurm allocation (SLURM_JOB_NODELIST is not set); run under sbatch or salloc, or pass --hostfile")
+    try:
+        nodes = hostlist.expand_hostlist(env[var])
+    except hostlist.BadHostlist as exc:
+        raise AllocationError(f"{var}={env[var]!r} is not a Slurm hostlist ({exc})") from None
+    if slots is not None:
+        counts = [slots] * len(nodes)
+    else:
+        raw = env.get("SLURM_TASKS_PER_NODE", "")
+        try:
+            counts = hostlist.parse_slurm_tasks_per_node(raw) if raw else [1] * len(nodes)
+        except (ValueError, hostlist.BadHostlist):
+            raise AllocationError(f"SLURM_TASKS_PER_NODE={raw!r} is not Slurm's format (such as '2(x3),1'); pass --slots N") from None
+        if len(counts) != len(nodes):
+            raise AllocationError(
+                f"SLURM_TASKS_PER_NODE={raw!r} gives {len(counts)} nodes but {var} lists {len(nodes)}; pass --slots N"
+            )
+    return [Host(name=node, slots=count, origin=f"{var}[{i}]") for i, (node, count) in enumerate(zip(nodes, counts))]
 
 
 class SrunConnection(ProcessConnection):
     """An agent behind srun; slurmstepd says on its stderr when Slurm cancelled the step."""
 
-    def cancelled_by_scheduler(self) -> str | None:
+    def stop_reason(self) -> str | None:
         for line in self.stderr_tail(wait=0):
             found = re.search(r"\*\*\* (.* CANCELLED AT .*?) \*\*\*", line)  # slurmstepd: error: *** STEP 12.3 ON n2 CANCELLED AT ... ***
             if found:
@@ -47,6 +84,31 @@ class SrunConnection(ProcessConnection):
 
 class SlurmTransport(Transport):
     name = "slurm"
+
+    @classmethod
+    def claims(cls, hosts: Sequence[Host], env: Mapping[str, str]) -> bool:
+        """Inside an allocation (SLURM_JOB_ID) that holds every host."""
+        if not (in_allocation(env) and env.get("SLURM_JOB_ID")):
+            return False
+        try:
+            nodes = {h.name for h in allocation_hosts(env, slots=1)}
+        except AllocationError:
+            return False
+        return all(h.name in nodes for h in hosts)
+
+    @classmethod
+    def allocation_hosts(cls, env: Mapping[str, str], slots: int | None) -> list[Host] | None:
+        return allocation_hosts(env, slots) if in_allocation(env) else None
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("slurm")
+        group.add_argument("--srun-arg", action="append", default=[], metavar="ARG",
+                           help="extra srun option for the agents' steps, e.g. --srun-arg=--gpus-per-node=8 (repeatable)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str]) -> "SlurmTransport":
+        return cls(env=env, extra_args=tuple(args.srun_arg))
 
     def __init__(self, env=None, srun: str = "srun", extra_args: tuple[str, ...] = ()):
         self.env = dict(os.environ if env is None else env)
@@ -104,16 +166,5 @@ class SlurmTransport(Transport):
             return {}
         found = {}
         for name, addr in re.findall(r"NodeName=(\S+).*?\bNodeAddr=(\S+)", out):
-            found[name] = _resolve(addr)
+            found[name] = netif.resolve(addr)
         return {k: v for k, v in found.items() if v}
-
-
-def _resolve(name: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(name))
-    except ValueError:
-        pass
-    try:
-        return socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
-    except OSError:
-        return None

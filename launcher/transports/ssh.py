@@ -8,11 +8,14 @@ remote command line.
 
 Without a pty, closing the channel does not stop the remote command (sshd
 only closes its pipes): the agent stops its ranks itself on stdin EOF and on
-missed heartbeats.
+missed heartbeats. paramiko is imported when an SSH connection is made, not
+when the command line is built (it costs ~90 ms, which a loopback job never
+needs).
 """
 
 from __future__ import annotations
 
+import argparse
 import getpass
 import os
 import shlex
@@ -20,25 +23,29 @@ import socket
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import paramiko
-
+from .. import argtypes
 from ..plan import Host
 from .base import AgentConnection, Transport, TransportError
 
+if TYPE_CHECKING:
+    import paramiko
 
-class _AcceptNewHostKeys(paramiko.MissingHostKeyPolicy):
+
+def _accept_new_host_keys(path: str | None, lock: threading.Lock):
     """Trust-on-first-use, like OpenSSH's StrictHostKeyChecking=accept-new."""
+    import paramiko
 
-    def __init__(self, path: str | None, lock: threading.Lock):
-        self.path, self.lock = path, lock
+    class AcceptNew(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key):
+            with lock:
+                client.get_host_keys().add(hostname, key.get_name(), key)
+                if path:
+                    with open(path, "a") as f:
+                        f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
 
-    def missing_host_key(self, client, hostname, key):
-        with self.lock:
-            client.get_host_keys().add(hostname, key.get_name(), key)
-            if self.path:
-                with open(self.path, "a") as f:
-                    f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+    return AcceptNew()
 
 
 class SSHConnection(AgentConnection):
@@ -53,6 +60,8 @@ class SSHConnection(AgentConnection):
         threading.Thread(target=self._collect_stderr, args=(self.stderr,), daemon=True).start()
 
     def send(self, data: bytes) -> None:
+        import paramiko
+
         if self.channel.closed or self.channel.exit_status_ready():
             raise OSError("the SSH channel is closed")
         try:
@@ -64,6 +73,8 @@ class SSHConnection(AgentConnection):
         return self.stdout.readline()
 
     def close_stdin(self) -> None:
+        import paramiko
+
         try:
             self.channel.shutdown_write()
         except (OSError, EOFError, paramiko.SSHException):
@@ -85,6 +96,26 @@ class SSHConnection(AgentConnection):
 class SSHTransport(Transport):
     name = "ssh"
 
+    @classmethod
+    def claims(cls, hosts: Sequence[Host], env: Mapping[str, str]) -> bool:
+        return True  # any host sshd runs on
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("ssh")
+        group.add_argument("--ssh-config", help="ssh client config (default: ~/.ssh/config if present)")
+        group.add_argument("--known-hosts", help="known_hosts file to verify host keys (default: ~/.ssh/known_hosts)")
+        group.add_argument("--accept-new-host-keys", action="store_true", help="trust and record keys of hosts not in known_hosts (changed keys are always refused)")
+        group.add_argument("--identity", "-i", action="append", default=[], metavar="KEYFILE", help="private key to try (repeatable)")
+        group.add_argument("--connect-timeout", type=argtypes.seconds, default=10.0, help="seconds to connect to each host (default 10)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str]) -> "SSHTransport":
+        return cls(
+            config_path=args.ssh_config, known_hosts=args.known_hosts, accept_new_host_keys=args.accept_new_host_keys,
+            identities=tuple(args.identity), connect_timeout=args.connect_timeout,
+        )
+
     def __init__(
         self,
         config_path: str | None = None,
@@ -94,6 +125,8 @@ class SSHTransport(Transport):
         connect_timeout: float = 10.0,
         python: str | None = None,
     ):
+        import paramiko
+
         self.config = paramiko.SSHConfig()
         path = config_path or os.path.expanduser("~/.ssh/config")
         if config_path and not os.path.exists(config_path):
@@ -111,6 +144,8 @@ class SSHTransport(Transport):
         self._clients: list[paramiko.SSHClient] = []
 
     def start(self, host: Host) -> AgentConnection:
+        import paramiko
+
         clients = self._connect_chain(host.name, host.user, host.port, label=host.label)
         command = shlex.join([host.python or self.python, "-m", "launcher.agent"])
         if host.cwd:
@@ -126,6 +161,8 @@ class SSHTransport(Transport):
 
     def _connect_chain(self, alias: str, user: str | None, port: int | None, label: str, depth: int = 0) -> list[paramiko.SSHClient]:
         """Connect to ``alias``, through its ProxyJump hosts if the config names any."""
+        import paramiko
+
         if depth > 5:
             raise TransportError(f"{label}: ProxyJump chain is longer than 5 hops (a loop?)")
         cfg = self.config.lookup(alias)
@@ -149,7 +186,7 @@ class SSHTransport(Transport):
             if os.path.exists(path):
                 client.load_host_keys(path)
         client.set_missing_host_key_policy(
-            _AcceptNewHostKeys(self.known_hosts, self._lock) if self.accept_new else paramiko.RejectPolicy()
+            _accept_new_host_keys(self.known_hosts, self._lock) if self.accept_new else paramiko.RejectPolicy()
         )
         keys = [*self.identities, *(os.path.expanduser(k) for k in cfg.get("identityfile", []))]
         where = f"{user}@{hostname}:{port}"
