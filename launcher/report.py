@@ -9,7 +9,10 @@ from typing import Iterable, Sequence, TextIO
 from . import envpolicy, netif
 from .check import CheckMatrix, render_matrix
 from .command import render_argv, user_command
+from .job import RankState
 from .plan import Host, LaunchPlan, RankSpec
+from .results import LaunchResult
+from .supervisor import Reporter
 
 
 def rank_span(spec: RankSpec) -> tuple[str, str]:
@@ -18,8 +21,6 @@ def rank_span(spec: RankSpec) -> tuple[str, str]:
     if len(ports) == 1:
         return str(spec.rank), str(ports[0])
     return f"{spec.rank}-{spec.rank + len(ports) - 1}", f"{ports[0]}-{ports[-1]}"
-from .results import LaunchResult
-from .supervisor import RankState, Reporter
 
 
 def format_table(rows: Sequence[Sequence[str]], right: bool = False) -> str:

@@ -6,6 +6,7 @@ it into an exit code, and the report that renders it.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from .check import CheckMatrix
@@ -18,6 +19,48 @@ EXIT_NOT_READY = 4
 EXIT_CHECK_FAILED = 5
 
 
+class Phase(str, enum.Enum):
+    """Where a rank is: pending -> started -> ready -> exited, or lost with its host."""
+
+    PENDING = "pending"
+    STARTED = "started"
+    READY = "ready"
+    EXITED = "exited"
+    LOST = "lost"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FailureKind(str, enum.Enum):
+    """What ended a job; each kind has its exit code (``exit_code_for``)."""
+
+    RANK_EXITED = "rank-exited"  # a rank exited (its own code is passed through)
+    RANK_ERROR = "rank-error"  # a rank said why it cannot go on, then exited
+    NOT_READY = "not-ready"  # ranks not ready in time, or one that never can be
+    HOST_LOST = "host-lost"  # an agent ended or went silent
+    TRANSPORT = "transport"  # an agent could not be started (or the head failed talking to it)
+    DUPLICATE_ADDRESS = "duplicate-address"  # two hosts report one address
+    UNREACHABLE = "unreachable"  # the head cannot reach a ready rank
+    CHECK = "check"  # the all-pairs check failed
+    VERSIONS = "versions"  # hosts run different software (preflight)
+    SIGNAL = "signal"  # a signal on a host's side (scancel): a stop, not a fault
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def exit_code_for(kind: FailureKind, rank_code: int | None = None, signum: int | None = None) -> int:
+    """The launcher's exit code: a rank's own (128+N if killed by signal N), 128+N for a signal, else by kind."""
+    if kind is FailureKind.SIGNAL:
+        return 128 + (signum or 15)
+    if kind in (FailureKind.RANK_EXITED, FailureKind.RANK_ERROR) and rank_code is not None:
+        return rank_code if rank_code > 0 else (128 - rank_code if rank_code < 0 else 1)
+    return {
+        FailureKind.NOT_READY: EXIT_NOT_READY, FailureKind.CHECK: EXIT_CHECK_FAILED, FailureKind.VERSIONS: EXIT_CHECK_FAILED,
+    }.get(kind, EXIT_HOST_LOST)
+
+
 @dataclass(frozen=True)
 class RankResult:
     """How one rank went; times are seconds since the launch began."""
@@ -27,7 +70,7 @@ class RankResult:
     address: str | None
     port: int
     pid: int | None
-    state: str
+    state: Phase
     exit_code: int | None  # negative: killed by that signal
     error: str | None
     started_at: float | None
@@ -38,7 +81,7 @@ class RankResult:
 
 @dataclass(frozen=True)
 class Failure:
-    kind: str  # rank-exited, rank-error, host-lost, transport, not-ready, duplicate-address, unreachable, check, versions, signal
+    kind: FailureKind
     message: str
     exit_code: int
     rank: int | None = None

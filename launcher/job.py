@@ -1,0 +1,400 @@
+"""The head's decisions about one job, as a pure state machine.
+
+``Job.apply(host, event, now)`` takes one typed event from a host's link (a
+message from its agent, or what the link itself saw: it opened, it failed to
+start, it closed, the agent printed noise) and returns the actions the
+supervisor performs: tell the user, forward a rank's output, sweep a host,
+release the specs that wait for ``{head_ip}``. ``tick(now)`` judges silence.
+The first failure wins in one place, ``fail``; what ends a job, with which
+exit code and which first line, is decided here and tested without
+processes. No threads, no sockets, no clock: time comes in as ``now``
+(seconds since the launch began).
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+from dataclasses import dataclass, field
+from typing import Union
+
+from . import protocol
+from .check import CheckMatrix
+from .plan import Host, HostPlan, LaunchPlan, RankSpec
+from .results import Failure, FailureKind, LaunchResult, Phase, RankResult, exit_code_for
+from .version import __version__
+
+
+# --- what links report besides the agent's own messages -------------------------------
+
+
+@dataclass(frozen=True)
+class LinkOpened:
+    """The agent was started; its connection is up."""
+
+
+@dataclass(frozen=True)
+class LinkFailed:
+    """The agent could not be started, or the head failed talking to it; ``message`` names the host."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class LinkClosed:
+    """Nothing more will come from this host's agent."""
+
+    last_words: tuple[str, ...] = ()  # its last stderr lines
+    stopped_by: str | None = None  # the backend's account of an ordered stop (scancel), if any
+
+
+@dataclass(frozen=True)
+class LinkAbandoned:
+    """The job ended before this host's spec was sent; its agent was told to go."""
+
+
+@dataclass(frozen=True)
+class Noise:
+    """A line from the agent that is not a launcher message."""
+
+    text: str
+
+
+LinkEvent = Union[LinkOpened, LinkFailed, LinkClosed, LinkAbandoned, Noise]
+
+
+# --- what the supervisor is asked to do --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    text: str
+
+
+@dataclass(frozen=True)
+class ShowOutput:
+    rank: "RankState"
+    stream: str
+    line: str
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Clean up after a host's agent that died with ranks running: a fresh connection kills this job's processes."""
+
+    host: int
+
+
+@dataclass(frozen=True)
+class HeadAddress:
+    """The first host's address is known (or will never be: None): release the specs that wait for it."""
+
+    address: str | None
+
+
+Action = Union[Progress, ShowOutput, Sweep, HeadAddress]
+
+
+# --- state -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RankState:
+    spec: RankSpec
+    phase: Phase = Phase.PENDING
+    pid: int | None = None
+    address: str | None = None
+    port: int | None = None
+    rule: str | None = None
+    vllm_version: str = ""
+    exit_code: int | None = None
+    error: str | None = None
+    started_at: float | None = None
+    ready_at: float | None = None
+    ended_at: float | None = None
+    output: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+
+    @property
+    def state(self) -> Phase:  # the name the rank table and RankResult use
+        return self.phase
+
+
+@dataclass
+class HostState:
+    plan: HostPlan
+    opened: bool = False  # its agent was started
+    hello: protocol.Hello | None = None
+    gone: bool = False  # its agent ended, or it was declared lost
+    last_seen: float = 0.0
+
+    @property
+    def host(self) -> Host:
+        return self.plan.host
+
+
+def start_fix(host: Host, said: list[str] | tuple[str, ...]) -> str:
+    """What to do about an agent that died before saying hello, from what it printed."""
+    text = " ".join(said[-3:])
+    if host.cwd and ("cd:" in text or "chdir" in text):
+        return "fix cwd= for this host in the hostfile (the directory must exist there)"
+    if "No module named" in text:
+        return "install launcher there (same version) or set python= for this host in the hostfile"
+    return "check that python= for this host (default: the head's own interpreter path) runs there with launcher installed"
+
+
+class Job:
+    """One launch plan's ranks and hosts, what happened to them, and the verdict."""
+
+    def __init__(self, plan: LaunchPlan):
+        self.plan = plan
+        self.ranks = {r.rank: RankState(r) for r in plan.ranks}
+        self.hosts = [HostState(h) for h in plan.hosts]
+        self.failure: Failure | None = None
+        self.stopping = False  # the job is being stopped: exits from now on are consequences
+        self.interrupted = False  # the user asked to stop (Ctrl-C, SIGTERM at the head)
+        self.head_ip: str | None = None
+        self.matrix: CheckMatrix | None = None
+
+    # --- the one first-failure rule --------------------------------------------------
+
+    def fail(self, kind: FailureKind, message: str, *, rank: int | None = None, host: str | None = None,
+             rank_code: int | None = None, signum: int | None = None) -> bool:
+        """Record what ended the job, unless something already did or the job is being stopped anyway."""
+        if self.failure is not None or self.stopping or self.interrupted:
+            return False
+        self.failure = Failure(kind, message, exit_code_for(kind, rank_code, signum), rank, host)
+        return True
+
+    @property
+    def over(self) -> bool:
+        """Nothing more to wait for but the teardown."""
+        return self.failure is not None or self.interrupted
+
+    # --- events ---------------------------------------------------------------------------
+
+    def apply(self, index: int, event, now: float) -> list[Action]:
+        """One event from host ``index``'s link; the actions it calls for."""
+        host = self.hosts[index]
+        host.last_seen = now
+        rank = getattr(event, "rank", None)
+        if rank is not None and not isinstance(event, protocol.CheckResult):
+            state = self.ranks.get(rank)
+            if state is None or state.spec.host_index != index:
+                return [Progress(f"agent on {host.host.name} spoke of rank {rank}, which is not its own; ignored")]
+        match event:
+            case LinkOpened():
+                host.opened = True
+            case protocol.Hello():
+                return self._hello(index, event)
+            case protocol.Resolved():
+                state = self.ranks[event.rank]
+                state.address, state.rule = event.address, event.rule
+            case protocol.Started():
+                state = self.ranks[event.rank]
+                state.phase, state.pid, state.started_at = Phase.STARTED, event.pid, now
+            case protocol.Ready():
+                return self._ready(event, now)
+            case protocol.Output():
+                state = self.ranks[event.rank]
+                state.output.append(event.line)
+                return [ShowOutput(state, event.stream, event.line)]
+            case protocol.RankError():
+                state = self.ranks[event.rank]
+                state.error = event.message
+                if event.fatal:
+                    self.fail(FailureKind.NOT_READY, f"rank {event.rank} on {state.spec.host} cannot become ready: {event.message}",
+                              rank=event.rank, host=state.spec.host)
+            case protocol.Exited():
+                return self._exited(self.ranks[event.rank], event.returncode, now)
+            case protocol.CheckResult():
+                if self.matrix is not None:
+                    self.matrix.add(event)
+            case protocol.Stopping():
+                if event.signal:
+                    name = signal.Signals(event.signal).name
+                    self._stopped_by_signal(index, f"the agent on {host.host.name} received {name} (scancel, or a kill on that host)", event.signal)
+            case protocol.AgentError():
+                return [Progress(f"agent on {host.host.name}: {event.message}")]
+            case Noise():
+                return [Progress(f"agent on {host.host.name} printed: {event.text[:200]}")]
+            case LinkFailed():
+                # Before its agent started nothing runs there; after, the link closed the connection
+                # (its agent stops its ranks on EOF) and a sweep cleans up what might be left.
+                return self._lose(index, event.message, now, kind=FailureKind.TRANSPORT, sweep=host.opened)
+            case LinkAbandoned():
+                host.gone = True
+                self._mark_lost(index, now)
+            case LinkClosed():
+                return self._closed(index, event, now)
+        return []
+
+    def tick(self, now: float) -> list[Action]:
+        """Judge silence: a host whose agent said hello and then nothing for the heartbeat timeout is lost."""
+        actions: list[Action] = []
+        timeout = self.plan.options.heartbeat_timeout
+        for index, host in enumerate(self.hosts):
+            silent = now - host.last_seen
+            if host.hello is not None and not host.gone and not self.stopping and silent > timeout:
+                # Nothing more will come; its agent stops its ranks on its own timeout.
+                actions += self._lose(index, f"host {host.host.name} lost: no word from its agent for {silent:.0f}s (heartbeat timeout)",
+                                      now, sweep=False)
+        return actions
+
+    def _hello(self, index: int, hello: protocol.Hello) -> list[Action]:
+        host = self.hosts[index]
+        host.hello = hello
+        connected = sum(1 for h in self.hosts if h.hello is not None)
+        actions: list[Action] = [Progress(
+            f"agents connected {connected}/{len(self.hosts)} ({host.host.name}: {hello.address or 'address unknown'}, pid {hello.pid})"
+        )]
+        if index == 0 and self.plan.uses_head_ip:
+            if hello.address:
+                self.head_ip = hello.address
+            else:
+                self.fail(FailureKind.TRANSPORT, f"host {host.host.label} has no address for {{head_ip}}: {hello.address_error}",
+                          host=host.host.name)
+            actions.append(HeadAddress(self.head_ip))
+        if connected == len(self.hosts):
+            actions += self._compare_versions()
+        return actions
+
+    def _compare_versions(self) -> list[Action]:
+        """Hosts that run different software: a warning, or a failure in a preflight."""
+        actions: list[Action] = []
+        for what, version_of, head_value in (
+            ("launcher", lambda h: h.version, __version__),
+            ("Python", lambda h: h.python_version, None),
+            ("vLLM", lambda h: h.vllm_version or "not installed", None),
+        ):
+            found = collections.defaultdict(list)
+            for host in self.hosts:
+                found[version_of(host.hello)].append(host.host.name)
+            if head_value is not None and set(found) != {head_value}:
+                found.setdefault(f"{head_value} (head)", [])
+            if len(found) > 1:
+                listed = "; ".join(f"{v} on {', '.join(names) or 'the head'}" for v, names in sorted(found.items()))
+                message = f"hosts run different {what} versions: {listed}; install one version everywhere"
+                if not (self.plan.options.strict_versions and self.fail(FailureKind.VERSIONS, message)):
+                    actions.append(Progress(f"warning: {message}"))
+        return actions
+
+    def _ready(self, event: protocol.Ready, now: float) -> list[Action]:
+        state = self.ranks[event.rank]
+        state.phase, state.address, state.port, state.rule, state.ready_at = Phase.READY, event.address, event.port, event.rule, now
+        state.vllm_version = event.vllm_version
+        ready = sum(1 for r in self.ranks.values() if r.phase is Phase.READY)
+        what = "ranks" if len(self.ranks) == self.plan.world_size else "processes"
+        return [Progress(f"{what} ready {ready}/{len(self.ranks)} (rank {event.rank} on {state.spec.host} at {event.address}:{event.port})")]
+
+    def _exited(self, state: RankState, code: int, now: float) -> list[Action]:
+        state.phase, state.exit_code, state.ended_at = Phase.EXITED, code, now
+        if self.over or self.stopping:
+            return []
+        if code == 0 and self.plan.options.to_completion:
+            done = sum(1 for r in self.ranks.values() if r.phase is Phase.EXITED)
+            return [Progress(f"ranks done {done}/{len(self.ranks)} (rank {state.spec.rank} on {state.spec.host} exited 0)")]
+        how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+        why = f": {state.error}" if state.error else (f"; last output: {state.output[-1]}" if state.output else "")
+        kind = FailureKind.RANK_ERROR if state.error else FailureKind.RANK_EXITED
+        self.fail(kind, f"rank {state.spec.rank} on {state.spec.host} {how}{why}", rank=state.spec.rank, host=state.spec.host, rank_code=code)
+        return []
+
+    def _closed(self, index: int, event: LinkClosed, now: float) -> list[Action]:
+        host = self.hosts[index]
+        said = f": {event.last_words[-1]}" if event.last_words else ""
+        if event.stopped_by:
+            # The scheduler ended the agent before its own word got through: an order, not a fault.
+            self._stopped_by_signal(index, f"host {host.host.name}: {event.stopped_by}", signal.SIGTERM)
+            return self._lose(index, f"host {host.host.name}: {event.stopped_by}", now, sweep=False)
+        if host.hello is None:
+            return self._lose(index, f"host {host.host.label}: the agent did not start{said}; {start_fix(host.host, event.last_words)}",
+                              now, kind=FailureKind.TRANSPORT)
+        return self._lose(index, f"host {host.host.name} lost: its agent ended{said}", now)
+
+    def _stopped_by_signal(self, index: int, what: str, signum: int) -> None:
+        """A signal on a host's side (scancel signals every step at once) ends the job like one to the head."""
+        self.fail(FailureKind.SIGNAL, f"{what}; stopping every host", host=self.hosts[index].host.name, signum=signum)
+
+    def _lose(self, index: int, message: str, now: float, kind: FailureKind = FailureKind.HOST_LOST, sweep: bool = True) -> list[Action]:
+        """Nothing more comes from this host: a failure unless the job is ending anyway.
+
+        ``sweep``: the host is likely reachable (its agent died, its SSH session
+        dropped), so clean up after the agent; a silent host is left to its
+        agent's own heartbeat timeout.
+        """
+        host = self.hosts[index]
+        if host.gone:
+            return []  # already lost (by heartbeat, say): its EOF adds nothing
+        host.gone = True
+        self.fail(kind, message, host=host.host.name)
+        running = [r for r in host.plan.ranks if self.ranks[r.rank].pid is not None and self.ranks[r.rank].phase is not Phase.EXITED]
+        self._mark_lost(index, now)
+        return [Sweep(index)] if sweep and running else []
+
+    def _mark_lost(self, index: int, now: float) -> None:
+        for spec in self.hosts[index].plan.ranks:
+            state = self.ranks[spec.rank]
+            if state.phase is not Phase.EXITED:
+                state.phase, state.ended_at = Phase.LOST, now
+
+    # --- where the job is ------------------------------------------------------------------
+
+    def all_in(self, *phases: Phase) -> bool:
+        return all(r.phase in phases for r in self.ranks.values())
+
+    @property
+    def all_ended(self) -> bool:
+        """Every started agent gone and every rank ended (or never started)."""
+        return all(h.gone for h in self.hosts if h.opened) and self.all_in(Phase.EXITED, Phase.LOST, Phase.PENDING)
+
+    # --- judgments at the end of a phase -------------------------------------------------------
+
+    def not_ready(self, timeout: float) -> None:
+        waiting = [s for s in self.ranks.values() if s.phase is not Phase.READY]
+        first = waiting[0]
+        last = f"; its last output: {first.output[-1]}" if first.output else "; it printed nothing"
+        names = ", ".join(f"rank {s.spec.rank} on {s.spec.host} ({s.phase})" for s in waiting[:8])
+        self.fail(FailureKind.NOT_READY, f"{len(waiting)} ranks not ready after {timeout:g}s: {names}{last}; raise --ready-timeout if they are slow",
+                  rank=first.spec.rank, host=first.spec.host)
+
+    def duplicate_address(self) -> bool:
+        """Two hosts reporting one address: every host needs its own (a failure)."""
+        owner: dict[str | None, RankState] = {}
+        for state in sorted(self.ranks.values(), key=lambda s: s.spec.rank):
+            other = owner.setdefault(state.address, state)
+            if other.spec.host_index != state.spec.host_index:
+                return self.fail(
+                    FailureKind.DUPLICATE_ADDRESS,
+                    f"hosts {other.spec.host} and {state.spec.host} both report address {state.address}; every host needs "
+                    f"its own address (cloned VM, shared VIP, or both on loopback?): set ifname=/cidr= or env:VLLM_NIXL_SIDE_CHANNEL_HOST per host",
+                    rank=state.spec.rank, host=state.spec.host,
+                )
+        return False
+
+    def unreachable(self, state: RankState, port: int, error: str) -> None:
+        self.fail(FailureKind.UNREACHABLE,
+                  f"rank {state.spec.rank} on {state.spec.host} listens at {state.address}:{port} but the head cannot reach it ({error})",
+                  rank=state.spec.rank, host=state.spec.host)
+
+    def judge_check(self) -> None:
+        """After the all-pairs check: a failing pair, or what vLLM's peers would refuse, ends the job."""
+        matrix = self.matrix
+        bad = matrix.failures
+        if bad:
+            first, hosts, pairs = bad[0], matrix.hosts, len(matrix.ranks) ** 2
+            self.fail(FailureKind.CHECK, f"{len(bad)} of {pairs} pairs failed the check; first: r{first.rank} ({hosts[first.rank]}) -> "
+                      f"r{first.peer} ({hosts[first.peer]}): {first.error}")
+        elif matrix.problems:
+            self.fail(FailureKind.CHECK, matrix.problems[0])
+
+    def result(self, duration: float) -> LaunchResult:
+        ranks = tuple(
+            RankResult(
+                rank=s.spec.rank, host=s.spec.host, address=s.address, port=s.spec.port, pid=s.pid, state=s.phase,
+                exit_code=s.exit_code, error=s.error, started_at=s.started_at, ready_at=s.ready_at, ended_at=s.ended_at,
+                last_output=s.output[-1] if s.output else None,
+            )
+            for s in sorted(self.ranks.values(), key=lambda s: s.spec.rank)
+        )
+        return LaunchResult(ranks, self.failure, self.matrix, duration)
+
