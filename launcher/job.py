@@ -392,7 +392,7 @@ class Job:
             RankResult(
                 rank=s.spec.rank, host=s.spec.host, address=s.address, port=s.spec.port, pid=s.pid, state=s.phase,
                 exit_code=s.exit_code, error=s.error, started_at=s.started_at, ready_at=s.ready_at, ended_at=s.ended_at,
-                last_output=s.output[-1] if s.output else None,
+                last_output=s.output[-1] if s.output else None, rule=s.rule,
             )
             for s in sorted(self.ranks.values(), key=lambda s: s.spec.rank)
         )

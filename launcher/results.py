@@ -77,6 +77,7 @@ class RankResult:
     ready_at: float | None
     ended_at: float | None
     last_output: str | None = None  # its last line of output, for the summary
+    rule: str | None = None  # the rule that chose its address (netif.BIND_RULES)
 
 
 @dataclass(frozen=True)

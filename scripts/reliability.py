@@ -26,7 +26,8 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from netns_cluster import NetnsCluster  # noqa: E402
+import cluster_cli  # noqa: E402,F401  (puts tests/support on the path)
+from support.netns import NetnsCluster  # noqa: E402
 
 from launcher.report import format_table  # noqa: E402
 

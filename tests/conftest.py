@@ -122,6 +122,18 @@ def failed_line(stderr: str) -> str:
     return stderr.split("launcher: FAILED: ", 1)[1].splitlines()[0]
 
 
+def launch_hosts(text, cluster=None, options=None, env=None, **launch):
+    """The Python API on a hostfile's text, to its LaunchResult: over SSH to the namespace cluster when
+    given, else as ``--transport auto`` would (loopback). ``env`` adds to this process's environment."""
+    import launcher
+    from launcher import hostfile, transports
+    from launcher.plan import LaunchOptions
+
+    plan = launcher.plan_job(hostfile.parse(text), options or LaunchOptions(), env={**os.environ, **(env or {})})
+    transport = transports.get("ssh", config_path=cluster.ssh_config, known_hosts=cluster.known_hosts) if cluster else None
+    return launcher.launch(plan, transport, **launch)
+
+
 def write_hostfile(tmp_path, text):
     path = tmp_path / "hostfile"
     path.write_text(text)
@@ -201,9 +213,8 @@ def vllm_handshake(address, port):
 
 # --- the netns + sshd cluster --------------------------------------------------
 
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-from netns_cluster import NetnsCluster, missing_tools  # noqa: E402
-import slurm_cluster  # noqa: E402
+from support import slurm as slurm_cluster  # noqa: E402
+from support.netns import NetnsCluster, missing_tools  # noqa: E402
 
 E2E_REQUIRED = bool(os.environ.get("CI") or os.environ.get("LAUNCHER_REQUIRE_E2E"))
 

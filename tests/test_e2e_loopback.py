@@ -12,7 +12,7 @@ import launcher
 from launcher.check import CheckOptions
 from launcher.plan import Host, LaunchOptions
 
-from conftest import RunningLauncher, port_taken, run_launcher, table_rows, vllm_handshake, wait_for, write_hostfile
+from conftest import RunningLauncher, launch_hosts, port_taken, run_launcher, table_rows, vllm_handshake, wait_for, write_hostfile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -102,15 +102,14 @@ def test_a_port_in_use_is_named_with_host_address_and_fix(tmp_path, port_base):
     assert "--port-base" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_loopback_hosts_get_distinct_addresses_and_duplicates_are_refused(tmp_path, port_base):
-    ok = write_hostfile(tmp_path, "127.0.0.1\n127.0.0.2 slots=2\n")
-    done = run_launcher("check", "-H", ok, "--port-base", str(port_base), timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert [r[2] for r in table_rows(done.stdout)] == ["127.0.0.1", "127.0.0.2", "127.0.0.2"]
-    dup = write_hostfile(tmp_path, "localhost\n127.0.0.1\n")
-    done = run_launcher("check", "-H", dup, "--port-base", str(port_base), timeout=60)
-    assert done.returncode == 3
-    assert "hosts localhost and 127.0.0.1 both report address 127.0.0.1" in done.stderr
+def test_loopback_hosts_get_distinct_addresses_and_duplicates_are_refused(port_base):
+    options = LaunchOptions(port_base=port_base)
+    ok = launch_hosts("127.0.0.1\n127.0.0.2 slots=2\n", options=options, check=CheckOptions())
+    assert ok.ok and ok.check.ok, ok.failure
+    assert [r.address for r in ok.ranks] == ["127.0.0.1", "127.0.0.2", "127.0.0.2"]
+    dup = launch_hosts("localhost\n127.0.0.1\n", options=options, check=CheckOptions())
+    assert (dup.failure.kind, dup.exit_code) == ("duplicate-address", 3)
+    assert dup.failure.message.startswith("hosts localhost and 127.0.0.1 both report address 127.0.0.1")
 
 
 def test_python_api_returns_per_rank_results(port_base):

@@ -9,7 +9,11 @@ import subprocess
 import psutil
 import pytest
 
-from conftest import RunningLauncher, failed_line, launcher_cmd, run_launcher, standin, standin_reports, table_rows, vllm_handshake, wait_for, write_hostfile
+from conftest import (
+    RunningLauncher, failed_line, launch_hosts, launcher_cmd, run_launcher, standin, standin_reports, table_rows, vllm_handshake, wait_for,
+    write_hostfile,
+)
+from launcher.check import CheckOptions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -48,24 +52,21 @@ def test_seed_bug_head_address_leaked_yet_every_rank_binds_its_own_host(hosts, t
 
 
 def test_all_pairs_check_across_hosts_is_green(hosts, tmp_path):
-    done = check(hosts, write_hostfile(tmp_path, hosts.hostfile(slots=2)), env=LEAKED)
-    assert done.returncode == 0, done.stderr
-    assert "all 36 handshakes ok" in done.stdout
-    assert {r[1]: r[2] for r in table_rows(done.stdout)} == {h.name: h.address for h in hosts.hosts}
-    assert "agents connected 3/3" in done.stderr
+    result = launch_hosts(hosts.hostfile(slots=2), hosts, env=LEAKED, check=CheckOptions())
+    assert result.ok, result.failure
+    assert result.check.ok and len(result.check.results) == 36 and set(result.check.wires.values()) == {"v2"}
+    assert {r.host: r.address for r in result.ranks} == {h.name: h.address for h in hosts.hosts}  # never the head's
+    assert all(r.state == "exited" and r.exit_code == 0 for r in result.ranks)
 
 
-def test_interface_selectors_and_explicit_local_address_are_honoured(hosts, tmp_path):
-    hf = write_hostfile(tmp_path, "h1 slots=2 cidr=198.19.0.0/24\nh2 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.12\nh3 ifname=^eth1\n")
-    run = RunningLauncher(["-H", hf, *hosts.ssh_args()], env={**os.environ, **LEAKED})
-    ready = run.ready_rows(4)
-    assert [(r[1], r[2]) for r in ready] == [("h1", "198.19.0.11"), ("h1", "198.19.0.11"), ("h2", "198.18.0.12"), ("h3", "198.18.0.13")]
-    for _, _, address, port, _ in ready:
-        assert vllm_handshake(address, port)
-    run.proc.send_signal(signal.SIGTERM)
-    assert run.finish() == 143
-    assert any(re.match(r"^0\s+h1\s+198\.19\.0\.11\s.*cidr=198\.19\.0\.0/24 \(eth1\)", line) for line in run.stdout)
-    assert any("VLLM_NIXL_SIDE_CHANNEL_HOST (explicit)" in line for line in run.stdout)
+def test_interface_selectors_and_explicit_local_address_are_honoured(hosts):
+    text = "h1 slots=2 cidr=198.19.0.0/24\nh2 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.12\nh3 ifname=^eth1\n"
+    result = launch_hosts(text, hosts, env=LEAKED)  # ready means bound, and reachable from the head (on both networks)
+    assert result.ok, result.failure
+    assert [(r.host, r.address, r.rule) for r in result.ranks] == [
+        ("h1", "198.19.0.11", "cidr=198.19.0.0/24 (eth1)"), ("h1", "198.19.0.11", "cidr=198.19.0.0/24 (eth1)"),
+        ("h2", "198.18.0.12", "VLLM_NIXL_SIDE_CHANNEL_HOST (explicit)"), ("h3", "198.18.0.13", "ifname=^eth1 (eth0)"),
+    ]
 
 
 def test_an_unreachable_listener_shows_red_in_the_matrix_with_the_reason(hosts, tmp_path):
@@ -81,13 +82,12 @@ def test_an_unreachable_listener_shows_red_in_the_matrix_with_the_reason(hosts, 
     assert "4 of 9 handshakes failed" in matrix
 
 
-def test_a_non_local_explicit_address_fails_that_host_and_stops_the_others(hosts, tmp_path):
-    hf = write_hostfile(tmp_path, "h1 slots=2\nh2\nh3 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99\n")
-    done = check(hosts, hf)
-    assert done.returncode == 2
-    first = failed_line(done.stderr)
-    assert first.startswith("rank 3 on h3 exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99 is not an address of h3")
-    assert "eth0 198.18.0.13/24" in first and "Traceback" not in done.stderr
+def test_a_non_local_explicit_address_fails_that_host_and_stops_the_others(hosts):
+    result = launch_hosts("h1 slots=2\nh2\nh3 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99\n", hosts, check=CheckOptions())
+    assert (result.failure.kind, result.failure.rank, result.failure.host, result.exit_code) == ("rank-error", 3, "h3", 2)
+    assert result.failure.message.startswith("rank 3 on h3 exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99 is not an address of h3")
+    assert "eth0 198.18.0.13/24" in result.failure.message
+    assert result.check is None and all(r.state in ("exited", "lost") for r in result.ranks)
 
 
 def test_remote_python_missing_is_a_clear_error(hosts, tmp_path):

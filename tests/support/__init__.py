@@ -1,0 +1,1 @@
+"""Test support: the network-namespace host cluster (sshd per host) and a real Slurm on it."""

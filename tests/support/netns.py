@@ -1,0 +1,250 @@
+"""A cluster of SSH hosts on this machine: one network namespace per host.
+
+The library the tests, the benchmarks and ``scripts/netns_cluster.py`` (its
+command line: ``up 4`` / ``down``) build hosts with.
+
+Host hN is namespace ``lnch-hN`` with ``eth0`` = 198.18.0.(10+N)/24 on a bridge
+whose head side is 198.18.0.1. Host h1 also has ``eth1`` = 198.19.0.11/24 on a
+second bridge (head side 198.19.0.1), so interface selection is tested for
+real. Each host runs its own OpenSSH sshd (own ed25519 host key, own hostname
+via ``unshare --uts``). Only 198.18.0.0/15 addresses are used, and no
+namespace has a default route, so nothing leaves this machine.
+
+``up`` first sweeps whatever an earlier crashed run left (namespaces, bridges,
+their processes), so it always starts clean; ``down`` removes everything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+PREFIX = os.environ.get("LAUNCHER_NETNS_PREFIX", "lnch")
+NET = "198.18.0"
+NET2 = "198.19.0"
+MAX_HOSTS = 16
+STATE_DIR = os.path.join(tempfile.gettempdir(), f"{PREFIX}-netns-cluster")
+
+
+@dataclass(frozen=True)
+class NetnsHost:
+    index: int
+    netns: str
+    name: str
+    address: str
+    address2: str | None  # on the second network, for the two-interface host
+
+    def run(self, *argv: str, **kw) -> subprocess.CompletedProcess:
+        return _sh("ip", "netns", "exec", self.netns, *argv, **kw)
+
+    def pids(self) -> list[int]:
+        out = _sh("ip", "netns", "pids", self.netns, check=False).stdout
+        return [int(p) for p in out.split()]
+
+
+class NetnsCluster:
+    """Build with ``up()``, remove with ``down()``; also a context manager."""
+
+    def __init__(self, count: int = 3, workdir: str = STATE_DIR, python: str = sys.executable):
+        if not 1 <= count <= MAX_HOSTS:
+            raise ValueError(f"host count must be 1..{MAX_HOSTS}, got {count}")
+        self.count, self.workdir, self.python = count, workdir, python
+        self.hosts = [
+            NetnsHost(i, f"{PREFIX}-h{i}", f"h{i}", f"{NET}.{10 + i}", f"{NET2}.{10 + i}" if i == 1 else None)
+            for i in range(1, count + 1)
+        ]
+        self.bridge, self.bridge2 = f"{PREFIX}-br0", f"{PREFIX}-br1"
+        self.client_key = os.path.join(workdir, "id_ed25519")
+        self.known_hosts = os.path.join(workdir, "known_hosts")
+        self.ssh_config = os.path.join(workdir, "ssh_config")
+        self.sshd: dict[str, subprocess.Popen] = {}
+        self.daemon_pids: set[int] = set()  # other daemons living on the hosts (slurmd), not strays
+
+    def __enter__(self) -> "NetnsCluster":
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    # --- up ------------------------------------------------------------------
+
+    def up(self) -> "NetnsCluster":
+        _require_tools()
+        sweep()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        os.makedirs(self.workdir, mode=0o700)
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+        try:
+            self._network()
+            _keygen(self.client_key)
+            self._write_client_files()
+            for host in self.hosts:
+                self._start_sshd(host)
+            self._wait_for_sshd()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _network(self) -> None:
+        for bridge, net in ((self.bridge, NET), (self.bridge2, NET2)):
+            _sh("ip", "link", "add", bridge, "type", "bridge")
+            _sh("ip", "addr", "add", f"{net}.1/24", "dev", bridge)
+            _sh("ip", "link", "set", bridge, "up")
+        for host in self.hosts:
+            _sh("ip", "netns", "add", host.netns)
+            _sh("ip", "-n", host.netns, "link", "set", "lo", "up")
+            self._veth(host, f"{PREFIX}-v{host.index}", "eth0", self.bridge, host.address)
+            if host.address2:
+                self._veth(host, f"{PREFIX}-w{host.index}", "eth1", self.bridge2, host.address2)
+
+    def _veth(self, host: NetnsHost, outside: str, inside: str, bridge: str, address: str) -> None:
+        _sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside, "netns", host.netns)
+        _sh("ip", "link", "set", outside, "master", bridge, "up")
+        _sh("ip", "-n", host.netns, "addr", "add", f"{address}/24", "dev", inside)
+        _sh("ip", "-n", host.netns, "link", "set", inside, "up")
+
+    def _write_client_files(self) -> None:
+        with open(self.ssh_config, "w") as f:
+            for host in self.hosts:
+                f.write(
+                    f"Host {host.name}\n  HostName {host.address}\n  User root\n  IdentityFile {self.client_key}\n"
+                    f"  UserKnownHostsFile {self.known_hosts}\n\n"
+                )
+        open(self.known_hosts, "w").close()
+        os.chmod(self.known_hosts, 0o600)
+
+    def _start_sshd(self, host: NetnsHost) -> None:
+        hostdir = os.path.join(self.workdir, host.name)
+        os.makedirs(hostdir)
+        host_key = os.path.join(hostdir, "ssh_host_ed25519_key")
+        _keygen(host_key)
+        with open(host_key + ".pub") as f:
+            kind, blob = f.read().split()[:2]
+        with open(self.known_hosts, "a") as f:
+            f.write(f"{host.address} {kind} {blob}\n")
+        config = os.path.join(hostdir, "sshd_config")
+        with open(config, "w") as f:
+            f.write(
+                f"ListenAddress {host.address}\nPort 22\nHostKey {host_key}\nPidFile {hostdir}/sshd.pid\n"
+                f"AuthorizedKeysFile {self.client_key}.pub\nPermitRootLogin prohibit-password\n"
+                "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                "UsePAM no\nStrictModes no\nPrintMotd no\nUseDNS no\nMaxStartups 100:30:200\nMaxSessions 100\n"
+                "LogLevel ERROR\n"
+            )
+        log = open(os.path.join(hostdir, "sshd.log"), "wb")
+        self.sshd[host.name] = subprocess.Popen(
+            ["ip", "netns", "exec", host.netns, "unshare", "--uts", "sh", "-c",
+             f'hostname {host.name} && exec /usr/sbin/sshd -D -e -f "$0"', config],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    def _wait_for_sshd(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        for host in self.hosts:
+            while True:
+                try:
+                    socket.create_connection((host.address, 22), timeout=0.5).close()
+                    break
+                except OSError:
+                    if self.sshd[host.name].poll() is not None or time.monotonic() > deadline:
+                        log = open(os.path.join(self.workdir, host.name, "sshd.log")).read().strip()
+                        raise RuntimeError(f"sshd on {host.name} ({host.netns}) did not start: {log or 'no output'}")
+                    time.sleep(0.02)
+
+    # --- use -----------------------------------------------------------------
+
+    def hostfile(self, slots: int = 2, extra: dict[str, str] | None = None) -> str:
+        """Hostfile text naming every host (their addresses come from the ssh config)."""
+        extra = extra or {}
+        return "".join(f"{h.name} slots={slots} {extra.get(h.name, '')}".rstrip() + "\n" for h in self.hosts)
+
+    def ssh_args(self) -> list[str]:
+        return ["--transport", "ssh", "--ssh-config", self.ssh_config, "--known-hosts", self.known_hosts]
+
+    def host(self, name: str) -> NetnsHost:
+        return next(h for h in self.hosts if h.name == name)
+
+    def stray_pids(self) -> dict[str, list[int]]:
+        """Per host, the processes that are not its daemons (sshd, and slurmd if any)."""
+        stray = {}
+        for host in self.hosts:
+            daemon = self.sshd.get(host.name)
+            pids = [p for p in host.pids() if (daemon is None or p != daemon.pid) and p not in self.daemon_pids]
+            if pids:
+                stray[host.name] = pids
+        return stray
+
+    def stop_sshd(self, name: str) -> None:
+        proc = self.sshd.pop(name)
+        proc.kill()
+        proc.wait()
+
+    # --- down ----------------------------------------------------------------
+
+    def down(self) -> None:
+        for proc in self.sshd.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self.sshd.clear()
+        sweep()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def sweep() -> list[str]:
+    """Remove every namespace, bridge and process of a cluster with this prefix."""
+    removed = []
+    for line in _sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if not name.startswith(f"{PREFIX}-h"):
+            continue
+        for pid in _sh("ip", "netns", "pids", name, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _sh("ip", "netns", "del", name, check=False)
+        removed.append(name)
+    # Every link of ours, bridges and head-side veths alike: a namespace that
+    # something still references outlives 'ip netns del', and so does its veth.
+    for line in _sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        link = line.split(":")[1].strip().split("@")[0] if line.count(":") >= 2 else ""
+        if link.startswith(f"{PREFIX}-"):
+            _sh("ip", "link", "del", link, check=False)
+            removed.append(link)
+    return removed
+
+
+def missing_tools() -> list[str]:
+    """What this machine lacks to build the cluster (empty when it can)."""
+    missing = [t for t in ("ip", "unshare", "ssh-keygen") if shutil.which(t) is None]
+    if not os.path.exists("/usr/sbin/sshd"):
+        missing.append("/usr/sbin/sshd (apt-get install openssh-server)")
+    if os.geteuid() != 0:
+        missing.append("root (network namespaces need it)")
+    return missing
+
+
+def _require_tools() -> None:
+    missing = missing_tools()
+    if missing:
+        raise RuntimeError(f"cannot build the netns cluster: missing {', '.join(missing)}")
+
+
+def _keygen(path: str) -> None:
+    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", os.path.basename(path), "-f", path)
+
+
+def _sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    done = subprocess.run(argv, capture_output=True, text=True, **kw)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done
