@@ -26,10 +26,16 @@ from .version import __version__  # noqa: F401  (re-exported)
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "launch": "api", "plan_job": "api",
+    "launch": "api",
+    "plan_job": "api",
     "CheckOptions": "check",
-    "Host": "plan", "LaunchOptions": "plan", "LaunchPlan": "plan", "RankSpec": "plan",
-    "LaunchResult": "results", "RankResult": "results", "Failure": "results",
+    "Host": "plan",
+    "LaunchOptions": "plan",
+    "LaunchPlan": "plan",
+    "RankSpec": "plan",
+    "LaunchResult": "results",
+    "RankResult": "results",
+    "Failure": "results",
 }
 __all__ = sorted([*_EXPORTS, "hostfile", "readiness", "__version__"])
 

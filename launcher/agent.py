@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from . import envpolicy, netif, protocol, rankenv, readiness
-from .version import __version__
-from . import wire
+from . import envpolicy, netif, protocol, rankenv, readiness, wire
 from .command import vllm_interpreter_hint
 from .probe import ProbeError, tcp_connect
 from .sidechannel import HandshakeError, handshake
+from .version import __version__
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -107,8 +106,14 @@ class Agent:
         except importlib.metadata.PackageNotFoundError:
             vllm = ""
         return protocol.Hello(
-            hostname=socket.gethostname(), pid=os.getpid(), python=sys.executable, version=__version__,
-            python_version=platform.python_version(), vllm_version=vllm, address=address, address_error=error,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            python=sys.executable,
+            version=__version__,
+            python_version=platform.python_version(),
+            vllm_version=vllm,
+            address=address,
+            address_error=error,
         )
 
     # --- start -----------------------------------------------------------
@@ -239,8 +244,13 @@ class Agent:
             if rp.ready is not None or rp.resolved is None or (isinstance(self.spec.readiness, readiness.Log) and not rp.log_matched):
                 return
             rp.ready = protocol.Ready(
-                rank=rp.spec.rank, address=rp.resolved.address, port=rp.spec.port, pid=rp.popen.pid,
-                rule=rp.resolved.rule, engine_id=rp.spec.engine_id, vllm_version=self._vllm_version(rp),
+                rank=rp.spec.rank,
+                address=rp.resolved.address,
+                port=rp.spec.port,
+                pid=rp.popen.pid,
+                rule=rp.resolved.rule,
+                engine_id=rp.spec.engine_id,
+                vllm_version=self._vllm_version(rp),
             )
         self.events.send(rp.ready)
 
@@ -358,7 +368,11 @@ def installed_vllm_version(hint: tuple[str, str], env: dict[str, str]) -> str:
     try:
         done = subprocess.run(
             [path, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
-            capture_output=True, text=True, timeout=20, env=env, stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=env,
+            stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired):
         return ""

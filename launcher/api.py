@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from . import plan as planmod
 from . import transports

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.execvpe(args[0], args, command_env)
     except FileNotFoundError:
-        return protocol.rank_failed(rank, f"command not found on {host}: {args[0]!r}; install it there or give its full path", EXIT_NOT_FOUND)
+        return protocol.rank_failed(
+            rank, f"command not found on {host}: {args[0]!r}; install it there or give its full path", EXIT_NOT_FOUND
+        )
     except PermissionError:
         return protocol.rank_failed(rank, f"command not executable on {host}: {args[0]!r}", EXIT_NOT_EXECUTABLE)
     except OSError as exc:

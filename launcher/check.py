@@ -15,8 +15,8 @@ generation kills a real vLLM listener, which is why ``auto`` never guesses.
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from . import wire
 from .protocol import CheckResult, Peer
@@ -55,13 +55,18 @@ def plan_probes(targets: Sequence[Target], options: CheckOptions, *, builtin: bo
             name = gen.name if gen else wire.TCP
             if gen is None:
                 notes.append(f"rank {t.rank} on {t.host}: {why}; checked by TCP connect")
-        peers.append(Peer(
-            rank=t.rank, address=t.address, ports=list(t.ports), wire=name,
-            # Built-in cores of one job share a hash and know each other's engine id;
-            # a user command's are vLLM's own, so they are compared across the job instead.
-            expect_hash=wire.compatibility_hash(job_id) if builtin and name != wire.TCP else None,
-            expect_engine_id=t.engine_id if builtin and name != wire.TCP else None,
-        ))
+        peers.append(
+            Peer(
+                rank=t.rank,
+                address=t.address,
+                ports=list(t.ports),
+                wire=name,
+                # Built-in cores of one job share a hash and know each other's engine id;
+                # a user command's are vLLM's own, so they are compared across the job instead.
+                expect_hash=wire.compatibility_hash(job_id) if builtin and name != wire.TCP else None,
+                expect_engine_id=t.engine_id if builtin and name != wire.TCP else None,
+            )
+        )
     return peers, notes
 
 
@@ -118,7 +123,7 @@ def consistency_problems(matrix: CheckMatrix) -> list[str]:
         for engine in result.engines:
             seen.setdefault((result.peer, engine.port), (engine.engine_id, engine.compat_hash))
     problems = []
-    where = lambda key: f"rank {key[0]} on {matrix.hosts.get(key[0], '?')} (port {key[1]})"  # noqa: E731
+    where = lambda key: f"rank {key[0]} on {matrix.hosts.get(key[0], '?')} (port {key[1]})"
     by_hash = collections.defaultdict(list)
     for key, (_, compat_hash) in sorted(seen.items()):
         if compat_hash:
@@ -165,7 +170,7 @@ def render_matrix(matrix: CheckMatrix, color: bool = False) -> str:
     probe = "handshake" if matrix.handshakes else "TCP connect"
     how = ", ".join("TCP connect" if k == wire.TCP else f"{k} wire" for k in kinds)
     lines = [f"{probe} latency in ms ({how}; row: from rank, column: to rank)", header]
-    for a, row in zip(ranks, cells):
+    for a, row in zip(ranks, cells, strict=True):
         rendered = " ".join(_paint(c.rjust(width), c, color) for c in row)
         lines.append(f"{hosts[a].ljust(host_width)} r{str(a).ljust(3)}  {rendered}")
     if len(kinds) > 1:

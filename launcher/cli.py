@@ -10,15 +10,13 @@ import signal
 import sys
 import threading
 
-from . import argtypes, hostfile, report, transports
-from .version import __version__
+from . import argtypes, hostfile, readiness, report, transports, wire
 from .api import launch, plan_job
-from . import wire
 from .check import WIRE_CHOICES, CheckOptions
 from .command import PLACEHOLDERS
-from . import readiness
 from .plan import LaunchOptions, PlanError
 from .results import EXIT_USAGE, LaunchResult
+from .version import __version__
 
 DEFAULT_HOSTFILE = "hostfile"
 
@@ -52,21 +50,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     hosts_common = _Parser(add_help=False)
     hosts_common.add_argument("--hostfile", "-H", help="hostfile to read (default: the Slurm allocation inside one, else ./hostfile)")
-    hosts_common.add_argument("--slots", type=argtypes.positive, help="ranks per node for hosts from a Slurm allocation (default: SLURM_TASKS_PER_NODE)")
+    hosts_common.add_argument(
+        "--slots", type=argtypes.positive, help="ranks per node for hosts from a Slurm allocation (default: SLURM_TASKS_PER_NODE)"
+    )
 
     plan_common = _Parser(add_help=False, parents=[hosts_common])
     g = plan_common.add_argument_group("job")
-    g.add_argument("--port-base", type=argtypes.port, help="side-channel port base; rank R binds base+R (default: $VLLM_NIXL_SIDE_CHANNEL_PORT or 5600)")
-    g.add_argument("--env", "-e", type=_env_pair, action="append", default=[], metavar="NAME=VALUE", help="set a variable in every rank; NAME alone copies this environment's value, keeping secrets out of ps (repeatable)")
-    g.add_argument("--ifname", metavar="SPEC", help="bind-address interface for hosts whose line sets none: eth, =eth0, ^docker,lo (NCCL_SOCKET_IFNAME syntax)")
-    g.add_argument("--cidr", type=argtypes.network, metavar="NET", help="bind-address network for hosts whose line sets none, e.g. 10.1.0.0/16")
-    g.add_argument("--env-include", action="append", default=[], metavar="PATTERN", help="also copy head variables matching NAME, PREFIX_ or a glob (repeatable)")
+    g.add_argument(
+        "--port-base",
+        type=argtypes.port,
+        help="side-channel port base; rank R binds base+R (default: $VLLM_NIXL_SIDE_CHANNEL_PORT or 5600)",
+    )
+    g.add_argument(
+        "--env",
+        "-e",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a variable in every rank; NAME alone copies this environment's value, keeping secrets out of ps (repeatable)",
+    )
+    g.add_argument(
+        "--ifname",
+        metavar="SPEC",
+        help="bind-address interface for hosts whose line sets none: eth, =eth0, ^docker,lo (NCCL_SOCKET_IFNAME syntax)",
+    )
+    g.add_argument(
+        "--cidr", type=argtypes.network, metavar="NET", help="bind-address network for hosts whose line sets none, e.g. 10.1.0.0/16"
+    )
+    g.add_argument(
+        "--env-include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also copy head variables matching NAME, PREFIX_ or a glob (repeatable)",
+    )
     c = plan_common.add_argument_group(
         "user command (after --; without one, the built-in engine core runs)",
-        "placeholders: " + ", ".join("{%s} %s" % item for item in PLACEHOLDERS.items()),
+        "placeholders: " + ", ".join(f"{{{name}}} {what}" for name, what in PLACEHOLDERS.items()),
     )
-    c.add_argument("--per-host", action="store_true", help="one process per host serving all its slots as DP ranks (vllm serve --data-parallel-size-local)")
-    c.add_argument("--head-command", metavar="'CMD ...'", help="the first host's command when it differs (e.g. without --headless); one shell-quoted string")
+    c.add_argument(
+        "--per-host",
+        action="store_true",
+        help="one process per host serving all its slots as DP ranks (vllm serve --data-parallel-size-local)",
+    )
+    c.add_argument(
+        "--head-command",
+        metavar="'CMD ...'",
+        help="the first host's command when it differs (e.g. without --headless); one shell-quoted string",
+    )
     c.add_argument("--rpc-port", type=argtypes.port, default=13345, help="value of {rpc_port} (default 13345)")
     c.add_argument("command_argv", nargs="*", metavar="-- CMD", help="the command each process runs, with placeholders")
 
@@ -74,12 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = run_common.add_argument_group("launch")
     r.add_argument("--ready-timeout", type=argtypes.seconds, default=60.0, help="seconds for every rank to become ready (default 60)")
     r.add_argument("--grace", type=argtypes.seconds, default=5.0, help="seconds between SIGTERM and SIGKILL at teardown (default 5)")
-    r.add_argument("--heartbeat-timeout", type=argtypes.seconds, default=15.0, help="seconds of silence before a host is declared lost (default 15)")
+    r.add_argument(
+        "--heartbeat-timeout", type=argtypes.seconds, default=15.0, help="seconds of silence before a host is declared lost (default 15)"
+    )
     r.add_argument("--quiet", "-q", action="store_true", help="do not stream rank output")
     r.add_argument("--log-dir", metavar="DIR", help="also write each rank's output to DIR/rank-N.log")
     ready = r.add_mutually_exclusive_group()
     ready.add_argument("--ready-port", type=argtypes.port, help="a command is ready when this port accepts TCP on its host's address")
-    ready.add_argument("--ready-url", metavar="URL", help="... when GET URL answers 2xx ({host_ip} {port} {rank} filled in), e.g. http://{host_ip}:8000/health")
+    ready.add_argument(
+        "--ready-url",
+        metavar="URL",
+        help="... when GET URL answers 2xx ({host_ip} {port} {rank} filled in), e.g. http://{host_ip}:8000/health",
+    )
     ready.add_argument("--ready-log", metavar="REGEX", help="... when a line of its output matches REGEX")
     transports.add_arguments(run_common)  # --transport and each backend's own options
 
@@ -87,18 +125,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", parents=[plan_common], help="dry run: per rank, host, port, command and environment (secrets masked)")
     probing = _Parser(add_help=False)
     p = probing.add_argument_group("all-pairs check")
-    p.add_argument("--wire", choices=WIRE_CHOICES, default="auto", help=(
-        "what each probe speaks: auto (default) = per peer, the handshake generation of the vLLM its command runs "
-        "(the built-in core's for it), else a TCP connect; or force one: "
-        + "; ".join(g.describe() for g in wire.GENERATIONS)
-        + "; or tcp (connect only). A handshake of the wrong generation kills a real vLLM listener"
-    ))
+    p.add_argument(
+        "--wire",
+        choices=WIRE_CHOICES,
+        default="auto",
+        help=(
+            "what each probe speaks: auto (default) = per peer, the handshake generation of the vLLM its command runs "
+            "(the built-in core's for it), else a TCP connect; or force one: "
+            + "; ".join(g.describe() for g in wire.GENERATIONS)
+            + "; or tcp (connect only). A handshake of the wrong generation kills a real vLLM listener"
+        ),
+    )
     p.add_argument("--handshake-timeout", type=argtypes.seconds, default=5.0, help="seconds per handshake (default 5, as vLLM)")
     sub.add_parser("check", parents=[run_common, probing], help="launch, probe every rank pair, print the matrix, stop")
-    run = sub.add_parser("run", parents=[run_common, probing], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job")
-    run.add_argument("--check", action="store_true", help="once every rank is ready, run the all-pairs check on the running job (vLLM's own side channels) and serve only if it passes")
-    run.add_argument("--to-completion", action="store_true", help="the command ends on its own (a test, a benchmark): wait for every rank; exit 0 when all exit 0, else the first failure's code")
-    run.add_argument("--preflight", action="store_true", help="first prove hosts, versions, addresses and ports with the built-in core; start the command only if all pass")
+    run = sub.add_parser(
+        "run", parents=[run_common, probing], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job"
+    )
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="once every rank is ready, run the all-pairs check on the running job (vLLM's own side channels) and serve only if it passes",
+    )
+    run.add_argument(
+        "--to-completion",
+        action="store_true",
+        help="the command ends on its own (a test, a benchmark): wait for every rank; "
+        "exit 0 when all exit 0, else the first failure's code",
+    )
+    run.add_argument(
+        "--preflight",
+        action="store_true",
+        help="first prove hosts, versions, addresses and ports with the built-in core; start the command only if all pass",
+    )
     return parser
 
 
@@ -119,11 +177,17 @@ def main(argv: list[str] | None = None) -> int:
             ifname=args.ifname,
             cidr=args.cidr,
             rpc_port=args.rpc_port,
-            **({} if args.command == "plan" else dict(
-                ready_timeout=args.ready_timeout, grace=args.grace, heartbeat_timeout=args.heartbeat_timeout,
-                readiness=_readiness(args),
-                to_completion=getattr(args, "to_completion", False),
-            )),
+            **(
+                {}
+                if args.command == "plan"
+                else dict(
+                    ready_timeout=args.ready_timeout,
+                    grace=args.grace,
+                    heartbeat_timeout=args.heartbeat_timeout,
+                    readiness=_readiness(args),
+                    to_completion=getattr(args, "to_completion", False),
+                )
+            ),
         )
         plan = plan_job(hosts, options)
         if args.command == "plan":
@@ -198,8 +262,14 @@ def _launch(args, plan, transport) -> int:
         check = CheckOptions(wire=args.wire, timeout=args.handshake_timeout)
     try:
         result = launch(
-            plan, transport, check=check, serve=args.command == "run", stop=stop, reporter=reporter,
-            preflight=getattr(args, "preflight", False), hurry=hurry,
+            plan,
+            transport,
+            check=check,
+            serve=args.command == "run",
+            stop=stop,
+            reporter=reporter,
+            preflight=getattr(args, "preflight", False),
+            hurry=hurry,
         )
     finally:
         reporter.close()

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import shlex
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 
 class CommandError(ValueError):
@@ -67,13 +67,13 @@ def render_template(
             f"known: {known}; write {{{{{name}}}}} for a literal {{{name}}}"
         )
 
-    return tuple(_PLACEHOLDER.sub(lambda m: fill(m, i), a) for i, a in enumerate(args))
+    return tuple(_PLACEHOLDER.sub(lambda m, i=i: fill(m, i), a) for i, a in enumerate(args))
 
 
 def user_command(argv: Sequence[str]) -> tuple[str, ...]:
     """The user's part of a process's argv (what follows the bootstrap)."""
     argv = tuple(argv)
-    return argv[len(BOOTSTRAP):] if argv[: len(BOOTSTRAP)] == BOOTSTRAP else argv
+    return argv[len(BOOTSTRAP) :] if argv[: len(BOOTSTRAP)] == BOOTSTRAP else argv
 
 
 def kv_transfer_config(args: Sequence[str]) -> dict | None:

@@ -9,11 +9,10 @@ the head's bind address, device visibility or data-parallel identity.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from . import rankenv
-
 
 # vLLM's own copy rules (vllm.ray.ray_env.DEFAULT_ENV_VAR_PREFIXES) plus NIXL_ and TORCH_.
 DEFAULT_PREFIXES = ("VLLM_", "NCCL_", "UCX_", "NIXL_", "HF_", "HUGGING_FACE_", "LMCACHE_", "FLASH_ATTENTION_", "TORCH_")
@@ -47,28 +46,77 @@ WORKER_SPECIFIC: Mapping[str, str] = {
 # differ in these without compiling separately; every other variable vLLM
 # knows is hashed, VLLM_DP_RANK/_LOCAL/_SIZE included. tests/test_real_vllm.py
 # compares this set with the installed vLLM's compile_factors().
-COMPILE_HASH_IGNORED = frozenset({
-    "VLLM_API_KEY", "VLLM_ASSETS_CACHE", "VLLM_ASSETS_CACHE_MODEL_CLEAN", "VLLM_AUDIO_FETCH_TIMEOUT",
-    "VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CUDA_COMPATIBILITY_PATH",
-    "VLLM_DEBUG_DUMP_PATH", "VLLM_DEBUG_LOG_API_SERVER_RESPONSE", "VLLM_DO_NOT_TRACK", "VLLM_DP_MASTER_IP",
-    "VLLM_DP_MASTER_PORT", "VLLM_ELASTIC_EP_SCALE_UP_LAUNCH", "VLLM_ENABLE_CUDA_COMPATIBILITY",
-    "VLLM_ENABLE_STARTUP_PLAN", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS",
-    "VLLM_FLASHINFER_AUTOTUNE_CACHE_DIR", "VLLM_FLASHINFER_AUTOTUNE_SKIP_OPS", "VLLM_FORCE_AOT_LOAD",
-    "VLLM_HOST_IP", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "VLLM_IMAGE_FETCH_TIMEOUT", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH",
-    "VLLM_LOGGING_COLOR", "VLLM_LOGGING_CONFIG_PATH", "VLLM_LOGGING_LEVEL", "VLLM_LOGGING_PREFIX",
-    "VLLM_LOGGING_STREAM", "VLLM_LOG_STATS_INTERVAL", "VLLM_MAX_AUDIO_CLIP_FILESIZE_MB",
-    "VLLM_MAX_AUDIO_DECODE_BYTES", "VLLM_MAX_AUDIO_DECODE_DURATION_S", "VLLM_MAX_AUDIO_PREPROCESS_WORKERS",
-    "VLLM_MAX_EMBED_DECODE_BYTES", "VLLM_MAX_IMAGE_PIXELS", "VLLM_MEDIA_CACHE", "VLLM_MEDIA_CACHE_MAX_SIZE_MB",
-    "VLLM_MEDIA_CACHE_TTL_HOURS", "VLLM_MEDIA_CONNECTOR", "VLLM_MEDIA_FETCH_MAX_RETRIES",
-    "VLLM_MEDIA_LOADING_THREAD_COUNT", "VLLM_MEDIA_URL_ALLOW_REDIRECTS", "VLLM_MODEL_REDIRECT_PATH",
-    "VLLM_NIXL_SIDE_CHANNEL_HOST", "VLLM_NO_USAGE_STATS", "VLLM_OBJECT_STORAGE_SHM_BUFFER_NAME", "VLLM_PORT",
-    "VLLM_RANDOMIZE_DP_DUMMY_INPUTS", "VLLM_RINGBUFFER_WARNING_INTERVAL", "VLLM_RPC_BASE_PATH",
-    "VLLM_SERVER_DEV_MODE", "VLLM_SKIP_MODEL_NAME_VALIDATION", "VLLM_SKIP_VERSION_SUFFIX",
-    "VLLM_TEST_FORCE_LOAD_FORMAT", "VLLM_TRITON_JIT_WARMUP_NUM_THREADS", "VLLM_TUNED_CONFIG_FOLDER",
-    "VLLM_USAGE_STATS_SERVER", "VLLM_USE_MODELSCOPE", "VLLM_V1_OUTPUT_PROC_CHUNK_SIZE",
-    "VLLM_VIDEO_FETCH_TIMEOUT", "VLLM_VIDEO_LOADER_BACKEND", "VLLM_WORKER_MULTIPROC_METHOD",
-    "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "VLLM_XLA_CACHE_PATH", "VLLM_ZENTORCH_WEIGHT_PREPACK",
-})
+COMPILE_HASH_IGNORED = frozenset(
+    {
+        "VLLM_API_KEY",
+        "VLLM_ASSETS_CACHE",
+        "VLLM_ASSETS_CACHE_MODEL_CLEAN",
+        "VLLM_AUDIO_FETCH_TIMEOUT",
+        "VLLM_CACHE_ROOT",
+        "VLLM_CONFIG_ROOT",
+        "VLLM_CPU_KVCACHE_SPACE",
+        "VLLM_CUDA_COMPATIBILITY_PATH",
+        "VLLM_DEBUG_DUMP_PATH",
+        "VLLM_DEBUG_LOG_API_SERVER_RESPONSE",
+        "VLLM_DO_NOT_TRACK",
+        "VLLM_DP_MASTER_IP",
+        "VLLM_DP_MASTER_PORT",
+        "VLLM_ELASTIC_EP_SCALE_UP_LAUNCH",
+        "VLLM_ENABLE_CUDA_COMPATIBILITY",
+        "VLLM_ENABLE_STARTUP_PLAN",
+        "VLLM_ENABLE_V1_MULTIPROCESSING",
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS",
+        "VLLM_FLASHINFER_AUTOTUNE_CACHE_DIR",
+        "VLLM_FLASHINFER_AUTOTUNE_SKIP_OPS",
+        "VLLM_FORCE_AOT_LOAD",
+        "VLLM_HOST_IP",
+        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE",
+        "VLLM_IMAGE_FETCH_TIMEOUT",
+        "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH",
+        "VLLM_LOGGING_COLOR",
+        "VLLM_LOGGING_CONFIG_PATH",
+        "VLLM_LOGGING_LEVEL",
+        "VLLM_LOGGING_PREFIX",
+        "VLLM_LOGGING_STREAM",
+        "VLLM_LOG_STATS_INTERVAL",
+        "VLLM_MAX_AUDIO_CLIP_FILESIZE_MB",
+        "VLLM_MAX_AUDIO_DECODE_BYTES",
+        "VLLM_MAX_AUDIO_DECODE_DURATION_S",
+        "VLLM_MAX_AUDIO_PREPROCESS_WORKERS",
+        "VLLM_MAX_EMBED_DECODE_BYTES",
+        "VLLM_MAX_IMAGE_PIXELS",
+        "VLLM_MEDIA_CACHE",
+        "VLLM_MEDIA_CACHE_MAX_SIZE_MB",
+        "VLLM_MEDIA_CACHE_TTL_HOURS",
+        "VLLM_MEDIA_CONNECTOR",
+        "VLLM_MEDIA_FETCH_MAX_RETRIES",
+        "VLLM_MEDIA_LOADING_THREAD_COUNT",
+        "VLLM_MEDIA_URL_ALLOW_REDIRECTS",
+        "VLLM_MODEL_REDIRECT_PATH",
+        "VLLM_NIXL_SIDE_CHANNEL_HOST",
+        "VLLM_NO_USAGE_STATS",
+        "VLLM_OBJECT_STORAGE_SHM_BUFFER_NAME",
+        "VLLM_PORT",
+        "VLLM_RANDOMIZE_DP_DUMMY_INPUTS",
+        "VLLM_RINGBUFFER_WARNING_INTERVAL",
+        "VLLM_RPC_BASE_PATH",
+        "VLLM_SERVER_DEV_MODE",
+        "VLLM_SKIP_MODEL_NAME_VALIDATION",
+        "VLLM_SKIP_VERSION_SUFFIX",
+        "VLLM_TEST_FORCE_LOAD_FORMAT",
+        "VLLM_TRITON_JIT_WARMUP_NUM_THREADS",
+        "VLLM_TUNED_CONFIG_FOLDER",
+        "VLLM_USAGE_STATS_SERVER",
+        "VLLM_USE_MODELSCOPE",
+        "VLLM_V1_OUTPUT_PROC_CHUNK_SIZE",
+        "VLLM_VIDEO_FETCH_TIMEOUT",
+        "VLLM_VIDEO_LOADER_BACKEND",
+        "VLLM_WORKER_MULTIPROC_METHOD",
+        "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS",
+        "VLLM_XLA_CACHE_PATH",
+        "VLLM_ZENTORCH_WEIGHT_PREPACK",
+    }
+)
 
 _SECRET_WORDS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "PASSWD", "CREDENTIAL")
 MASK = "****"
@@ -182,15 +230,20 @@ def without_worker_specific(env: Mapping[str, str]) -> dict[str, str]:
 
 # What a rank's environment is made of, in the order the layers apply.
 LAYERS: tuple[tuple[str, str], ...] = (
-    ("host", "the agent's own environment on the host (its login, or srun's), minus worker-specific and LAUNCHER_ names; "
-             "device visibility the host set itself is kept"),
+    (
+        "host",
+        "the agent's own environment on the host (its login, or srun's), minus worker-specific and LAUNCHER_ names; "
+        "device visibility the host set itself is kept",
+    ),
     ("copied", "the head's variables on the allowlist, minus worker-specific ones"),
     ("--env", "set for every rank on the command line"),
     ("host option", "env: on the host's hostfile line; never overwritten by what follows"),
     ("launcher", "the rank's identity (LAUNCHER_RANK, ...) and VLLM_NIXL_SIDE_CHANNEL_PORT, one value per job"),
     ("host facts", "added by the agent: the address the head reached the host on, {head_ip}, the control pipe"),
-    ("address", "on the host, before the command runs: VLLM_NIXL_SIDE_CHANNEL_HOST and VLLM_HOST_IP setdefault to "
-                "the address the rank binds"),
+    (
+        "address",
+        "on the host, before the command runs: VLLM_NIXL_SIDE_CHANNEL_HOST and VLLM_HOST_IP setdefault to the address the rank binds",
+    ),
 )
 
 
@@ -210,6 +263,5 @@ def host_environment(env: Mapping[str, str]) -> dict[str, str]:
     found here is Slurm's choice for this node's step (or the host's profile).
     """
     return {
-        k: v for k, v in env.items()
-        if (k not in WORKER_SPECIFIC or (k in DEVICE_VISIBILITY and v)) and not k.startswith(rankenv.PREFIX)
+        k: v for k, v in env.items() if (k not in WORKER_SPECIFIC or (k in DEVICE_VISIBILITY and v)) and not k.startswith(rankenv.PREFIX)
     }

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import hostlist
 
@@ -45,16 +45,13 @@ def parse(text: str, source: str = "hostfile") -> list[Host]:
         if not line:
             continue
 
-        def fail(message: str) -> HostfileError:
+        def fail(message: str, lineno: int = lineno, raw: str = raw) -> HostfileError:
             return HostfileError(source, lineno, raw, message)
 
         head, *words = line.split()
         for host in _parse_line(head, words, f"{source}:{lineno}", fail):
             if host.name in seen:
-                raise fail(
-                    f"host {host.name!r} is already listed at line {seen[host.name]}; "
-                    f"list each host once and give it slots=N"
-                )
+                raise fail(f"host {host.name!r} is already listed at line {seen[host.name]}; list each host once and give it slots=N")
             seen[host.name] = lineno
             hosts.append(host)
     return hosts

@@ -24,7 +24,6 @@ from .plan import Host, HostPlan, LaunchPlan, RankSpec
 from .results import Failure, FailureKind, LaunchResult, Phase, RankResult, exit_code_for
 from .version import __version__
 
-
 # --- what links report besides the agent's own messages -------------------------------
 
 
@@ -73,7 +72,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class ShowOutput:
-    rank: "RankState"
+    rank: RankState
     stream: str
     line: str
 
@@ -157,8 +156,16 @@ class Job:
 
     # --- the one first-failure rule --------------------------------------------------
 
-    def fail(self, kind: FailureKind, message: str, *, rank: int | None = None, host: str | None = None,
-             rank_code: int | None = None, signum: int | None = None) -> bool:
+    def fail(
+        self,
+        kind: FailureKind,
+        message: str,
+        *,
+        rank: int | None = None,
+        host: str | None = None,
+        rank_code: int | None = None,
+        signum: int | None = None,
+    ) -> bool:
         """Record what ended the job, unless something already did or the job is being stopped anyway."""
         if self.failure is not None or self.stopping or self.interrupted:
             return False
@@ -202,8 +209,12 @@ class Job:
                 state = self.ranks[event.rank]
                 state.error = event.message
                 if event.fatal:
-                    self.fail(FailureKind.NOT_READY, f"rank {event.rank} on {state.spec.host} cannot become ready: {event.message}",
-                              rank=event.rank, host=state.spec.host)
+                    self.fail(
+                        FailureKind.NOT_READY,
+                        f"rank {event.rank} on {state.spec.host} cannot become ready: {event.message}",
+                        rank=event.rank,
+                        host=state.spec.host,
+                    )
             case protocol.Exited():
                 return self._exited(self.ranks[event.rank], event.returncode, now)
             case protocol.CheckResult():
@@ -212,7 +223,9 @@ class Job:
             case protocol.Stopping():
                 if event.signal:
                     name = signal.Signals(event.signal).name
-                    self._stopped_by_signal(index, f"the agent on {host.host.name} received {name} (scancel, or a kill on that host)", event.signal)
+                    self._stopped_by_signal(
+                        index, f"the agent on {host.host.name} received {name} (scancel, or a kill on that host)", event.signal
+                    )
             case protocol.AgentError():
                 return [Progress(f"agent on {host.host.name}: {event.message}")]
             case Noise():
@@ -236,23 +249,29 @@ class Job:
             silent = now - host.last_seen
             if host.hello is not None and not host.gone and not self.stopping and silent > timeout:
                 # Nothing more will come; its agent stops its ranks on its own timeout.
-                actions += self._lose(index, f"host {host.host.name} lost: no word from its agent for {silent:.0f}s (heartbeat timeout)",
-                                      now, sweep=False)
+                actions += self._lose(
+                    index, f"host {host.host.name} lost: no word from its agent for {silent:.0f}s (heartbeat timeout)", now, sweep=False
+                )
         return actions
 
     def _hello(self, index: int, hello: protocol.Hello) -> list[Action]:
         host = self.hosts[index]
         host.hello = hello
         connected = sum(1 for h in self.hosts if h.hello is not None)
-        actions: list[Action] = [Progress(
-            f"agents connected {connected}/{len(self.hosts)} ({host.host.name}: {hello.address or 'address unknown'}, pid {hello.pid})"
-        )]
+        actions: list[Action] = [
+            Progress(
+                f"agents connected {connected}/{len(self.hosts)} ({host.host.name}: {hello.address or 'address unknown'}, pid {hello.pid})"
+            )
+        ]
         if index == 0 and self.plan.uses_head_ip:
             if hello.address:
                 self.head_ip = hello.address
             else:
-                self.fail(FailureKind.TRANSPORT, f"host {host.host.label} has no address for {{head_ip}}: {hello.address_error}",
-                          host=host.host.name)
+                self.fail(
+                    FailureKind.TRANSPORT,
+                    f"host {host.host.label} has no address for {{head_ip}}: {hello.address_error}",
+                    host=host.host.name,
+                )
             actions.append(HeadAddress(self.head_ip))
         if connected == len(self.hosts):
             actions += self._compare_versions()
@@ -284,7 +303,9 @@ class Job:
         state.vllm_version = event.vllm_version
         ready = sum(1 for r in self.ranks.values() if r.phase is Phase.READY)
         what = "ranks" if len(self.ranks) == self.plan.world_size else "processes"
-        return [Progress(f"{what} ready {ready}/{len(self.ranks)} (rank {event.rank} on {state.spec.host} at {event.address}:{event.port})")]
+        return [
+            Progress(f"{what} ready {ready}/{len(self.ranks)} (rank {event.rank} on {state.spec.host} at {event.address}:{event.port})")
+        ]
 
     def _exited(self, state: RankState, code: int, now: float) -> list[Action]:
         state.phase, state.exit_code, state.ended_at = Phase.EXITED, code, now
@@ -296,7 +317,9 @@ class Job:
         how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
         why = f": {state.error}" if state.error else (f"; last output: {state.output[-1]}" if state.output else "")
         kind = FailureKind.RANK_ERROR if state.error else FailureKind.RANK_EXITED
-        self.fail(kind, f"rank {state.spec.rank} on {state.spec.host} {how}{why}", rank=state.spec.rank, host=state.spec.host, rank_code=code)
+        self.fail(
+            kind, f"rank {state.spec.rank} on {state.spec.host} {how}{why}", rank=state.spec.rank, host=state.spec.host, rank_code=code
+        )
         return []
 
     def _closed(self, index: int, event: LinkClosed, now: float) -> list[Action]:
@@ -307,8 +330,12 @@ class Job:
             self._stopped_by_signal(index, f"host {host.host.name}: {event.stopped_by}", signal.SIGTERM)
             return self._lose(index, f"host {host.host.name}: {event.stopped_by}", now, sweep=False)
         if host.hello is None:
-            return self._lose(index, f"host {host.host.label}: the agent did not start{said}; {start_fix(host.host, event.last_words)}",
-                              now, kind=FailureKind.TRANSPORT)
+            return self._lose(
+                index,
+                f"host {host.host.label}: the agent did not start{said}; {start_fix(host.host, event.last_words)}",
+                now,
+                kind=FailureKind.TRANSPORT,
+            )
         return self._lose(index, f"host {host.host.name} lost: its agent ended{said}", now)
 
     def _stopped_by_signal(self, index: int, what: str, signum: int) -> None:
@@ -354,8 +381,12 @@ class Job:
         first = waiting[0]
         last = f"; its last output: {first.output[-1]}" if first.output else "; it printed nothing"
         names = ", ".join(f"rank {s.spec.rank} on {s.spec.host} ({s.phase})" for s in waiting[:8])
-        self.fail(FailureKind.NOT_READY, f"{len(waiting)} ranks not ready after {timeout:g}s: {names}{last}; raise --ready-timeout if they are slow",
-                  rank=first.spec.rank, host=first.spec.host)
+        self.fail(
+            FailureKind.NOT_READY,
+            f"{len(waiting)} ranks not ready after {timeout:g}s: {names}{last}; raise --ready-timeout if they are slow",
+            rank=first.spec.rank,
+            host=first.spec.host,
+        )
 
     def duplicate_address(self) -> bool:
         """Two hosts reporting one address: every host needs its own (a failure)."""
@@ -366,15 +397,20 @@ class Job:
                 return self.fail(
                     FailureKind.DUPLICATE_ADDRESS,
                     f"hosts {other.spec.host} and {state.spec.host} both report address {state.address}; every host needs "
-                    f"its own address (cloned VM, shared VIP, or both on loopback?): set ifname=/cidr= or env:VLLM_NIXL_SIDE_CHANNEL_HOST per host",
-                    rank=state.spec.rank, host=state.spec.host,
+                    f"its own address (cloned VM, shared VIP, or both on loopback?): "
+                    f"set ifname=/cidr= or env:VLLM_NIXL_SIDE_CHANNEL_HOST per host",
+                    rank=state.spec.rank,
+                    host=state.spec.host,
                 )
         return False
 
     def unreachable(self, state: RankState, port: int, error: str) -> None:
-        self.fail(FailureKind.UNREACHABLE,
-                  f"rank {state.spec.rank} on {state.spec.host} listens at {state.address}:{port} but the head cannot reach it ({error})",
-                  rank=state.spec.rank, host=state.spec.host)
+        self.fail(
+            FailureKind.UNREACHABLE,
+            f"rank {state.spec.rank} on {state.spec.host} listens at {state.address}:{port} but the head cannot reach it ({error})",
+            rank=state.spec.rank,
+            host=state.spec.host,
+        )
 
     def judge_check(self) -> None:
         """After the all-pairs check: a failing pair, or what vLLM's peers would refuse, ends the job."""
@@ -382,19 +418,31 @@ class Job:
         bad = matrix.failures
         if bad:
             first, hosts, pairs = bad[0], matrix.hosts, len(matrix.ranks) ** 2
-            self.fail(FailureKind.CHECK, f"{len(bad)} of {pairs} pairs failed the check; first: r{first.rank} ({hosts[first.rank]}) -> "
-                      f"r{first.peer} ({hosts[first.peer]}): {first.error}")
+            self.fail(
+                FailureKind.CHECK,
+                f"{len(bad)} of {pairs} pairs failed the check; first: r{first.rank} ({hosts[first.rank]}) -> "
+                f"r{first.peer} ({hosts[first.peer]}): {first.error}",
+            )
         elif matrix.problems:
             self.fail(FailureKind.CHECK, matrix.problems[0])
 
     def result(self, duration: float) -> LaunchResult:
         ranks = tuple(
             RankResult(
-                rank=s.spec.rank, host=s.spec.host, address=s.address, port=s.spec.port, pid=s.pid, state=s.phase,
-                exit_code=s.exit_code, error=s.error, started_at=s.started_at, ready_at=s.ready_at, ended_at=s.ended_at,
-                last_output=s.output[-1] if s.output else None, rule=s.rule,
+                rank=s.spec.rank,
+                host=s.spec.host,
+                address=s.address,
+                port=s.spec.port,
+                pid=s.pid,
+                state=s.phase,
+                exit_code=s.exit_code,
+                error=s.error,
+                started_at=s.started_at,
+                ready_at=s.ready_at,
+                ended_at=s.ended_at,
+                last_output=s.output[-1] if s.output else None,
+                rule=s.rule,
             )
             for s in sorted(self.ranks.values(), key=lambda s: s.spec.rank)
         )
         return LaunchResult(ranks, self.failure, self.matrix, duration)
-

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from . import job, protocol
 from .plan import HostPlan
@@ -63,7 +63,7 @@ class HostLink:
             self._put(job.LinkFailed(str(exc)))
         except OSError as exc:
             self._put(job.LinkFailed(f"{host.label}: the agent closed its input at start ({exc})"))
-        except Exception as exc:  # noqa: BLE001 - a bug or a surprise here must end the job, named, never hang it
+        except Exception as exc:
             self._put(job.LinkFailed(f"{host.label}: the head failed talking to its agent ({type(exc).__name__}: {exc})"))
             self.terminate()
 
@@ -112,7 +112,7 @@ class HostLink:
         if self.conn is not None:
             try:
                 self.conn.terminate()
-            except Exception:  # noqa: BLE001 - best effort at the end
+            except Exception:
                 pass
 
     def join(self, timeout: float) -> None:
@@ -131,7 +131,8 @@ class HostLink:
                     message = protocol.decode(raw)
                     if isinstance(message, protocol.Swept):
                         if message.pids:
-                            report(f"swept {len(message.pids)} processes this job left on {self.name} (pids {' '.join(map(str, message.pids))})")
+                            pids = " ".join(map(str, message.pids))
+                            report(f"swept {len(message.pids)} processes this job left on {self.name} (pids {pids})")
                         break
                 conn.wait(2.0)
             except (TransportError, OSError, protocol.ProtocolError) as exc:

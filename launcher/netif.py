@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 from .rankenv import HostFacts, RankIdentity
 
@@ -257,8 +257,12 @@ def bind_request(identity: RankIdentity, facts: HostFacts, explicit: str | None)
     if explicit is not None and _is_hostname(explicit):
         explicit = resolve(explicit) or explicit  # left as is: select_bind_address says it is not an IP
     return BindRequest(
-        explicit=explicit or None, ifname=identity.ifname, cidr=identity.cidr, reached=facts.reached_address,
-        host_is_loopback=facts.host_is_loopback, hostname=socket.gethostname(),
+        explicit=explicit or None,
+        ifname=identity.ifname,
+        cidr=identity.cidr,
+        reached=facts.reached_address,
+        host_is_loopback=facts.host_is_loopback,
+        hostname=socket.gethostname(),
     )
 
 

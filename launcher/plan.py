@@ -9,16 +9,24 @@ environment into a frozen ``LaunchPlan`` that the supervisor executes and that
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Sequence
 
 from . import envpolicy, netif, rankenv
+from .command import (
+    BOOTSTRAP,
+    BUILTIN_ENGINE,
+    RUNTIME_PLACEHOLDERS,
+    CommandError,
+    is_vllm_serve,
+    kv_transfer_engine_id,
+    render_template,
+    user_command,
+    uses_nixl,
+    vllm_dp_ranks,
+)
 from .rankenv import RankIdentity
 from .readiness import Ports, Readiness, Report
-from .command import (
-    BOOTSTRAP, BUILTIN_ENGINE, RUNTIME_PLACEHOLDERS, CommandError, is_vllm_serve, kv_transfer_engine_id, render_template,
-    user_command, uses_nixl, vllm_dp_ranks,
-)
 
 DEFAULT_PORT_BASE = 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default
 DEFAULT_RPC_PORT = 13345  # the --data-parallel-rpc-port of vLLM's multi-node examples
@@ -118,8 +126,11 @@ class HostPlan:
     def bind_request(self) -> netif.BindRequest:
         """What its ranks will know when they pick their address, as far as the plan knows it."""
         return netif.BindRequest(
-            explicit=dict(self.host.env).get(netif.EXPLICIT_VAR), ifname=self.host.ifname, cidr=self.host.cidr,
-            host_is_loopback=self.host.is_loopback, hostname=self.host.name,
+            explicit=dict(self.host.env).get(netif.EXPLICIT_VAR),
+            ifname=self.host.ifname,
+            cidr=self.host.cidr,
+            host_is_loopback=self.host.is_loopback,
+            hostname=self.host.name,
         )
 
 
@@ -167,10 +178,7 @@ def build(
     world_size = sum(h.slots for h in hosts)
     last_port = port_base + world_size - 1
     if last_port > 65535:
-        raise PlanError(
-            f"side-channel ports {port_base}..{last_port} run past 65535 for {world_size} ranks; "
-            f"choose a lower --port-base"
-        )
+        raise PlanError(f"side-channel ports {port_base}..{last_port} run past 65535 for {world_size} ranks; choose a lower --port-base")
     if options.head_command and not options.command:
         raise PlanError("a head command needs a command for the other hosts too: launcher run --head-command '...' -- CMD ...")
     if options.to_completion and not options.command:
@@ -189,13 +197,19 @@ def build(
         for local_rank in range(0, host.slots, per_process):
             served = tuple(range(rank, rank + per_process))
             identity = RankIdentity(
-                job_id=job_id, rank=rank, local_rank=local_rank, local_size=host.slots, world_size=world_size,
-                host=host.name, host_index=index, engine_id=f"{job_id}-dp{rank}", port_base=port_base,
-                ifname=host.ifname, cidr=host.cidr,
+                job_id=job_id,
+                rank=rank,
+                local_rank=local_rank,
+                local_size=host.slots,
+                world_size=world_size,
+                host=host.name,
+                host_index=index,
+                engine_id=f"{job_id}-dp{rank}",
+                port_base=port_base,
+                ifname=host.ifname,
+                cidr=host.cidr,
             )
-            report = envpolicy.rank_environment(
-                head_env, policy, job_env=options.env, host_env=host.env, rank_env=identity.to_env()
-            )
+            report = envpolicy.rank_environment(head_env, policy, job_env=options.env, host_env=host.env, rank_env=identity.to_env())
             argv = _argv(options, index, {**placeholders(identity), "rpc_port": str(options.rpc_port)})
             # A vLLM command binds where its own DP flags say (base + each DP index it serves), whatever our rank count.
             vllm_ranks = vllm_dp_ranks(user_command(argv)) if options.command else None
@@ -211,7 +225,9 @@ def build(
         _check_side_channel_hosts(hosts)
     readiness = options.readiness or (Ports() if options.command else Report())
     if isinstance(readiness, Report) and options.command:
-        raise PlanError("a user command cannot report readiness itself; use the side-channel ports (default), --ready-port, --ready-url or --ready-log")
+        raise PlanError(
+            "a user command cannot report readiness itself; use the side-channel ports (default), --ready-port, --ready-url or --ready-log"
+        )
     if isinstance(readiness, Ports) and options.command:
         _check_side_channel_opens(processes)
     return LaunchPlan(
@@ -227,9 +243,15 @@ def build(
 def placeholders(identity: RankIdentity) -> dict[str, str]:
     """The head's values for a command's placeholders (command.PLACEHOLDERS), all but {rpc_port}."""
     values = {
-        "rank": identity.rank, "local_rank": identity.local_rank, "local_size": identity.local_size,
-        "world_size": identity.world_size, "host": identity.host, "host_index": identity.host_index,
-        "host_first_rank": identity.rank - identity.local_rank, "port": identity.port, "port_base": identity.port_base,
+        "rank": identity.rank,
+        "local_rank": identity.local_rank,
+        "local_size": identity.local_size,
+        "world_size": identity.world_size,
+        "host": identity.host,
+        "host_index": identity.host_index,
+        "host_first_rank": identity.rank - identity.local_rank,
+        "port": identity.port,
+        "port_base": identity.port_base,
         "job_id": identity.job_id,
     }
     return {k: str(v) for k, v in values.items()}
@@ -243,8 +265,13 @@ def preflight_plan(plan: LaunchPlan) -> LaunchPlan:
     unique and reachable, every side-channel port free.
     """
     options = replace(
-        plan.options, command=(), head_command=(), per_host=False, readiness=None,
-        port_base=plan.port_base, strict_versions=True,
+        plan.options,
+        command=(),
+        head_command=(),
+        per_host=False,
+        readiness=None,
+        port_base=plan.port_base,
+        strict_versions=True,
     )
     return build([h.host for h in plan.hosts], options, {}, f"{plan.job_id}-preflight")
 
@@ -306,7 +333,7 @@ def _check_engine_ids(processes: Sequence[RankSpec]) -> None:
             where = "hosts " + f"{other.host} and {spec.host}" if other.host != spec.host else f"host {spec.host}"
             raise PlanError(
                 f"--kv-transfer-config gives engine_id {engine_id!r} to rank {other.rank} and rank {spec.rank} ({where}); "
-                f"NIXL peers then refuse each other (engine ID mismatch): make it unique, e.g. \"engine_id\": \"prefill-{{host}}-{{rank}}\", "
+                f'NIXL peers then refuse each other (engine ID mismatch): make it unique, e.g. "engine_id": "prefill-{{host}}-{{rank}}", '
                 f"or leave it out and let vLLM generate one"
             )
 

@@ -26,7 +26,7 @@ def tcp_connect(address: str, port: int, timeout: float, source: str | None = No
                 s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 s.bind((source.strip("[]"), 0))
             s.connect((bare, port))
-        except socket.timeout:
+        except TimeoutError:
             raise ProbeError(f"{address}:{port}: connect timed out after {timeout:g}s") from None
         except OSError as exc:
             raise ProbeError(f"{address}:{port}: {exc.strerror or exc}") from None

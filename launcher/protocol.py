@@ -167,8 +167,22 @@ class AgentError(_Msg):
 
 
 Message = Union[
-    AgentSpec, Sweep, Heartbeat, Check, Stop, Hello, Started, Resolved, Ready, Output, RankError, Exited, CheckResult, Stopping,
-    Swept, AgentError,
+    AgentSpec,
+    Sweep,
+    Heartbeat,
+    Check,
+    Stop,
+    Hello,
+    Started,
+    Resolved,
+    Ready,
+    Output,
+    RankError,
+    Exited,
+    CheckResult,
+    Stopping,
+    Swept,
+    AgentError,
 ]
 
 _encoder = msgspec.json.Encoder()

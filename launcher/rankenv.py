@@ -8,8 +8,9 @@ both back (``from_env``). Nothing else spells a LAUNCHER_* name. Pure.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 PREFIX = "LAUNCHER_"
 PORT_VAR = "VLLM_NIXL_SIDE_CHANNEL_PORT"  # vLLM's own name: the job's side-channel base, one value per job
@@ -48,10 +49,17 @@ class RankIdentity:
     cidr: str | None = None
 
     NAMES: ClassVar[Mapping[str, str]] = {
-        "job_id": "LAUNCHER_JOB_ID", "rank": "LAUNCHER_RANK", "local_rank": "LAUNCHER_LOCAL_RANK",
-        "local_size": "LAUNCHER_LOCAL_SIZE", "world_size": "LAUNCHER_WORLD_SIZE", "host": "LAUNCHER_HOST",
-        "host_index": "LAUNCHER_HOST_INDEX", "engine_id": "LAUNCHER_ENGINE_ID", "port_base": PORT_VAR,
-        "ifname": "LAUNCHER_BIND_IFNAME", "cidr": "LAUNCHER_BIND_CIDR",
+        "job_id": "LAUNCHER_JOB_ID",
+        "rank": "LAUNCHER_RANK",
+        "local_rank": "LAUNCHER_LOCAL_RANK",
+        "local_size": "LAUNCHER_LOCAL_SIZE",
+        "world_size": "LAUNCHER_WORLD_SIZE",
+        "host": "LAUNCHER_HOST",
+        "host_index": "LAUNCHER_HOST_INDEX",
+        "engine_id": "LAUNCHER_ENGINE_ID",
+        "port_base": PORT_VAR,
+        "ifname": "LAUNCHER_BIND_IFNAME",
+        "cidr": "LAUNCHER_BIND_CIDR",
     }
 
     @property
@@ -63,7 +71,7 @@ class RankIdentity:
         return {self.NAMES[f.name]: str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "RankIdentity":
+    def from_env(cls, env: Mapping[str, str]) -> RankIdentity:
         values = {}
         for f in fields(cls):
             optional = f.default is None
@@ -81,8 +89,10 @@ class HostFacts:
     control_fd: int | None = None  # the agent's pipe for Ready/RankError
 
     NAMES: ClassVar[Mapping[str, str]] = {
-        "host_is_loopback": "LAUNCHER_HOST_IS_LOOPBACK", "reached_address": "LAUNCHER_REACHED_ADDRESS",
-        "head_ip": "LAUNCHER_HEAD_IP", "control_fd": "LAUNCHER_CONTROL_FD",
+        "host_is_loopback": "LAUNCHER_HOST_IS_LOOPBACK",
+        "reached_address": "LAUNCHER_REACHED_ADDRESS",
+        "head_ip": "LAUNCHER_HEAD_IP",
+        "control_fd": "LAUNCHER_CONTROL_FD",
     }
 
     def to_env(self) -> dict[str, str]:
@@ -93,7 +103,7 @@ class HostFacts:
         return env
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "HostFacts":
+    def from_env(cls, env: Mapping[str, str]) -> HostFacts:
         return cls(
             host_is_loopback=env.get(cls.NAMES["host_is_loopback"]) == "1",
             reached_address=_read(env, cls.NAMES["reached_address"], optional=True),

@@ -11,7 +11,8 @@ the probes import their I/O when the agent calls them.
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Sequence, Union
+from collections.abc import Sequence
+from typing import ClassVar, Union
 
 import msgspec
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, Sequence, TextIO
+from collections.abc import Iterable, Sequence
+from typing import TextIO
 
 from . import envpolicy, netif
 from .check import CheckMatrix, render_matrix
@@ -26,7 +27,7 @@ def rank_span(spec: RankSpec) -> tuple[str, str]:
 def format_table(rows: Sequence[Sequence[str]], right: bool = False) -> str:
     """Columns two spaces apart, each as wide as its widest cell; ``right`` aligns numbers."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if right else c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.rjust(w) if right else c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 class ConsoleReporter(Reporter):
@@ -66,7 +67,6 @@ class ConsoleReporter(Reporter):
             rows.append((rank, r.spec.host, r.address or "-", ports, str(r.pid or "-"), r.state, r.rule or "-"))
         print(format_table(rows), file=self.out, flush=True)
 
-
     def checked(self, matrix: CheckMatrix) -> None:
         print(render_matrix(matrix, color=self.out.isatty()), file=self.out, flush=True)
 
@@ -81,7 +81,10 @@ def render_hosts(hosts: Iterable[Host]) -> str:
 
 def render_plan(plan: LaunchPlan, python: str = "python") -> str:
     """The dry run: per rank, where, which port, which command, which env and why."""
-    lines = [f"job {plan.job_id}: {plan.world_size} ranks on {len(plan.hosts)} hosts, side-channel ports {plan.port_base}..{plan.port_base + plan.world_size - 1}"]
+    lines = [
+        f"job {plan.job_id}: {plan.world_size} ranks on {len(plan.hosts)} hosts, "
+        f"side-channel ports {plan.port_base}..{plan.port_base + plan.world_size - 1}"
+    ]
     if not plan.builtin:
         lines.append(
             f"each process runs its command through launcher.bootstrap, which sets VLLM_NIXL_SIDE_CHANNEL_HOST and "
@@ -118,8 +121,19 @@ def render_summary(result: LaunchResult) -> str:
         note = (r.error or (r.last_output if r.rank == root else "") or "")[:80]
         if r.rank == root:
             note = "ROOT CAUSE" + (f": {note}" if note else "")
-        rows.append((str(r.rank), r.host, r.address or "-", str(r.pid or "-"), r.state, exit_text,
-                     _seconds(r.ready_at), _seconds(r.ended_at), note or "-"))
+        rows.append(
+            (
+                str(r.rank),
+                r.host,
+                r.address or "-",
+                str(r.pid or "-"),
+                r.state,
+                exit_text,
+                _seconds(r.ready_at),
+                _seconds(r.ended_at),
+                note or "-",
+            )
+        )
     return format_table(rows)
 
 

@@ -57,7 +57,9 @@ def exit_code_for(kind: FailureKind, rank_code: int | None = None, signum: int |
     if kind in (FailureKind.RANK_EXITED, FailureKind.RANK_ERROR) and rank_code is not None:
         return rank_code if rank_code > 0 else (128 - rank_code if rank_code < 0 else 1)
     return {
-        FailureKind.NOT_READY: EXIT_NOT_READY, FailureKind.CHECK: EXIT_CHECK_FAILED, FailureKind.VERSIONS: EXIT_CHECK_FAILED,
+        FailureKind.NOT_READY: EXIT_NOT_READY,
+        FailureKind.CHECK: EXIT_CHECK_FAILED,
+        FailureKind.VERSIONS: EXIT_CHECK_FAILED,
     }.get(kind, EXIT_HOST_LOST)
 
 

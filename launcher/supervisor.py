@@ -14,8 +14,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from . import check as checking
 from . import job as jobs
@@ -43,8 +43,12 @@ class Reporter:
 
 class Supervisor:
     def __init__(
-        self, plan: LaunchPlan, transport: Transport, reporter: Reporter | None = None,
-        stop: threading.Event | None = None, hurry: threading.Event | None = None,
+        self,
+        plan: LaunchPlan,
+        transport: Transport,
+        reporter: Reporter | None = None,
+        stop: threading.Event | None = None,
+        hurry: threading.Event | None = None,
     ):
         self.plan, self.transport = plan, transport
         self.stop_requested = stop or threading.Event()  # set from anywhere (a signal handler) to end any phase
@@ -134,9 +138,9 @@ class Supervisor:
             self._pump(lambda: self.job.all_ended, deadline)
         for link in self.links:
             link.close()
-        for link, host in zip(self.links, self.job.hosts):
+        for link, host in zip(self.links, self.job.hosts, strict=True):
             link.finish(gone=host.gone)
-        for link, host in zip(self.links, self.job.hosts):
+        for link, host in zip(self.links, self.job.hosts, strict=True):
             link.join(timeout=0.5 if host.gone else 5.0)  # a lost host's reader may sit in a read no FIN will end
         self._drain()
         # A sweep of a host that is cut off waits for its connect timeout: give up on it.
@@ -160,15 +164,28 @@ class Supervisor:
                 return None
         hp, options = link.plan, self.plan.options
         return protocol.AgentSpec(
-            job_id=self.plan.job_id, host=hp.host.name, host_index=hp.index, host_is_loopback=hp.host.is_loopback,
+            job_id=self.plan.job_id,
+            host=hp.host.name,
+            host_index=hp.index,
+            host_is_loopback=hp.host.is_loopback,
             reached_address=self.transport.reached_address(hp.host),
             ranks=[
-                protocol.RankLaunch(rank=r.rank, local_rank=r.local_rank, port=r.port, engine_id=r.engine_id,
-                                    argv=list(r.argv), env=dict(r.env), ports=list(r.ports))
+                protocol.RankLaunch(
+                    rank=r.rank,
+                    local_rank=r.local_rank,
+                    port=r.port,
+                    engine_id=r.engine_id,
+                    argv=list(r.argv),
+                    env=dict(r.env),
+                    ports=list(r.ports),
+                )
                 for r in hp.ranks
             ],
-            readiness=self.plan.readiness, head_ip=self.job.head_ip, grace=options.grace,
-            heartbeat_interval=options.heartbeat_interval, heartbeat_timeout=options.heartbeat_timeout,
+            readiness=self.plan.readiness,
+            head_ip=self.job.head_ip,
+            grace=options.grace,
+            heartbeat_interval=options.heartbeat_interval,
+            heartbeat_timeout=options.heartbeat_timeout,
         )
 
     def _send(self, link: HostLink, message) -> None:
@@ -228,7 +245,7 @@ class Supervisor:
 
     def _verify_reachable(self) -> None:
         """Each ready rank's port, by the readiness rule, reachable from the head."""
-        port_of = lambda state: self.plan.readiness.reachable_port(state.port)  # noqa: E731
+        port_of = lambda state: self.plan.readiness.reachable_port(state.port)
         states = [s for s in self.job.ranks.values() if port_of(s) is not None]
 
         def probe(state: RankState) -> tuple[RankState, str | None]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import msgspec
 
@@ -133,7 +133,7 @@ def parse_request(body: bytes) -> Request:
         raise WireError(f"an array of {len(items)} items; known requests have 2 or 3")
     if items[0] != GET_META_MSG:
         raise WireError(f"message {items[0]!r:.40}, expected {GET_META_MSG!r}")
-    ranks = dict(zip(gen.fields, items[1:]))
+    ranks = dict(zip(gen.fields, items[1:], strict=True))
     if not all(isinstance(v, int) and v >= 0 for v in ranks.values()):
         raise WireError(f"ranks {list(ranks.values())!r:.60} are not non-negative integers")
     return Request(gen, ranks.get("pp_rank", 0), ranks["tp_rank"])

@@ -29,21 +29,25 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cluster_cli  # noqa: E402,F401  (puts tests/support on the path)
-from support.netns import NetnsCluster  # noqa: E402
+import cluster_cli  # noqa: F401  (puts tests/support on the path)
 
-import launcher  # noqa: E402
-from launcher import transports  # noqa: E402
-from launcher.plan import Host, LaunchOptions  # noqa: E402
-from launcher.report import format_table  # noqa: E402
-from launcher.supervisor import Reporter  # noqa: E402
+import launcher
+from launcher import transports
+from launcher.plan import Host, LaunchOptions
+from launcher.report import format_table
+from launcher.supervisor import Reporter
+from support.netns import NetnsCluster
 
 
 def plain_ssh(cluster: NetnsCluster) -> float:
     start = time.perf_counter()
     procs = [
-        subprocess.Popen(["ssh", "-F", cluster.ssh_config, "-o", "BatchMode=yes", h.name, "python3", "-c", "pass"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            ["ssh", "-F", cluster.ssh_config, "-o", "BatchMode=yes", h.name, "python3", "-c", "pass"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for h in cluster.hosts
     ]
     for p in procs:
@@ -96,8 +100,16 @@ def main() -> int:
                 base.append(plain_ssh(cluster))
                 ours.append(launcher_ready(cluster, probe))
             b, o = statistics.median(base), statistics.median(ours)
-            rows.append((str(count), f"{b:.3f}", f"{o:.3f}", f"{o / b:.2f}x",
-                         f"{probe.rss.get('launcher.agent', 0) / 2**20:.0f}", f"{probe.rss.get('launcher.engine_core', 0) / 2**20:.0f}"))
+            rows.append(
+                (
+                    str(count),
+                    f"{b:.3f}",
+                    f"{o:.3f}",
+                    f"{o / b:.2f}x",
+                    f"{probe.rss.get('launcher.agent', 0) / 2**20:.0f}",
+                    f"{probe.rss.get('launcher.engine_core', 0) / 2**20:.0f}",
+                )
+            )
             print(f"{count} hosts: ssh {b:.3f}s, launcher {o:.3f}s", file=sys.stderr, flush=True)
     print(f"median of {args.repeat} runs per row, {os.cpu_count()} CPUs")
     print(format_table(rows, right=True))

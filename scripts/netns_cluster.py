@@ -16,6 +16,7 @@ import shutil
 import sys
 
 from cluster_cli import up_down_parser
+
 from support.netns import STATE_DIR, NetnsCluster, sweep
 
 

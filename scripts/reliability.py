@@ -26,10 +26,10 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cluster_cli  # noqa: E402,F401  (puts tests/support on the path)
-from support.netns import NetnsCluster  # noqa: E402
+import cluster_cli  # noqa: F401  (puts tests/support on the path)
 
-from launcher.report import format_table  # noqa: E402
+from launcher.report import format_table
+from support.netns import NetnsCluster
 
 # Ignores SIGTERM (so teardown needs the SIGKILL after the grace period) and
 # leaves a grandchild in its own session and one in its process group.
@@ -42,8 +42,28 @@ def start(cluster: NetnsCluster, workdir: str, grace: float, fail: bool = False)
     with open(hostfile, "w") as f:
         f.write(cluster.hostfile(slots=1))
     env = {**os.environ, **({"FAIL": "1"} if fail else {})}
-    args = [sys.executable, "-m", "launcher.cli", "run", "-H", hostfile, *cluster.ssh_args(), "--grace", str(grace),
-            "--heartbeat-timeout", str(HEARTBEAT), "--ready-log", "^up$", "--env-include", "FAIL", "-q", "--", "sh", "-c", WORST_RANK]
+    args = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "run",
+        "-H",
+        hostfile,
+        *cluster.ssh_args(),
+        "--grace",
+        str(grace),
+        "--heartbeat-timeout",
+        str(HEARTBEAT),
+        "--ready-log",
+        "^up$",
+        "--env-include",
+        "FAIL",
+        "-q",
+        "--",
+        "sh",
+        "-c",
+        WORST_RANK,
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     for line in proc.stderr:
         if "ranks ready 3/3" in line:
@@ -69,6 +89,7 @@ def job_pids(cluster: NetnsCluster) -> list[int]:
 def case_signal_head(signum):
     def inject(cluster, proc):
         proc.send_signal(signum)
+
     return inject
 
 
@@ -143,11 +164,21 @@ def main() -> int:
             results = [run_case(cluster, workdir, args.grace, inject, fail) for _ in range(args.repeat)]
             codes = sorted({str(r[0]) for r in results})
             target = args.grace + 2 + (HEARTBEAT if "partition" in name else 0)
-            rows.append((name, "/".join(codes), f"{statistics.median(r[1] for r in results):.2f}",
-                         f"{max(r[2] for r in results):.2f}", str(sum(r[3] for r in results)), f"{target:g}"))
+            rows.append(
+                (
+                    name,
+                    "/".join(codes),
+                    f"{statistics.median(r[1] for r in results):.2f}",
+                    f"{max(r[2] for r in results):.2f}",
+                    str(sum(r[3] for r in results)),
+                    f"{target:g}",
+                )
+            )
             print(f"{name}: {results}", file=sys.stderr, flush=True)
-    print(f"3 SSH hosts, 1 rank each (ignores SIGTERM, 2 grandchildren), grace {args.grace:g}s, "
-          f"heartbeat timeout {HEARTBEAT:g}s; {args.repeat} runs per case: median head exit, worst all-gone, total left")
+    print(
+        f"3 SSH hosts, 1 rank each (ignores SIGTERM, 2 grandchildren), grace {args.grace:g}s, "
+        f"heartbeat timeout {HEARTBEAT:g}s; {args.repeat} runs per case: median head exit, worst all-gone, total left"
+    )
     print(format_table(rows))
     return 0
 

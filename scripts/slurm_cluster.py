@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from cluster_cli import up_down_parser
+
 from support.slurm import SlurmCluster
 
 

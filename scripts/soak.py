@@ -26,13 +26,13 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cluster_cli  # noqa: E402,F401  (puts tests/support on the path)
-from support.netns import NetnsCluster  # noqa: E402
+import cluster_cli  # noqa: F401  (puts tests/support on the path)
 
-import launcher  # noqa: E402
-from launcher import transports  # noqa: E402
-from launcher.check import CheckOptions  # noqa: E402
-from launcher.plan import Host, LaunchOptions  # noqa: E402
+import launcher
+from launcher import transports
+from launcher.check import CheckOptions
+from launcher.plan import Host, LaunchOptions
+from support.netns import NetnsCluster
 
 
 def listening(netns: str | None = None) -> set[str]:
@@ -78,8 +78,10 @@ def main() -> int:
         after = snapshot(cluster)
     ranks = args.hosts * args.slots
     print(f"{args.cycles} cycles of launch + {ranks}x{ranks} handshake check + teardown, {args.hosts} SSH hosts x {args.slots} ranks")
-    print(f"cycle time: median {statistics.median(times):.2f}s, p95 {sorted(times)[int(len(times) * 0.95) - 1]:.2f}s, "
-          f"max {max(times):.2f}s; failed cycles: {len(failures)}")
+    print(
+        f"cycle time: median {statistics.median(times):.2f}s, p95 {sorted(times)[int(len(times) * 0.95) - 1]:.2f}s, "
+        f"max {max(times):.2f}s; failed cycles: {len(failures)}"
+    )
     for line in failures[:5]:
         print(f"  {line}")
     width = max(map(len, before))

@@ -164,7 +164,7 @@ class RunningLauncher:
         def ready():
             lines = list(self.stdout)
             if after is not None:
-                lines = lines[lines.index(after) + 1:] if after in lines else []
+                lines = lines[lines.index(after) + 1 :] if after in lines else []
             found = table_rows(lines)
             return found if len(found) >= count else (self.proc.poll() is not None and "exited")
 
@@ -249,8 +249,11 @@ class RealVllm:
     # CPU-only, offline, a small KV cache; threads unpinned (pinned, NIXL's threads
     # share the worker's core and stall transfers); UCX over TCP.
     env = {
-        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1",
-        "HF_HUB_OFFLINE": "1", "UCX_TLS": "tcp",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_NO_USAGE_STATS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "UCX_TLS": "tcp",
     }
     serve_args = ("--load-format", "dummy", "--max-model-len", "256", "--enforce-eager")
 
@@ -260,8 +263,11 @@ class RealVllm:
     def run_python(self, script: str, timeout: float = 120) -> dict:
         """Run a helper under tests/real_vllm with vLLM's interpreter (launcher on its path); its JSON output."""
         done = subprocess.run(
-            [self.python, os.path.join(REPO, "tests", "real_vllm", script)], capture_output=True, text=True,
-            timeout=timeout, env={**os.environ, "PYTHONPATH": REPO},
+            [self.python, os.path.join(REPO, "tests", "real_vllm", script)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": REPO},
         )
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])

@@ -107,6 +107,7 @@ def coordinate(args, mode: str, first_rank: int) -> None:
 
         threading.Thread(target=accept, daemon=True).start()
     elif args.headless or first_rank > 0:
+
         def hello():
             for _ in range(600):
                 try:
@@ -120,10 +121,18 @@ def coordinate(args, mode: str, first_rank: int) -> None:
 
 
 def payload(engine_id: str) -> bytes:
-    metadata = msgspec.msgpack.encode({
-        "engine_id": engine_id, "agent_metadata": b"standin", "kv_caches_base_addr": [0], "device_id": 0,
-        "num_blocks": 1, "block_lens": [16], "kv_cache_layout": "HND", "block_size": 16,
-    })
+    metadata = msgspec.msgpack.encode(
+        {
+            "engine_id": engine_id,
+            "agent_metadata": b"standin",
+            "kv_caches_base_addr": [0],
+            "device_id": 0,
+            "num_blocks": 1,
+            "block_lens": [16],
+            "kv_cache_layout": "HND",
+            "block_size": 16,
+        }
+    )
     return msgspec.msgpack.encode({"compatibility_hash": "standin", "agent_metadata_bytes": metadata})
 
 
@@ -164,8 +173,14 @@ def main(argv=None) -> int:
     engine = config.get("engine_id") or uuid.uuid4().hex[:8]
     seen = {
         "argv": sys.argv[1:] if argv is None else argv,
-        "dp_size": size, "dp_ranks": ranks, "lb_mode": mode, "side_channel_host": host, "side_channel_port": base,
-        "vllm_host_ip": env.get("VLLM_HOST_IP"), "headless": args.headless, "tags": args.tag,
+        "dp_size": size,
+        "dp_ranks": ranks,
+        "lb_mode": mode,
+        "side_channel_host": host,
+        "side_channel_port": base,
+        "vllm_host_ip": env.get("VLLM_HOST_IP"),
+        "headless": args.headless,
+        "tags": args.tag,
         "launcher_vars": sorted(k for k in env if k.startswith("LAUNCHER_")),
         "env": {k: v for k, v in env.items() if k.startswith(("VLLM_", "STANDIN_", "HF_", "CUDA_"))},
     }

@@ -8,9 +8,8 @@ import time
 import psutil
 import pytest
 
-from launcher import protocol
-
 from conftest import wait_for
+from launcher import protocol
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -33,12 +32,18 @@ SLEEPER = "import time; print('up', flush=True); time.sleep(600)"
 
 def start_agent(scripts, grace=1.0, heartbeat_timeout=60.0):
     spec = protocol.AgentSpec(
-        job_id="t", host="localhost", host_index=0, host_is_loopback=True, reached_address="127.0.0.1",
+        job_id="t",
+        host="localhost",
+        host_index=0,
+        host_is_loopback=True,
+        reached_address="127.0.0.1",
         ranks=[
             protocol.RankLaunch(rank=i, local_rank=i, port=0, engine_id=f"t-dp{i}", argv=["{python}", "-c", code], env={}, ports=[0])
             for i, code in enumerate(scripts)
         ],
-        grace=grace, heartbeat_interval=0.2, heartbeat_timeout=heartbeat_timeout,
+        grace=grace,
+        heartbeat_interval=0.2,
+        heartbeat_timeout=heartbeat_timeout,
     )
     agent = subprocess.Popen([sys.executable, "-m", "launcher.agent"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     agent.stdin.write(protocol.encode(spec))

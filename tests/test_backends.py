@@ -33,9 +33,16 @@ def test_the_cli_offers_every_registered_backend_and_its_options():
 
 
 def test_a_loopback_job_never_imports_paramiko():
-    done = subprocess.run([sys.executable, "-c", "import sys; from launcher.cli import build_parser; build_parser(); "
-                           "from launcher import transports; transports.get('local'); print('paramiko' in sys.modules)"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from launcher.cli import build_parser; build_parser(); "
+            "from launcher import transports; transports.get('local'); print('paramiko' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.stdout.strip() == "False", done.stderr
 
 
@@ -46,7 +53,6 @@ def test_auto_picks_the_first_backend_that_claims_every_host():
     assert transports.choose([Host("n1"), Host("other")], allocation) == "ssh"
     assert transports.allocation_hosts(allocation, None)[2].name == "n3"
     assert transports.allocation_hosts({}, None) is None
-
 
 
 def test_an_allocation_keeps_slurms_node_order_and_tasks_per_node():
@@ -91,7 +97,9 @@ def agent_host(request, tmp_path):
     slurm = request.getfixturevalue("slurm")
     slurm.wait_idle()
     env = {**os.environ, **slurm.env}
-    granted = subprocess.run(["salloc", "--no-shell", "-N1", "-w", "h2", "--job-name=contract"], capture_output=True, text=True, env=env, timeout=30)
+    granted = subprocess.run(
+        ["salloc", "--no-shell", "-N1", "-w", "h2", "--job-name=contract"], capture_output=True, text=True, env=env, timeout=30
+    )
     job = re.search(r"Granted job allocation (\d+)", granted.stderr)
     assert job, granted.stderr
     env.update(SLURM_JOB_ID=job.group(1), SLURM_JOB_NODELIST="h2")
@@ -109,10 +117,19 @@ def _is_agent(p):
 
 
 def spec(job_id):
-    return protocol.encode(protocol.AgentSpec(
-        job_id=job_id, host="h", host_index=0, host_is_loopback=False, ranks=[], grace=1.0,
-        heartbeat_interval=1.0, heartbeat_timeout=30.0, readiness=Report(),
-    ))
+    return protocol.encode(
+        protocol.AgentSpec(
+            job_id=job_id,
+            host="h",
+            host_index=0,
+            host_is_loopback=False,
+            ranks=[],
+            grace=1.0,
+            heartbeat_interval=1.0,
+            heartbeat_timeout=30.0,
+            readiness=Report(),
+        )
+    )
 
 
 def agents_on(processes):

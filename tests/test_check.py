@@ -4,14 +4,19 @@ from launcher import wire
 from launcher.check import CheckMatrix, CheckOptions, Target, plan_probes, render_matrix
 from launcher.protocol import CheckResult, EngineSeen
 
-TARGETS = [Target(0, "h1", "10.0.0.1", (5600,), "j-dp0", "0.32.0+cpu"), Target(1, "h2", "10.0.0.2", (5601,), "j-dp1", "0.40.0"),
-           Target(2, "h3", "10.0.0.3", (5602,), "j-dp2", "")]
+TARGETS = [
+    Target(0, "h1", "10.0.0.1", (5600,), "j-dp0", "0.32.0+cpu"),
+    Target(1, "h2", "10.0.0.2", (5601,), "j-dp1", "0.40.0"),
+    Target(2, "h3", "10.0.0.3", (5602,), "j-dp2", ""),
+]
 
 
 def test_auto_speaks_each_peers_generation_and_tcp_where_it_cannot_tell():
     peers, notes = plan_probes(TARGETS, CheckOptions(), builtin=False, job_id="j")
     assert [(p.rank, p.wire, p.expect_hash, p.expect_engine_id) for p in peers] == [
-        (0, "v2", None, None), (1, "tcp", None, None), (2, "tcp", None, None),
+        (0, "v2", None, None),
+        (1, "tcp", None, None),
+        (2, "tcp", None, None),
     ]
     assert notes == [
         "rank 1 on h2: vLLM 0.40.0 is newer than the releases launcher knows (up to 0.33.0); checked by TCP connect",
@@ -34,7 +39,15 @@ def matrix_of(engines):
     m = CheckMatrix(ranks, {r: "v2" for r in ranks}, {0: "h1", 1: "h2", 2: "h3"})
     for a in ranks:
         for b in ranks:
-            m.add(CheckResult(rank=a, peer=b, ok=True, latency_ms=1.0, engines=[EngineSeen(port=5600 + b, engine_id=engines[b][0], compat_hash=engines[b][1])]))
+            m.add(
+                CheckResult(
+                    rank=a,
+                    peer=b,
+                    ok=True,
+                    latency_ms=1.0,
+                    engines=[EngineSeen(port=5600 + b, engine_id=engines[b][0], compat_hash=engines[b][1])],
+                )
+            )
     return m
 
 

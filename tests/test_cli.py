@@ -1,6 +1,5 @@
 """Usage errors: exit 2, the error on the first line, never a traceback."""
 
-
 import pytest
 
 from conftest import run_launcher, write_hostfile
@@ -9,14 +8,33 @@ from conftest import run_launcher, write_hostfile
 @pytest.mark.parametrize(
     "args, first_line",
     [
-        (["plan", "--env", "NOPE_UNSET_VAR"], "launcher plan: error: argument --env/-e: NOPE_UNSET_VAR is not set in this environment; export it or give NOPE_UNSET_VAR=VALUE"),
+        (
+            ["plan", "--env", "NOPE_UNSET_VAR"],
+            "launcher plan: error: argument --env/-e: NOPE_UNSET_VAR is not set in this environment; "
+            "export it or give NOPE_UNSET_VAR=VALUE",
+        ),
         (["run", "--ready-port", "0"], "launcher run: error: argument --ready-port: 0 is not a TCP port (1..65535)"),
-        (["run", "--ready-log", "(", "--", "x"], "launcher: error: --ready-log '(' is not a regular expression: missing ), unterminated subpattern at position 0"),
-        (["plan", "--", "vllm", "--port={prot}"], "launcher: error: unknown placeholder {prot} in argument 1 of the command ('--port={prot}')"),
-        (["run", "--ready-port", "80", "--ready-log", "x"], "launcher run: error: argument --ready-log: not allowed with argument --ready-port"),
+        (
+            ["run", "--ready-log", "(", "--", "x"],
+            "launcher: error: --ready-log '(' is not a regular expression: missing ), unterminated subpattern at position 0",
+        ),
+        (
+            ["plan", "--", "vllm", "--port={prot}"],
+            "launcher: error: unknown placeholder {prot} in argument 1 of the command ('--port={prot}')",
+        ),
+        (
+            ["run", "--ready-port", "80", "--ready-log", "x"],
+            "launcher run: error: argument --ready-log: not allowed with argument --ready-port",
+        ),
         ([], "launcher: error: the following arguments are required: COMMAND"),
-        (["plan", "--head-command", "vllm 'x", "--", "vllm"], "launcher: error: --head-command is not one shell-quoted command (No closing quotation): \"vllm 'x\""),
-        (["run", "--ready-url", "localhost:8000/health", "--", "vllm"], "launcher: error: --ready-url 'localhost:8000/health' is not an http(s) URL; for example http://{host_ip}:8000/health"),
+        (
+            ["plan", "--head-command", "vllm 'x", "--", "vllm"],
+            'launcher: error: --head-command is not one shell-quoted command (No closing quotation): "vllm \'x"',
+        ),
+        (
+            ["run", "--ready-url", "localhost:8000/health", "--", "vllm"],
+            "launcher: error: --ready-url 'localhost:8000/health' is not an http(s) URL; for example http://{host_ip}:8000/health",
+        ),
     ],
 )
 def test_usage_errors_lead_with_one_line(tmp_path, args, first_line):

@@ -11,7 +11,11 @@ def test_placeholders_leave_json_and_escaped_braces_alone():
     values = {"rank": "3", "host": "h2"}
     args = ['{"kv_connector":"NixlConnector"}', "{{rank}}", "r{rank}-{host}", "{ rank }", "{host_ip}"]
     assert render_template(args, values, leave=frozenset({"host_ip"})) == (
-        '{"kv_connector":"NixlConnector"}', "{rank}", "r3-h2", "{ rank }", "{host_ip}",
+        '{"kv_connector":"NixlConnector"}',
+        "{rank}",
+        "r3-h2",
+        "{ rank }",
+        "{host_ip}",
     )
 
 

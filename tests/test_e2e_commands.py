@@ -2,20 +2,37 @@
 
 import os
 import signal
-import time
 import sys
+import time
 
 import psutil
 import pytest
 
-from conftest import RunningLauncher, failed_line, port_taken, run_launcher, standin, standin_reports, vllm_handshake, wait_for, write_hostfile
+from conftest import (
+    RunningLauncher,
+    failed_line,
+    port_taken,
+    run_launcher,
+    standin,
+    standin_reports,
+    vllm_handshake,
+    wait_for,
+    write_hostfile,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
 DP_ARGS = (
-    "--data-parallel-size", "{world_size}", "--data-parallel-size-local", "{local_size}",
-    "--data-parallel-start-rank", "{host_first_rank}", "--data-parallel-address", "{head_ip}",
-    "--data-parallel-rpc-port", "{rpc_port}",
+    "--data-parallel-size",
+    "{world_size}",
+    "--data-parallel-size-local",
+    "{local_size}",
+    "--data-parallel-start-rank",
+    "{host_first_rank}",
+    "--data-parallel-address",
+    "{head_ip}",
+    "--data-parallel-rpc-port",
+    "{rpc_port}",
 )
 # Every one reaches the command verbatim: no shell runs between the head and it.
 AWKWARD = ["a b", "it's", '"quoted"', "$(touch {pwned})", "; exit 9", "line1\nline2", "ünïcode ✓", "*", "{{rank}}", "-x=1=2"]
@@ -28,8 +45,19 @@ def test_per_host_vllm_dp_binds_its_own_address_and_gets_every_argument_verbatim
     tags = [t.replace("{pwned}", str(pwned)) for t in AWKWARD]
     secret = "hf_s3cr3t-value"
     run = RunningLauncher(  # `--env NAME` takes the value from the head's env: not even the head's argv shows it
-        ["-H", hf, "--port-base", str(port_base), "--per-host", "--env", "HF_TOKEN", "--env", "VLLM_X=a\nb=c",
-         "--", *standin(*DP_ARGS, "--headless", *[f"--tag={t}" for t in tags])],
+        [
+            "-H",
+            hf,
+            "--port-base",
+            str(port_base),
+            "--per-host",
+            "--env",
+            "HF_TOKEN",
+            "--env",
+            "VLLM_X=a\nb=c",
+            "--",
+            *standin(*DP_ARGS, "--headless", *[f"--tag={t}" for t in tags]),
+        ],
         env={**os.environ, **LEAKED, "HF_TOKEN": secret},
     )
     rows = run.ready_rows(1)
@@ -53,8 +81,21 @@ def test_per_host_vllm_dp_binds_its_own_address_and_gets_every_argument_verbatim
 
 def test_a_command_that_never_becomes_ready_ends_after_the_ready_timeout(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
-    done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--ready-timeout", "2", "--grace", "1",
-                   "--env", "STANDIN_DELAY=60", "--", *standin("--headless", "--data-parallel-size", "2", "--data-parallel-start-rank", "{rank}", "--data-parallel-size-local", "1"))
+    done = run_launcher(
+        "run",
+        "-H",
+        hf,
+        "--port-base",
+        str(port_base),
+        "--ready-timeout",
+        "2",
+        "--grace",
+        "1",
+        "--env",
+        "STANDIN_DELAY=60",
+        "--",
+        *standin("--headless", "--data-parallel-size", "2", "--data-parallel-start-rank", "{rank}", "--data-parallel-size-local", "1"),
+    )
     assert done.returncode == 4, done.stderr
     first = failed_line(done.stderr)
     assert first.startswith("2 ranks not ready after 2s: rank 0 on localhost (started), rank 1 on localhost (started)")
@@ -64,8 +105,23 @@ def test_a_command_that_never_becomes_ready_ends_after_the_ready_timeout(tmp_pat
 def test_a_failing_rank_ends_the_job_with_its_own_exit_code(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=3\n")
     logs = tmp_path / "logs"
-    done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--env", "STANDIN_EXIT=7", "--env", "STANDIN_EXIT_DP=1", "--log-dir", str(logs),
-                   "--", *standin("--headless", "--data-parallel-size", "{world_size}", "--data-parallel-start-rank", "{rank}", "--data-parallel-size-local", "1"))
+    done = run_launcher(
+        "run",
+        "-H",
+        hf,
+        "--port-base",
+        str(port_base),
+        "--env",
+        "STANDIN_EXIT=7",
+        "--env",
+        "STANDIN_EXIT_DP=1",
+        "--log-dir",
+        str(logs),
+        "--",
+        *standin(
+            "--headless", "--data-parallel-size", "{world_size}", "--data-parallel-start-rank", "{rank}", "--data-parallel-size-local", "1"
+        ),
+    )
     assert done.returncode == 7, done.stderr
     assert failed_line(done.stderr) == "rank 1 on localhost exited with code 7; last output: standin: exiting as asked"
     summary = done.stderr.split("RANK  HOST", 1)[1]
@@ -119,14 +175,18 @@ def test_check_on_a_command_connects_only_and_a_wrong_generation_handshake_kills
     assert "all 1 TCP connects ok" in tcp.stdout and "died" not in tcp.stderr
     # A v1 request has the wrong arity for this (v2) listener: vLLM's listener
     # thread dies on it, which is why TCP is the default for commands.
-    v1 = run_launcher("check", "-H", hf, "--port-base", str(port_base), "--per-host", "--wire", "v1", "--handshake-timeout", "1", "--", *cmd)
+    v1 = run_launcher(
+        "check", "-H", hf, "--port-base", str(port_base), "--per-host", "--wire", "v1", "--handshake-timeout", "1", "--", *cmd
+    )
     assert v1.returncode == 5 and "listener for" in v1.stderr and "died on request" in v1.stderr
 
 
 def test_preflight_finds_a_busy_port_before_the_command_starts(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
     with port_taken(port_base + 1):
-        done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--per-host", "--preflight", "--", *standin(*DP_ARGS, "--headless"))
+        done = run_launcher(
+            "run", "-H", hf, "--port-base", str(port_base), "--per-host", "--preflight", "--", *standin(*DP_ARGS, "--headless")
+        )
     assert done.returncode != 0
     assert "preflight: built-in engine cores" in done.stderr and "standin:" not in done.stdout
     first = failed_line(done.stderr)
@@ -155,11 +215,16 @@ def test_a_vllm_whose_side_channel_port_another_program_holds_fails_instead_of_h
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
     started = time.monotonic()
     with port_taken(port_base + 1):  # another instance's side channel, say
-        done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--per-host", "--grace", "1", "--", *standin(*DP_ARGS, "--headless"))
+        done = run_launcher(
+            "run", "-H", hf, "--port-base", str(port_base), "--per-host", "--grace", "1", "--", *standin(*DP_ARGS, "--headless")
+        )
     assert time.monotonic() - started < 20
     assert done.returncode == 4, done.stderr
     first = failed_line(done.stderr)
-    assert first.startswith(f"rank 0 on localhost cannot become ready: side-channel port {port_base + 1} at 127.0.0.1 is held by another process (pid {os.getpid()}: ")
+    assert first.startswith(
+        f"rank 0 on localhost cannot become ready: side-channel port {port_base + 1} at 127.0.0.1 "
+        f"is held by another process (pid {os.getpid()}: "
+    )
     assert first.endswith("move the job's ports with --port-base")
     assert f"zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:{port_base + 1}')" in done.stderr
 
@@ -197,8 +262,20 @@ def test_a_finite_command_runs_to_completion_on_every_rank(tmp_path, port_base):
 def test_a_finite_command_that_fails_on_one_rank_stops_the_rest(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=3\n")
     started = time.monotonic()
-    done = run_launcher("run", "-H", hf, "--port-base", str(port_base), "--to-completion", "--grace", "2",
-                   "--", "sh", "-c", "if [ {rank} = 2 ]; then echo broken >&2; exit 4; fi; exec sleep 60")
+    done = run_launcher(
+        "run",
+        "-H",
+        hf,
+        "--port-base",
+        str(port_base),
+        "--to-completion",
+        "--grace",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "if [ {rank} = 2 ]; then echo broken >&2; exit 4; fi; exec sleep 60",
+    )
     assert done.returncode == 4, done.stderr
     assert failed_line(done.stderr) == "rank 2 on localhost exited with code 4; last output: broken"
     assert time.monotonic() - started < 20  # the others were stopped, not waited for

@@ -9,10 +9,9 @@ import psutil
 import pytest
 
 import launcher
+from conftest import RunningLauncher, launch_hosts, port_taken, run_launcher, table_rows, vllm_handshake, wait_for, write_hostfile
 from launcher.check import CheckOptions
 from launcher.plan import Host, LaunchOptions
-
-from conftest import RunningLauncher, launch_hosts, port_taken, run_launcher, table_rows, vllm_handshake, wait_for, write_hostfile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -22,6 +21,8 @@ LEAKED = {
     "CUDA_VISIBLE_DEVICES": "0,1",
     "VLLM_DP_RANK": "5",
 }
+
+
 def test_check_on_loopback_handshakes_every_pair_and_exits_0(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=3\n")
     done = run_launcher("check", "-H", hf, "--port-base", str(port_base), timeout=60)
@@ -69,7 +70,11 @@ def test_a_non_local_per_host_address_fails_fast_with_the_clear_error(tmp_path, 
     assert time.monotonic() - start < 20  # fails at once, not at the ready timeout
     assert done.returncode == 2  # the rank's own exit code: bad address
     # Both ranks fail; whichever the head hears first is the root cause.
-    assert re.search(r"^launcher: FAILED: rank [01] on localhost exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST=198\.18\.255\.254 is not an address of", done.stderr, re.M)
+    assert re.search(
+        r"^launcher: FAILED: rank [01] on localhost exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST=198\.18\.255\.254 is not an address of",
+        done.stderr,
+        re.M,
+    )
     assert "Traceback" not in done.stderr + done.stdout
 
 
@@ -118,7 +123,7 @@ def test_python_api_returns_per_rank_results(port_base):
     assert result.ok and result.exit_code == 0
     assert result.check.ok and len(result.check.results) == 4
     assert [(r.rank, r.address, r.port, r.state) for r in result.ranks] == [
-        (0, "127.0.0.1", port_base, "exited"), (1, "127.0.0.1", port_base + 1, "exited"),
+        (0, "127.0.0.1", port_base, "exited"),
+        (1, "127.0.0.1", port_base + 1, "exited"),
     ]
     assert all(r.exit_code == 0 and r.pid and 0 <= r.started_at <= r.ready_at <= r.ended_at for r in result.ranks)
-

@@ -29,7 +29,10 @@ class Job:
         env = {**os.environ, **slurm.env, **LEAKED, "LAUNCHER": LAUNCHER, **(env or {})}
         done = subprocess.run(
             ["sbatch", "--parsable", f"--output={self.output}", f"--chdir={tmp_path}", *args, os.path.join(REPO, "scripts", script)],
-            capture_output=True, text=True, env=env, timeout=30,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
         )
         assert done.returncode == 0, done.stderr
         self.id = done.stdout.strip().split(";")[0]
@@ -68,8 +71,13 @@ def test_the_example_batch_script_checks_all_pairs_green_and_drops_the_heads_var
 
 
 def test_vllm_dp_batch_script_serves_until_scancel_and_leaves_nothing(slurm, hosts, tmp_path):
-    job = Job(slurm, tmp_path, "slurm_vllm_dp.sbatch", "--nodes=3",
-              env={"VLLM": f"{sys.executable} {STANDIN}", "MODEL": "m", "DP_LOCAL": "2", "READY_TIMEOUT": "30"})
+    job = Job(
+        slurm,
+        tmp_path,
+        "slurm_vllm_dp.sbatch",
+        "--nodes=3",
+        env={"VLLM": f"{sys.executable} {STANDIN}", "MODEL": "m", "DP_LOCAL": "2", "READY_TIMEOUT": "30"},
+    )
     job.wait_for_output("processes ready 3/3")
     subprocess.run(["scancel", job.id], env={**os.environ, **slurm.env}, check=True)
     info = job.wait()
@@ -91,8 +99,13 @@ def test_vllm_dp_batch_script_serves_until_scancel_and_leaves_nothing(slurm, hos
 
 
 def test_a_rank_failing_on_one_node_ends_the_job_with_that_ranks_code(slurm, hosts, tmp_path):
-    job = Job(slurm, tmp_path, "slurm_vllm_dp.sbatch", "--nodes=3",
-              env={"VLLM": f"{sys.executable} {STANDIN}", "MODEL": "m", "DP_LOCAL": "2", "STANDIN_EXIT": "7", "STANDIN_EXIT_DP": "2"})
+    job = Job(
+        slurm,
+        tmp_path,
+        "slurm_vllm_dp.sbatch",
+        "--nodes=3",
+        env={"VLLM": f"{sys.executable} {STANDIN}", "MODEL": "m", "DP_LOCAL": "2", "STANDIN_EXIT": "7", "STANDIN_EXIT_DP": "2"},
+    )
     info = job.wait()
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "7:0"), job.text()[-2000:]
     assert "launcher: FAILED: rank 2 on h2 exited with code 7" in job.text()
@@ -105,10 +118,17 @@ def test_hosts_and_plan_read_the_allocation_outside_any_daemon():
     assert [line.split()[:4:3] for line in done.stdout.splitlines()[1:]] == [["gpu10", "2"], ["gpu11", "2"], ["cpu1", "1"]]
     plan = run_launcher("plan", "--slots", "4", env=env, timeout=30)
     assert plan.returncode == 0 and "12 ranks on 3 hosts" in plan.stdout
-    outside = subprocess.run(launcher_cmd("check", "--transport", "slurm", "-H", os.path.join(REPO, "hostfile")),
-                             capture_output=True, text=True, env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, timeout=30)
+    outside = subprocess.run(
+        launcher_cmd("check", "--transport", "slurm", "-H", os.path.join(REPO, "hostfile")),
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        timeout=30,
+    )
     assert outside.returncode == 2
-    assert outside.stderr.startswith("launcher: error: the slurm transport runs inside an allocation (sbatch or salloc): SLURM_JOB_ID is not set")
+    assert outside.stderr.startswith(
+        "launcher: error: the slurm transport runs inside an allocation (sbatch or salloc): SLURM_JOB_ID is not set"
+    )
 
 
 def test_a_step_slurm_cancelled_is_told_apart_from_a_lost_agent():
@@ -116,7 +136,9 @@ def test_a_step_slurm_cancelled_is_told_apart_from_a_lost_agent():
     from launcher.transports.slurm import SrunConnection
 
     def connection(stderr_line):
-        proc = subprocess.Popen(["sh", "-c", f"echo '{stderr_line}' >&2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            ["sh", "-c", f"echo '{stderr_line}' >&2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         conn = SrunConnection(Host("h2"), proc)
         conn.wait(5)
         conn.stderr_tail(wait=5)

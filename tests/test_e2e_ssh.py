@@ -10,7 +10,16 @@ import psutil
 import pytest
 
 from conftest import (
-    RunningLauncher, failed_line, launch_hosts, launcher_cmd, run_launcher, standin, standin_reports, table_rows, vllm_handshake, wait_for,
+    RunningLauncher,
+    failed_line,
+    launch_hosts,
+    launcher_cmd,
+    run_launcher,
+    standin,
+    standin_reports,
+    table_rows,
+    vllm_handshake,
+    wait_for,
     write_hostfile,
 )
 from launcher.check import CheckOptions
@@ -28,7 +37,8 @@ def check(cluster, hf, *extra, env=None, timeout=90):
 def test_seed_bug_head_address_leaked_yet_every_rank_binds_its_own_host(hosts, tmp_path):
     hf = write_hostfile(tmp_path, hosts.hostfile(slots=2))
     run = RunningLauncher(
-        ["-H", hf, *hosts.ssh_args(), "--env", "HF_TOKEN=s3cr3t-value"], env={**os.environ, **LEAKED},
+        ["-H", hf, *hosts.ssh_args(), "--env", "HF_TOKEN=s3cr3t-value"],
+        env={**os.environ, **LEAKED},
     )
     ready = run.ready_rows(6)
     for rank, host, address, port, pid in ready:
@@ -36,7 +46,7 @@ def test_seed_bug_head_address_leaked_yet_every_rank_binds_its_own_host(hosts, t
         assert vllm_handshake(address, port).endswith(f"-dp{rank}")  # advertised = bound = reachable
         # Seen from the host itself: its socket table lists this rank's pid on (address, port) only.
         table = hosts.host(host).run("ss", "-Hltnp").stdout
-        listening = {m.group(1) for m in re.finditer(r"LISTEN\s+\d+\s+\d+\s+(\S+)\s.*pid=%d," % pid, table)}
+        listening = {m.group(1) for m in re.finditer(rf"LISTEN\s+\d+\s+\d+\s+(\S+)\s.*pid={pid},", table)}
         assert listening == {f"{address}:{port}"}, table
         environ = psutil.Process(pid).environ()  # one PID space across the namespaces
         assert not set(LEAKED) & set(environ), f"leaked into rank {rank}: {set(LEAKED) & set(environ)}"
@@ -64,8 +74,10 @@ def test_interface_selectors_and_explicit_local_address_are_honoured(hosts):
     result = launch_hosts(text, hosts, env=LEAKED)  # ready means bound, and reachable from the head (on both networks)
     assert result.ok, result.failure
     assert [(r.host, r.address, r.rule) for r in result.ranks] == [
-        ("h1", "198.19.0.11", "cidr=198.19.0.0/24 (eth1)"), ("h1", "198.19.0.11", "cidr=198.19.0.0/24 (eth1)"),
-        ("h2", "198.18.0.12", "VLLM_NIXL_SIDE_CHANNEL_HOST (explicit)"), ("h3", "198.18.0.13", "ifname=^eth1 (eth0)"),
+        ("h1", "198.19.0.11", "cidr=198.19.0.0/24 (eth1)"),
+        ("h1", "198.19.0.11", "cidr=198.19.0.0/24 (eth1)"),
+        ("h2", "198.18.0.12", "VLLM_NIXL_SIDE_CHANNEL_HOST (explicit)"),
+        ("h3", "198.18.0.13", "ifname=^eth1 (eth0)"),
     ]
 
 
@@ -85,7 +97,9 @@ def test_an_unreachable_listener_shows_red_in_the_matrix_with_the_reason(hosts, 
 def test_a_non_local_explicit_address_fails_that_host_and_stops_the_others(hosts):
     result = launch_hosts("h1 slots=2\nh2\nh3 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99\n", hosts, check=CheckOptions())
     assert (result.failure.kind, result.failure.rank, result.failure.host, result.exit_code) == ("rank-error", 3, "h3", 2)
-    assert result.failure.message.startswith("rank 3 on h3 exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99 is not an address of h3")
+    assert result.failure.message.startswith(
+        "rank 3 on h3 exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99 is not an address of h3"
+    )
     assert "eth0 198.18.0.13/24" in result.failure.message
     assert result.check is None and all(r.state in ("exited", "lost") for r in result.ranks)
 
@@ -117,9 +131,23 @@ def test_wrong_key_is_refused_with_one_line(hosts, tmp_path):
     wrong = tmp_path / "wrong_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
     done = subprocess.run(
-        launcher_cmd("check", "-H", write_hostfile(tmp_path, "h2\n"), "--transport", "ssh", "--ssh-config", str(config),
-                     "--known-hosts", hosts.known_hosts, "--identity", str(wrong)),
-        capture_output=True, text=True, timeout=60, env={**os.environ, "SSH_AUTH_SOCK": ""},
+        launcher_cmd(
+            "check",
+            "-H",
+            write_hostfile(tmp_path, "h2\n"),
+            "--transport",
+            "ssh",
+            "--ssh-config",
+            str(config),
+            "--known-hosts",
+            hosts.known_hosts,
+            "--identity",
+            str(wrong),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SSH_AUTH_SOCK": ""},
     )
     assert done.returncode == 3
     assert f"authentication failed for root@198.18.0.12:22 (tried {wrong})" in done.stderr
@@ -135,8 +163,21 @@ def test_changed_host_key_is_always_refused(hosts, tmp_path):
     config.write_text(open(hosts.ssh_config).read().replace(hosts.known_hosts, str(known)))
     for flags in ([], ["--accept-new-host-keys"]):
         done = subprocess.run(
-            launcher_cmd("check", "-H", write_hostfile(tmp_path, "h2\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", str(known), *flags),
-            capture_output=True, text=True, timeout=60,
+            launcher_cmd(
+                "check",
+                "-H",
+                write_hostfile(tmp_path, "h2\n"),
+                "--transport",
+                "ssh",
+                "--ssh-config",
+                str(config),
+                "--known-hosts",
+                str(known),
+                *flags,
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 3
         assert "HOST KEY CHANGED for 198.18.0.12" in done.stderr and "ssh-keygen -R 198.18.0.12" in done.stderr
@@ -147,7 +188,17 @@ def test_unknown_host_key_is_refused_unless_new_keys_are_accepted(hosts, tmp_pat
     known.write_text("")
     config = tmp_path / "ssh_config"
     config.write_text(open(hosts.ssh_config).read().replace(hosts.known_hosts, str(known)))
-    args = ["check", "-H", write_hostfile(tmp_path, "h1\nh3\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", str(known)]
+    args = [
+        "check",
+        "-H",
+        write_hostfile(tmp_path, "h1\nh3\n"),
+        "--transport",
+        "ssh",
+        "--ssh-config",
+        str(config),
+        "--known-hosts",
+        str(known),
+    ]
     done = run_launcher(*args, timeout=60)
     assert done.returncode == 3
     assert re.search(r"host key of 198\.18\.0\.1[13] is unknown .* --accept-new-host-keys", done.stderr)
@@ -180,15 +231,29 @@ def test_proxyjump_reaches_a_host_through_another(hosts, tmp_path):
         + f"  IdentityFile {hosts.client_key}\n  UserKnownHostsFile {hosts.known_hosts}\n"
     )
     done = subprocess.run(
-        launcher_cmd("check", "-H", write_hostfile(tmp_path, "far\nh2\n"), "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", hosts.known_hosts),
-        capture_output=True, text=True, timeout=60,
+        launcher_cmd(
+            "check",
+            "-H",
+            write_hostfile(tmp_path, "far\nh2\n"),
+            "--transport",
+            "ssh",
+            "--ssh-config",
+            str(config),
+            "--known-hosts",
+            hosts.known_hosts,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert [(r[1], r[2]) for r in table_rows(done.stdout)] == [("far", "198.18.0.13"), ("h2", "198.18.0.12")]
 
 
 def test_a_silent_partition_is_noticed_by_heartbeats_on_both_sides(hosts, tmp_path):
-    run = RunningLauncher(["-H", write_hostfile(tmp_path, hosts.hostfile(slots=1)), *hosts.ssh_args(), "--heartbeat-timeout", "2", "--grace", "1"])
+    run = RunningLauncher(
+        ["-H", write_hostfile(tmp_path, hosts.hostfile(slots=1)), *hosts.ssh_args(), "--heartbeat-timeout", "2", "--grace", "1"]
+    )
     ready = run.ready_rows(3)
     link = "lnch-v2"  # h2's cable to the bridge: no FIN or RST will ever arrive
     subprocess.run(["ip", "link", "set", link, "down"], check=True)
@@ -205,8 +270,14 @@ def test_a_silent_partition_is_noticed_by_heartbeats_on_both_sides(hosts, tmp_pa
 
 # The README's recipe, as vLLM's own docs give it: the API-server host names no start rank.
 API_DP_ARGS = (
-    "--data-parallel-size", "{world_size}", "--data-parallel-size-local", "{local_size}",
-    "--data-parallel-address", "{head_ip}", "--data-parallel-rpc-port", "{rpc_port}",
+    "--data-parallel-size",
+    "{world_size}",
+    "--data-parallel-size-local",
+    "{local_size}",
+    "--data-parallel-address",
+    "{head_ip}",
+    "--data-parallel-rpc-port",
+    "{rpc_port}",
 )
 DP_ARGS = (*API_DP_ARGS, "--data-parallel-start-rank", "{host_first_rank}")
 
@@ -215,8 +286,19 @@ def test_vllm_multi_node_dp_with_the_heads_variables_leaking_binds_every_host_it
     hf = write_hostfile(tmp_path, "h1 slots=2\nh2 slots=2\nh3 slots=1\n")
     api = shlex.join(standin(*API_DP_ARGS, "--port", "8000", "--tag", "it's {host}"))
     run = RunningLauncher(
-        ["-H", hf, *hosts.ssh_args(), "--per-host", "--preflight", "--ready-timeout", "30", "--head-command", api,
-         "--", *standin(*DP_ARGS, "--headless", "--tag", "it's {host}")],
+        [
+            "-H",
+            hf,
+            *hosts.ssh_args(),
+            "--per-host",
+            "--preflight",
+            "--ready-timeout",
+            "30",
+            "--head-command",
+            api,
+            "--",
+            *standin(*DP_ARGS, "--headless", "--tag", "it's {host}"),
+        ],
         env={**os.environ, **LEAKED, "VLLM_DP_RANK": "7", "VLLM_DP_SIZE": "9"},
     )
     assert len(run.ready_rows(5)) == 5  # the preflight's built-in cores, one per DP rank, then its check:
@@ -229,7 +311,7 @@ def test_vllm_multi_node_dp_with_the_heads_variables_leaking_binds_every_host_it
     assert any("preflight passed" in line for line in run.stderr)
 
     seen = standin_reports(run.stdout)
-    for (rank, host), got in seen.items():
+    for (_, host), got in seen.items():
         own = hosts.host(host).address
         assert (got["side_channel_host"], got["vllm_host_ip"]) == (own, own), host  # never the head's 198.18.0.1
         argv = got["argv"]
@@ -243,13 +325,25 @@ def test_a_start_rank_on_the_api_server_host_is_refused_as_vllm_refuses_it(hosts
     # vLLM 0.32 infers hybrid load balancing from it, then refuses the headless hosts.
     hf = write_hostfile(tmp_path, "h1 slots=2\nh2 slots=2\n")
     done = subprocess.run(
-        launcher_cmd("run", "-H", hf, *hosts.ssh_args(), "--per-host", "--head-command", shlex.join(standin(*DP_ARGS)),
-                     "--", *standin(*DP_ARGS, "--headless")),
-        capture_output=True, text=True, timeout=60,
+        launcher_cmd(
+            "run",
+            "-H",
+            hf,
+            *hosts.ssh_args(),
+            "--per-host",
+            "--head-command",
+            shlex.join(standin(*DP_ARGS)),
+            "--",
+            *standin(*DP_ARGS, "--headless"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 1, done.stderr
     assert failed_line(done.stderr) == (
-        "rank 0 on h1 exited with code 1; last output: RuntimeError: Remote engine 2 must not use --headless in external or hybrid dp lb mode"
+        "rank 0 on h1 exited with code 1; last output: "
+        "RuntimeError: Remote engine 2 must not use --headless in external or hybrid dp lb mode"
     )
 
 
@@ -257,7 +351,9 @@ def test_a_vllm_failing_on_one_host_ends_the_job_everywhere_with_its_code(hosts,
     hf = write_hostfile(tmp_path, "h1 slots=2\nh2 slots=2 env:STANDIN_EXIT=3\nh3 slots=2\n")
     done = subprocess.run(
         launcher_cmd("run", "-H", hf, *hosts.ssh_args(), "--per-host", "--", *standin(*DP_ARGS, "--headless")),
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 3, done.stderr
     assert failed_line(done.stderr).startswith("rank 2 on h2 exited with code 3")
@@ -286,8 +382,21 @@ STUBBORN = "trap '' TERM; setsid sleep 1000 & sleep 1000 & echo up; wait"
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
 def test_a_signalled_head_leaves_nothing_on_any_host_even_stubborn_ranks(hosts, tmp_path, signum, code):
-    run = RunningLauncher(["-H", write_hostfile(tmp_path, hosts.hostfile(slots=1)), *hosts.ssh_args(), "--grace", "1",
-                           "--ready-log", "^up$", "--", "sh", "-c", STUBBORN])
+    run = RunningLauncher(
+        [
+            "-H",
+            write_hostfile(tmp_path, hosts.hostfile(slots=1)),
+            *hosts.ssh_args(),
+            "--grace",
+            "1",
+            "--ready-log",
+            "^up$",
+            "--",
+            "sh",
+            "-c",
+            STUBBORN,
+        ]
+    )
     run.ready_rows(3)
     assert all(len(hosts.host(h).pids()) >= 5 for h in ("h1", "h2", "h3"))  # sshd, session, agent, rank, 2 grandchildren
     run.proc.send_signal(signum)

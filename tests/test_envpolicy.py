@@ -1,5 +1,6 @@
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from launcher import envpolicy, plan
 from launcher.envpolicy import EnvPolicy, rank_environment
@@ -74,7 +75,7 @@ def test_ranks_of_one_job_differ_only_in_what_vllm_leaves_out_of_its_compile_has
     hosts = [Host(name=f"h{i}", slots=n) for i, n in enumerate(slots)]
     launch = plan.build(hosts, LaunchOptions(env=tuple(job_env)), head, job_id="j")
     envs = []
-    for i, rank in enumerate(launch.ranks):
+    for rank in launch.ranks:
         env = dict(rank.env)
         # What each engine core sets at start-up (setdefault of its own address).
         env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", f"198.18.0.{11 + rank.host_index}")

@@ -35,31 +35,59 @@ def started(job):
 CASES = {
     "a rank exits with its own code": (
         [(1, protocol.Output(rank=2, stream="stderr", line="CUDA out of memory")), (1, protocol.Exited(rank=2, returncode=3))],
-        FailureKind.RANK_EXITED, 3, "rank 2 on b exited with code 3; last output: CUDA out of memory"),
+        FailureKind.RANK_EXITED,
+        3,
+        "rank 2 on b exited with code 3; last output: CUDA out of memory",
+    ),
     "a rank killed by a signal": (
-        [(0, protocol.Exited(rank=0, returncode=-9))], FailureKind.RANK_EXITED, 137, "rank 0 on a was killed by signal 9"),
+        [(0, protocol.Exited(rank=0, returncode=-9))],
+        FailureKind.RANK_EXITED,
+        137,
+        "rank 0 on a was killed by signal 9",
+    ),
     "a serving rank exiting 0 is still a failure": (
-        [(0, protocol.Exited(rank=0, returncode=0))], FailureKind.RANK_EXITED, 1, "rank 0 on a exited with code 0"),
+        [(0, protocol.Exited(rank=0, returncode=0))],
+        FailureKind.RANK_EXITED,
+        1,
+        "rank 0 on a exited with code 0",
+    ),
     "a rank that said why, then exited": (
         [(1, protocol.RankError(rank=1, message="cannot bind 10.9.9.9:5601")), (1, protocol.Exited(rank=1, returncode=3))],
-        FailureKind.RANK_ERROR, 3, "rank 1 on b exited with code 3: cannot bind 10.9.9.9:5601"),
+        FailureKind.RANK_ERROR,
+        3,
+        "rank 1 on b exited with code 3: cannot bind 10.9.9.9:5601",
+    ),
     "a rank that can never become ready": (
         [(1, protocol.RankError(rank=1, message="port 5601 is held by pid 7", fatal=True))],
-        FailureKind.NOT_READY, 4, "rank 1 on b cannot become ready: port 5601 is held by pid 7"),
+        FailureKind.NOT_READY,
+        4,
+        "rank 1 on b cannot become ready: port 5601 is held by pid 7",
+    ),
     "scancel: the agent received SIGTERM": (
         [(1, protocol.Stopping(reason="x", signal=15)), (1, protocol.Exited(rank=1, returncode=-15))],
-        FailureKind.SIGNAL, 143, "the agent on b received SIGTERM (scancel, or a kill on that host); stopping every host"),
+        FailureKind.SIGNAL,
+        143,
+        "the agent on b received SIGTERM (scancel, or a kill on that host); stopping every host",
+    ),
     "scancel seen only by the backend": (
         [(1, LinkClosed(("slurmstepd: CANCELLED",), "Slurm cancelled its step (STEP 5.2)"))],
-        FailureKind.SIGNAL, 143, "host b: Slurm cancelled its step (STEP 5.2); stopping every host"),
-    "an agent that ends": (
-        [(1, LinkClosed(("Killed",)))], FailureKind.HOST_LOST, 3, "host b lost: its agent ended: Killed"),
+        FailureKind.SIGNAL,
+        143,
+        "host b: Slurm cancelled its step (STEP 5.2); stopping every host",
+    ),
+    "an agent that ends": ([(1, LinkClosed(("Killed",)))], FailureKind.HOST_LOST, 3, "host b lost: its agent ended: Killed"),
     "the head failed talking to an agent": (
         [(0, LinkFailed("a (hostfile:1): the head failed talking to its agent (UnicodeError: x)"))],
-        FailureKind.TRANSPORT, 3, "a (hostfile:1): the head failed talking to its agent (UnicodeError: x)"),
+        FailureKind.TRANSPORT,
+        3,
+        "a (hostfile:1): the head failed talking to its agent (UnicodeError: x)",
+    ),
     "the first failure wins": (
         [(1, LinkClosed(("Killed",))), (0, protocol.Exited(rank=0, returncode=5))],
-        FailureKind.HOST_LOST, 3, "host b lost: its agent ended: Killed"),
+        FailureKind.HOST_LOST,
+        3,
+        "host b lost: its agent ended: Killed",
+    ),
 }
 
 
@@ -77,7 +105,10 @@ def test_an_agent_that_never_said_hello_gets_the_fix_its_last_words_point_at():
     job.apply(0, LinkOpened(), 0.0)
     job.apply(0, LinkClosed(("sh: 1: cd: can't cd to /nope",)), 0.5)
     assert job.failure.kind is FailureKind.TRANSPORT and job.failure.exit_code == 3
-    assert job.failure.message == "host a: the agent did not start: sh: 1: cd: can't cd to /nope; fix cwd= for this host in the hostfile (the directory must exist there)"
+    assert (
+        job.failure.message == "host a: the agent did not start: sh: 1: cd: can't cd to /nope; "
+        "fix cwd= for this host in the hostfile (the directory must exist there)"
+    )
 
 
 def test_exits_while_stopping_or_after_ctrl_c_are_consequences_not_causes():
@@ -131,7 +162,9 @@ def test_head_ip_comes_from_the_first_hosts_agent_or_the_job_fails():
 
 def test_a_host_speaking_of_another_hosts_rank_is_ignored():
     job = started(make())
-    assert job.apply(0, protocol.Exited(rank=2, returncode=1), 1.0) == [jobs.Progress("agent on a spoke of rank 2, which is not its own; ignored")]
+    assert job.apply(0, protocol.Exited(rank=2, returncode=1), 1.0) == [
+        jobs.Progress("agent on a spoke of rank 2, which is not its own; ignored")
+    ]
     assert job.failure is None and job.apply(0, Noise("Warning: x"), 1.0) == [jobs.Progress("agent on a printed: Warning: x")]
 
 
@@ -142,7 +175,8 @@ def test_not_ready_duplicate_addresses_and_unreachable_say_where_and_what_to_do(
     job.not_ready(60)
     assert job.failure.exit_code == 4 and job.failure.message == (
         "2 ranks not ready after 60s: rank 1 on b (started), rank 2 on b (started); its last output: loading weights; "
-        "raise --ready-timeout if they are slow")
+        "raise --ready-timeout if they are slow"
+    )
     dup = started(make())
     for r, address in ((0, "10.0.0.9"), (1, "10.0.0.9"), (2, "10.0.0.9")):
         dup.apply(0 if r == 0 else 1, protocol.Ready(rank=r, address=address, port=5600 + r, pid=1, rule="r", engine_id="e"), 1.0)

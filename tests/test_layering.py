@@ -16,18 +16,43 @@ import pytest
 
 from conftest import REPO
 
-HEAD = {"launcher.supervisor", "launcher.link", "launcher.job", "launcher.api", "launcher.cli", "launcher.report",
-        "launcher.transports", "launcher.hostfile", "paramiko", "hostlist"}
-PURE = {"plan", "envpolicy", "netif", "hostfile", "command", "wire", "check", "job", "rankenv", "readiness", "results",
-        "protocol", "version", "argtypes"}
+HEAD = {
+    "launcher.supervisor",
+    "launcher.link",
+    "launcher.job",
+    "launcher.api",
+    "launcher.cli",
+    "launcher.report",
+    "launcher.transports",
+    "launcher.hostfile",
+    "paramiko",
+    "hostlist",
+}
+PURE = {
+    "plan",
+    "envpolicy",
+    "netif",
+    "hostfile",
+    "command",
+    "wire",
+    "check",
+    "job",
+    "rankenv",
+    "readiness",
+    "results",
+    "protocol",
+    "version",
+    "argtypes",
+}
 IO = {"supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report"}
 RANK_SIDE = {"agent", "engine_core", "bootstrap"}
 
 
 @pytest.mark.parametrize("module", ["launcher.agent", "launcher.engine_core", "launcher.bootstrap"])
 def test_what_runs_on_the_hosts_never_loads_the_head(module):
-    done = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(' '.join(sorted(sys.modules)))"],
-                          capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", f"import sys, {module}; print(' '.join(sorted(sys.modules)))"], capture_output=True, text=True, cwd=REPO
+    )
     loaded = set(done.stdout.split())
     assert done.returncode == 0, done.stderr
     assert not {m for m in loaded if m in HEAD or any(m.startswith(h + ".") for h in HEAD)}
@@ -35,7 +60,9 @@ def test_what_runs_on_the_hosts_never_loads_the_head(module):
 
 def imports(name):
     """(module-level launcher modules, all launcher modules) that launcher/<name>.py imports, by their short names."""
-    path = os.path.join(REPO, "launcher", *name.split(".")) + (".py" if not os.path.isdir(os.path.join(REPO, "launcher", name)) else "/__init__.py")
+    path = os.path.join(REPO, "launcher", *name.split(".")) + (
+        ".py" if not os.path.isdir(os.path.join(REPO, "launcher", name)) else "/__init__.py"
+    )
     tree = ast.parse(open(path).read())
     package = name.split(".")[:-1] if "." in name else []
     top, every = set(), set()

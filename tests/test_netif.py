@@ -1,9 +1,14 @@
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from launcher import netif
+from launcher import envpolicy, netif
+from launcher import plan as planning
 from launcher.netif import BindAddressError, BindRequest, InterfaceAddress, select_bind_address
+from launcher.plan import Host, LaunchOptions
+from launcher.rankenv import HostFacts, RankIdentity
 
 
 def addr(interface, cidr, up=True):
@@ -118,11 +123,6 @@ def test_the_probe_sees_this_hosts_loopback():
 
 # --- the dry run and the run read one rule order -------------------------------------
 
-from hypothesis import given, strategies as st  # noqa: E402
-
-from launcher import envpolicy, plan as planning  # noqa: E402
-from launcher.plan import Host, LaunchOptions  # noqa: E402
-from launcher.rankenv import HostFacts, RankIdentity  # noqa: E402
 
 SNAPSHOT = [
     netif.InterfaceAddress("lo", ipaddress.ip_address("127.0.0.1"), ipaddress.ip_network("127.0.0.0/8")),

@@ -9,7 +9,12 @@ HOSTS = [Host("a", slots=2), Host("b", slots=3, ifname="eth1"), Host("c", slots=
 def test_ranks_follow_hostfile_order_with_ports_base_plus_dp_rank():
     p = plan.build(HOSTS, LaunchOptions(port_base=7000), {}, job_id="j1")
     assert [(r.rank, r.host, r.local_rank, r.port) for r in p.ranks] == [
-        (0, "a", 0, 7000), (1, "a", 1, 7001), (2, "b", 0, 7002), (3, "b", 1, 7003), (4, "b", 2, 7004), (5, "c", 0, 7005),
+        (0, "a", 0, 7000),
+        (1, "a", 1, 7001),
+        (2, "b", 0, 7002),
+        (3, "b", 1, 7003),
+        (4, "b", 2, 7004),
+        (5, "c", 0, 7005),
     ]
     assert {r.world_size for r in p.ranks} == {6}
     assert [r.local_size for r in p.ranks] == [2, 2, 3, 3, 3, 1]
@@ -52,9 +57,21 @@ from launcher.command import kv_transfer_engine_id, user_command  # noqa: E402
 from launcher.readiness import Log, Ports, Report  # noqa: E402
 
 VLLM_DP = (
-    "vllm", "serve", "M", "--data-parallel-size", "{world_size}", "--data-parallel-size-local", "{local_size}",
-    "--data-parallel-start-rank", "{host_first_rank}", "--data-parallel-address", "{head_ip}",
-    "--data-parallel-rpc-port", "{rpc_port}", "--kv-transfer-config", '{"kv_connector":"NixlConnector","kv_role":"kv_both"}',
+    "vllm",
+    "serve",
+    "M",
+    "--data-parallel-size",
+    "{world_size}",
+    "--data-parallel-size-local",
+    "{local_size}",
+    "--data-parallel-start-rank",
+    "{host_first_rank}",
+    "--data-parallel-address",
+    "{head_ip}",
+    "--data-parallel-rpc-port",
+    "{rpc_port}",
+    "--kv-transfer-config",
+    '{"kv_connector":"NixlConnector","kv_role":"kv_both"}',
     "--headless",
 )
 
@@ -63,14 +80,18 @@ def test_per_host_mode_starts_one_process_per_host_with_its_dp_slice():
     p = plan.build(HOSTS, LaunchOptions(port_base=7000, command=VLLM_DP, per_host=True, rpc_port=9000), {}, "j")
     commands = [user_command(r.argv) for r in p.ranks]
     assert [(r.host, r.rank, r.ports) for r in p.ranks] == [
-        ("a", 0, (7000, 7001)), ("b", 2, (7002, 7003, 7004)), ("c", 5, (7005,)),
+        ("a", 0, (7000, 7001)),
+        ("b", 2, (7002, 7003, 7004)),
+        ("c", 5, (7005,)),
     ]
     assert [c[4:10:2] for c in commands] == [("6", "2", "0"), ("6", "3", "2"), ("6", "1", "5")]
     # {head_ip} waits for the hosts; everything else is filled in by the plan.
     assert {c[10] for c in commands} == {"{head_ip}"} and {c[12] for c in commands} == {"9000"}
     assert p.uses_head_ip and p.world_size == 6 and p.readiness == Ports()
     # Per rank (the default), every rank is its own process with its own port.
-    per_rank = plan.build(HOSTS, LaunchOptions(command=("x", "{rank}", "{local_rank}", "{port}")), {"VLLM_NIXL_SIDE_CHANNEL_PORT": "7000"}, "j")
+    per_rank = plan.build(
+        HOSTS, LaunchOptions(command=("x", "{rank}", "{local_rank}", "{port}")), {"VLLM_NIXL_SIDE_CHANNEL_PORT": "7000"}, "j"
+    )
     assert [user_command(r.argv) for r in per_rank.ranks][3] == ("x", "3", "1", "7003")
 
 
@@ -84,7 +105,9 @@ def test_a_vllm_command_is_expected_where_its_own_dp_flags_bind_it():
     pd = plan.build(HOSTS, LaunchOptions(port_base=7000, command=("vllm", "serve", "M", *kv), per_host=True), {}, "j")
     assert [r.ports for r in pd.ranks] == [(7000,), (7000,), (7000,)]
     # External load balancing: the rank it is given.
-    ext = plan.build([Host("a")], LaunchOptions(port_base=7000, command=("vllm", "serve", "M", "-dp", "8", "--data-parallel-rank", "5", *kv)), {}, "j")
+    ext = plan.build(
+        [Host("a")], LaunchOptions(port_base=7000, command=("vllm", "serve", "M", "-dp", "8", "--data-parallel-rank", "5", *kv)), {}, "j"
+    )
     assert ext.ranks[0].ports == (7005,)
     # Not vLLM: the launcher's own rule, base + rank.
     other = plan.build(HOSTS, LaunchOptions(port_base=7000, command=("python", "serve.py")), {}, "j")
@@ -117,13 +140,28 @@ def test_the_head_command_runs_on_the_first_host_only():
         (LaunchOptions(head_command=("vllm",)), HOSTS, "a head command needs a command for the other hosts too"),
         (LaunchOptions(per_host=True), HOSTS, "--per-host applies to a command that serves all of a host's DP ranks"),
         (LaunchOptions(to_completion=True), HOSTS, "--to-completion is for a command that ends"),
-        (LaunchOptions(command=("vllm", "--kv-transfer-config", '{"engine_id": "p"}'), per_host=True), HOSTS,
-         "engine_id 'p' to rank 0 and rank 2 (hosts a and b)"),
-        (LaunchOptions(command=("vllm", '--kv-transfer-config={"engine_id": "p"'),), HOSTS, "--kv-transfer-config is not valid JSON"),
-        (LaunchOptions(command=("vllm",)), [Host("a", origin="hf:1"), Host("b", env=(("VLLM_NIXL_SIDE_CHANNEL_HOST", "0.0.0.0"),), origin="hf:2")],
-         "hf:2): env:VLLM_NIXL_SIDE_CHANNEL_HOST=0.0.0.0 is the wildcard address"),
-        (LaunchOptions(command=("vllm",)), [Host("a"), Host("b", env=(("VLLM_NIXL_SIDE_CHANNEL_HOST", "localhost"),))],
-         "env:VLLM_NIXL_SIDE_CHANNEL_HOST=localhost is loopback"),
+        (
+            LaunchOptions(command=("vllm", "--kv-transfer-config", '{"engine_id": "p"}'), per_host=True),
+            HOSTS,
+            "engine_id 'p' to rank 0 and rank 2 (hosts a and b)",
+        ),
+        (
+            LaunchOptions(
+                command=("vllm", '--kv-transfer-config={"engine_id": "p"'),
+            ),
+            HOSTS,
+            "--kv-transfer-config is not valid JSON",
+        ),
+        (
+            LaunchOptions(command=("vllm",)),
+            [Host("a", origin="hf:1"), Host("b", env=(("VLLM_NIXL_SIDE_CHANNEL_HOST", "0.0.0.0"),), origin="hf:2")],
+            "hf:2): env:VLLM_NIXL_SIDE_CHANNEL_HOST=0.0.0.0 is the wildcard address",
+        ),
+        (
+            LaunchOptions(command=("vllm",)),
+            [Host("a"), Host("b", env=(("VLLM_NIXL_SIDE_CHANNEL_HOST", "localhost"),))],
+            "env:VLLM_NIXL_SIDE_CHANNEL_HOST=localhost is loopback",
+        ),
         (LaunchOptions(command=("vllm",), readiness=Report()), HOSTS, "cannot report readiness itself"),
     ],
 )

@@ -14,21 +14,24 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import time
 import urllib.request
 
 import pytest
 
-from conftest import RunningLauncher, failed_line, launcher_cmd, wait_for, write_hostfile
+from conftest import RunningLauncher, wait_for, write_hostfile
 from launcher import envpolicy, plan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.real_vllm]
 
 # What a user's shell may hold: none of it may reach a rank.
 LEAKED = {
-    "VLLM_NIXL_SIDE_CHANNEL_HOST": "198.18.0.1", "VLLM_HOST_IP": "198.18.0.1", "VLLM_DP_RANK": "3", "VLLM_DP_SIZE": "9",
-    "VLLM_DP_MASTER_IP": "198.18.0.1", "CUDA_VISIBLE_DEVICES": "0",
+    "VLLM_NIXL_SIDE_CHANNEL_HOST": "198.18.0.1",
+    "VLLM_HOST_IP": "198.18.0.1",
+    "VLLM_DP_RANK": "3",
+    "VLLM_DP_SIZE": "9",
+    "VLLM_DP_MASTER_IP": "198.18.0.1",
+    "CUDA_VISIBLE_DEVICES": "0",
 }
 API = "198.18.0.11:8000"  # h1, the DP job's API server
 DECODER = "198.18.0.13:8200"  # h3
@@ -61,8 +64,13 @@ def test_the_wire_in_both_directions_with_vllms_own_listener_and_client(real_vll
     out = real_vllm.run_python("vllm_wire.py")
     to_vllm, from_vllm = out["launcher_to_vllm"], out["vllm_to_launcher"]
     # launcher's client decodes vLLM's real listener's reply (vLLM's hash, not launcher's, is accepted)...
-    assert to_vllm["v2"] == {"engine_id": "vllm-engine_dp0", "compat_hash": "ab" * 32, "block_lens": [2048, 2048],
-                             "attn_backend_name": "CPU_ATTN", "remote_time": True}
+    assert to_vllm["v2"] == {
+        "engine_id": "vllm-engine_dp0",
+        "compat_hash": "ab" * 32,
+        "block_lens": [2048, 2048],
+        "attn_backend_name": "CPU_ATTN",
+        "remote_time": True,
+    }
     assert to_vllm["probe"]["ok"] and to_vllm["probe"]["engines"][0][1:] == ["vllm-engine_dp0", "ab" * 32]
     # ...and a request of the older generation kills vLLM's listener thread for good: why --wire auto never guesses.
     assert to_vllm["v1"].endswith("no handshake reply within 2s") and not to_vllm["listener_alive_after_v1"]
@@ -127,15 +135,34 @@ def deployments(cluster, real_vllm, tmp_path_factory):
     """DP 2 over h1 and h2 with the README's recipe (plus the NixlConnector), checked all-pairs with
     vLLM's own side channels once ready; and a decoder on h3. Both stopped (and checked) at the end."""
     tmp = tmp_path_factory.mktemp("vllm")
-    dp = "--data-parallel-size {world_size} --data-parallel-size-local {local_size} --data-parallel-address {head_ip} --data-parallel-rpc-port {rpc_port}"
+    dp = (
+        "--data-parallel-size {world_size} --data-parallel-size-local {local_size} "
+        "--data-parallel-address {head_ip} --data-parallel-rpc-port {rpc_port}"
+    )
     head = shlex.join(real_vllm.serve(*dp.split(), "--kv-transfer-config", kv("kv_both")))
-    prefill = Deployment(cluster, real_vllm, write_hostfile(tmp, "h1\nh2\n"), [
-        "--per-host", "--check", "--head-command", head,
-        "--", *real_vllm.serve(*dp.split(), "--kv-transfer-config", kv("kv_both"), "--data-parallel-start-rank", "{host_first_rank}", "--headless"),
-    ])
+    prefill = Deployment(
+        cluster,
+        real_vllm,
+        write_hostfile(tmp, "h1\nh2\n"),
+        [
+            "--per-host",
+            "--check",
+            "--head-command",
+            head,
+            "--",
+            *real_vllm.serve(
+                *dp.split(), "--kv-transfer-config", kv("kv_both"), "--data-parallel-start-rank", "{host_first_rank}", "--headless"
+            ),
+        ],
+    )
     decode_hosts = tmp / "decode"
     decode_hosts.mkdir()
-    decode = Deployment(cluster, real_vllm, write_hostfile(decode_hosts, "h3\n"), ["--", *real_vllm.serve("--port", "8200", "--kv-transfer-config", kv("kv_both"))])
+    decode = Deployment(
+        cluster,
+        real_vllm,
+        write_hostfile(decode_hosts, "h3\n"),
+        ["--", *real_vllm.serve("--port", "8200", "--kv-transfer-config", kv("kv_both"))],
+    )
     started = time.monotonic()
     try:
         prefill.rows = prefill.run.ready_rows(2, timeout=400)
@@ -184,16 +211,23 @@ def test_decode_pulls_the_prefilled_kv_over_nixl_from_the_prefillers_own_address
     prompt = "the quick brown fox jumps over the lazy dog " * 6
     before = metrics(DECODER)
     for _ in range(2):  # the DP API server balances: both engines become prefillers
-        prefilled = post(f"http://{API}/v1/completions", {
-            "model": real_vllm.model, "prompt": prompt, "max_tokens": 1,
-            "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False},
-        })
+        prefilled = post(
+            f"http://{API}/v1/completions",
+            {
+                "model": real_vllm.model,
+                "prompt": prompt,
+                "max_tokens": 1,
+                "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False},
+            },
+        )
         params = prefilled["kv_transfer_params"]
         engine = int(params["remote_engine_id"].rsplit("_dp", 1)[1])
         assert (params["remote_host"], params["remote_port"]) == (f"198.18.0.1{engine + 1}", 5600 + engine)
         try:
-            decoded = post(f"http://{DECODER}/v1/completions", {"model": real_vllm.model, "prompt": prompt, "max_tokens": 4,
-                                                                "kv_transfer_params": params})
+            decoded = post(
+                f"http://{DECODER}/v1/completions",
+                {"model": real_vllm.model, "prompt": prompt, "max_tokens": 4, "kv_transfer_params": params},
+            )
         except OSError as exc:
             pytest.fail(f"decode failed ({exc}); decoder's last output: {decode.run.stdout[-15:]} {decode.run.stderr[-15:]}")
         assert decoded["usage"]["completion_tokens"] == 4

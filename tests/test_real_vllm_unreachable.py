@@ -7,13 +7,13 @@ names the address, and stops the job. Its own module, so that the shared
 deployments of test_real_vllm.py are gone before it starts.
 """
 
-import subprocess
 import shlex
+import subprocess
 
 import pytest
+from test_real_vllm import head_env, kv
 
 from conftest import failed_line, launcher_cmd, wait_for, write_hostfile
-from test_real_vllm import head_env, kv
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.real_vllm]
 
@@ -24,10 +24,25 @@ def test_a_prefiller_the_decoder_cannot_reach_fails_the_check_naming_the_address
     try:
         hf = write_hostfile(tmp_path, "h1\nh3\n")
         done = subprocess.run(
-            launcher_cmd("run", "-H", hf, *cluster.ssh_args(), "--check", "--ready-timeout", "400", "--handshake-timeout", "3",
-                         "--head-command", shlex.join(real_vllm.serve("--port", "8100", "--kv-transfer-config", kv("kv_producer"))),
-                         "--", *real_vllm.serve("--port", "8200", "--kv-transfer-config", kv("kv_consumer"))),
-            capture_output=True, text=True, timeout=600, env=head_env(real_vllm),
+            launcher_cmd(
+                "run",
+                "-H",
+                hf,
+                *cluster.ssh_args(),
+                "--check",
+                "--ready-timeout",
+                "400",
+                "--handshake-timeout",
+                "3",
+                "--head-command",
+                shlex.join(real_vllm.serve("--port", "8100", "--kv-transfer-config", kv("kv_producer"))),
+                "--",
+                *real_vllm.serve("--port", "8200", "--kv-transfer-config", kv("kv_consumer")),
+            ),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=head_env(real_vllm),
         )
     finally:
         h3.run("ip", "route", "del", "unreachable", "198.18.0.11/32")

@@ -4,14 +4,15 @@ import threading
 import msgspec
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from conftest import free_port_base
 from launcher import protocol, wire
 from launcher.agent import probe_peer
 from launcher.engine_core import builtin_payload
 from launcher.sidechannel import HandshakeError, SideChannelBindError, SideChannelListener, handshake
 from launcher.wire import NixlAgentMetadata, NixlHandshakePayload, compatibility_hash
-
-from conftest import free_port_base
 
 
 @pytest.fixture
@@ -142,12 +143,13 @@ def test_ipv6_loopback_works():
         lst.close()
 
 
-
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.binary(max_size=20) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.binary(max_size=20)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=10,
 )

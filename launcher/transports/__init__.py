@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from ..plan import Host
 from .base import AgentConnection, AllocationError, Transport, TransportError
@@ -58,10 +58,16 @@ def allocation_hosts(env: Mapping[str, str], slots: int | None) -> list[Host] | 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--transport", "-t", choices=["auto", *BACKENDS], default="auto", help=(
-        "how agents start: auto = the first of " + ", ".join(BACKENDS) + " that can reach every host "
-        "(local for loopback hosts, slurm for nodes of the current allocation, else ssh)"
-    ))
+    parser.add_argument(
+        "--transport",
+        "-t",
+        choices=["auto", *BACKENDS],
+        default="auto",
+        help=(
+            "how agents start: auto = the first of " + ", ".join(BACKENDS) + " that can reach every host "
+            "(local for loopback hosts, slurm for nodes of the current allocation, else ssh)"
+        ),
+    )
     for name in BACKENDS:
         backend(name).add_arguments(parser)
 

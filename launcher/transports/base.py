@@ -12,7 +12,8 @@ import abc
 import argparse
 import collections
 import threading
-from typing import ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 from ..plan import Host
 
@@ -92,7 +93,7 @@ class Transport(abc.ABC):
         """This backend's command-line options."""
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str]) -> "Transport":
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str]) -> Transport:
         """An instance configured from the parsed command line."""
         return cls()
 

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from .. import netif
 from ..plan import Host
@@ -84,7 +84,9 @@ class LocalTransport(Transport):
                 start_new_session=True,
             )
         except OSError as exc:
-            raise TransportError(f"{host.label}: cannot start the agent with {python!r}: {exc.strerror or exc}; check python=/cwd= for this host") from None
+            raise TransportError(
+                f"{host.label}: cannot start the agent with {python!r}: {exc.strerror or exc}; check python=/cwd= for this host"
+            ) from None
         return ProcessConnection(host, popen)
 
     def reached_address(self, host: Host) -> str | None:

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import hostlist
 
@@ -51,7 +51,9 @@ def allocation_hosts(env: Mapping[str, str], slots: int | None = None) -> list[H
     """
     var = next((name for name in NODELIST_VARS if env.get(name)), None)
     if var is None:
-        raise AllocationError("not inside a Slurm allocation (SLURM_JOB_NODELIST is not set); run under sbatch or salloc, or pass --hostfile")
+        raise AllocationError(
+            "not inside a Slurm allocation (SLURM_JOB_NODELIST is not set); run under sbatch or salloc, or pass --hostfile"
+        )
     try:
         nodes = hostlist.expand_hostlist(env[var])
     except hostlist.BadHostlist as exc:
@@ -65,10 +67,8 @@ def allocation_hosts(env: Mapping[str, str], slots: int | None = None) -> list[H
         except (ValueError, hostlist.BadHostlist):
             raise AllocationError(f"SLURM_TASKS_PER_NODE={raw!r} is not Slurm's format (such as '2(x3),1'); pass --slots N") from None
         if len(counts) != len(nodes):
-            raise AllocationError(
-                f"SLURM_TASKS_PER_NODE={raw!r} gives {len(counts)} nodes but {var} lists {len(nodes)}; pass --slots N"
-            )
-    return [Host(name=node, slots=count, origin=f"{var}[{i}]") for i, (node, count) in enumerate(zip(nodes, counts))]
+            raise AllocationError(f"SLURM_TASKS_PER_NODE={raw!r} gives {len(counts)} nodes but {var} lists {len(nodes)}; pass --slots N")
+    return [Host(name=node, slots=count, origin=f"{var}[{i}]") for i, (node, count) in enumerate(zip(nodes, counts, strict=True))]
 
 
 class SrunConnection(ProcessConnection):
@@ -103,11 +103,16 @@ class SlurmTransport(Transport):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("slurm")
-        group.add_argument("--srun-arg", action="append", default=[], metavar="ARG",
-                           help="extra srun option for the agents' steps, e.g. --srun-arg=--gpus-per-node=8 (repeatable)")
+        group.add_argument(
+            "--srun-arg",
+            action="append",
+            default=[],
+            metavar="ARG",
+            help="extra srun option for the agents' steps, e.g. --srun-arg=--gpus-per-node=8 (repeatable)",
+        )
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str]) -> "SlurmTransport":
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str]) -> SlurmTransport:
         return cls(env=env, extra_args=tuple(args.srun_arg))
 
     def __init__(self, env=None, srun: str = "srun", extra_args: tuple[str, ...] = ()):
@@ -125,9 +130,19 @@ class SlurmTransport(Transport):
         """The srun command line that starts ``host``'s agent (no job data in it: that goes on stdin)."""
         python = host.python or sys.executable
         return [
-            self.srun, "--nodes=1", "--ntasks=1", f"--nodelist={host.name}", "--overlap", "--kill-on-bad-exit=1",
-            "--job-name=launcher-agent", "--quiet", *([f"--chdir={host.cwd}"] if host.cwd else []), *self.extra_args,
-            python, "-m", "launcher.agent",
+            self.srun,
+            "--nodes=1",
+            "--ntasks=1",
+            f"--nodelist={host.name}",
+            "--overlap",
+            "--kill-on-bad-exit=1",
+            "--job-name=launcher-agent",
+            "--quiet",
+            *([f"--chdir={host.cwd}"] if host.cwd else []),
+            *self.extra_args,
+            python,
+            "-m",
+            "launcher.agent",
         ]
 
     def srun_environment(self) -> dict[str, str]:
@@ -143,8 +158,12 @@ class SlurmTransport(Transport):
     def start(self, host: Host) -> AgentConnection:
         try:
             popen = subprocess.Popen(
-                self.command(host), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=self.srun_environment(), start_new_session=True,
+                self.command(host),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.srun_environment(),
+                start_new_session=True,
             )
         except OSError as exc:
             raise TransportError(f"{host.label}: cannot run srun: {exc.strerror or exc}") from None
@@ -160,7 +179,11 @@ class SlurmTransport(Transport):
     def _node_addresses(self) -> dict[str, str]:
         try:
             out = subprocess.run(
-                ["scontrol", "show", "nodes", "--oneliner"], capture_output=True, text=True, env=self.env, timeout=10,
+                ["scontrol", "show", "nodes", "--oneliner"],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=10,
             ).stdout
         except (OSError, subprocess.TimeoutExpired):
             return {}

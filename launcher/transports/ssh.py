@@ -19,11 +19,11 @@ import argparse
 import getpass
 import os
 import shlex
-import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from .. import argtypes
 from ..plan import Host
@@ -66,7 +66,7 @@ class SSHConnection(AgentConnection):
             raise OSError("the SSH channel is closed")
         try:
             self.channel.sendall(data)
-        except (socket.error, EOFError, paramiko.SSHException) as exc:
+        except (OSError, EOFError, paramiko.SSHException) as exc:
             raise OSError(f"the SSH channel is closed ({exc})") from None
 
     def readline(self) -> bytes:
@@ -105,15 +105,22 @@ class SSHTransport(Transport):
         group = parser.add_argument_group("ssh")
         group.add_argument("--ssh-config", help="ssh client config (default: ~/.ssh/config if present)")
         group.add_argument("--known-hosts", help="known_hosts file to verify host keys (default: ~/.ssh/known_hosts)")
-        group.add_argument("--accept-new-host-keys", action="store_true", help="trust and record keys of hosts not in known_hosts (changed keys are always refused)")
+        group.add_argument(
+            "--accept-new-host-keys",
+            action="store_true",
+            help="trust and record keys of hosts not in known_hosts (changed keys are always refused)",
+        )
         group.add_argument("--identity", "-i", action="append", default=[], metavar="KEYFILE", help="private key to try (repeatable)")
         group.add_argument("--connect-timeout", type=argtypes.seconds, default=10.0, help="seconds to connect to each host (default 10)")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str]) -> "SSHTransport":
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str]) -> SSHTransport:
         return cls(
-            config_path=args.ssh_config, known_hosts=args.known_hosts, accept_new_host_keys=args.accept_new_host_keys,
-            identities=tuple(args.identity), connect_timeout=args.connect_timeout,
+            config_path=args.ssh_config,
+            known_hosts=args.known_hosts,
+            accept_new_host_keys=args.accept_new_host_keys,
+            identities=tuple(args.identity),
+            connect_timeout=args.connect_timeout,
         )
 
     def __init__(
@@ -192,9 +199,16 @@ class SSHTransport(Transport):
         where = f"{user}@{hostname}:{port}"
         try:
             client.connect(
-                hostname, port=port, username=user, key_filename=[k for k in keys if os.path.exists(k)] or None,
-                timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout, sock=sock,
-                allow_agent=True, look_for_keys=not keys,
+                hostname,
+                port=port,
+                username=user,
+                key_filename=[k for k in keys if os.path.exists(k)] or None,
+                timeout=self.timeout,
+                banner_timeout=self.timeout,
+                auth_timeout=self.timeout,
+                sock=sock,
+                allow_agent=True,
+                look_for_keys=not keys,
             )
         except paramiko.BadHostKeyException as exc:
             raise TransportError(
@@ -203,7 +217,9 @@ class SSHTransport(Transport):
             ) from None
         except paramiko.AuthenticationException:
             tried = ", ".join(keys) if keys else "ssh-agent and default keys"
-            raise TransportError(f"{label}: authentication failed for {where} (tried {tried}); check --identity/IdentityFile and the host's authorized_keys") from None
+            raise TransportError(
+                f"{label}: authentication failed for {where} (tried {tried}); check --identity/IdentityFile and the host's authorized_keys"
+            ) from None
         except paramiko.SSHException as exc:
             if "not found in known_hosts" in str(exc):
                 raise TransportError(
@@ -211,8 +227,10 @@ class SSHTransport(Transport):
                     f"(ssh-keyscan {hostname} >> {self.known_hosts}) or pass --accept-new-host-keys"
                 ) from None
             raise TransportError(f"{label}: SSH to {where} failed: {exc}") from None
-        except socket.timeout:
-            raise TransportError(f"{label}: connecting to {where} timed out after {self.timeout:g}s; is the host up and reachable?") from None
+        except TimeoutError:
+            raise TransportError(
+                f"{label}: connecting to {where} timed out after {self.timeout:g}s; is the host up and reachable?"
+            ) from None
         except paramiko.ssh_exception.NoValidConnectionsError:
             raise TransportError(f"{label}: connection to {where} refused; is sshd running there?") from None
         except OSError as exc:

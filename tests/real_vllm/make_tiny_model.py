@@ -21,9 +21,16 @@ VOCAB = 512
 def main(out: str) -> int:
     os.makedirs(out, exist_ok=True)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2,  # head_dim 32: vLLM's CPU attention has no 16
-        max_position_embeddings=256, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,  # head_dim 32: vLLM's CPU attention has no 16
+        max_position_embeddings=256,
+        torch_dtype="bfloat16",
+        bos_token_id=1,
+        eos_token_id=2,
     )
     config.save_pretrained(out)
 
@@ -31,7 +38,8 @@ def main(out: str) -> int:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+        vocab_size=VOCAB,
+        special_tokens=["<unk>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     text = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tiny model for tests"] * 50

@@ -20,8 +20,8 @@ import types
 
 import msgspec
 import zmq
-
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_scheduler, base_worker, metadata as vmeta
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_scheduler, base_worker
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl import metadata as vmeta
 
 from launcher import protocol, wire
 from launcher.agent import probe_peer
@@ -42,10 +42,20 @@ def free_port() -> int:
 def vllm_payload(engine_id: str, compat_hash: str) -> bytes:
     """What a vLLM 0.32 engine core serves, built with vLLM's dataclasses and encoder."""
     meta = vmeta.NixlAgentMetadata(
-        engine_id=engine_id, agent_metadata=b"nixl-agent-bytes", kv_caches_base_addr=[4096, 8192], device_id=0,
-        num_blocks=10, block_lens=[2048, 2048], block_strides=[2048, 2048], kv_cache_layout="HND", block_size=16,
-        ssm_sizes=(0, 0), attn_backend_name="CPU_ATTN", physical_blocks_per_logical_kv_block=1,
-        region_names=["layer.0"], ple_block_len=None,
+        engine_id=engine_id,
+        agent_metadata=b"nixl-agent-bytes",
+        kv_caches_base_addr=[4096, 8192],
+        device_id=0,
+        num_blocks=10,
+        block_lens=[2048, 2048],
+        block_strides=[2048, 2048],
+        kv_cache_layout="HND",
+        block_size=16,
+        ssm_sizes=(0, 0),
+        attn_backend_name="CPU_ATTN",
+        physical_blocks_per_logical_kv_block=1,
+        region_names=["layer.0"],
+        ple_block_len=None,
     )
     encoder = msgspec.msgpack.Encoder()
     return encoder.encode(vmeta.NixlHandshakePayload(compatibility_hash=compat_hash, agent_metadata_bytes=encoder.encode(meta)))
@@ -56,14 +66,20 @@ def launcher_client_against_vllm_listener() -> dict:
     ready, stop = threading.Event(), threading.Event()
     listener = threading.Thread(
         target=base_scheduler.NixlBaseConnectorScheduler._nixl_handshake_listener,
-        args=({(0, 0): vllm_payload(engine, compat)}, ready, stop, HOST, port), daemon=True,
+        args=({(0, 0): vllm_payload(engine, compat)}, ready, stop, HOST, port),
+        daemon=True,
     )
     listener.start()
     ready.wait(5)
     out = {}
     reply = handshake(HOST, port, wire.BY_NAME["v2"], timeout=3).reply
-    out["v2"] = {"engine_id": reply.metadata.engine_id, "compat_hash": reply.compat_hash, "block_lens": reply.metadata.block_lens,
-                 "attn_backend_name": reply.metadata.attn_backend_name, "remote_time": reply.remote_time is not None}
+    out["v2"] = {
+        "engine_id": reply.metadata.engine_id,
+        "compat_hash": reply.compat_hash,
+        "block_lens": reply.metadata.block_lens,
+        "attn_backend_name": reply.metadata.attn_backend_name,
+        "remote_time": reply.remote_time is not None,
+    }
     me = protocol.Ready(rank=1, address=HOST, port=0, pid=0, rule="", engine_id="")
     probe = probe_peer(me, protocol.Peer(rank=0, address=HOST, ports=[port], wire="v2"), timeout=3)
     out["probe"] = {"ok": probe.ok, "error": probe.error, "engines": [[e.port, e.engine_id, e.compat_hash] for e in probe.engines]}
@@ -94,11 +110,14 @@ def vllm_listener_on_a_busy_port() -> dict:
         taken.listen()
         port = taken.getsockname()[1]
         errors = []
-        threading.excepthook = lambda args: errors.append(f"{type(args.exc_value).__module__}.{type(args.exc_value).__name__}: {args.exc_value}")
+        threading.excepthook = lambda args: errors.append(
+            f"{type(args.exc_value).__module__}.{type(args.exc_value).__name__}: {args.exc_value}"
+        )
         ready, stop = threading.Event(), threading.Event()
         thread = threading.Thread(
             target=base_scheduler.NixlBaseConnectorScheduler._nixl_handshake_listener,
-            args=({(0, 0): b""}, ready, stop, HOST, port), daemon=True,
+            args=({(0, 0): b""}, ready, stop, HOST, port),
+            daemon=True,
         )
         thread.start()
         thread.join(5)
@@ -118,8 +137,13 @@ def vllm_client_against_launcher_listener() -> dict:
     threading.Thread(target=listener.serve, args=(stop,), daemon=True).start()
     added = []
     worker = types.SimpleNamespace(
-        _is_csa_linear=False, use_host_buffer=True, transfer_topo=_Topology(), pcp_size=1, dcp_size=1,
-        compat_hash=wire.compatibility_hash(job), enforce_compat_hash=True,
+        _is_csa_linear=False,
+        use_host_buffer=True,
+        transfer_topo=_Topology(),
+        pcp_size=1,
+        dcp_size=1,
+        compat_hash=wire.compatibility_hash(job),
+        enforce_compat_hash=True,
         add_remote_agent=lambda meta, rank, tp, dcp: added.append(meta) or f"agent-{meta.engine_id}",
     )
     worker._validate_remote_parallel_config = types.MethodType(base_worker.NixlBaseConnectorWorker._validate_remote_parallel_config, worker)
@@ -144,8 +168,12 @@ def vllm_client_against_launcher_listener() -> dict:
 
 if __name__ == "__main__":
     zmq.Context.instance()
-    print(json.dumps({
-        "launcher_to_vllm": launcher_client_against_vllm_listener(),
-        "vllm_to_launcher": vllm_client_against_launcher_listener(),
-        "busy_port": vllm_listener_on_a_busy_port(),
-    }))
+    print(
+        json.dumps(
+            {
+                "launcher_to_vllm": launcher_client_against_vllm_listener(),
+                "vllm_to_launcher": vllm_client_against_launcher_listener(),
+                "busy_port": vllm_listener_on_a_busy_port(),
+            }
+        )
+    )

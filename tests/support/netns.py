@@ -57,8 +57,7 @@ class NetnsCluster:
             raise ValueError(f"host count must be 1..{MAX_HOSTS}, got {count}")
         self.count, self.workdir, self.python = count, workdir, python
         self.hosts = [
-            NetnsHost(i, f"{PREFIX}-h{i}", f"h{i}", f"{NET}.{10 + i}", f"{NET2}.{10 + i}" if i == 1 else None)
-            for i in range(1, count + 1)
+            NetnsHost(i, f"{PREFIX}-h{i}", f"h{i}", f"{NET}.{10 + i}", f"{NET2}.{10 + i}" if i == 1 else None) for i in range(1, count + 1)
         ]
         self.bridge, self.bridge2 = f"{PREFIX}-br0", f"{PREFIX}-br1"
         self.client_key = os.path.join(workdir, "id_ed25519")
@@ -67,7 +66,7 @@ class NetnsCluster:
         self.sshd: dict[str, subprocess.Popen] = {}
         self.daemon_pids: set[int] = set()  # other daemons living on the hosts (slurmd), not strays
 
-    def __enter__(self) -> "NetnsCluster":
+    def __enter__(self) -> NetnsCluster:
         return self.up()
 
     def __exit__(self, *exc) -> None:
@@ -75,7 +74,7 @@ class NetnsCluster:
 
     # --- up ------------------------------------------------------------------
 
-    def up(self) -> "NetnsCluster":
+    def up(self) -> NetnsCluster:
         _require_tools()
         sweep()
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -141,9 +140,22 @@ class NetnsCluster:
             )
         log = open(os.path.join(hostdir, "sshd.log"), "wb")
         self.sshd[host.name] = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "unshare", "--uts", "sh", "-c",
-             f'hostname {host.name} && exec /usr/sbin/sshd -D -e -f "$0"', config],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                "ip",
+                "netns",
+                "exec",
+                host.netns,
+                "unshare",
+                "--uts",
+                "sh",
+                "-c",
+                f'hostname {host.name} && exec /usr/sbin/sshd -D -e -f "$0"',
+                config,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def _wait_for_sshd(self, timeout: float = 10.0) -> None:
@@ -156,7 +168,7 @@ class NetnsCluster:
                 except OSError:
                     if self.sshd[host.name].poll() is not None or time.monotonic() > deadline:
                         log = open(os.path.join(self.workdir, host.name, "sshd.log")).read().strip()
-                        raise RuntimeError(f"sshd on {host.name} ({host.netns}) did not start: {log or 'no output'}")
+                        raise RuntimeError(f"sshd on {host.name} ({host.netns}) did not start: {log or 'no output'}") from None
                     time.sleep(0.02)
 
     # --- use -----------------------------------------------------------------

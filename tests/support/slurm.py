@@ -39,7 +39,7 @@ class SlurmCluster:
         self.env = {"SLURM_CONF": self.conf}
         self.daemons: dict[str, subprocess.Popen] = {}
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.up()
 
     def __exit__(self, *exc) -> None:
@@ -51,7 +51,7 @@ class SlurmCluster:
 
     # --- up ------------------------------------------------------------------
 
-    def up(self) -> "SlurmCluster":
+    def up(self) -> SlurmCluster:
         missing = missing_tools()
         if missing:
             raise RuntimeError(f"cannot build the Slurm cluster: missing {', '.join(missing)}")
@@ -100,7 +100,11 @@ class SlurmCluster:
     def _start(self, name: str, argv: list[str]) -> None:
         log = open(os.path.join(self.workdir, f"{name}.out"), "wb")
         self.daemons[name] = proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
             env={**os.environ, **self.env},
         )
         self.hosts.daemon_pids.add(proc.pid)  # nsenter, unshare and sh all exec: this pid becomes slurmd
@@ -109,8 +113,22 @@ class SlurmCluster:
         script = 'mount --bind "$1" /etc/hosts && hostname "$2" && exec slurmd -D -N "$2" -f "$3"'
         self._start(
             f"slurmd-{host.name}",
-            ["nsenter", f"--net=/run/netns/{host.netns}", "unshare", "--mount", "--uts", "--propagation", "private",
-             "sh", "-c", script, "sh", os.path.join(self.workdir, "hosts"), host.name, self.conf],
+            [
+                "nsenter",
+                f"--net=/run/netns/{host.netns}",
+                "unshare",
+                "--mount",
+                "--uts",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "sh",
+                os.path.join(self.workdir, "hosts"),
+                host.name,
+                self.conf,
+            ],
         )
 
     def wait_idle(self, timeout: float = 30.0) -> None:
