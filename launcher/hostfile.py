@@ -7,9 +7,13 @@ One host (or Slurm hostlist) per line, then options::
     gpu-node1:8                      # MPICH form: 8 slots
     alice@gpu-node[02-04] slots=8    # Slurm hostlist, expanded in Slurm's order
     gpu-node5 slots=8 ifname=^docker,lo cidr=10.1.0.0/16 env:NCCL_SOCKET_IFNAME=ib0
-    [fd00::5]:4 port=2222 python=/opt/venv/bin/python cwd=/srv/work
+    [fd00::5]:4 port=2222 python=/opt/venv/bin/python cwd="/srv/my work#1"
 
-Every error names the file, the line number and the line, and says how to fix it.
+Words are separated by whitespace; ``#`` starts a comment at the start of a
+line or after whitespace (``cwd=/tmp/run#1`` keeps its ``#1``); a value with
+spaces goes in single or double quotes. Every error names the file, the
+line number and the line (secret-looking ``env:`` values masked), and says
+how to fix it.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from collections.abc import Iterable
 
 import hostlist
 
+from .envpolicy import masked
 from .plan import Host
 
 OPTIONS = ("slots", "port", "ifname", "cidr", "python", "cwd")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _HOST_CHARS = re.compile(r"[A-Za-z0-9._\-\[\],:]+\Z")
+_SCOPE_ID = re.compile(r"[0-9A-Za-z._-]+\Z")  # an IPv6 zone: an interface name or index, nothing a shell would read
+_ENV_WORD = re.compile(r"(env:([A-Za-z_][A-Za-z0-9_]*)=)(\"[^\"]*\"?|'[^']*'?|\S*)")
 
 
 class HostfileError(ValueError):
@@ -33,28 +40,67 @@ class HostfileError(ValueError):
 
     def __init__(self, source: str, lineno: int, line: str, message: str):
         self.source, self.lineno, self.line = source, lineno, line
-        super().__init__(f"{source}:{lineno}: {message} (line: {line.strip()!r})")
+        shown = _masked_line(line).strip()
+        shown = shown if len(shown) <= 160 else shown[:160] + "…"
+        super().__init__(f"{source}:{lineno}: {message} (line: {shown!r})")
+
+
+def _masked_line(line: str) -> str:
+    """The line as an error may echo it: secret-looking env: values masked, as ``hosts`` and ``plan`` show them."""
+    return _ENV_WORD.sub(lambda m: m.group(1) + masked(m.group(2), m.group(3).strip("\"'")), line)
 
 
 def parse(text: str, source: str = "hostfile") -> list[Host]:
     """Parse hostfile text; ``source`` names the file in errors."""
     hosts: list[Host] = []
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
+    # Lines end at \n (a \r before it is dropped): str.splitlines would also split at \x0b, \x1c, ... silently.
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        raw = raw[:-1] if raw.endswith("\r") else raw
 
         def fail(message: str, lineno: int = lineno, raw: str = raw) -> HostfileError:
             return HostfileError(source, lineno, raw, message)
 
-        head, *words = line.split()
+        words = _words(raw, fail)
+        if not words:
+            continue
+        head, *words = words
         for host in _parse_line(head, words, f"{source}:{lineno}", fail):
             if host.name in seen:
                 raise fail(f"host {host.name!r} is already listed at line {seen[host.name]}; list each host once and give it slots=N")
             seen[host.name] = lineno
             hosts.append(host)
     return hosts
+
+
+def _words(line: str, fail) -> list[str]:
+    """Whitespace-separated words; quotes group, ``#`` after whitespace ends the line; control characters refused."""
+    for column, char in enumerate(line, start=1):
+        if (ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F:
+            raise fail(f"control character {char!r} at column {column}; a hostfile is plain text")
+    words, word, quote, in_word = [], [], None, False
+    for char in line:
+        if quote:
+            if char == quote:
+                quote = None
+            else:
+                word.append(char)
+        elif char in "\"'":
+            quote, in_word = char, True
+        elif char.isspace():
+            if in_word:
+                words.append("".join(word))
+            word, in_word = [], False
+        elif char == "#" and not in_word:
+            break
+        else:
+            word.append(char)
+            in_word = True
+    if quote:
+        raise fail(f'unterminated {quote} quote; close it, or quote the whole value: cwd="/path with spaces"')
+    if in_word:
+        words.append("".join(word))
+    return words
 
 
 def read(path: str) -> list[Host]:
@@ -110,7 +156,7 @@ def _split_user(head: str, fail) -> tuple[str | None, str]:
 def _split_target(target: str, fail) -> tuple[list[str], int | None]:
     """``host``, ``host:N``, ``[v6]``, ``[v6]:N``, ``node[01-04]``, ``node[01-04]:N``."""
     slots_text = None
-    if target.startswith("[") and "]" in target and _is_ipv6(target[1 : target.index("]")]):
+    if target.startswith("[") and "]" in target and _is_ipv6(target[1 : target.index("]")], fail):
         end = target.index("]")
         name, rest = target[1:end], target[end + 1 :]
         if rest:
@@ -119,7 +165,7 @@ def _split_target(target: str, fail) -> tuple[list[str], int | None]:
             slots_text = rest[1:]
         names = [name]
     else:
-        if _is_ipv6(target):
+        if _is_ipv6(target, fail):
             return [target], None
         if not _HOST_CHARS.match(target):
             raise fail(f"{target!r} is not a host name; use letters, digits, '.', '-' and Slurm ranges like node[01-04]")
@@ -128,10 +174,12 @@ def _split_target(target: str, fail) -> tuple[list[str], int | None]:
             target, slots_text = base, tail
         try:
             names = hostlist.expand_hostlist(target)
-        except hostlist.BadHostlist as exc:
-            raise fail(f"bad hostlist {target!r}: {exc}") from None
+        except (hostlist.BadHostlist, ValueError) as exc:  # ValueError: a bound past Python's 4300-digit limit
+            raise fail(f"bad hostlist {target[:40]!r}{'…' if len(target) > 40 else ''}: {str(exc)[:80]}") from None
         if not names or any(not n for n in names):
             raise fail(f"{target!r} names no host")
+        if any(len(n) > 253 for n in names):
+            raise fail("a host name longer than 253 characters (DNS's limit); check the line")
     slots = None if slots_text is None else _positive(slots_text, "slots (host:N)", fail)
     return names, slots
 
@@ -149,6 +197,9 @@ def _convert(key: str, value: str, fail):
             return str(ipaddress.ip_network(value, strict=False))
         except ValueError:
             raise fail(f"cidr {value!r} is not a network like 10.0.0.0/8 or fd00::/64") from None
+    if key in ("cwd", "python") and value.startswith("-"):
+        # It would reach `cd` or srun as an option; a path never needs to start with '-'.
+        raise fail(f"{key}={value!r} starts with '-'; give a path (./{value} or an absolute one)")
     return value
 
 
@@ -169,8 +220,12 @@ def _parse_env(text: str, fail) -> tuple[str, str]:
     return name, value
 
 
-def _is_ipv6(text: str) -> bool:
+def _is_ipv6(text: str, fail) -> bool:
     try:
-        return ipaddress.ip_address(text).version == 6
+        is_v6 = ipaddress.ip_address(text).version == 6
     except ValueError:
         return False
+    zone = text.partition("%")[2]
+    if "%" in text and not _SCOPE_ID.match(zone):
+        raise fail(f"IPv6 zone {zone!r} is not an interface name or index; use letters, digits, '.', '_', '-'")
+    return is_v6

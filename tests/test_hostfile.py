@@ -71,3 +71,65 @@ def test_any_text_parses_or_fails_with_one_line_located_error(text):
     else:
         assert all(h.slots >= 1 and h.name for h in hosts)
         assert len({h.name for h in hosts}) == len(hosts)
+
+
+# --- hostile input: each class, not just its first example --------------------------------
+
+
+def test_a_hash_inside_a_value_is_kept_and_quotes_carry_spaces():
+    hosts = hostfile.parse("a cwd=/tmp/run#1 env:X=a#b   # a comment\nb cwd='/srv/my work' env:Y=\"x y # z\"\n")
+    assert (hosts[0].cwd, hosts[0].env) == ("/tmp/run#1", (("X", "a#b"),))
+    assert (hosts[1].cwd, hosts[1].env) == ("/srv/my work", (("Y", "x y # z"),))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([chr(c) for c in [*range(0, 9), *range(11, 32), 127]]), st.integers(0, 12))  # \n ends a line
+def test_any_control_character_anywhere_is_refused_with_its_column(char, at):
+    line = "h1 cwd=/srv/work"
+    line = line[:at] + char + line[at:]
+    with pytest.raises(HostfileError) as err:
+        hostfile.parse(line, "hf")
+    assert f"control character {char!r} at column {at + 1}" in str(err.value) and "\n" not in str(err.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=20).filter(
+        lambda z: not z.replace(".", "").replace("_", "").replace("-", "").isalnum()
+    )
+)
+def test_an_ipv6_zone_holds_only_an_interface_name(zone):
+    try:
+        hosts = hostfile.parse(f"[fe80::1%{zone}]:2\n")
+    except HostfileError:
+        return
+    # What got through is an interface name: nothing for a shell or an ssh config's Match exec to read.
+    assert all(c.isalnum() or c in "._-" for c in hosts[0].name.partition("%")[2])
+
+
+@pytest.mark.parametrize("option", ["cwd", "python"])
+@pytest.mark.parametrize("value", ["-P", "--version", "-c", "'-x y'"])
+def test_a_path_option_starting_with_a_dash_is_refused(option, value):
+    with pytest.raises(HostfileError, match=f"{option}=.* starts with '-'; give a path"):
+        hostfile.parse(f"a {option}={value}\n")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(4301, 20000), st.sampled_from(["n[1-{}]", "n[{}]", "n[{}-{}]"]))
+def test_a_hostlist_of_any_size_is_a_one_line_error_or_hosts(digits, pattern):
+    big = "9" * digits
+    with pytest.raises(HostfileError) as err:
+        hostfile.parse(pattern.format(big, big) + "\n")
+    assert len(str(err.value)) < 600 and "\n" not in str(err.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["HF_TOKEN", "API_KEY", "DB_PASSWORD", "MY_SECRET", "AWS_SECRET_ACCESS_KEY"]),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=8, max_size=20).map(lambda v: "s3cr3t-" + v),
+    st.sampled_from(["slot=2", "slots=0", "cwd=-x", "port=99999", "bogus", "cidr=nope", "\x01"]),
+)
+def test_a_hostfile_error_never_shows_a_secret_value(name, value, mistake):
+    with pytest.raises(HostfileError) as err:
+        hostfile.parse(f"h1 env:{name}={value} {mistake}\n")
+    assert value not in str(err.value) and f"env:{name}=****" in str(err.value)
