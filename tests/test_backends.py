@@ -51,6 +51,10 @@ def test_auto_picks_the_first_backend_that_claims_every_host():
     assert transports.choose([Host("localhost"), Host("127.0.0.2")], allocation) == "local"
     assert transports.choose([Host("n1"), Host("n3")], allocation) == "slurm"
     assert transports.choose([Host("n1"), Host("other")], allocation) == "ssh"
+    # A loopback host that names an SSH user or port asks for SSH, even to this machine.
+    assert transports.choose([Host("localhost", user="alice")], {}) == transports.choose([Host("127.0.0.1", port=2222)], {}) == "ssh"
+    with pytest.raises(transports.TransportError, match="user@ and port= need SSH"):
+        transports.get("local").start(Host("localhost", user="alice"))
     assert transports.allocation_hosts(allocation, None)[2].name == "n3"
     assert transports.allocation_hosts({}, None) is None
 

@@ -408,11 +408,95 @@ def test_a_signalled_head_leaves_nothing_on_any_host_even_stubborn_ranks(hosts, 
 def test_a_working_directory_full_of_shell_metacharacters_is_used_verbatim(hosts, tmp_path):
     odd = tmp_path / "d;touch${IFS}PWNED;$(id)'q\"ü"
     odd.mkdir()
-    done = check(hosts, write_hostfile(tmp_path, f"h1 cwd={odd}\n"))
+    done = check(hosts, write_hostfile(tmp_path, f"h1 cwd={shlex.quote(str(odd))}\n"))  # quoted as a shell quotes
     assert done.returncode == 0, done.stderr
     assert not list(tmp_path.rglob("PWNED")) and not os.path.exists("PWNED")  # nothing ran as shell
     # and the built-in core really ran there: a missing directory is a one-line error naming it
-    missing = check(hosts, write_hostfile(tmp_path, f"h1 cwd={odd}x\n"))
+    missing = check(hosts, write_hostfile(tmp_path, f"h1 cwd={shlex.quote(str(odd) + 'x')}\n"))
     first = failed_line(missing.stderr)
     assert missing.returncode == 3 and "the agent did not start: bash: line 1: cd: " in first and "No such file or directory" in first
     assert first.endswith("fix cwd= for this host in the hostfile (the directory must exist there)")
+
+
+# --- SSH trust, as strict as OpenSSH's ----------------------------------------------------------
+
+
+def trust_setup(hosts, tmp_path, user="", system="", extra=""):
+    """An ssh config for h2 whose user and system known_hosts files hold ``user`` and ``system``."""
+    (tmp_path / "user_known").write_text(user)
+    (tmp_path / "system_known").write_text(system)
+    config = tmp_path / "trust_config"
+    config.write_text(
+        f"Host h2\n  HostName 198.18.0.12\n  User root\n  IdentityFile {hosts.client_key}\n"
+        f"  UserKnownHostsFile {tmp_path / 'user_known'}\n  GlobalKnownHostsFile {tmp_path / 'system_known'}\n{extra}"
+    )
+    return config
+
+
+def h2_key(hosts):
+    return next(line.split()[1:3] for line in open(hosts.known_hosts) if line.startswith("198.18.0.12 "))
+
+
+def run_h2(tmp_path, config, *flags, command=("sh", "-c", "echo conn=$SSH_CONNECTION")):
+    known = tmp_path / "user_known"
+    args = ["run", "--to-completion", "-H", write_hostfile(tmp_path, "h2\n"), "--transport", "ssh", "--ssh-config", str(config)]
+    return run_launcher(*args, "--known-hosts", str(known), *flags, "--", *command, timeout=60)
+
+
+def test_keys_in_the_system_known_hosts_file_are_trusted(hosts, tmp_path):
+    kind, blob = h2_key(hosts)
+    done = run_h2(tmp_path, trust_setup(hosts, tmp_path, system=f"198.18.0.12 {kind} {blob}\n"))
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_key_pinned_with_another_type_makes_any_other_key_a_changed_key_even_when_accepting_new(hosts, tmp_path):
+    rsa = tmp_path / "rsa"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(rsa)], check=True)
+    kind, blob = (tmp_path / "rsa.pub").read_text().split()[:2]
+    done = run_h2(tmp_path, trust_setup(hosts, tmp_path, user=f"198.18.0.12 {kind} {blob}\n"), "--accept-new-host-keys")
+    assert done.returncode == 3, done.stderr
+    assert "HOST KEY CHANGED for 198.18.0.12: it presents a ssh-ed25519 key, known_hosts pins ssh-rsa at " in done.stderr
+    assert (tmp_path / "user_known").read_text().count("\n") == 1  # nothing recorded
+
+
+def test_a_revoked_key_is_refused_even_where_it_is_pinned(hosts, tmp_path):
+    kind, blob = h2_key(hosts)
+    config = trust_setup(hosts, tmp_path, user=f"198.18.0.12 {kind} {blob}\n", system=f"@revoked * {kind} {blob}\n")
+    done = run_h2(tmp_path, config, "--accept-new-host-keys")
+    assert done.returncode == 3 and "key 198.18.0.12 presents is REVOKED" in done.stderr, done.stderr
+
+
+def test_a_host_trusted_only_through_a_certificate_authority_is_refused_with_the_way_out(hosts, tmp_path):
+    kind, blob = h2_key(hosts)
+    done = run_h2(tmp_path, trust_setup(hosts, tmp_path, system=f"@cert-authority 198.18.0.* {kind} {blob}\n"))
+    assert done.returncode == 3, done.stderr
+    assert "trusted through an @cert-authority line" in done.stderr and "ssh-keyscan 198.18.0.12 >> " in done.stderr
+
+
+def test_proxycommand_is_used_and_proxyjump_goes_through_every_hop_in_order(hosts, tmp_path):
+    kind, blob = h2_key(hosts)
+    user = f"198.18.0.12 {kind} {blob}\n"
+    via_command = trust_setup(hosts, tmp_path, user=user, extra=f"  ProxyCommand ssh -q -F {hosts.ssh_config} -W %h:%p h1\n")
+    done = run_h2(tmp_path, via_command)
+    assert done.returncode == 0, done.stderr
+    assert "[r0 h2] conn=198.18.0.11 " in done.stdout  # h2's sshd saw the connection come from h1
+    # ProxyJump h1,h3: through h1, then h3; h2 sees h3.
+    jumps = trust_setup(hosts, tmp_path, user=user, extra="  ProxyJump h1,h3\n")
+    jumps.write_text(jumps.read_text() + open(hosts.ssh_config).read())
+    done = run_h2(tmp_path, jumps)
+    assert done.returncode == 0, done.stderr
+    assert "[r0 h2] conn=198.18.0.13 " in done.stdout
+
+
+def test_accepting_new_keys_creates_a_private_ssh_directory_like_ssh(hosts, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    config = tmp_path / "plain_config"
+    config.write_text(
+        f"Host h2\n  HostName 198.18.0.12\n  User root\n  IdentityFile {hosts.client_key}\n  GlobalKnownHostsFile /nonexistent\n"
+    )
+    args = ["run", "--to-completion", "-H", write_hostfile(tmp_path, "h2\n"), "--transport", "ssh", "--ssh-config", str(config)]
+    done = run_launcher(*args, "--accept-new-host-keys", "--", "true", timeout=60, env={"HOME": str(home)})
+    assert done.returncode == 0, done.stderr
+    assert (os.stat(home / ".ssh").st_mode & 0o777, os.stat(home / ".ssh" / "known_hosts").st_mode & 0o777) == (0o700, 0o600)
+    assert (home / ".ssh" / "known_hosts").read_text() == "198.18.0.12 {} {}\n".format(*h2_key(hosts))

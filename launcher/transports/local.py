@@ -69,9 +69,15 @@ class LocalTransport(Transport):
 
     @classmethod
     def claims(cls, hosts: Sequence[Host], env: Mapping[str, str]) -> bool:
-        return all(h.is_loopback for h in hosts)
+        """Loopback hosts that name no SSH user or port (those ask for SSH, even to this machine)."""
+        return all(h.is_loopback and h.user is None and h.port is None for h in hosts)
 
     def start(self, host: Host) -> AgentConnection:
+        if host.user is not None or host.port is not None:
+            raise TransportError(
+                f"{host.label}: user@ and port= need SSH, and the local transport runs agents as this user; "
+                f"use --transport ssh (or auto), or drop them"
+            )
         python = host.python or sys.executable
         try:
             popen = subprocess.Popen(

@@ -1,9 +1,9 @@
 """Agents over SSH (paramiko): bare-metal clusters without Ray.
 
-Honours ~/.ssh/config (HostName, User, Port, IdentityFile, ProxyJump) and
-ssh-agent keys; verifies host keys against known_hosts and refuses unknown or
-changed keys unless told to accept *new* ones (a changed key is always
-refused). The agent's spec goes over the channel's stdin, never into the
+Honours ~/.ssh/config (HostName, User, Port, IdentityFile, ProxyJump chains,
+ProxyCommand, UserKnownHostsFile, GlobalKnownHostsFile) and ssh-agent keys;
+decides host-key trust as OpenSSH does (``knownhosts``): unknown keys are
+refused unless told to accept *new* ones, and changed or revoked keys always. The agent's spec goes over the channel's stdin, never into the
 remote command line.
 
 Without a pty, closing the channel does not stop the remote command (sshd
@@ -27,25 +27,65 @@ from typing import TYPE_CHECKING
 
 from .. import argtypes
 from ..plan import Host
+from . import knownhosts
 from .base import AgentConnection, Transport, TransportError
 
 if TYPE_CHECKING:
     import paramiko
 
 
-def _accept_new_host_keys(path: str | None, lock: threading.Lock):
-    """Trust-on-first-use, like OpenSSH's StrictHostKeyChecking=accept-new."""
+def _trust_policy(known: knownhosts.KnownHosts, record_in: str, accept_new: bool, hostname: str, port: int, label: str, lock):
+    """paramiko asks this about every key a host presents (the client pins none itself): OpenSSH's verdict."""
     import paramiko
 
-    class AcceptNew(paramiko.MissingHostKeyPolicy):
-        def missing_host_key(self, client, hostname, key):
+    class Trust(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, name, key):
+            verdict, where = known.verdict(name, key.get_name(), key.get_base64())
+            files = ", ".join(known.files) or record_in
+            if verdict == "trusted":
+                return
+            if verdict == "revoked":
+                raise TransportError(f"{label}: the {key.get_name()} key {hostname} presents is REVOKED ({where}); do not connect")
+            if verdict == "changed":
+                raise TransportError(
+                    f"{label}: HOST KEY CHANGED for {hostname}: it presents a {key.get_name()} key, known_hosts pins {where}; "
+                    f"if the host was reinstalled, remove the old key ({knownhosts.forget_hint(hostname, port, record_in)}); "
+                    f"otherwise do not connect"
+                )
+            if verdict == "certificate":
+                raise TransportError(
+                    f"{label}: {hostname} is trusted through an @cert-authority line ({where}), and launcher does not "
+                    f"check host certificates; pin its own key ({knownhosts.keyscan_hint(hostname, port, record_in)})"
+                )
+            if not accept_new:
+                raise TransportError(
+                    f"{label}: host key of {hostname} is unknown (not in {files}); verify and add it "
+                    f"({knownhosts.keyscan_hint(hostname, port, record_in)}) or pass --accept-new-host-keys"
+                )
             with lock:
-                client.get_host_keys().add(hostname, key.get_name(), key)
-                if path:
-                    with open(path, "a") as f:
-                        f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+                knownhosts.record(record_in, name, key.get_name(), key.get_base64())
+                known.entries.append(knownhosts.Entry((name,), key.get_name(), key.get_base64(), where=record_in))
 
-    return AcceptNew()
+    return Trust()
+
+
+def parse_jump(spec: str, label: str) -> tuple[str | None, str, int | None]:
+    """``[user@]host[:port]`` or ``[user@][v6]:port`` from a ProxyJump list."""
+    user, _, rest = spec.rpartition("@")
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    elif rest.count(":") > 1:  # a bare IPv6 address, no port
+        host, port_text = rest, ""
+    else:
+        host, _, port_text = rest.partition(":")
+    try:
+        port = int(port_text) if port_text else None
+    except ValueError:
+        raise TransportError(f"{label}: ProxyJump {spec!r}: {port_text!r} is not a port") from None
+    if not host:
+        raise TransportError(f"{label}: ProxyJump {spec!r} names no host")
+    return user or None, host, port
 
 
 class SSHConnection(AgentConnection):
@@ -156,7 +196,7 @@ class SSHTransport(Transport):
         clients = self._connect_chain(host.name, host.user, host.port, label=host.label)
         command = shlex.join([host.python or self.python, "-m", "launcher.agent"])
         if host.cwd:
-            command = f"cd {shlex.quote(host.cwd)} && exec {command}"
+            command = f"cd -- {shlex.quote(host.cwd)} && exec {command}"
         try:
             channel = clients[-1].get_transport().open_session(timeout=self.timeout)
             channel.exec_command(command)
@@ -167,34 +207,56 @@ class SSHTransport(Transport):
         return SSHConnection(host, clients, channel)
 
     def _connect_chain(self, alias: str, user: str | None, port: int | None, label: str, depth: int = 0) -> list[paramiko.SSHClient]:
-        """Connect to ``alias``, through its ProxyJump hosts if the config names any."""
+        """Connect to ``alias``: directly, through its ProxyJump hosts in order (``a,b``: a, then b), or its ProxyCommand."""
         import paramiko
 
         if depth > 5:
             raise TransportError(f"{label}: ProxyJump chain is longer than 5 hops (a loop?)")
         cfg = self.config.lookup(alias)
-        hostname = cfg.get("hostname", alias)
-        port = port or int(cfg.get("port", 22))
-        user = user or cfg.get("user") or getpass.getuser()
+        hostname, port, user = self._endpoint(alias, user, port, cfg)
         chain: list[paramiko.SSHClient] = []
         sock = None
-        jump = cfg.get("proxyjump")
-        if jump and jump.lower() != "none":
-            jump_user, _, jump_host = jump.split(",")[-1].rpartition("@")
-            jump_host, _, jump_port = jump_host.partition(":")
-            chain = self._connect_chain(jump_host, jump_user or None, int(jump_port) if jump_port else None, label, depth + 1)
-            try:
-                sock = chain[-1].get_transport().open_channel("direct-tcpip", (hostname, port), ("", 0), timeout=self.timeout)
-            except (paramiko.SSHException, OSError) as exc:
-                raise TransportError(f"{label}: jump host {jump_host} cannot reach {hostname}:{port}: {exc}") from None
-        client = paramiko.SSHClient()
-        known = cfg.get("userknownhostsfile", "").split()
-        for path in [self.known_hosts, *(os.path.expanduser(k) for k in known)]:
-            if os.path.exists(path):
-                client.load_host_keys(path)
-        client.set_missing_host_key_policy(
-            _accept_new_host_keys(self.known_hosts, self._lock) if self.accept_new else paramiko.RejectPolicy()
-        )
+        jumps = [j.strip() for j in (cfg.get("proxyjump") or "").split(",") if j.strip() and j.strip().lower() != "none"]
+        for i, jump in enumerate(jumps):
+            jump_user, jump_host, jump_port = parse_jump(jump, label)
+            if i == 0:
+                chain = self._connect_chain(jump_host, jump_user, jump_port, label, depth + 1)
+            else:
+                jump_cfg = self.config.lookup(jump_host)
+                j_hostname, j_port, j_user = self._endpoint(jump_host, jump_user, jump_port, jump_cfg)
+                channel = self._open_channel(chain[-1], j_hostname, j_port, label)
+                chain.append(self._client(j_hostname, j_port, j_user, jump_cfg, channel, label))
+        if chain:
+            sock = self._open_channel(chain[-1], hostname, port, label)
+        elif (cfg.get("proxycommand") or "none").lower() != "none":
+            sock = paramiko.ProxyCommand(cfg["proxycommand"])  # the user's own command from their ssh config, as ssh runs it
+        return [*chain, self._client(hostname, port, user, cfg, sock, label)]
+
+    @staticmethod
+    def _endpoint(alias: str, user: str | None, port: int | None, cfg) -> tuple[str, int, str]:
+        return cfg.get("hostname", alias), port or int(cfg.get("port", 22)), user or cfg.get("user") or getpass.getuser()
+
+    def _open_channel(self, via: paramiko.SSHClient, hostname: str, port: int, label: str):
+        import paramiko
+
+        try:
+            return via.get_transport().open_channel("direct-tcpip", (hostname, port), ("", 0), timeout=self.timeout)
+        except (paramiko.SSHException, OSError) as exc:
+            through = via.get_transport().getpeername()[0] if via.get_transport() else "?"
+            raise TransportError(f"{label}: jump host {through} cannot reach {hostname}:{port}: {exc}") from None
+
+    def _known_hosts(self, cfg) -> tuple[knownhosts.KnownHosts, str]:
+        """The files that pin host keys for this host, and the one new keys are recorded in."""
+        user_files = [self.known_hosts, *(os.path.expanduser(k) for k in cfg.get("userknownhostsfile", "").split())]
+        global_files = [os.path.expanduser(k) for k in cfg.get("globalknownhostsfile", "").split()] or list(knownhosts.GLOBAL_FILES)
+        return knownhosts.KnownHosts.load([*user_files, *global_files]), self.known_hosts
+
+    def _client(self, hostname: str, port: int, user: str, cfg, sock, label: str) -> paramiko.SSHClient:
+        import paramiko
+
+        client = paramiko.SSHClient()  # with no keys of its own: every key goes through the trust policy below
+        known, record_in = self._known_hosts(cfg)
+        client.set_missing_host_key_policy(_trust_policy(known, record_in, self.accept_new, hostname, port, label, self._lock))
         keys = [*self.identities, *(os.path.expanduser(k) for k in cfg.get("identityfile", []))]
         where = f"{user}@{hostname}:{port}"
         try:
@@ -210,22 +272,15 @@ class SSHTransport(Transport):
                 allow_agent=True,
                 look_for_keys=not keys,
             )
-        except paramiko.BadHostKeyException as exc:
-            raise TransportError(
-                f"{label}: HOST KEY CHANGED for {hostname}: known_hosts has a different {exc.expected_key.get_name()} key; "
-                f"if the host was reinstalled, remove the old key (ssh-keygen -R {hostname}); otherwise do not connect"
-            ) from None
+        except TransportError:
+            client.close()
+            raise
         except paramiko.AuthenticationException:
             tried = ", ".join(keys) if keys else "ssh-agent and default keys"
             raise TransportError(
                 f"{label}: authentication failed for {where} (tried {tried}); check --identity/IdentityFile and the host's authorized_keys"
             ) from None
         except paramiko.SSHException as exc:
-            if "not found in known_hosts" in str(exc):
-                raise TransportError(
-                    f"{label}: host key of {hostname} is unknown (not in {self.known_hosts}); verify and add it "
-                    f"(ssh-keyscan {hostname} >> {self.known_hosts}) or pass --accept-new-host-keys"
-                ) from None
             raise TransportError(f"{label}: SSH to {where} failed: {exc}") from None
         except TimeoutError:
             raise TransportError(
@@ -237,7 +292,7 @@ class SSHTransport(Transport):
             raise TransportError(f"{label}: cannot reach {where}: {exc.strerror or exc}") from None
         with self._lock:
             self._clients.append(client)
-        return [*chain, client]
+        return client
 
     def close(self) -> None:
         with self._lock:
