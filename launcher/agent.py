@@ -15,11 +15,13 @@ The agent holds the job on its host (DESIGN: Lifeline):
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -55,20 +57,86 @@ class RankProcess:
     readers: list[threading.Thread] = field(default_factory=list)
 
 
+LINE_LIMIT = 64 * 1024  # a rank's output line is cut here: a line without end never costs more
+OUTPUT_BUDGET = 4 * 1024 * 1024  # bytes of rank output queued for the head before the ranks wait
+_LINE_END = re.compile(rb"\r\n|\r|\n")  # \r too: a progress bar's redraws arrive as they happen
+
+
 class EventWriter:
-    """Thread-safe JSON-lines writer to the head; notices when the head is gone."""
+    """The agent's one writer to the head: control messages ahead of rank output.
+
+    Control messages (hello, ready, exits, heartbeats, check results) are few
+    and go first, in order. Rank output is bounded (``OUTPUT_BUDGET``): when
+    the link to the head cannot keep up, the reader of that rank's output
+    waits, so the rank waits on its stdout as it would under ssh, and no line
+    is lost on the way to the head's --log-dir (the head's terminal may drop
+    lines; its log never does). A heartbeat waits behind at most the one line
+    being written, whatever a rank prints. Messages queue until ``start``:
+    ranks are forked from a process with no other thread.
+    """
 
     def __init__(self, stream, on_broken):
-        self._stream, self._lock, self._on_broken = stream, threading.Lock(), on_broken
+        self._stream, self._on_broken = stream, on_broken
+        self._control: collections.deque = collections.deque()
+        self._output: collections.deque = collections.deque()
+        self._output_bytes = 0
+        self._ready = threading.Condition()
+        self._broken = False
+        self._thread: threading.Thread | None = None
 
     def send(self, message) -> None:
-        data = protocol.encode(message)
-        with self._lock:
+        with self._ready:
+            self._control.append(protocol.encode(message))
+            self._ready.notify()
+
+    def output(self, rank: int, stream: str, line: str) -> None:
+        """Queue a line of a rank's output; waits while the budget is spent (the rank then waits on its stdout)."""
+        data = protocol.encode(protocol.Output(rank=rank, stream=stream, line=line))
+        with self._ready:
+            while self._output_bytes and self._output_bytes + len(data) > OUTPUT_BUDGET and not self._broken:
+                self._ready.wait(0.5)
+            if self._broken:
+                return
+            self._output.append(data)
+            self._output_bytes += len(data)
+            self._ready.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._write, daemon=True, name="to-head")
+        self._thread.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Until what is queued is written (control first), or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while (self._control or self._output) and not self._broken and time.monotonic() < deadline:
+                self._ready.wait(0.05)
+
+    def _next(self) -> bytes:
+        with self._ready:
+            while True:
+                if self._control:
+                    return self._control.popleft()
+                if self._output:
+                    data = self._output.popleft()
+                    self._output_bytes -= len(data)
+                    self._ready.notify_all()  # a rank's reader may be waiting for room
+                    return data
+                self._ready.notify_all()  # close() may be waiting for an empty queue
+                self._ready.wait()
+
+    def _write(self) -> None:
+        while True:
+            data = self._next()
             try:
                 self._stream.write(data)
                 self._stream.flush()
             except (BrokenPipeError, OSError, ValueError):
+                with self._ready:
+                    self._broken = True
+                    self._ready.notify_all()
                 self._on_broken("the head's connection is closed")
+                return
 
 
 class Agent:
@@ -164,13 +232,34 @@ class Agent:
     # --- threads ---------------------------------------------------------
 
     def _forward_output(self, rp: RankProcess, stream, name: str) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.events.send(protocol.Output(rank=rp.spec.rank, stream=name, line=line))
-            if isinstance(self.spec.readiness, readiness.Log) and not rp.log_matched and self.spec.readiness.matches(line):
-                rp.log_matched = True
-                self._declare_ready(rp)
+        """Read a rank's stream in chunks: lines end at \\n, \\r\\n or \\r, and are cut at LINE_LIMIT."""
+        fd, pending = stream.fileno(), b""
+        while True:
+            try:
+                chunk = os.read(fd, LINE_LIMIT)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            pending += chunk
+            start = 0
+            for end in _LINE_END.finditer(pending):
+                self._emit(rp, name, pending[start : end.start()])
+                start = end.end()
+            pending = pending[start:]
+            while len(pending) >= LINE_LIMIT:
+                self._emit(rp, name, pending[:LINE_LIMIT])
+                pending = pending[LINE_LIMIT:]
+        if pending:
+            self._emit(rp, name, pending)
         stream.close()
+
+    def _emit(self, rp: RankProcess, name: str, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace")
+        self.events.output(rp.spec.rank, name, line)
+        if isinstance(self.spec.readiness, readiness.Log) and not rp.log_matched and self.spec.readiness.matches(line):
+            rp.log_matched = True
+            self._declare_ready(rp)
 
     def _forward_control(self, rp: RankProcess) -> None:
         with os.fdopen(rp.control_fd, "rb") as pipe:
@@ -427,17 +516,19 @@ def _reap_orphans(popens, me: psutil.Process) -> None:
 
 
 def sweep_job(job_id: str) -> list[int]:
-    """SIGKILL every process on this host that carries ``LAUNCHER_JOB_ID=job_id``.
+    """SIGKILL every process of this user on this host that carries ``LAUNCHER_JOB_ID=job_id``.
 
     The head's second line of defence after it lost an agent (SIGKILLed, or its
     host cut off): the agent's ranks died with it (PR_SET_PDEATHSIG), but what
     they started in sessions of their own did not. They are found by the job
-    id in their environment (inherited from the rank), never by name, so no
-    other job's processes are touched.
+    id in their environment (inherited from the rank; 64 random bits), never by
+    name, and only among this user's processes: an id is no credential, and
+    another user's process that carries it (run as root, the sweep could reach
+    it) is not this job's.
     """
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == os.getpid():
+    found, me = [], os.getuid()
+    for proc in psutil.process_iter(["pid", "uids"]):
+        if proc.pid == os.getpid() or proc.info["uids"] is None or proc.info["uids"].real != me:
             continue
         try:
             if proc.environ().get(rankenv.JOB_ID_VAR) == job_id:
@@ -474,7 +565,10 @@ def main() -> int:
         print(f"launcher agent: {exc}", file=sys.stderr)
         return 2
     if isinstance(spec, protocol.Sweep):
-        EventWriter(stdout, lambda _reason: None).send(protocol.Swept(pids=sweep_job(spec.job_id)))
+        writer = EventWriter(stdout, lambda _reason: None)
+        writer.send(protocol.Swept(pids=sweep_job(spec.job_id)))
+        writer.start()
+        writer.close()
         return 0
     if not isinstance(spec, protocol.AgentSpec):
         print(f"launcher agent: expected an agent spec first, got {type(spec).__name__}", file=sys.stderr)
@@ -485,8 +579,10 @@ def main() -> int:
         signal.signal(signum, lambda s, _f: agent.request_stop(f"agent received {signal.Signals(s).name}", s))
     agent.events.send(agent.hello())
     agent.start_ranks()
+    agent.events.start()  # the first thread: every rank is forked by now
     agent.start_threads()
     agent.supervise()
+    agent.events.close()
     # Leave without interpreter finalisation: the stdin reader thread may still
     # be blocked in readline (a silent head), and CPython aborts (SIGABRT) when
     # it finalises a buffered stream a daemon thread holds.

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
 import threading
-import uuid
 from collections.abc import Mapping, Sequence
 
 from . import plan as planmod
@@ -22,7 +22,9 @@ def plan_job(
     job_id: str | None = None,
 ) -> LaunchPlan:
     """A plan for ``hosts`` from ``env`` (default: this process's environment)."""
-    return planmod.build(hosts, options, os.environ if env is None else env, job_id or uuid.uuid4().hex[:8])
+    return planmod.build(
+        hosts, options, os.environ if env is None else env, job_id or secrets.token_hex(8)
+    )  # 64 bits: the sweep kills by it
 
 
 def launch(

@@ -160,8 +160,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE  # as a tool killed by SIGPIPE: `launcher run | head -2`
+
+
+def main(argv: list[str] | None = None, held: list[int] | None = None, ignored: frozenset[int] | None = None) -> int:
+    """The command line. ``held``: stop signals that arrived while the entry point imported this module;
+    ``ignored``: stop signals ignored when the process started (``nohup``), which stay ignored."""
+    if ignored is None:
+        ignored = frozenset(s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_IGN)
     args = build_parser().parse_args(argv)
+    if held:
+        print(f"launcher: stopped by {signal.Signals(held[0]).name} before anything started", file=sys.stderr)
+        return 128 + held[0]
+    try:
+        return _run(args, ignored)
+    except BrokenPipeError:  # stdout's reader went away (`launcher plan | head -1`): end quietly, as Unix tools do
+        _silence_stdout()
+        return EXIT_STDOUT_CLOSED
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush cannot fail again on a closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _run(args, ignored: frozenset[int]) -> int:
     try:
         hosts = _hosts(args)
         if args.command == "hosts":
@@ -193,11 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             print(report.render_plan(plan, python=sys.executable))
             return 0
+        if getattr(args, "log_dir", None):
+            report.prepare_log_dir(args.log_dir)
         transport = _transport(args, plan)
-    except (hostfile.HostfileError, transports.AllocationError, PlanError, transports.TransportError) as exc:
+    except (hostfile.HostfileError, transports.AllocationError, PlanError, transports.TransportError, report.LogDirError) as exc:
         print(f"launcher: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return _launch(args, plan, transport)
+    return _launch(args, plan, transport, ignored)
 
 
 def _hosts(args) -> list:
@@ -240,9 +268,16 @@ def _transport(args, plan) -> transports.Transport:
     return transports.from_args(name, args, os.environ)
 
 
-def _launch(args, plan, transport) -> int:
+def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
     stop, hurry = threading.Event(), threading.Event()
     received: list[int] = []
+    closed: list[str] = []
+
+    def on_closed(stream: str) -> None:
+        closed.append(stream)
+        stop.set()
+
+    reporter = report.ConsoleReporter(quiet_output=args.quiet, log_dir=args.log_dir, on_closed=on_closed)
 
     def on_signal(signum, _frame):
         received.append(signum)
@@ -250,11 +285,11 @@ def _launch(args, plan, transport) -> int:
             hurry.set()  # asked twice: no more grace
         else:
             stop.set()
-            print(f"launcher: {signal.Signals(signum).name}: stopping every rank (again to kill at once)", file=sys.stderr, flush=True)
+            reporter.progress(f"{signal.Signals(signum).name}: stopping every rank (again to kill at once)")
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, on_signal)
-    reporter = report.ConsoleReporter(quiet_output=args.quiet, log_dir=args.log_dir)
+    for signum in STOP_SIGNALS:
+        if signum not in ignored:  # `nohup launcher run ...` keeps running when the terminal goes
+            signal.signal(signum, on_signal)
     for warning in plan.warnings:
         reporter.progress(f"warning: {warning}")
     check = None
@@ -271,18 +306,26 @@ def _launch(args, plan, transport) -> int:
             preflight=getattr(args, "preflight", False),
             hurry=hurry,
         )
+        code = _finish(result, received, closed, reporter, plan)
     finally:
-        reporter.close()
-    return _finish(result, received, reporter, plan)
+        drained = reporter.close()
+    if closed:
+        _silence_stdout() if closed[0] == "stdout" else None
+    if not drained:
+        os._exit(code)  # the terminal never read the last lines; an exit-time flush would wait for it too
+    return code
 
 
-def _finish(result: LaunchResult, received: list[int], reporter: report.ConsoleReporter, plan) -> int:
+def _finish(result: LaunchResult, received: list[int], closed: list[str], reporter: report.ConsoleReporter, plan) -> int:
     if result.failure is not None:
         # A signal is an order, not a fault: "stopped", not "FAILED".
         verdict = "stopped" if result.failure.kind == "signal" else "FAILED"
-        print(f"launcher: {verdict}: {result.failure.message}", file=sys.stderr)
-        print(report.render_summary(result), file=sys.stderr, flush=True)
+        reporter.final(f"launcher: {verdict}: {result.failure.message}\n{report.render_summary(result)}")
         return result.exit_code
+    if closed:
+        if closed[0] == "stdout":
+            reporter.final(f"launcher: stopped: standard output was closed (its reader went away); all {plan.world_size} ranks stopped")
+        return EXIT_STDOUT_CLOSED
     if received:
         name = signal.Signals(received[0]).name
         reporter.progress(f"stopped by {name}; all {plan.world_size} ranks stopped")

@@ -9,6 +9,7 @@ the head's bind address, device visibility or data-parallel identity.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -118,7 +119,11 @@ COMPILE_HASH_IGNORED = frozenset(
     }
 )
 
-_SECRET_WORDS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "PASSWD", "CREDENTIAL")
+# A name is secret-looking when one of its _-separated parts is a short word here,
+# or contains a long one (MYPASSWORD, GITHUB_TOKENS); PWD, KEYBOARD are not.
+_SECRET_PARTS = frozenset({"PW", "PASS", "KEY", "AUTH", "PAT", "APIKEY"})
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE")
+_URL_PASSWORD = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^/\s:@]*:)([^@/\s]+)@")
 MASK = "****"
 
 
@@ -129,12 +134,14 @@ def in_compile_hash(name: str) -> bool:
 
 def is_secret(name: str) -> bool:
     upper = name.upper()
-    return any(word in upper for word in _SECRET_WORDS)
+    return any(part in _SECRET_PARTS for part in upper.split("_")) or any(word in upper for word in _SECRET_WORDS)
 
 
 def masked(name: str, value: str) -> str:
-    """The value as it may be printed: secret-looking names show ``****``."""
-    return MASK if is_secret(name) and value else value
+    """The value as it may be printed: secret-looking names show ``****``, and so does a password in a URL."""
+    if is_secret(name) and value:
+        return MASK
+    return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK + "@", value)
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,16 @@ def rank_environment(
 
 
 DEVICE_VISIBILITY = frozenset(name for name, why in WORKER_SPECIFIC.items() if why == _DEVICES)
+
+
+# What a login gives an agent (sshd's session, roughly): the host layer of a rank's environment for the
+# backends that start agents from the head's own environment (local, Slurm), so that everything else of
+# the head's reaches a rank only through the allowlist, as over SSH.
+LOGIN_NAMES = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+def login_environment(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k in LOGIN_NAMES or k.startswith("LC_")}
 
 
 def without_worker_specific(env: Mapping[str, str]) -> dict[str, str]:

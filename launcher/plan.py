@@ -210,6 +210,7 @@ def build(
                 cidr=host.cidr,
             )
             report = envpolicy.rank_environment(head_env, policy, job_env=options.env, host_env=host.env, rank_env=identity.to_env())
+            _check_text(report, host)
             argv = _argv(options, index, {**placeholders(identity), "rpc_port": str(options.rpc_port)})
             # A vLLM command binds where its own DP flags say (base + each DP index it serves), whatever our rank count.
             vllm_ranks = vllm_dp_ranks(user_command(argv)) if options.command else None
@@ -284,6 +285,22 @@ def _argv(options: LaunchOptions, host_index: int, values: Mapping[str, str]) ->
         return BOOTSTRAP + render_template(command, values, leave=RUNTIME_PLACEHOLDERS)
     except CommandError as exc:
         raise PlanError(str(exc)) from None
+
+
+def _check_text(report: envpolicy.EnvReport, host: Host) -> None:
+    """Every name and value a rank receives must be text: the spec travels as JSON, and a byte that is
+    not UTF-8 (the shell's environment can hold one) would otherwise fail on the way, far from its cause."""
+    for name, value in report.env.items():
+        try:
+            name.encode("utf-8")
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = name.encode("utf-8", "backslashreplace").decode()
+            source = f"copied from this environment ({report.copied[name]})" if name in report.copied else report.set.get(name, "set")
+            raise PlanError(
+                f"{shown} for {host.label} holds bytes that are not UTF-8 ({source}); launcher carries text only: "
+                f"fix its value, unset it, or set it with --env {shown}=VALUE"
+            ) from None
 
 
 def _check_port_overlap(host_plans: Sequence[HostPlan]) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import stat
 import sys
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import TextIO
 
@@ -30,45 +34,173 @@ def format_table(rows: Sequence[Sequence[str]], right: bool = False) -> str:
     return "\n".join("  ".join(c.rjust(w) if right else c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-class ConsoleReporter(Reporter):
-    """Progress on stderr, ``[rN host]``-prefixed output (``[r0-7 host]`` per host), and optionally a log file per rank."""
+class LogDirError(ValueError):
+    """A --log-dir that is not safe to write rank output to; str() names it and the fix."""
 
-    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, quiet_output: bool = False, log_dir: str | None = None):
+
+def prepare_log_dir(path: str) -> str:
+    """Create ``path`` (0700) or check it: ours, not writable by group or others (rank output can hold secrets)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as exc:
+        raise LogDirError(f"--log-dir {path}: {exc.strerror or exc}; give a directory you can create") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise LogDirError(f"--log-dir {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise LogDirError(f"--log-dir {path} belongs to another user (uid {st.st_uid}); use a directory of your own")
+    if st.st_mode & 0o022:
+        raise LogDirError(f"--log-dir {path} is writable by group or others (mode {st.st_mode & 0o777:o}); chmod 700 it or use another")
+    return path
+
+
+def _open_log(path: str) -> TextIO:
+    """Append-only, 0600, never through a symlink someone left in the directory."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+
+
+class _Printer:
+    """One stream's writer thread behind a bounded queue: the stream may stop reading, the caller never waits."""
+
+    def __init__(self, stream: TextIO, name: str, capacity: int, on_closed):
+        self.stream, self.name, self.capacity, self.on_closed = stream, name, capacity, on_closed
+        self.closed = False
+        self._queue: collections.deque = collections.deque()
+        self._droppable = 0
+        self._dropped = 0
+        self._ready = threading.Condition()
+        threading.Thread(target=self._loop, daemon=True, name=f"print-{name}").start()
+
+    def put(self, text: str, droppable: bool) -> None:
+        with self._ready:
+            if self.closed:
+                return
+            if droppable:
+                if self._droppable >= self.capacity:
+                    self._dropped += 1
+                    return
+                self._droppable += 1
+            self._queue.append((text, droppable))
+            self._ready.notify()
+
+    def drain(self, deadline: float) -> bool:
+        with self._ready:
+            while self._queue and not self.closed and time.monotonic() < deadline:
+                self._ready.wait(0.05)
+            return not self._queue
+
+    def _loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.notify_all()
+                    self._ready.wait()
+                text, droppable = self._queue.popleft()
+                self._droppable -= droppable
+                dropped = 0
+                if self._dropped and self._droppable < self.capacity // 2:
+                    dropped, self._dropped = self._dropped, 0
+            try:
+                if dropped:
+                    note = f"{dropped} lines of rank output not shown: the terminal was not reading (--log-dir keeps every line)"
+                    self.stream.write(f"launcher: {note}\n")
+                self.stream.write(text + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                with self._ready:
+                    self.closed = True
+                    self._queue.clear()
+                    self._ready.notify_all()
+                self.on_closed(self.name)
+                return
+
+
+class ConsoleReporter(Reporter):
+    """Progress on stderr, ``[rN host]``-prefixed output (``[r0-7 host]`` per host), and optionally a log file per rank.
+
+    Each stream is written by a printer thread of its own behind a bounded
+    queue, so a terminal or pipe that stops reading never stalls the head (its
+    heartbeats, its Ctrl-C), nor the other stream: rank output beyond
+    ``capacity`` queued lines is dropped and counted, and the count is printed
+    once the stream reads again; progress is never dropped. Per-rank log
+    files are written at once and keep every line. A closed stream
+    (``launcher run | head -2``) calls ``on_closed``.
+    """
+
+    def __init__(
+        self,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        quiet_output: bool = False,
+        log_dir: str | None = None,
+        capacity: int = 10000,
+        on_closed=None,
+    ):
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.quiet_output = quiet_output
         self.log_dir = log_dir
-        self._logs: dict[int, TextIO] = {}
-        if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
+        self.capacity = capacity
+        self._logs: dict[int, TextIO | None] = {}  # None: that rank's log could not be opened
+        closed = on_closed or (lambda stream: None)
+        self._printers = {
+            id(self.out): _Printer(self.out, "stdout", capacity, closed),
+            id(self.err): _Printer(self.err, "stderr", capacity, closed),
+        }
 
-    def close(self) -> None:
-        for log in self._logs.values():
-            log.close()
-        self._logs.clear()
+    # --- what the supervisor reports ---------------------------------------------------------
 
     def progress(self, text: str) -> None:
-        print(f"launcher: {text}", file=self.err, flush=True)
+        self._put(self.err, f"launcher: {text}")
 
     def output(self, rank: RankState, stream: str, line: str) -> None:
         if self.log_dir:
-            log = self._logs.get(rank.spec.rank)
-            if log is None:
-                log = self._logs[rank.spec.rank] = open(os.path.join(self.log_dir, f"rank-{rank.spec.rank}.log"), "a", encoding="utf-8")
-            print(line, file=log, flush=True)
+            self._log(rank.spec.rank, line)
         if not self.quiet_output:
             target = self.err if stream == "stderr" else self.out
-            print(f"[r{rank_span(rank.spec)[0]} {rank.spec.host}] {line}", file=target, flush=True)
+            self._put(target, f"[r{rank_span(rank.spec)[0]} {rank.spec.host}] {line}", droppable=True)
+
+    def _log(self, rank: int, line: str) -> None:
+        log = self._logs.get(rank)
+        if log is None:
+            path = os.path.join(self.log_dir, f"rank-{rank}.log")
+            try:
+                log = _open_log(path)
+            except OSError as exc:  # a symlink planted there (ELOOP), a full disk: say so once, keep serving
+                self.progress(f"not writing {path}: {exc.strerror or exc}")
+                log = None
+            self._logs[rank] = log
+        if log is not None:
+            log.write(line + "\n")
+            log.flush()
 
     def ready(self, ranks: list[RankState]) -> None:
         rows = [("RANK", "HOST", "ADDRESS", "PORT", "PID", "STATE", "ADDRESS RULE")]
         for r in sorted(ranks, key=lambda r: r.spec.rank):
             rank, ports = rank_span(r.spec)
             rows.append((rank, r.spec.host, r.address or "-", ports, str(r.pid or "-"), r.state, r.rule or "-"))
-        print(format_table(rows), file=self.out, flush=True)
+        self._put(self.out, format_table(rows))
 
     def checked(self, matrix: CheckMatrix) -> None:
-        print(render_matrix(matrix, color=self.out.isatty()), file=self.out, flush=True)
+        self._put(self.out, render_matrix(matrix, color=self.out.isatty()))
+
+    def final(self, text: str) -> None:
+        """The last word (the FAILED line, the summary) on stderr."""
+        self._put(self.err, text)
+
+    def close(self, timeout: float = 2.0) -> bool:
+        """Write what is queued (up to ``timeout``: a stalled terminal may never read it); True when all went."""
+        deadline = time.monotonic() + timeout
+        drained = all([printer.drain(deadline) for printer in self._printers.values()])
+        for log in self._logs.values():
+            if log is not None:
+                log.close()
+        self._logs.clear()
+        return drained
+
+    def _put(self, stream: TextIO, text: str, droppable: bool = False) -> None:
+        self._printers[id(stream)].put(text, droppable)
 
 
 def render_hosts(hosts: Iterable[Host]) -> str:

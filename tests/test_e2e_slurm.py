@@ -18,7 +18,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
 HEAD = "198.18.0.1"
 # What a user's shell may hold when it calls sbatch; Slurm exports it all (--export=ALL).
-LEAKED = {"VLLM_NIXL_SIDE_CHANNEL_HOST": HEAD, "VLLM_HOST_IP": HEAD, "CUDA_VISIBLE_DEVICES": "0", "VLLM_DP_RANK": "3"}
+LEAKED = {
+    "VLLM_NIXL_SIDE_CHANNEL_HOST": HEAD,
+    "VLLM_HOST_IP": HEAD,
+    "CUDA_VISIBLE_DEVICES": "0",
+    "VLLM_DP_RANK": "3",
+    "STANDIN_PRIVATE_NOTE": "the head's, not on the allowlist",
+}
 LAUNCHER = f"{sys.executable} -m launcher.cli"
 
 
@@ -94,6 +100,7 @@ def test_vllm_dp_batch_script_serves_until_scancel_and_leaves_nothing(slurm, hos
         assert (got["side_channel_host"], got["vllm_host_ip"]) == (own, own)
         assert got["argv"][got["argv"].index("--data-parallel-address") + 1] == slurm.hosts.host("h1").address
         assert got["headless"] == (host != "h1") and "VLLM_DP_RANK" not in got["env"] and "CUDA_VISIBLE_DEVICES" not in got["env"]
+        assert "STANDIN_PRIVATE_NOTE" not in got["env"]  # the allowlist holds under Slurm as over SSH
     assert {host: got["dp_ranks"] for host, got in seen.items()} == {"h1": [0, 1], "h2": [2, 3], "h3": [4, 5]}
     # The `hosts` fixture then checks every node holds nothing but its sshd and slurmd.
 
@@ -104,7 +111,14 @@ def test_a_rank_failing_on_one_node_ends_the_job_with_that_ranks_code(slurm, hos
         tmp_path,
         "slurm_vllm_dp.sbatch",
         "--nodes=3",
-        env={"VLLM": f"{sys.executable} {STANDIN}", "MODEL": "m", "DP_LOCAL": "2", "STANDIN_EXIT": "7", "STANDIN_EXIT_DP": "2"},
+        env={
+            "VLLM": f"{sys.executable} {STANDIN}",
+            "MODEL": "m",
+            "DP_LOCAL": "2",
+            "STANDIN_EXIT": "7",
+            "STANDIN_EXIT_DP": "2",
+            "EXTRA_ARGS": "--env STANDIN_EXIT --env STANDIN_EXIT_DP",  # not on the allowlist: named to reach the ranks
+        },
     )
     info = job.wait()
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "7:0"), job.text()[-2000:]
@@ -156,5 +170,6 @@ def test_srun_gets_the_extra_options_and_none_of_the_heads_worker_specific_value
     head_env = {"SLURM_JOB_ID": "7", "PATH": os.environ["PATH"], "CUDA_VISIBLE_DEVICES": "0", "VLLM_HOST_IP": HEAD, "HF_HOME": "/h"}
     transport = SlurmTransport(env=head_env, extra_args=("--gpus-per-node=8",))
     argv = transport.command(Host("n2", cwd="/srv"))
-    assert "--nodelist=n2" in argv and argv[-5:] == ["--chdir=/srv", "--gpus-per-node=8", sys.executable, "-m", "launcher.agent"]
+    assert "--nodelist=n2" in argv
+    assert argv[-6:] == ["--chdir=/srv", "--export=PATH", "--gpus-per-node=8", sys.executable, "-m", "launcher.agent"]
     assert transport.srun_environment() == {"SLURM_JOB_ID": "7", "PATH": os.environ["PATH"], "HF_HOME": "/h"}

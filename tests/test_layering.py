@@ -44,7 +44,7 @@ PURE = {
     "version",
     "argtypes",
 }
-IO = {"supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report"}
+IO = {"supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report", "entry"}
 RANK_SIDE = {"agent", "engine_core", "bootstrap"}
 
 

@@ -9,18 +9,9 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 
-from .. import netif
+from .. import envpolicy, netif
 from ..plan import Host
 from .base import AgentConnection, Transport, TransportError
-
-# What a login shell would give the agent; the head's other variables reach
-# ranks only through the plan's allowlist, as they would over SSH.
-BASE_ENV_NAMES = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
-
-
-def base_environment(env=None) -> dict[str, str]:
-    env = os.environ if env is None else env
-    return {k: v for k, v in env.items() if k in BASE_ENV_NAMES or k.startswith("LC_")}
 
 
 class ProcessConnection(AgentConnection):
@@ -85,7 +76,7 @@ class LocalTransport(Transport):
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=base_environment(),
+                env=envpolicy.login_environment(os.environ),  # the rest of the head's reaches ranks by the allowlist
                 cwd=host.cwd,
                 start_new_session=True,
             )

@@ -139,20 +139,27 @@ class SlurmTransport(Transport):
             "--job-name=launcher-agent",
             "--quiet",
             *([f"--chdir={host.cwd}"] if host.cwd else []),
+            self.export(),
             *self.extra_args,
             python,
             "-m",
             "launcher.agent",
         ]
 
-    def srun_environment(self) -> dict[str, str]:
-        """srun's own environment, which it exports to the step (``--export=ALL``, as Slurm users expect).
+    def export(self) -> str:
+        """What the step gets of the head's environment: a login's worth (PATH, HOME, LANG, ...), as sshd gives.
 
-        Without the head's worker-specific values, so that what the agent finds
-        on the node, such as the ``CUDA_VISIBLE_DEVICES`` Slurm sets for a step
-        holding GPUs (``--srun-arg=--gpus-per-node=8``), is the node's own.
-        (``--export=ALL,NAME=`` does not unset NAME inside a batch job.)
+        Slurm's default, --export=ALL, would hand a rank the whole head
+        environment, past the allowlist; with names, Slurm exports those plus
+        its own SLURM_* values, and the CUDA_VISIBLE_DEVICES it sets for a step
+        holding GPUs (``--srun-arg=--gpus-per-node=8``) is still the node's own.
         """
+        names = sorted(envpolicy.login_environment(self.env))
+        return f"--export={','.join(names)}" if names else "--export=NONE"
+
+    def srun_environment(self) -> dict[str, str]:
+        """srun's own environment (SLURM_CONF, the job's SLURM_* ...), without the head's worker-specific values
+        (``--export=NAME=`` does not unset a name inside a batch job)."""
         return envpolicy.without_worker_specific(self.env)
 
     def start(self, host: Host) -> AgentConnection:

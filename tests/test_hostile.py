@@ -1,0 +1,279 @@
+"""Hostile input and hostile environments, on loopback: nothing may kill, hang or subvert a job.
+
+One section per class of the hostile-input issue; each test uses members of
+its class beyond the first example found.
+"""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+import launcher
+from conftest import REPO, RunningLauncher, launcher_cmd, run_launcher, wait_for, write_hostfile
+from launcher import agent, envpolicy, protocol, transports
+from launcher.plan import Host, LaunchOptions
+from launcher.readiness import Log
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
+
+PY = sys.executable
+
+
+# --- 2. the head never hangs on an exception it did not foresee --------------------------------
+
+
+@pytest.mark.parametrize(
+    "env, args, name",
+    [
+        ({"VLLM_WEIRD": "a\udcffb"}, [], "VLLM_WEIRD"),  # copied by the VLLM_ prefix
+        ({"MYAPP_OPT": "\udce9t\udce9"}, ["--env-include", "MYAPP_"], "MYAPP_OPT"),  # copied by --env-include
+        ({"HF_HOME": "/data/\udcff"}, ["--env", "HF_HOME"], "HF_HOME"),  # --env NAME takes the shell's value
+    ],
+)
+def test_a_variable_that_is_not_utf8_is_refused_at_plan_time_by_name(tmp_path, env, args, name):
+    hf = write_hostfile(tmp_path, "localhost\n")
+    done = run_launcher("run", "-H", hf, *args, "--to-completion", "--", "true", env=env, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"launcher: error: {name} for localhost (") and "holds bytes that are not UTF-8" in done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+class Broken(transports.Transport):
+    """A backend that fails in a way nobody foresaw (not a TransportError, not an OSError)."""
+
+    name = "broken"
+
+    def start(self, host):
+        raise KeyError("surprise")
+
+
+@pytest.mark.parametrize("to_completion", [False, True])
+def test_an_unforeseen_exception_in_a_head_thread_is_that_hosts_failure_never_a_hang(to_completion):
+    command = ("true",) if to_completion else ()
+    plan = launcher.plan_job(
+        [Host("localhost"), Host("127.0.0.2")], LaunchOptions(command=command, to_completion=to_completion, ready_timeout=60)
+    )
+    started = time.monotonic()
+    result = launcher.launch(plan, Broken())
+    assert time.monotonic() - started < 10  # not the ready timeout, not forever
+    assert (result.failure.kind, result.exit_code) == ("transport", 3)
+    assert result.failure.message.startswith("localhost: the head failed talking to its agent (KeyError: 'surprise')") or (
+        result.failure.message.startswith("127.0.0.2: the head failed talking to its agent (KeyError")
+    )
+
+
+# --- 3. output never blocks control -------------------------------------------------------------
+
+
+def test_a_terminal_that_stops_reading_never_stops_heartbeats_or_ctrl_c(tmp_path):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    flood = f"{PY} -c \"import sys\nwhile True: sys.stdout.write('x' * 200 + chr(10))\""
+    # stdout is a pipe nobody reads: it fills in a moment; stderr is read.
+    proc = subprocess.Popen(
+        launcher_cmd("run", "-H", hf, "--heartbeat-timeout", "2", "--grace", "1", "--ready-log", "x", "--", "sh", "-c", flood),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err = []
+    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
+    time.sleep(8)  # four heartbeat timeouts with the terminal stalled
+    assert proc.poll() is None, "".join(err)  # no false 'host lost'
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    assert proc.wait(20) == 130, "".join(err)
+    assert time.monotonic() - started < 10
+    assert any("SIGINT: stopping every rank" in line for line in err)
+    proc.stdout.close()
+
+
+def test_a_line_without_end_costs_bounded_memory_and_cr_ends_a_line(tmp_path):
+    hf = write_hostfile(tmp_path, "localhost\n")
+    huge = (
+        f"{PY} -c \"import sys, time; sys.stdout.write('10%\\r20%\\r30%\\n'); "
+        "sys.stdout.write('y' * 200_000_000); sys.stdout.flush(); time.sleep(1)\""
+    )
+    logs = tmp_path / "logs"
+    run = RunningLauncher(["-H", hf, "--to-completion", "--log-dir", str(logs), "-q", "--", "sh", "-c", huge])
+    peak = {"head": 0, "agent": 0}
+
+    def sample():
+        try:
+            head = psutil.Process(run.proc.pid)
+            peak["head"] = max(peak["head"], head.memory_info().rss)
+            for child in head.children(recursive=True):
+                if "launcher.agent" in " ".join(child.cmdline()):
+                    peak["agent"] = max(peak["agent"], child.memory_info().rss)
+        except psutil.Error:
+            pass
+        return run.proc.poll() is not None
+
+    wait_for(sample, timeout=120, interval=0.05)
+    assert run.finish() == 0, run.stderr[-5:]
+    lines = (logs / "rank-0.log").read_text().split("\n")
+    assert lines[:3] == ["10%", "20%", "30%"]  # a progress bar's redraws arrive as lines
+    assert len(lines[3]) == agent.LINE_LIMIT and sum(len(x) for x in lines[3:]) == 200_000_000
+    assert peak["agent"] < 100 * 2**20 and peak["head"] < 200 * 2**20, peak
+
+
+def test_a_closed_stdout_ends_the_job_with_one_line_and_the_sigpipe_code(tmp_path):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    cmd = " ".join(launcher_cmd("run", "-H", hf, "--", "sh", "-c", "'while true; do echo tick; sleep 0.05; done'"))
+    done = subprocess.run(
+        ["bash", "-c", f"{cmd} | head -2; echo status=${{PIPESTATUS[0]}} >&2"], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.count("\n") == 2
+    assert "status=141" in done.stderr, done.stderr
+    assert "launcher: stopped: standard output was closed (its reader went away); all 2 ranks stopped" in done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_a_plan_piped_to_head_ends_quietly(tmp_path):
+    hf = write_hostfile(tmp_path, "localhost slots=3000\n")  # far more than a pipe holds
+    cmd = " ".join(launcher_cmd("plan", "-H", hf))
+    done = subprocess.run(
+        ["bash", "-c", f"{cmd} | head -1; echo status=${{PIPESTATUS[0]}} >&2"], capture_output=True, text=True, timeout=60
+    )
+    assert "status=141" in done.stderr and "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+
+
+# --- 4. signals as a Unix user expects them ----------------------------------------------------
+
+
+def test_nohup_keeps_running_through_sighup(tmp_path):
+    hf = write_hostfile(tmp_path, "localhost\n")
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(PY), "launcher"), "run", "-H", hf, "--grace", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
+    )
+    time.sleep(2)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 143
+
+
+def test_a_ctrl_c_at_any_instant_of_start_up_exits_cleanly(tmp_path):
+    """From the moment the console script's entry runs (about 30 ms after exec on this machine) a Ctrl-C is
+    noted and the launcher stops cleanly; earlier, it lands in CPython's own start-up, which ends the
+    process its own way. Never a crash, never a traceback from launcher's code."""
+    hf = write_hostfile(tmp_path, "localhost\n")
+    script = os.path.join(os.path.dirname(PY), "launcher")
+    for delay in [0.0, 0.005, 0.01, 0.02, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.16, 0.2, 0.3, 0.5, 0.8]:
+        proc = subprocess.Popen([script, "run", "-H", hf, "--grace", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=30)[1]
+        assert proc.returncode not in (-signal.SIGSEGV, -signal.SIGABRT), (delay, err[-800:])
+        assert "launcher/" not in err, (delay, err[-800:])  # no frame of launcher's in any traceback
+        if delay >= 0.05:
+            assert proc.returncode == 130, (delay, proc.returncode, err[-800:])
+            assert "Traceback" not in err and err.startswith("launcher: "), (delay, err[-800:])
+
+
+# --- 7. files and secrets ----------------------------------------------------------------------
+
+
+def test_log_files_are_private_and_never_follow_a_planted_symlink(tmp_path):
+    hf = write_hostfile(tmp_path, "localhost slots=2\n")
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
+    (logs / "rank-1.log").symlink_to(target)
+    done = run_launcher("run", "-H", hf, "--log-dir", str(logs), "--to-completion", "--", "sh", "-c", "echo hello", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert target.read_text() == "precious\n"
+    assert f"not writing {logs}/rank-1.log" in done.stderr
+    assert stat.S_IMODE(os.stat(logs / "rank-0.log").st_mode) == 0o600 and (logs / "rank-0.log").read_text() == "hello\n"
+    fresh = tmp_path / "fresh" / "logs"
+    assert run_launcher("run", "-H", hf, "--log-dir", str(fresh), "--to-completion", "--", "true").returncode == 0
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+
+
+@pytest.mark.parametrize("problem", ["group-writable", "other-user", "a-file", "under-a-file"])
+def test_an_unsafe_log_dir_is_refused_in_one_line(tmp_path, problem):
+    path = tmp_path / "logs"
+    if problem == "group-writable":
+        path.mkdir()
+        os.chmod(path, 0o775)
+    elif problem == "other-user":
+        path.mkdir(mode=0o700)
+        os.chown(path, 65534, 65534)
+    elif problem == "a-file":
+        path.write_text("")
+    else:
+        (tmp_path / "file").write_text("")
+        path = tmp_path / "file" / "logs"
+    done = run_launcher("run", "-H", write_hostfile(tmp_path, "localhost\n"), "--log-dir", str(path), "--", "true", timeout=30)
+    assert done.returncode == 2 and done.stderr.startswith(f"launcher: error: --log-dir {path}") and done.stderr.count("\n") == 1
+
+
+def test_an_agent_never_echoes_the_bytes_of_a_spec_it_cannot_read():
+    secret = "hf_S3CRET_abcdef"
+    spec = protocol.encode(
+        protocol.AgentSpec(
+            job_id="j",
+            host="h",
+            host_index=0,
+            host_is_loopback=True,
+            grace=1,
+            heartbeat_interval=1,
+            heartbeat_timeout=5,
+            ranks=[protocol.RankLaunch(rank=0, local_rank=0, port=1, engine_id="e", argv=["x"], env={"HF_TOKEN": secret}, ports=[1])],
+        )
+    )
+    for broken in (spec[:-30] + b"\n", spec.replace(b'"rank":0', b'"rank":"zero"'), b"\xff" + spec):
+        done = subprocess.run([PY, "-m", "launcher.agent"], input=broken, capture_output=True, timeout=30, cwd=REPO)
+        assert done.returncode == 2 and b"not a launcher message" in done.stderr
+        assert secret.encode() not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    "name", ["HF_TOKEN", "DB_PW", "MY_PASSWORD", "GITHUB_PAT", "X_API_KEY", "PRIVATE_CERT", "SSH_AUTH_SOCK", "OAUTH_CREDENTIALS"]
+)
+def test_secret_looking_names_are_masked_and_ordinary_ones_are_not(name):
+    assert envpolicy.masked(name, "value") == "****"
+    assert envpolicy.masked("PWD", "/home") == "/home" and envpolicy.masked("KEYBOARD", "us") == "us"
+    assert envpolicy.masked("DATABASE_URL", "postgres://al:hunter2@db/x") == "postgres://al:****@db/x"
+
+
+# --- 9. the sweep kills only this job's processes, only this user's -------------------------------
+
+
+def test_the_sweep_spares_another_users_process_carrying_the_job_id():
+    job = launcher.plan_job([Host("localhost")]).job_id
+    assert len(job) == 16  # 64 random bits
+    env = {**os.environ, "LAUNCHER_JOB_ID": job}
+    mine = subprocess.Popen(["sleep", "60"], env=env)
+    theirs = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "60"], env=env)
+    other_job = subprocess.Popen(["sleep", "60"], env={**env, "LAUNCHER_JOB_ID": job[:-1] + "x"})
+    try:
+        wait_for(lambda: psutil.Process(theirs.pid).uids().real == 65534, timeout=5)
+        assert agent.sweep_job(job) == [mine.pid]
+        mine.wait(5)  # killed (the sweep reaped it: it was our child)
+        assert theirs.poll() is None and other_job.poll() is None
+    finally:
+        for p in (theirs, other_job):
+            p.kill()
+            p.wait()
+
+
+def test_log_readiness_still_works_with_chunked_output(tmp_path):
+    plan = launcher.plan_job(
+        [Host("localhost")],
+        LaunchOptions(command=("sh", "-c", "printf 'warm\\rready now\\n'; sleep 30"), readiness=Log(pattern="^ready now$")),
+    )
+    result = launcher.launch(plan)
+    assert result.ok and result.ranks[0].ready_at is not None
