@@ -14,6 +14,7 @@ its environment (``rankenv``).
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 import threading
@@ -44,6 +45,12 @@ def builtin_payload(engine_id: str, job_id: str, tp_rank: int = 0) -> bytes:
     return wire.encode_payload(metadata, wire.compatibility_hash(job_id))
 
 
+def _raise_open_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main() -> int:
     env = os.environ
     try:
@@ -51,6 +58,7 @@ def main() -> int:
     except rankenv.RankEnvError as exc:
         return protocol.rank_failed(0, str(exc), EXIT_BAD_ADDRESS)
     rank, engine_id, port = me.rank, me.engine_id, me.port  # as vLLM: base + DP index
+    _raise_open_files_limit()  # every peer's connection is a descriptor: use all the host allows
 
     try:
         choice = netif.claim_bind_address(env)

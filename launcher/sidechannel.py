@@ -4,13 +4,30 @@
 that answers every generation of request with the engine's payload. Unlike
 vLLM's listener thread, which dies on a request of another generation or an
 unknown rank, it answers anything it cannot serve with an error map and
-keeps serving. ``handshake`` is the client: one request, the reply decoded.
+keeps serving, whatever a peer sends:
+
+- a request is decoded only if it is a few bytes, with a schema of scalars
+  (no nesting can make the decoder recurse), and anything unexpected in
+  ``reply_to`` is answered or dropped, never raised;
+- libzmq refuses frames over ``MAX_FRAME_BYTES`` and queues few messages
+  (``RCVHWM``); a peer that never finishes ZMTP's handshake is dropped after
+  ``HANDSHAKE_MS``;
+- libzmq bounds frames, not frames per message, and holds a whole multipart
+  message before delivering any of it (2 million empty frames cost ~120 MB),
+  so the serve loop watches its process's memory: past ``MEMORY_HEADROOM``
+  over what it started with, it drops every connection (a new socket on the
+  same port) and hands the freed memory back;
+- rejections are logged at most ``LOG_BURST`` a minute, then counted.
+
+``handshake`` is the client: one request, the reply decoded.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
+import os
 import socket
 import threading
 import time
@@ -27,6 +44,10 @@ from .probe import ProbeError, tcp_connect
 log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 4096  # per frame, enforced by ZMQ before we see it; a request is a few bytes
+RCVHWM = 64  # messages queued per peer before libzmq stops reading from it
+HANDSHAKE_MS = 2000  # a connection that has not finished ZMTP's greeting by then is dropped
+MEMORY_HEADROOM = 64 * 1024 * 1024  # growth over the listener's start that means a flood
+LOG_BURST = 20  # rejections logged per minute; the rest are counted
 DEFAULT_TIMEOUT = 5.0  # vLLM's client RCVTIMEO
 
 
@@ -47,8 +68,11 @@ class SideChannelListener:
         self.hostname = hostname or socket.gethostname()
         self.requests_served = 0
         self.requests_rejected = 0
+        self.resets = 0  # times every connection was dropped for a flood
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._logged: list[float] = []  # times of the rejections logged this minute
+        self._unlogged = 0
 
     @property
     def endpoint(self) -> str:
@@ -58,6 +82,9 @@ class SideChannelListener:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
         if ":" in self.address:
             sock.setsockopt(zmq.IPV6, 1)
         try:
@@ -80,21 +107,65 @@ class SideChannelListener:
             return SideChannelBindError(exc.errno, f"cannot bind {where}: Cannot assign requested address (not this host's address)")
         return SideChannelBindError(exc.errno, f"cannot bind the side channel at {where}: {exc}")
 
-    def serve(self, stop: threading.Event, poll_ms: int = 200) -> None:
+    def serve(self, stop: threading.Event, poll_ms: int = 20) -> None:
         """Answer requests until ``stop`` is set."""
         assert self._sock is not None, "bind() first"
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        baseline = _rss()
         while not stop.is_set():
-            if not dict(poller.poll(poll_ms)):
+            if _rss() > baseline + MEMORY_HEADROOM:
+                self._reset()
+                baseline = max(baseline, _rss())  # what the reset could not give back is not counted twice
                 continue
-            frames = self._sock.recv_multipart()
+            if not self._sock.poll(poll_ms, zmq.POLLIN):
+                continue
+            frames = self._receive(baseline)
+            if frames is None:
+                continue
             reply = self.reply_to(frames)
             if reply is not None:
                 try:
                     self._sock.send_multipart(reply, flags=zmq.NOBLOCK)
                 except zmq.ZMQError as exc:  # peer gone or HWM: drop the reply, keep serving
-                    log.warning("side channel: reply dropped: %s", exc)
+                    self._reject(f"a reply that could not go ({exc})")
+
+    def _receive(self, baseline: int) -> list[bytes] | None:
+        """One message, frame by frame: a request has 3 (identity, delimiter, body); past that, frames are
+        counted and dropped as they are read, so a message of millions costs no Python objects (None: reset)."""
+        frames: list[bytes] = []
+        extra = 0
+        while True:
+            frame = self._sock.recv(copy=False)
+            if len(frames) < 4:
+                frames.append(frame.bytes)
+            else:
+                extra += 1
+                if extra % 65536 == 0 and _rss() > baseline + MEMORY_HEADROOM:
+                    self._reset()
+                    return None
+            if not frame.more:
+                break
+        if extra:
+            frames.append(b"<%d more frames>" % extra)
+        return frames
+
+    def _reset(self) -> None:
+        """Drop every connection: a new socket on the same port; libzmq's buffers go back to the system."""
+        self.resets += 1
+        log.warning(
+            "side channel %s:%s: memory grew past %d MiB: a peer is flooding; dropping every connection",
+            self.address,
+            self.port,
+            MEMORY_HEADROOM >> 20,
+        )
+        self.close()
+        time.sleep(0.05)  # the I/O thread tears the old pipes down
+        _trim()
+        while True:
+            try:
+                self.bind()
+                return
+            except SideChannelBindError:
+                time.sleep(0.1)
 
     def reply_to(self, frames: list[bytes]) -> list[bytes] | None:
         """The frames to send back for one received ROUTER message (None: no reply possible)."""
@@ -120,13 +191,39 @@ class SideChannelListener:
         return [identity, b"", payload if gen.wrapped else wire.bare_metadata(payload), *stamp]
 
     def _reject(self, what: str) -> None:
+        """Count a rejection; log it unless LOG_BURST were logged in the last minute (then say how many were not)."""
         self.requests_rejected += 1
-        log.warning("side channel %s:%s: ignored %s", self.address, self.port, what)
+        now = time.monotonic()
+        self._logged = [t for t in self._logged if now - t < 60]
+        if len(self._logged) >= LOG_BURST:
+            self._unlogged += 1
+            return
+        self._logged.append(now)
+        more = f" (and {self._unlogged} more not logged)" if self._unlogged else ""
+        self._unlogged = 0
+        log.warning("side channel %s:%s: ignored %s%s", self.address, self.port, what, more)
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+
+
+def _rss() -> int:
+    """This process's resident memory, from /proc (no psutil: the rank stays light)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _trim() -> None:
+    """Give freed heap back to the system (glibc keeps it otherwise, and the watchdog would see a flood forever)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass(frozen=True)

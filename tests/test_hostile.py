@@ -12,8 +12,11 @@ import sys
 import threading
 import time
 
+import msgspec
 import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import launcher
 from conftest import REPO, RunningLauncher, launcher_cmd, run_launcher, wait_for, write_hostfile
@@ -277,3 +280,130 @@ def test_log_readiness_still_works_with_chunked_output(tmp_path):
     )
     result = launcher.launch(plan)
     assert result.ok and result.ranks[0].ready_at is not None
+
+
+# --- 1. the side channel survives anything a peer sends -----------------------------------------
+
+
+def rank_process(run):
+    return psutil.Process(run.ready_rows(1)[0][4])
+
+
+def dealer(port):
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    return sock
+
+
+@pytest.fixture
+def engine_core(tmp_path, port_base):
+    run = RunningLauncher(["-H", write_hostfile(tmp_path, "localhost\n"), "--port-base", str(port_base), "-q"])
+    rank = rank_process(run)
+    yield run, rank, port_base
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 143
+
+
+def test_deep_nesting_odd_frames_and_oversized_bodies_are_answered_and_the_rank_serves_on(engine_core):
+    from conftest import vllm_handshake
+
+    run, rank, port = engine_core
+    sock = dealer(port)
+    bodies = [
+        b"\x91" * 200 + b"\xc0",  # 200 levels of nesting in 201 bytes
+        b"\x91" * 5000 + b"\xc0",  # and 5000
+        msgspec.msgpack.encode([b"get_meta_msg", [[[[0]]]], 0]),
+        b"\xdd\xff\xff\xff\xff",  # an array announcing 4 billion items
+        b"\xc6\x7f\xff\xff\xff" + b"x" * 100,  # a binary announcing 2 GiB
+        b"x" * 4000,
+    ]
+    for body in bodies:
+        sock.send_multipart([b"", body])
+    sock.send_multipart([b"", b"a", b"b", b"c"])  # too many frames
+    sock.send_multipart([b"y" * 100_000])  # over MAXMSGSIZE: the peer is disconnected
+    time.sleep(0.5)
+    assert rank.is_running() and run.proc.poll() is None
+    assert vllm_handshake("127.0.0.1", port).endswith("-dp0")
+
+
+def test_a_flood_of_frames_costs_bounded_memory_and_the_rank_serves_on(engine_core):
+    from conftest import vllm_handshake
+
+    run, rank, port = engine_core
+    before = rank.memory_info().rss
+    flood = subprocess.Popen(
+        [
+            PY,
+            "-c",
+            f"""
+import zmq, time
+s = zmq.Context().socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0); s.connect('tcp://127.0.0.1:{port}')
+for _ in range(3):
+    s.send_multipart([b''] + [b''] * 1_500_000)  # one message of 1.5 million empty frames
+    s.send_multipart([b''] + [b'x' * 4000] * 20_000)  # one of 20,000 frames at the frame limit
+time.sleep(20)
+""",
+        ]
+    )
+    peak = 0
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        peak = max(peak, rank.memory_info().rss)
+        time.sleep(0.02)
+    flood.kill()
+    flood.wait()
+    assert rank.is_running() and run.proc.poll() is None
+    assert peak - before < 200 * 2**20, (before >> 20, peak >> 20)  # unbounded, this grew by gigabytes
+    assert vllm_handshake("127.0.0.1", port).endswith("-dp0")
+
+
+def test_a_thousand_idle_peers_do_not_starve_a_real_handshake(engine_core):
+    from conftest import vllm_handshake
+
+    run, rank, port = engine_core
+    import socket as sockets
+
+    idle = []
+    for _ in range(1000):  # half-open: TCP only, never a ZMTP greeting
+        s = sockets.socket()
+        s.connect(("127.0.0.1", port))
+        idle.append(s)
+    try:
+        assert vllm_handshake("127.0.0.1", port).endswith("-dp0")
+        assert rank.is_running()
+    finally:
+        for s in idle:
+            s.close()
+
+
+def _nested(depth: int) -> bytes:
+    return b"\x91" * depth + b"\xc0"
+
+
+frames_strategy = st.lists(
+    st.one_of(
+        st.binary(max_size=64),
+        st.integers(1, 20000).map(_nested),  # nesting, past the size limit too
+        st.binary(min_size=4000, max_size=9000),  # around libzmq's frame limit
+        st.just(b"get_meta_msg"),
+        st.tuples(st.sampled_from([b"get_meta_msg", b"x"]), st.integers(-3, 2**40)).map(lambda t: msgspec.msgpack.encode(list(t))),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames_strategy)
+def test_fuzzed_messages_leave_the_rank_alive_bounded_and_answering(engine_core, frames):
+    from conftest import vllm_handshake
+
+    run, rank, port = engine_core
+    sock = dealer(port)
+    sock.send_multipart(frames)
+    sock.close()
+    assert vllm_handshake("127.0.0.1", port).endswith("-dp0")
+    assert rank.is_running() and rank.memory_info().rss < 150 * 2**20
