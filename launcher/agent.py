@@ -22,6 +22,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import select
 import shutil
 import signal
 import socket
@@ -391,7 +392,7 @@ class Agent:
                 self.events.send(protocol.Heartbeat())
                 next_beat = now + self.spec.heartbeat_interval
             silent = now - self.last_heard
-            if silent > self.spec.heartbeat_timeout:
+            if silent > self.spec.heartbeat_timeout and not _readable(self.stdin):  # bytes waiting: the head spoke
                 self.request_stop(f"no word from the head for {silent:.0f}s (heartbeat timeout)")
         # Before any exit it causes: the head then knows those exits are not the cause.
         self.events.send(protocol.Stopping(reason=self.stop_reason or "stopping", signal=self.stop_signal))
@@ -545,6 +546,13 @@ def _die_with_parent(parent: int) -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the agent died before prctl took effect
         os._exit(1)
+
+
+def _readable(stream) -> bool:
+    try:
+        return bool(select.select([stream], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 def _thread(target, *args) -> threading.Thread:

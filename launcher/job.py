@@ -226,6 +226,10 @@ class Job:
                     self._stopped_by_signal(
                         index, f"the agent on {host.host.name} received {name} (scancel, or a kill on that host)", event.signal
                     )
+                else:  # on its own (it heard nothing from the head): its ranks' exits that follow are consequences
+                    self.fail(
+                        FailureKind.HOST_LOST, f"the agent on {host.host.name} stopped its ranks: {event.reason}", host=host.host.name
+                    )
             case protocol.AgentError():
                 return [Progress(f"agent on {host.host.name}: {event.message}")]
             case Noise():
@@ -241,12 +245,19 @@ class Job:
                 return self._closed(index, event, now)
         return []
 
-    def tick(self, now: float) -> list[Action]:
-        """Judge silence: a host whose agent said hello and then nothing for the heartbeat timeout is lost."""
+    def tick(self, now: float, speaking: frozenset[int] = frozenset()) -> list[Action]:
+        """Judge silence: a host whose agent said hello and then nothing for the heartbeat timeout is lost.
+
+        Loss is judged on evidence: ``speaking`` are the hosts whose connection
+        has bytes waiting to be read (a starved head reads late; those bytes
+        are the agent's word), and they are not silent, however late.
+        """
         actions: list[Action] = []
         timeout = self.plan.options.heartbeat_timeout
         for index, host in enumerate(self.hosts):
             silent = now - host.last_seen
+            if index in speaking:
+                continue
             if host.hello is not None and not host.gone and not self.stopping and silent > timeout:
                 # Nothing more will come; its agent stops its ranks on its own timeout.
                 actions += self._lose(

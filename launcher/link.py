@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from . import job, protocol
@@ -29,13 +30,26 @@ class HostLink:
         self.outbox: queue.Queue = queue.Queue()
         self.threads: list[threading.Thread] = []
         self.sweeper: threading.Thread | None = None
+        self.last_heard = time.monotonic()  # when the reader last got a line from the agent (any line: evidence of life)
+        self.released = threading.Event()  # the supervisor reads no more: events are dropped, threads end
 
     @property
     def name(self) -> str:
         return self.plan.host.name
 
+    def heard_since(self, moment: float) -> bool:
+        """Whether the agent spoke after ``moment``: a line read, or bytes waiting to be read."""
+        return self.last_heard > moment or (self.conn is not None and self.conn.bytes_waiting())
+
     def _put(self, event) -> None:
-        self.events.put((self.index, event))
+        """Onto the supervisor's bounded queue: a full queue holds this reader back (and, through the
+        connection, the agent's output), rather than letting a flood grow the head."""
+        while not self.released.is_set():
+            try:
+                self.events.put((self.index, event), timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     # --- start and read --------------------------------------------------------------------
 
@@ -75,6 +89,7 @@ class HostLink:
                 raw = b""
             if not raw:
                 break
+            self.last_heard = time.monotonic()
             try:
                 self._put(protocol.decode(raw))
             except protocol.ProtocolError:

@@ -28,6 +28,8 @@ from .probe import ProbeError, tcp_connect
 from .results import LaunchResult, Phase
 from .transports import Transport
 
+EVENT_BACKLOG = 20000  # events waiting for the pump before the links' readers wait (rank output, mostly)
+
 
 class Reporter:
     """What the supervisor tells a person; the default tells nobody."""
@@ -55,10 +57,11 @@ class Supervisor:
         self.hurry = hurry or threading.Event()  # set while stopping: SIGKILL now instead of waiting out the grace
         self.reporter = reporter or Reporter()
         self.job = Job(plan)
-        self._events: queue.Queue = queue.Queue()
+        self._events: queue.Queue = queue.Queue(maxsize=EVENT_BACKLOG)
         self.links = [HostLink(i, hp, transport, self._events) for i, hp in enumerate(plan.hosts)]
         self._t0 = time.monotonic()
         self._head_ip_known = threading.Event()  # {head_ip}: the first host's address, from its agent
+        self._heart_stop = threading.Event()
 
     @property
     def failure(self):
@@ -77,6 +80,7 @@ class Supervisor:
         self.reporter.progress(f"starting {self.plan.world_size} ranks{processes} on {len(self.links)} hosts ({self.transport.name})")
         for link in self.links:
             link.start(lambda link=link: self._spec_for(link))
+        threading.Thread(target=self._beat, daemon=True, name="heart").start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Pump events until every rank is ready and reachable, or the job failed."""
@@ -136,12 +140,16 @@ class Supervisor:
             for link in self.links:
                 self._send(link, protocol.Stop(reason="killed at the user's request", now=True))
             self._pump(lambda: self.job.all_ended, deadline)
+        self._heart_stop.set()
         for link in self.links:
             link.close()
         for link, host in zip(self.links, self.job.hosts, strict=True):
             link.finish(gone=host.gone)
         for link, host in zip(self.links, self.job.hosts, strict=True):
             link.join(timeout=0.5 if host.gone else 5.0)  # a lost host's reader may sit in a read no FIN will end
+        self._drain()
+        for link in self.links:
+            link.released.set()  # a reader still holding an event drops it: nobody will read the queue again
         self._drain()
         # A sweep of a host that is cut off waits for its connect timeout: give up on it.
         deadline = time.monotonic() + 5.0
@@ -194,8 +202,16 @@ class Supervisor:
 
     # --- the event pump ------------------------------------------------------------------------
 
+    def _beat(self) -> None:
+        """Heartbeats on a clock of their own, never behind the pump's work (a flood of output can keep it busy)."""
+        interval = self.plan.options.heartbeat_interval
+        while not self._heart_stop.wait(interval):
+            for link, host in zip(self.links, self.job.hosts, strict=True):
+                if link.conn is not None and not host.gone:
+                    link.send(protocol.Heartbeat())
+
     def _pump(self, done: Callable[[], bool], deadline: float | None) -> None:
-        next_beat = time.monotonic()
+        next_judgment = time.monotonic()
         while not done():
             if not self.job.stopping and self.stop_requested.is_set():
                 self.job.interrupted = True
@@ -205,13 +221,13 @@ class Supervisor:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return
-            if now >= next_beat:
-                self._drain()  # judge silence only on what has arrived, never on events still in the queue
-                self._perform(self.job.tick(time.monotonic() - self._t0))
-                for link in self.links:
-                    if link.conn is not None:
-                        self._send(link, protocol.Heartbeat())
-                next_beat = now + self.plan.options.heartbeat_interval
+            if now >= next_judgment:
+                # Silence is judged on evidence from the links (a line read, bytes waiting), not on how
+                # far the pump has got: a pump busy with a flood would otherwise see silence that is not there.
+                recent = now - self.plan.options.heartbeat_timeout
+                speaking = frozenset(link.index for link in self.links if link.heard_since(recent))
+                self._perform(self.job.tick(now - self._t0, speaking))
+                next_judgment = now + self.plan.options.heartbeat_interval
             try:
                 index, event = self._events.get(timeout=0.05)
             except queue.Empty:

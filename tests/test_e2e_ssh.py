@@ -5,6 +5,8 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
+import time
 
 import psutil
 import pytest
@@ -264,6 +266,47 @@ def test_a_silent_partition_is_noticed_by_heartbeats_on_both_sides(hosts, tmp_pa
         assert wait_for(lambda: not psutil.pid_exists(ready[1][4]), 5.0)
     finally:
         subprocess.run(["ip", "link", "set", link, "up"], check=True)
+
+
+def test_a_starved_host_flooding_output_is_not_declared_lost_and_a_partition_still_is(hosts, tmp_path):
+    """A false 'host lost' is worse than a late one: hold the job up through CPU starvation and an output
+    flood for four heartbeat timeouts, then cut the host off for real."""
+    h2 = hosts.host("h2")
+    hogs = [subprocess.Popen(["ip", "netns", "exec", h2.netns, sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    flood = "echo go; exec yes 'the quick brown fox jumps over the lazy dog'"
+    run = RunningLauncher(
+        [
+            "-H",
+            write_hostfile(tmp_path, "h1\nh2\n"),
+            *hosts.ssh_args(),
+            "--heartbeat-timeout",
+            "3",
+            "--grace",
+            "1",
+            "-q",
+            "--ready-log",
+            "^go$",
+            "--",
+            "sh",
+            "-c",
+            flood,
+        ]
+    )
+    try:
+        run.ready_rows(2, timeout=60)
+        time.sleep(12)
+        assert run.proc.poll() is None, run.stderr[-6:]
+        assert not any("lost" in line for line in run.stderr), run.stderr[-6:]
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    subprocess.run(["ip", "link", "set", "lnch-v2", "down"], check=True)
+    try:
+        assert run.finish(timeout=30) == 3
+        assert any(line.startswith("launcher: FAILED: host h2 lost: no word from its agent") for line in run.stderr)
+    finally:
+        subprocess.run(["ip", "link", "set", "lnch-v2", "up"], check=True)
 
 
 # --- user commands: `launcher run -- vllm serve ...` with the stand-in vLLM ------------

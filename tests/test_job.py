@@ -75,6 +75,12 @@ CASES = {
         143,
         "host b: Slurm cancelled its step (STEP 5.2); stopping every host",
     ),
+    "an agent that stops on its own": (
+        [(1, protocol.Stopping(reason="no word from the head for 16s (heartbeat timeout)")), (1, protocol.Exited(rank=1, returncode=-15))],
+        FailureKind.HOST_LOST,
+        3,
+        "the agent on b stopped its ranks: no word from the head for 16s (heartbeat timeout)",
+    ),
     "an agent that ends": ([(1, LinkClosed(("Killed",)))], FailureKind.HOST_LOST, 3, "host b lost: its agent ended: Killed"),
     "the head failed talking to an agent": (
         [(0, LinkFailed("a (hostfile:1): the head failed talking to its agent (UnicodeError: x)"))],
@@ -126,6 +132,15 @@ def test_to_completion_counts_clean_exits_and_fails_on_the_first_other():
     assert job.failure is None
     job.apply(1, protocol.Exited(rank=2, returncode=7), 1.0)
     assert job.failure.exit_code == 7
+
+
+def test_a_host_whose_bytes_wait_unread_is_not_silent():
+    job = started(make())
+    late = 100.0 + job.plan.options.heartbeat_timeout + 1
+    job.hosts[0].last_seen = job.hosts[1].last_seen = 100.0
+    assert job.tick(late, speaking=frozenset({0, 1})) == [] and job.failure is None  # a starved head reads late
+    job.tick(late, speaking=frozenset({1}))
+    assert job.failure.message.startswith("host a lost: no word from its agent")
 
 
 def test_a_lost_agent_with_running_ranks_is_swept_a_silent_one_is_not():

@@ -63,6 +63,10 @@ class AgentConnection(abc.ABC):
         finally:
             self._stderr_done.set()
 
+    def bytes_waiting(self) -> bool:
+        """Whether the agent's output has bytes not read yet: evidence it is alive, whatever the clock says."""
+        return False
+
     def stop_reason(self) -> str | None:
         """Why the backend itself stopped this agent on purpose (Slurm's scancel), if it did; None otherwise."""
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -50,6 +51,12 @@ class ProcessConnection(AgentConnection):
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def bytes_waiting(self) -> bool:
+        try:
+            return bool(select.select([self.popen.stdout], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
 
 class LocalTransport(Transport):

@@ -112,6 +112,9 @@ class SSHConnection(AgentConnection):
     def readline(self) -> bytes:
         return self.stdout.readline()
 
+    def bytes_waiting(self) -> bool:
+        return self.channel.recv_ready()
+
     def close_stdin(self) -> None:
         import paramiko
 
