@@ -33,9 +33,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import msgspec
 import psutil
 
 from . import envpolicy, netif, protocol, rankenv, readiness, wire
+from .check import PROBE_CONCURRENCY
 from .command import vllm_interpreter_hint
 from .probe import ProbeError, tcp_connect
 from .sidechannel import HandshakeError, handshake
@@ -370,10 +372,20 @@ class Agent:
         self.request_stop("the head closed the connection (stdin EOF)")
 
     def _run_check(self, check: protocol.Check) -> None:
-        pairs = [(rp.ready, peer) for rp in self.ranks if rp.ready for peer in check.peers]
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            for result in pool.map(lambda pair: probe_peer(pair[0], pair[1], check.timeout), pairs):
-                self.events.send(result)
+        """Probe the peers from my ranks' addresses: each network path once (ranks that share an address
+        share their paths), the result reported for every rank on it."""
+        wanted = set(check.pairs) if check.pairs is not None else None
+        paths: dict[tuple[str, int], list[protocol.Ready]] = collections.defaultdict(list)
+        for rp in self.ranks:
+            for peer in check.peers:
+                if rp.ready and (wanted is None or (rp.spec.rank, peer.rank) in wanted):
+                    paths[(rp.ready.address, peer.rank)].append(rp.ready)
+        peers = {p.rank: p for p in check.peers}
+        with ThreadPoolExecutor(max_workers=PROBE_CONCURRENCY) as pool:
+            probed = pool.map(lambda path: probe_peer(paths[path][0], peers[path[1]], check.timeout), list(paths))
+            for path, result in zip(list(paths), probed, strict=True):
+                for mine in paths[path]:
+                    self.events.send(msgspec.structs.replace(result, rank=mine.rank))
 
     # --- supervise -------------------------------------------------------
 

@@ -15,6 +15,8 @@ generation kills a real vLLM listener, which is why ``auto`` never guesses.
 from __future__ import annotations
 
 import collections
+import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -22,12 +24,15 @@ from . import wire
 from .protocol import CheckResult, Peer
 
 WIRE_CHOICES = ("auto", *wire.BY_NAME, wire.TCP)
+PROBE_CONCURRENCY = 16  # probes an agent runs at once
+FULL_MATRIX_RANKS = 32  # above this many ranks the matrix is shown host by host
 
 
 @dataclass(frozen=True)
 class CheckOptions:
     wire: str = "auto"  # "auto", a generation name (v0, v1, v2), or "tcp"
     timeout: float = 5.0  # per handshake, as vLLM's client
+    sample: int | None = None  # None: every pair; N: every pair of hosts (their first ranks) plus N other rank pairs
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,32 @@ def plan_probes(targets: Sequence[Target], options: CheckOptions, *, builtin: bo
     return peers, notes
 
 
+def choose_pairs(targets: Sequence[Target], sample: int | None, seed: str) -> list[tuple[int, int]] | None:
+    """The (from, to) rank pairs to probe: all (None), or for a sampled check every pair of hosts through
+    their first ranks plus ``sample`` other pairs drawn with ``seed`` (the job id: a rerun draws the same)."""
+    if sample is None:
+        return None
+    first: dict[str, int] = {}
+    for t in targets:
+        first.setdefault(t.host, t.rank)
+    chosen = {(a, b) for a in first.values() for b in first.values()}
+    others = [(a.rank, b.rank) for a in targets for b in targets if (a.rank, b.rank) not in chosen]
+    chosen.update(random.Random(seed).sample(others, min(sample, len(others))))
+    return sorted(chosen)
+
+
+def deadline_for(targets: Sequence[Target], pairs: list[tuple[int, int]] | None, timeout: float) -> float:
+    """Seconds the check may take: every probe of the busiest agent failing at its timeout, PROBE_CONCURRENCY
+    at once (an agent probes a peer once per address its ranks share: one network path), plus slack."""
+    ports = {t.rank: len(t.ports) for t in targets}
+    where = {t.rank: (t.host, t.address) for t in targets}
+    paths: dict[str, set] = collections.defaultdict(set)
+    for a, b in pairs if pairs is not None else ((a.rank, b.rank) for a in targets for b in targets):
+        paths[where[a][0]].add((where[a][1], b))
+    busiest = max((sum(ports[b] for _, b in mine) for mine in paths.values()), default=0)
+    return timeout * math.ceil(busiest / PROBE_CONCURRENCY) + 5.0
+
+
 @dataclass
 class CheckMatrix:
     """Results keyed by (from rank, to rank); ``wires`` says what each column was probed with."""
@@ -78,21 +109,25 @@ class CheckMatrix:
     wires: Mapping[int, str] = field(default_factory=dict)
     hosts: Mapping[int, str] = field(default_factory=dict)
     results: dict[tuple[int, int], CheckResult] = field(default_factory=dict)
+    pairs: frozenset[tuple[int, int]] | None = None  # the pairs probed; None: every pair
+
+    def expected(self) -> list[tuple[int, int]]:
+        return sorted(self.pairs) if self.pairs is not None else [(a, b) for a in self.ranks for b in self.ranks]
 
     def add(self, result: CheckResult) -> None:
-        if result.rank in self.ranks and result.peer in self.ranks:
-            self.results[(result.rank, result.peer)] = result
+        key = (result.rank, result.peer)
+        if result.rank in self.ranks and result.peer in self.ranks and (self.pairs is None or key in self.pairs):
+            self.results[key] = result
 
     @property
     def complete(self) -> bool:
-        return len(self.results) >= len(self.ranks) ** 2
+        return len(self.results) >= len(self.expected())
 
     @property
     def failures(self) -> list[CheckResult]:
         missing = [
             CheckResult(rank=a, peer=b, ok=False, error="no result (the probing host did not answer in time)")
-            for a in self.ranks
-            for b in self.ranks
+            for a, b in self.expected()
             if (a, b) not in self.results
         ]
         return [r for r in self.results.values() if not r.ok] + missing
@@ -148,45 +183,57 @@ def consistency_problems(matrix: CheckMatrix) -> list[str]:
 
 
 def render_matrix(matrix: CheckMatrix, color: bool = False) -> str:
-    """Rows: from rank; columns: to rank. ``ok`` cells show latency in ms; then failures and problems."""
+    """Rows: from, columns: to; ``ok`` cells show latency in ms. Rank by rank up to FULL_MATRIX_RANKS
+    ranks, host by host above (a cell: the slowest pair, or how many failed). Then failures and problems."""
     ranks, hosts = matrix.ranks, matrix.hosts
-    labels = [f"r{r}" for r in ranks]
-    cells: list[list[str]] = []
-    for a in ranks:
-        row = []
-        for b in ranks:
-            result = matrix.results.get((a, b))
-            if result is None:
-                row.append("?")
-            elif result.ok:
-                row.append(f"{result.latency_ms:.1f}")
-            else:
-                row.append("FAIL")
-        cells.append(row)
-    width = max([len(c) for row in cells for c in row] + [len(lbl) for lbl in labels] + [4])
-    host_width = max((len(hosts[r]) for r in ranks), default=4)
-    header = " " * (host_width + 6) + " ".join(lbl.rjust(width) for lbl in labels)
+    expected = set(matrix.expected())
+    if len(ranks) <= FULL_MATRIX_RANKS:
+        rows = [(f"{hosts[a]} r{a}", [_cell(matrix, [(a, b)], expected) for b in ranks]) for a in ranks]
+        labels, what = [f"r{r}" for r in ranks], "rank"
+    else:
+        by_host: dict[str, list[int]] = collections.defaultdict(list)
+        for r in ranks:
+            by_host[hosts[r]].append(r)
+        pairs = lambda ha, hb: [(a, b) for a in by_host[ha] for b in by_host[hb]]
+        rows = [(ha, [_cell(matrix, pairs(ha, hb), expected) for hb in by_host]) for ha in by_host]
+        labels, what = list(by_host), "host (slowest pair)"
+    width = max([len(c) for _, row in rows for c in row] + [len(lbl) for lbl in labels] + [4])
+    label_width = max(len(label) for label, _ in rows)
     kinds = sorted(set(matrix.wires.values()))
     probe = "handshake" if matrix.handshakes else "TCP connect"
     how = ", ".join("TCP connect" if k == wire.TCP else f"{k} wire" for k in kinds)
-    lines = [f"{probe} latency in ms ({how}; row: from rank, column: to rank)", header]
-    for a, row in zip(ranks, cells, strict=True):
-        rendered = " ".join(_paint(c.rjust(width), c, color) for c in row)
-        lines.append(f"{hosts[a].ljust(host_width)} r{str(a).ljust(3)}  {rendered}")
+    sampled = "" if matrix.pairs is None else f"; {len(expected)} of {len(ranks) ** 2} pairs sampled, · not probed"
+    lines = [f"{probe} latency in ms ({how}; row: from {what}, column: to{sampled})"]
+    lines.append(" " * (label_width + 2) + " ".join(lbl.rjust(width) for lbl in labels))
+    for label, row in rows:
+        lines.append(f"{label.ljust(label_width)}  " + " ".join(_paint(c.rjust(width), c, color) for c in row))
     if len(kinds) > 1:
         lines.append("columns: " + ", ".join(f"r{r} {matrix.wires[r]}" for r in ranks))
     failures = matrix.failures
     if failures:
-        lines.append(f"{len(failures)} of {len(ranks) ** 2} {probe}s failed:")
+        lines.append(f"{len(failures)} of {len(expected)} {probe}s failed:")
         lines.extend(f"  r{f.rank} ({hosts.get(f.rank, '?')}) -> r{f.peer} ({hosts.get(f.peer, '?')}): {f.error}" for f in failures[:20])
     else:
-        lines.append(f"all {len(ranks) ** 2} {probe}s ok")
+        lines.append(f"all {len(expected)} {probe}s ok")
     lines.extend(f"problem: {p}" for p in matrix.problems)
     return "\n".join(lines)
+
+
+def _cell(matrix: CheckMatrix, pairs: list[tuple[int, int]], expected: set) -> str:
+    probed = [p for p in pairs if p in expected]
+    if not probed:
+        return "·"
+    results = [matrix.results.get(p) for p in probed]
+    failed = sum(1 for r in results if r is not None and not r.ok)
+    if failed:
+        return "FAIL" if len(probed) == 1 else f"FAIL{failed}"
+    if any(r is None for r in results):
+        return "?"
+    return f"{max(r.latency_ms for r in results):.1f}"
 
 
 def _paint(text: str, cell: str, color: bool) -> str:
     if not color:
         return text
-    code = "31" if cell in ("FAIL", "?") else "32"
+    code = "31" if cell.startswith("FAIL") or cell == "?" else "2" if cell == "·" else "32"
     return f"\x1b[{code}m{text}\x1b[0m"

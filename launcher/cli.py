@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--handshake-timeout", type=argtypes.seconds, default=5.0, help="seconds per handshake (default 5, as vLLM)")
+    p.add_argument(
+        "--sample",
+        type=argtypes.positive,
+        metavar="N",
+        help="for very large jobs: check every pair of hosts (through their first ranks) and N more rank pairs at random, not all",
+    )
     sub.add_parser("check", parents=[run_common, probing], help="launch, probe every rank pair, print the matrix, stop")
     run = sub.add_parser(
         "run", parents=[run_common, probing], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job"
@@ -294,7 +300,7 @@ def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
         reporter.progress(f"warning: {warning}")
     check = None
     if args.command == "check" or getattr(args, "check", False):
-        check = CheckOptions(wire=args.wire, timeout=args.handshake_timeout)
+        check = CheckOptions(wire=args.wire, timeout=args.handshake_timeout, sample=args.sample)
     try:
         result = launch(
             plan,

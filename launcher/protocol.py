@@ -73,6 +73,7 @@ class Peer(msgspec.Struct, kw_only=True):
 class Check(_Msg):
     peers: list[Peer]
     timeout: float
+    pairs: list[tuple[int, int]] | None = None  # (from rank, to rank) to probe; None: every pair (a sampled check names them)
 
 
 class Stop(_Msg):

@@ -1,7 +1,7 @@
 """The all-pairs check's decisions, without processes: what each probe speaks, and the verdict."""
 
 from launcher import wire
-from launcher.check import CheckMatrix, CheckOptions, Target, plan_probes, render_matrix
+from launcher.check import CheckMatrix, CheckOptions, Target, choose_pairs, deadline_for, plan_probes, render_matrix
 from launcher.protocol import CheckResult, EngineSeen
 
 TARGETS = [
@@ -79,3 +79,36 @@ def test_a_missing_result_is_a_failure_with_a_reason():
     m.add(CheckResult(rank=0, peer=1, ok=True, latency_ms=0.5))
     assert not m.complete and len(m.failures) == 3
     assert "3 of 4 TCP connects failed" in render_matrix(m)
+
+
+def test_a_sampled_check_covers_every_pair_of_hosts_and_draws_the_rest_reproducibly():
+    targets = [Target(r, f"h{r // 4}", f"10.0.0.{r // 4}", (5600 + r,), f"e{r}") for r in range(16)]  # 4 hosts x 4
+    pairs = choose_pairs(targets, 10, "job1")
+    firsts = {0, 4, 8, 12}
+    assert {(a, b) for a in firsts for b in firsts} <= set(pairs) and len(pairs) == 16 + 10
+    assert pairs == choose_pairs(targets, 10, "job1") != choose_pairs(targets, 10, "job2")
+    assert choose_pairs(targets, None, "job1") is None
+
+
+def test_the_deadline_grows_with_the_busiest_agents_work_counting_each_path_once():
+    def hosts(n, per_host):
+        return [Target(r, f"h{r // per_host}", f"10.0.0.{r // per_host}", (5600 + r,), f"e{r}") for r in range(n * per_host)]
+
+    # 4 ranks share one address per host: their paths to a peer are one probe, not four.
+    assert deadline_for(hosts(2, 4), None, 5.0) == 5.0 * 1 + 5.0  # 8 paths per agent: one round of 16
+    assert deadline_for(hosts(32, 8), None, 5.0) == 5.0 * 16 + 5.0  # 256 paths per agent
+    assert deadline_for(hosts(32, 8), choose_pairs(hosts(32, 8), 100, "j"), 5.0) < deadline_for(hosts(32, 8), None, 5.0)
+
+
+def test_a_large_matrix_is_shown_host_by_host():
+    ranks = tuple(range(40))
+    m = CheckMatrix(ranks, {r: "v2" for r in ranks}, {r: f"host{r // 10}" for r in ranks})
+    for a in ranks:
+        for b in ranks:
+            m.add(CheckResult(rank=a, peer=b, ok=not (a < 10 and b >= 30), latency_ms=1.0 + (b == 39), error="refused"))
+    lines = render_matrix(m).splitlines()
+    assert "row: from host (slowest pair)" in lines[0] and lines[1].split() == ["host0", "host1", "host2", "host3"]
+    assert lines[2].split() == ["host0", "1.0", "1.0", "1.0", "FAIL100"]  # 100 of its 10x10 pairs failed
+    assert lines[3].split() == ["host1", "1.0", "1.0", "1.0", "2.0"]  # the slowest pair of the cell
+    shown = "\n".join(lines)
+    assert "FAIL100" in shown and "100 of 1600 handshakes failed:" in shown and len(shown.splitlines()) < 30

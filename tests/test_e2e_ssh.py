@@ -71,6 +71,14 @@ def test_all_pairs_check_across_hosts_is_green(hosts, tmp_path):
     assert all(r.state == "exited" and r.exit_code == 0 for r in result.ranks)
 
 
+def test_a_sampled_check_covers_every_pair_of_hosts_and_the_drawn_rank_pairs(hosts):
+    result = launch_hosts(hosts.hostfile(slots=3), hosts, check=CheckOptions(sample=5))
+    assert result.ok, result.failure
+    pairs = result.check.pairs
+    assert len(pairs) == 9 + 5 and {(a, b) for a in (0, 3, 6) for b in (0, 3, 6)} <= pairs  # every pair of hosts
+    assert set(result.check.results) == pairs and all(r.ok for r in result.check.results.values())
+
+
 def test_interface_selectors_and_explicit_local_address_are_honoured(hosts):
     text = "h1 slots=2 cidr=198.19.0.0/24\nh2 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.12\nh3 ifname=^eth1\n"
     result = launch_hosts(text, hosts, env=LEAKED)  # ready means bound, and reachable from the head (on both networks)
