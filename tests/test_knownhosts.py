@@ -38,3 +38,18 @@ def test_revoked_beats_pinned_and_a_certificate_authority_is_named():
 
 def test_hints_quote_the_host_and_name_the_port():
     assert keyscan_hint("h;rm -rf ~", 2222, "/k h") == "ssh-keyscan -p 2222 'h;rm -rf ~' >> '/k h'"
+
+
+def test_proxyjump_specs_parse_with_users_ports_and_ipv6():
+    import pytest
+
+    from launcher.transports import TransportError
+    from launcher.transports.ssh import parse_jump
+
+    assert parse_jump("h1", "x") == (None, "h1", None)
+    assert parse_jump("alice@h1:2222", "x") == ("alice", "h1", 2222)
+    assert parse_jump("[::1]:2222", "x") == (None, "::1", 2222)
+    assert parse_jump("bob@[fd00::5]", "x") == ("bob", "fd00::5", None)
+    assert parse_jump("fd00::5", "x") == (None, "fd00::5", None)
+    with pytest.raises(TransportError, match="ProxyJump 'h1:ssh': 'ssh' is not a port"):
+        parse_jump("h1:ssh", "x")
