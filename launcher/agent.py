@@ -549,8 +549,18 @@ def sweep_job(job_id: str) -> list[int]:
                 found.append(proc)
         except psutil.Error:
             continue
-    psutil.wait_procs(found, timeout=2.0)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and not all(_dead(p) for p in found):
+        time.sleep(0.02)
     return [p.pid for p in found]
+
+
+def _dead(proc: psutil.Process) -> bool:
+    """Gone, or a zombie: dead, waiting for its parent to reap it (which is not ours to wait for)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _die_with_parent(parent: int) -> None:
@@ -589,7 +599,8 @@ def main() -> int:
         writer.send(protocol.Swept(pids=sweep_job(spec.job_id)))
         writer.start()
         writer.close()
-        return 0
+        stdout.flush()
+        os._exit(0)  # at once: the head waits for this exit
     if not isinstance(spec, protocol.AgentSpec):
         print(f"launcher agent: expected an agent spec first, got {type(spec).__name__}", file=sys.stderr)
         return 2
