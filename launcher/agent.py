@@ -535,13 +535,14 @@ def sweep_job(job_id: str) -> list[int]:
     host cut off): the agent's ranks died with it (PR_SET_PDEATHSIG), but what
     they started in sessions of their own did not. They are found by the job
     id in their environment (inherited from the rank; 64 random bits), never by
-    name, and only among this user's processes: an id is no credential, and
-    another user's process that carries it (run as root, the sweep could reach
-    it) is not this job's.
+    name, and only among this user's processes in this host's network namespace:
+    an id is no credential, and another user's process that carries it (run as
+    root, the sweep could reach it) is not this job's; a process in another
+    network namespace is another host's (a container's, or a test host's).
     """
-    found, me = [], os.getuid()
+    found, me, here = [], os.getuid(), _netns(os.getpid())
     for proc in psutil.process_iter(["pid", "uids"]):
-        if proc.pid == os.getpid() or proc.info["uids"] is None or proc.info["uids"].real != me:
+        if proc.pid == os.getpid() or proc.info["uids"] is None or proc.info["uids"].real != me or _netns(proc.pid) != here:
             continue
         try:
             if proc.environ().get(rankenv.JOB_ID_VAR) == job_id:
@@ -553,6 +554,13 @@ def sweep_job(job_id: str) -> list[int]:
     while time.monotonic() < deadline and not all(_dead(p) for p in found):
         time.sleep(0.02)
     return [p.pid for p in found]
+
+
+def _netns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
 
 
 def _dead(proc: psutil.Process) -> bool:
