@@ -503,16 +503,24 @@ def terminate_tree(popens: list[subprocess.Popen], grace: float, hurry: threadin
 
 
 def _signal_all(popens, me: psutil.Process, signum: int) -> None:
+    """Each rank's group, then every descendant outside those groups (one that left its group).
+
+    Once each: a second SIGTERM can land after a rank's handler has run and
+    its interpreter, shutting down, has restored the default action.
+    """
+    groups = set()
     for p in popens:
         if p.poll() is None:
             try:
                 os.killpg(p.pid, signum)  # the rank is its group's leader
+                groups.add(p.pid)
             except ProcessLookupError:
                 pass
     for child in me.children(recursive=True):
         try:
-            child.send_signal(signum)
-        except psutil.Error:
+            if os.getpgid(child.pid) not in groups:
+                child.send_signal(signum)
+        except (psutil.Error, ProcessLookupError):
             pass
 
 
