@@ -53,6 +53,7 @@ class RankProcess:
     spec: protocol.RankLaunch
     popen: subprocess.Popen
     control_fd: int
+    command: object | None = None  # a built-in core's command pipe (the transfer check), a binary file
     ready: protocol.Ready | None = None
     resolved: protocol.Resolved | None = None  # a user command's address, from its bootstrap
     log_matched: bool = False
@@ -199,7 +200,10 @@ class Agent:
         parent = os.getpid()
         for launch in self.spec.ranks:
             read_fd, write_fd = os.pipe()
-            env = envpolicy.process_environment(self.base_env, launch.env, dataclasses.replace(self.facts, control_fd=write_fd))
+            # A built-in core that moves bytes (--transfer) also reads commands from its agent.
+            command_read, command_write = os.pipe() if rankenv.RankIdentity.NAMES["transfer_bytes"] in launch.env else (None, None)
+            facts = dataclasses.replace(self.facts, control_fd=write_fd, command_fd=command_read)
+            env = envpolicy.process_environment(self.base_env, launch.env, facts)
             argv = [sys.executable if a == "{python}" else a for a in launch.argv]
             try:
                 popen = subprocess.Popen(
@@ -208,19 +212,24 @@ class Agent:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
-                    pass_fds=(write_fd,),
+                    pass_fds=tuple(fd for fd in (write_fd, command_read) if fd is not None),
                     start_new_session=True,
                     preexec_fn=lambda: _die_with_parent(parent),
                 )
             except OSError as exc:
-                os.close(read_fd)
-                os.close(write_fd)
+                for fd in (read_fd, write_fd, command_read, command_write):
+                    if fd is not None:
+                        os.close(fd)
                 self.events.send(protocol.RankError(rank=launch.rank, message=f"cannot start {argv[0]!r}: {exc.strerror or exc}"))
                 self.events.send(protocol.Exited(rank=launch.rank, returncode=127))
                 self.request_stop(f"rank {launch.rank} could not start")
                 continue
             os.close(write_fd)
-            self.ranks.append(RankProcess(launch, popen, read_fd))
+            command = None
+            if command_read is not None:
+                os.close(command_read)
+                command = os.fdopen(command_write, "wb", buffering=0)
+            self.ranks.append(RankProcess(launch, popen, read_fd, command))
             self.events.send(protocol.Started(rank=launch.rank, pid=popen.pid))
 
     def start_threads(self) -> None:
@@ -271,7 +280,8 @@ class Agent:
                     message = protocol.decode(raw)
                 except protocol.ProtocolError:
                     continue
-                if not isinstance(message, (protocol.Ready, protocol.RankError, protocol.Resolved)) or message.rank != rp.spec.rank:
+                wanted = (protocol.Ready, protocol.RankError, protocol.Resolved, protocol.TransferResult)
+                if not isinstance(message, wanted) or message.rank != rp.spec.rank:
                     continue
                 self.events.send(message)
                 if isinstance(message, protocol.Ready):
@@ -369,6 +379,8 @@ class Agent:
                     self._kill_now.set()
             elif isinstance(message, protocol.Check):
                 _thread(self._run_check, message)
+            elif isinstance(message, protocol.TransferCheck):
+                self._pass_on(message)
         self.request_stop("the head closed the connection (stdin EOF)")
 
     def _run_check(self, check: protocol.Check) -> None:
@@ -386,6 +398,22 @@ class Agent:
             for path, result in zip(list(paths), probed, strict=True):
                 for mine in paths[path]:
                     self.events.send(msgspec.structs.replace(result, rank=mine.rank))
+
+    def _pass_on(self, command: protocol.TransferCheck) -> None:
+        """To every ready built-in core of this host: it reads its peers itself (its NIXL agent does)."""
+        line = protocol.encode(command)
+        for rp in self.ranks:
+            if rp.ready is None:
+                continue
+            if rp.command is None:
+                why = "it runs no NIXL agent (a user command, or the job was planned without --transfer)"
+                for peer in command.peers:
+                    self.events.send(protocol.TransferResult(rank=rp.spec.rank, peer=peer.rank, ok=False, error=why))
+                continue
+            try:
+                rp.command.write(line)
+            except OSError:
+                pass  # the rank is gone: its exit tells
 
     # --- supervise -------------------------------------------------------
 

@@ -40,7 +40,9 @@ def launch(
 ) -> LaunchResult:
     """Start every rank, wait until all are ready, then check and/or serve, then stop.
 
-    ``check``: run the all-pairs handshake once ready. ``serve``: keep running
+    ``check``: run the all-pairs handshake once ready, then, when the plan's
+    built-in cores serve NIXL buffers (``options.transfer_bytes``), the
+    transfer check: every rank READs every peer's buffer. ``serve``: keep running
     until ``stop`` is set or a rank fails. With ``options.to_completion`` the
     command is finite: wait for every rank to exit (readiness is not awaited);
     the first non-zero exit stops the rest. With neither, stop as soon as every
@@ -68,6 +70,8 @@ def launch(
         elif supervisor.wait_ready():
             if check is not None:
                 supervisor.check(check)
+                if plan.options.transfer_bytes and plan.builtin and supervisor.failure is None:
+                    supervisor.transfer_check(check)
             if serve and supervisor.failure is None:
                 supervisor.serve()
     except BaseException:

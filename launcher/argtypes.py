@@ -28,6 +28,16 @@ def network(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a network like 10.0.0.0/8 or fd00::/64") from None
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size(text: str) -> int:
+    body = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = body[-1:] if body[-1:] in _UNITS else ""
+    return int(body[: len(body) - len(unit)]) * _UNITS[unit]
+
+
 port = number(int, "a port number", lambda v: 1 <= v <= 65535, "is not a TCP port (1..65535)")
 positive = number(int, "a whole number", lambda v: v >= 1, "must be at least 1")
+size = number(_size, "a size like 4096, 64K, 1M or 1G", lambda v: 1 <= v <= 1 << 30, "must be 1 byte to 1 GiB")
 seconds = number(float, "a number of seconds", lambda v: v > 0, "must be more than 0 seconds")

@@ -89,6 +89,13 @@ def choose_pairs(targets: Sequence[Target], sample: int | None, seed: str) -> li
     return sorted(chosen)
 
 
+def transfer_deadline(targets: Sequence[Target], pairs: list[tuple[int, int]] | None, timeout: float) -> float:
+    """Seconds the transfer check may take: a rank reads its peers one after another (a handshake, then a
+    read, each up to ``timeout``), all ranks at once; the busiest rank decides."""
+    reads = collections.Counter(a for a, _ in pairs) if pairs is not None else {t.rank: len(targets) for t in targets}
+    return 2 * timeout * max(reads.values(), default=0) + 10.0
+
+
 def deadline_for(targets: Sequence[Target], pairs: list[tuple[int, int]] | None, timeout: float) -> float:
     """Seconds the check may take: every probe of the busiest agent failing at its timeout, PROBE_CONCURRENCY
     at once (an agent probes a peer once per address its ranks share: one network path), plus slack."""
@@ -110,14 +117,19 @@ class CheckMatrix:
     hosts: Mapping[int, str] = field(default_factory=dict)
     results: dict[tuple[int, int], CheckResult] = field(default_factory=dict)
     pairs: frozenset[tuple[int, int]] | None = None  # the pairs probed; None: every pair
+    transfer_bytes: int | None = None  # a matrix of NIXL reads of this many bytes (check --transfer), not of probes
+    _expected: frozenset | None = field(default=None, repr=False, compare=False)
 
     def expected(self) -> list[tuple[int, int]]:
-        return sorted(self.pairs) if self.pairs is not None else [(a, b) for a in self.ranks for b in self.ranks]
+        every = sorted(self.pairs) if self.pairs is not None else [(a, b) for a in self.ranks for b in self.ranks]
+        return [(a, b) for a, b in every if a != b] if self.transfer_bytes else every  # a rank does not read itself
 
     def add(self, result: CheckResult) -> None:
-        key = (result.rank, result.peer)
-        if result.rank in self.ranks and result.peer in self.ranks and (self.pairs is None or key in self.pairs):
-            self.results[key] = result
+        """Keep a result for an expected pair; anything else (a rank of another job, a pair not asked) is dropped."""
+        if self._expected is None:
+            self._expected = frozenset(self.expected())
+        if (result.rank, result.peer) in self._expected:
+            self.results[(result.rank, result.peer)] = result
 
     @property
     def complete(self) -> bool:
@@ -135,6 +147,11 @@ class CheckMatrix:
     @property
     def handshakes(self) -> bool:
         return any(w != wire.TCP for w in self.wires.values())
+
+    @property
+    def what(self) -> str:
+        """What one cell measured: 'transfer', 'handshake' or 'TCP connect'."""
+        return "transfer" if self.transfer_bytes else "handshake" if self.handshakes else "TCP connect"
 
     @property
     def problems(self) -> list[str]:
@@ -182,54 +199,103 @@ def consistency_problems(matrix: CheckMatrix) -> list[str]:
     return problems
 
 
-def render_matrix(matrix: CheckMatrix, color: bool = False) -> str:
-    """Rows: from, columns: to; ``ok`` cells show latency in ms. Rank by rank up to FULL_MATRIX_RANKS
-    ranks, host by host above (a cell: the slowest pair, or how many failed). Then failures and problems."""
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the matrix: a rank pair, or every pair between two hosts in the host-level view."""
+
+    probed: int  # pairs probed in it (0: none, shown ·)
+    failed: int  # of them, failed
+    value: float | None  # the slowest pair's latency (ms) or bandwidth (MB/s); None until every pair answered
+
+    def text(self) -> str:
+        if not self.probed:
+            return "·"
+        if self.failed:
+            return "FAIL" if self.probed == 1 else f"FAIL{self.failed}"
+        return "?" if self.value is None else f"{self.value:.0f}" if self.value >= 100 else f"{self.value:.1f}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The matrix as a person reads it: rank by rank up to FULL_MATRIX_RANKS ranks, host by host above."""
+
+    row_labels: list[str]
+    column_labels: list[str]
+    cells: list[list[Cell]]
+    by: str  # "rank" or "host (slowest pair)"
+    unit: str  # "ms" or "MB/s"
+
+
+def grid(matrix: CheckMatrix) -> Grid:
+    """Rows: from (the reader, in a transfer check), columns: to."""
     ranks, hosts = matrix.ranks, matrix.hosts
     expected = set(matrix.expected())
     if len(ranks) <= FULL_MATRIX_RANKS:
-        rows = [(f"{hosts[a]} r{a}", [_cell(matrix, [(a, b)], expected) for b in ranks]) for a in ranks]
-        labels, what = [f"r{r}" for r in ranks], "rank"
+        groups = {f"r{r}": [r] for r in ranks}
+        row_labels, by = [f"{hosts[r]} r{r}" for r in ranks], "rank"
     else:
-        by_host: dict[str, list[int]] = collections.defaultdict(list)
+        groups = collections.defaultdict(list)
         for r in ranks:
-            by_host[hosts[r]].append(r)
-        pairs = lambda ha, hb: [(a, b) for a in by_host[ha] for b in by_host[hb]]
-        rows = [(ha, [_cell(matrix, pairs(ha, hb), expected) for hb in by_host]) for ha in by_host]
-        labels, what = list(by_host), "host (slowest pair)"
-    width = max([len(c) for _, row in rows for c in row] + [len(lbl) for lbl in labels] + [4])
+            groups[hosts[r]].append(r)
+        row_labels, by = list(groups), "host (slowest pair)"
+    cells = [[_cell(matrix, [(a, b) for a in ra for b in rb], expected) for rb in groups.values()] for ra in groups.values()]
+    return Grid(row_labels, list(groups), cells, by, "MB/s" if matrix.transfer_bytes else "ms")
+
+
+def render_matrix(matrix: CheckMatrix, color: bool = False) -> str:
+    """The grid as text (``ok`` cells: latency in ms, or MB/s for transfers), then failures and problems."""
+    g, hosts = grid(matrix), matrix.hosts
+    expected = matrix.expected()
+    rows = [(label, [c.text() for c in row]) for label, row in zip(g.row_labels, g.cells, strict=True)]
+    width = max([len(c) for _, row in rows for c in row] + [len(lbl) for lbl in g.column_labels] + [4])
     label_width = max(len(label) for label, _ in rows)
     kinds = sorted(set(matrix.wires.values()))
-    probe = "handshake" if matrix.handshakes else "TCP connect"
-    how = ", ".join("TCP connect" if k == wire.TCP else f"{k} wire" for k in kinds)
-    sampled = "" if matrix.pairs is None else f"; {len(expected)} of {len(ranks) ** 2} pairs sampled, · not probed"
-    lines = [f"{probe} latency in ms ({how}; row: from {what}, column: to{sampled})"]
-    lines.append(" " * (label_width + 2) + " ".join(lbl.rjust(width) for lbl in labels))
+    probe = matrix.what
+    sampled = "" if matrix.pairs is None else f"; {len(expected)} of {len(matrix.ranks) ** 2} pairs sampled, · not probed"
+    axes = f"row: reader {g.by}, column: read from" if matrix.transfer_bytes else f"row: from {g.by}, column: to"
+    lines = [f"{title(matrix, f'; {axes}{sampled}')}"]
+    lines.append(" " * (label_width + 2) + " ".join(lbl.rjust(width) for lbl in g.column_labels))
     for label, row in rows:
         lines.append(f"{label.ljust(label_width)}  " + " ".join(_paint(c.rjust(width), c, color) for c in row))
     if len(kinds) > 1:
-        lines.append("columns: " + ", ".join(f"r{r} {matrix.wires[r]}" for r in ranks))
+        lines.append("columns: " + ", ".join(f"r{r} {matrix.wires[r]}" for r in matrix.ranks))
     failures = matrix.failures
     if failures:
         lines.append(f"{len(failures)} of {len(expected)} {probe}s failed:")
         lines.extend(f"  r{f.rank} ({hosts.get(f.rank, '?')}) -> r{f.peer} ({hosts.get(f.peer, '?')}): {f.error}" for f in failures[:20])
     else:
         lines.append(f"all {len(expected)} {probe}s ok")
+    used = collections.Counter(r.used for r in matrix.results.values() if r.ok and getattr(r, "used", ""))
+    lines.extend(f"UCX used: {how} ({n} reads)" for how, n in sorted(used.items()))
     lines.extend(f"problem: {p}" for p in matrix.problems)
     return "\n".join(lines)
 
 
-def _cell(matrix: CheckMatrix, pairs: list[tuple[int, int]], expected: set) -> str:
+def title(matrix: CheckMatrix, more: str = "") -> str:
+    """What the cells are: 'handshake latency in ms (v2 wire)', 'NIXL READ bandwidth in MB/s (1 MiB per read, ...)';
+    ``more`` goes inside the parentheses."""
+    if matrix.transfer_bytes:
+        return f"NIXL READ bandwidth in MB/s ({_size(matrix.transfer_bytes)} per read, every byte verified{more})"
+    how = ", ".join("TCP connect" if k == wire.TCP else f"{k} wire" for k in sorted(set(matrix.wires.values())))
+    return f"{matrix.what} latency in ms ({how}{more})"
+
+
+def _cell(matrix: CheckMatrix, pairs: list[tuple[int, int]], expected: set) -> Cell:
     probed = [p for p in pairs if p in expected]
-    if not probed:
-        return "·"
     results = [matrix.results.get(p) for p in probed]
     failed = sum(1 for r in results if r is not None and not r.ok)
-    if failed:
-        return "FAIL" if len(probed) == 1 else f"FAIL{failed}"
-    if any(r is None for r in results):
-        return "?"
-    return f"{max(r.latency_ms for r in results):.1f}"
+    value = None
+    if probed and not failed and all(r is not None for r in results):
+        # The slowest pair speaks for the cell.
+        value = min(r.mbps for r in results) if matrix.transfer_bytes else max(r.latency_ms for r in results)
+    return Cell(len(probed), failed, value)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _paint(text: str, cell: str, color: bool) -> str:

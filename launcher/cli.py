@@ -143,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="for very large jobs: check every pair of hosts (through their first ranks) and N more rank pairs at random, not all",
     )
+    p.add_argument(
+        "--transfer",
+        action="store_true",
+        help="then move bytes: each built-in engine core becomes a NIXL agent (UCX over its chosen address) and READs "
+        "every peer's buffer, verifying every byte (needs NIXL on every host; with a command: run --preflight --transfer)",
+    )
+    p.add_argument(
+        "--transfer-bytes",
+        type=argtypes.size,
+        default=1 << 20,
+        metavar="SIZE",
+        help="bytes per NIXL read with --transfer: 4096, 64K, 1M (default), up to 1G",
+    )
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the matrix (the transfer matrix with --transfer) as a heatmap PNG")
     sub.add_parser("check", parents=[run_common, probing], help="launch, probe every rank pair, print the matrix, stop")
     run = sub.add_parser(
         "run", parents=[run_common, probing], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job"
@@ -209,6 +223,7 @@ def _run(args, ignored: frozenset[int]) -> int:
             ifname=args.ifname,
             cidr=args.cidr,
             rpc_port=args.rpc_port,
+            transfer_bytes=args.transfer_bytes if getattr(args, "transfer", False) else None,
             **(
                 {}
                 if args.command == "plan"
@@ -227,6 +242,7 @@ def _run(args, ignored: frozenset[int]) -> int:
             return 0
         if getattr(args, "log_dir", None):
             report.prepare_log_dir(args.log_dir)
+        _check_probing(args)
         transport = _transport(args, plan)
     except (hostfile.HostfileError, transports.AllocationError, PlanError, transports.TransportError, report.LogDirError) as exc:
         print(f"launcher: error: {exc}", file=sys.stderr)
@@ -269,6 +285,28 @@ def _readiness(args) -> readiness.Readiness | None:
     return None
 
 
+def _check_probing(args) -> None:
+    """--transfer and --plot need what a check needs, and --plot needs matplotlib here; said before anything starts."""
+    checking = args.command == "check" or args.check or args.preflight
+    if args.transfer and args.command_argv and not (args.command == "run" and args.preflight):
+        raise PlanError(
+            "--transfer moves bytes between built-in engine cores, not a command's: use 'run --preflight --transfer -- CMD' "
+            "(the preflight moves them on the same hosts and addresses before the command starts), or 'check --transfer' alone"
+        )
+    if args.transfer and not checking:
+        raise PlanError("run --transfer needs --check or --preflight: the transfer check runs after the all-pairs check")
+    if args.plot:
+        from . import plot
+
+        if not checking:
+            raise PlanError("run --plot needs --check or --preflight: it draws the check's matrix")
+        if not plot.available():
+            raise PlanError(f"--plot needs matplotlib, which is not installed here: {plot.INSTALL_HINT}")
+        where = os.path.dirname(os.path.abspath(args.plot))
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise PlanError(f"--plot {args.plot}: cannot write in {where}; give a path in a directory you can write")
+
+
 def _transport(args, plan) -> transports.Transport:
     name = transports.choose([h.host for h in plan.hosts], os.environ) if args.transport == "auto" else args.transport
     return transports.from_args(name, args, os.environ)
@@ -301,6 +339,7 @@ def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
     check = None
     if args.command == "check" or getattr(args, "check", False):
         check = CheckOptions(wire=args.wire, timeout=args.handshake_timeout, sample=args.sample)
+
     try:
         result = launch(
             plan,
@@ -312,6 +351,8 @@ def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
             preflight=getattr(args, "preflight", False),
             hurry=hurry,
         )
+        if args.plot:
+            _plot(result, args.plot, reporter)
         code = _finish(result, received, closed, reporter, plan)
     finally:
         drained = reporter.close()
@@ -320,6 +361,21 @@ def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
     if not drained:
         os._exit(code)  # the terminal never read the last lines; an exit-time flush would wait for it too
     return code
+
+
+def _plot(result: LaunchResult, path: str, reporter: report.ConsoleReporter) -> None:
+    from . import plot
+
+    matrix = result.transfer or result.check
+    if matrix is None:
+        reporter.progress(f"no heatmap written to {path}: the job ended before its check")
+        return
+    try:
+        plot.write_heatmap(matrix, path)
+    except OSError as exc:
+        reporter.progress(f"cannot write the heatmap to {path}: {exc.strerror or exc}")
+        return
+    reporter.progress(f"heatmap written to {path}")
 
 
 def _finish(result: LaunchResult, received: list[int], closed: list[str], reporter: report.ConsoleReporter, plan) -> int:

@@ -24,11 +24,13 @@ from .sidechannel import SideChannelBindError, SideChannelListener
 
 EXIT_BAD_ADDRESS = 2
 EXIT_BIND_FAILED = 3
+EXIT_NO_NIXL = 4
 
 
-def builtin_payload(engine_id: str, job_id: str, tp_rank: int = 0) -> bytes:
-    """The handshake payload of the built-in engine core, in vLLM's current format (no KV cache behind it)."""
-    metadata = wire.NixlAgentMetadata(
+def builtin_payload(engine_id: str, job_id: str, tp_rank: int = 0, metadata: wire.NixlAgentMetadata | None = None) -> bytes:
+    """The handshake payload of the built-in engine core, in vLLM's current format: ``metadata`` (a real NIXL
+    agent's, with --transfer) or a placeholder with no KV cache behind it."""
+    metadata = metadata or wire.NixlAgentMetadata(
         engine_id=engine_id,
         agent_metadata=f"launcher-agent:{engine_id}:tp{tp_rank}".encode(),
         kv_caches_base_addr=[],
@@ -65,11 +67,23 @@ def main() -> int:
     except netif.BindAddressError as exc:
         return protocol.rank_failed(rank, str(exc), EXIT_BAD_ADDRESS)
 
-    listener = SideChannelListener(choice.address, port, {0: builtin_payload(engine_id, me.job_id, 0)})
+    endpoint = None
+    if me.transfer_bytes:
+        from .transfer import NixlMissing, TransferEndpoint
+
+        try:
+            endpoint = TransferEndpoint(engine_id, rank, me.transfer_bytes, netif.interface_of(choice.address), env)
+        except NixlMissing as exc:
+            return protocol.rank_failed(rank, str(exc), EXIT_NO_NIXL)
+    metadata = endpoint.metadata() if endpoint else None
+    listener = SideChannelListener(choice.address, port, {0: builtin_payload(engine_id, me.job_id, 0, metadata)})
     try:
         listener.bind()
     except SideChannelBindError as exc:
         return protocol.rank_failed(rank, str(exc), EXIT_BIND_FAILED)
+    facts = rankenv.HostFacts.from_env(env)
+    if endpoint and facts.command_fd is not None:
+        threading.Thread(target=_obey, args=(facts.command_fd, endpoint, me, choice.address), daemon=True).start()
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -79,10 +93,43 @@ def main() -> int:
         protocol.Ready(rank=rank, address=choice.address, port=port, pid=os.getpid(), rule=choice.rule, engine_id=engine_id)
     )
     try:
-        listener.serve(stop)
+        listener.serve(stop, on_idle=endpoint.progress if endpoint else None)
     finally:
         listener.close()
+        if endpoint:
+            endpoint.close()
     return 0
+
+
+def _obey(fd: int, endpoint, me: rankenv.RankIdentity, address: str) -> None:
+    """The agent's commands to this rank, one JSON line each: a transfer check of its peers."""
+    with os.fdopen(fd, "rb") as pipe:
+        for raw in pipe:
+            try:
+                command = protocol.decode(raw)
+            except protocol.ProtocolError:
+                continue
+            if isinstance(command, protocol.TransferCheck):
+                endpoint.expect_reads(2 * command.timeout * len(command.peers) + 2)  # every peer may read us meanwhile
+                wanted = None if command.pairs is None else {tuple(p) for p in command.pairs}
+                for peer in command.peers:
+                    if peer.rank != me.rank and (wanted is None or (me.rank, peer.rank) in wanted):
+                        protocol.report_to_agent(_read_peer(endpoint, me, address, peer, command.timeout))
+
+
+def _read_peer(endpoint, me: rankenv.RankIdentity, address: str, peer: protocol.Peer, timeout: float) -> protocol.TransferResult:
+    """Fetch the peer's NIXL metadata over its side channel, READ its buffer, verify it."""
+    from .sidechannel import HandshakeError, handshake
+    from .transfer import TransferFailed
+
+    try:
+        reply = handshake(peer.address, peer.ports[0], wire.CURRENT, timeout=timeout, source=address).reply
+        if peer.expect_engine_id and reply.metadata.engine_id != peer.expect_engine_id:
+            raise TransferFailed(f"engine ID mismatch: expected {peer.expect_engine_id}, got {reply.metadata.engine_id}")
+        latency, mbps, used = endpoint.read(reply.metadata, peer.rank, timeout)
+    except (HandshakeError, TransferFailed) as exc:
+        return protocol.TransferResult(rank=me.rank, peer=peer.rank, ok=False, error=str(exc))
+    return protocol.TransferResult(rank=me.rank, peer=peer.rank, ok=True, latency_ms=round(latency, 3), mbps=round(mbps, 1), used=used)
 
 
 if __name__ == "__main__":

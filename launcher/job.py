@@ -153,6 +153,7 @@ class Job:
         self.interrupted = False  # the user asked to stop (Ctrl-C, SIGTERM at the head)
         self.head_ip: str | None = None
         self.matrix: CheckMatrix | None = None
+        self.transfers: CheckMatrix | None = None  # check --transfer: NIXL reads, after the probes
 
     # --- the one first-failure rule --------------------------------------------------
 
@@ -217,6 +218,9 @@ class Job:
                     )
             case protocol.Exited():
                 return self._exited(self.ranks[event.rank], event.returncode, now)
+            case protocol.TransferResult():  # before CheckResult: a subclass of it
+                if self.transfers is not None:
+                    self.transfers.add(event)
             case protocol.CheckResult():
                 if self.matrix is not None:
                     self.matrix.add(event)
@@ -423,15 +427,16 @@ class Job:
             host=state.spec.host,
         )
 
-    def judge_check(self) -> None:
-        """After the all-pairs check: a failing pair, or what vLLM's peers would refuse, ends the job."""
-        matrix = self.matrix
+    def judge_check(self, matrix: CheckMatrix | None = None) -> None:
+        """After the all-pairs check (or the transfer check): a failing pair, or what vLLM's peers would refuse, ends the job."""
+        matrix = matrix or self.matrix
         bad = matrix.failures
         if bad:
-            first, hosts, pairs = bad[0], matrix.hosts, len(matrix.ranks) ** 2
+            first, hosts, pairs = bad[0], matrix.hosts, len(matrix.expected())
+            what = "the NIXL transfer check" if matrix.transfer_bytes else "the check"
             self.fail(
                 FailureKind.CHECK,
-                f"{len(bad)} of {pairs} pairs failed the check; first: r{first.rank} ({hosts[first.rank]}) -> "
+                f"{len(bad)} of {pairs} pairs failed {what}; first: r{first.rank} ({hosts[first.rank]}) -> "
                 f"r{first.peer} ({hosts[first.peer]}): {first.error}",
             )
         elif matrix.problems:
@@ -456,4 +461,4 @@ class Job:
             )
             for s in sorted(self.ranks.values(), key=lambda s: s.spec.rank)
         )
-        return LaunchResult(ranks, self.failure, self.matrix, duration)
+        return LaunchResult(ranks, self.failure, self.matrix, duration, self.transfers)

@@ -266,6 +266,15 @@ def bind_request(identity: RankIdentity, facts: HostFacts, explicit: str | None)
     )
 
 
+def interface_of(address: str) -> str | None:
+    """The interface that holds ``address`` here (for UCX_NET_DEVICES); None for a loopback-range alias."""
+    ip = address_literal(address)
+    for entry in local_interfaces():
+        if str(entry.address) == ip:
+            return entry.interface
+    return "lo" if ip and ipaddress.ip_address(ip).is_loopback else None
+
+
 def resolve_bind_address(request: BindRequest) -> BindChoice:
     """Probe this host and choose."""
     return select_bind_address(request, local_interfaces(), default_route_interface())

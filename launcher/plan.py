@@ -91,6 +91,7 @@ class LaunchOptions:
     to_completion: bool = False  # a finite command: wait for every rank to exit; exit 0 is success, not a failure
     ifname: str | None = None  # --ifname: for every host whose line gives none (Slurm nodes have no line)
     cidr: str | None = None  # --cidr: likewise
+    transfer_bytes: int | None = None  # built-in cores become NIXL agents serving this many bytes (check --transfer)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ def build(
                 port_base=port_base,
                 ifname=host.ifname,
                 cidr=host.cidr,
+                transfer_bytes=None if options.command else options.transfer_bytes,  # a command's preflight moves bytes
             )
             report = envpolicy.rank_environment(head_env, policy, job_env=options.env, host_env=host.env, rank_env=identity.to_env())
             _check_text(report, host)
@@ -271,6 +273,7 @@ def preflight_plan(plan: LaunchPlan) -> LaunchPlan:
         head_command=(),
         per_host=False,
         readiness=None,
+        to_completion=False,  # the built-in core serves until the check is done, whatever the command does
         port_base=plan.port_base,
         strict_versions=True,
     )

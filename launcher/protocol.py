@@ -76,6 +76,14 @@ class Check(_Msg):
     pairs: list[tuple[int, int]] | None = None  # (from rank, to rank) to probe; None: every pair (a sampled check names them)
 
 
+class TransferCheck(_Msg):
+    """Head -> agent -> each built-in rank: READ every peer's buffer over NIXL and verify it."""
+
+    peers: list[Peer]
+    timeout: float
+    pairs: list[tuple[int, int]] | None = None
+
+
 class Stop(_Msg):
     reason: str = ""
     now: bool = False  # skip the rest of the grace period: SIGKILL at once (a second Ctrl-C)
@@ -152,6 +160,13 @@ class CheckResult(_Msg):
     engines: list[EngineSeen] = []
 
 
+class TransferResult(CheckResult):
+    """A rank's NIXL read of a peer's buffer: moved and verified, or why not."""
+
+    mbps: float = 0.0
+    used: str = ""  # what UCX used for the read ('software emulation tcp/eth0')
+
+
 class Stopping(_Msg):
     """The agent is stopping its ranks; what follows from it is a consequence, not a cause."""
 
@@ -168,6 +183,8 @@ class AgentError(_Msg):
 
 
 Message = Union[
+    TransferCheck,
+    TransferResult,
     AgentSpec,
     Sweep,
     Heartbeat,

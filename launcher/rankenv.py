@@ -47,6 +47,7 @@ class RankIdentity:
     port_base: int  # VLLM_NIXL_SIDE_CHANNEL_PORT: vLLM adds the DP index
     ifname: str | None = None  # bind-address selectors from the hostfile or --ifname/--cidr
     cidr: str | None = None
+    transfer_bytes: int | None = None  # the built-in core's NIXL buffer, when the check moves bytes (--transfer)
 
     NAMES: ClassVar[Mapping[str, str]] = {
         "job_id": "LAUNCHER_JOB_ID",
@@ -60,6 +61,7 @@ class RankIdentity:
         "port_base": PORT_VAR,
         "ifname": "LAUNCHER_BIND_IFNAME",
         "cidr": "LAUNCHER_BIND_CIDR",
+        "transfer_bytes": "LAUNCHER_TRANSFER_BYTES",
     }
 
     @property
@@ -75,7 +77,7 @@ class RankIdentity:
         values = {}
         for f in fields(cls):
             optional = f.default is None
-            values[f.name] = _read(env, cls.NAMES[f.name], int if f.type == "int" else str, optional)
+            values[f.name] = _read(env, cls.NAMES[f.name], int if f.type.startswith("int") else str, optional)
         return cls(**values)
 
 
@@ -87,17 +89,19 @@ class HostFacts:
     reached_address: str | None = None  # the host-local address the head reached it on
     head_ip: str | None = None  # the first host's own address, for {head_ip}
     control_fd: int | None = None  # the agent's pipe for Ready/RankError
+    command_fd: int | None = None  # the agent's pipe to a built-in core (the transfer check)
 
     NAMES: ClassVar[Mapping[str, str]] = {
         "host_is_loopback": "LAUNCHER_HOST_IS_LOOPBACK",
         "reached_address": "LAUNCHER_REACHED_ADDRESS",
         "head_ip": "LAUNCHER_HEAD_IP",
         "control_fd": "LAUNCHER_CONTROL_FD",
+        "command_fd": "LAUNCHER_COMMAND_FD",
     }
 
     def to_env(self) -> dict[str, str]:
         env = {self.NAMES["host_is_loopback"]: "1" if self.host_is_loopback else "0"}
-        for name in ("reached_address", "head_ip", "control_fd"):
+        for name in ("reached_address", "head_ip", "control_fd", "command_fd"):
             if getattr(self, name) is not None:
                 env[self.NAMES[name]] = str(getattr(self, name))
         return env
@@ -109,6 +113,7 @@ class HostFacts:
             reached_address=_read(env, cls.NAMES["reached_address"], optional=True),
             head_ip=_read(env, cls.NAMES["head_ip"], optional=True),
             control_fd=_read(env, cls.NAMES["control_fd"], int, optional=True),
+            command_fd=_read(env, cls.NAMES["command_fd"], int, optional=True),
         )
 
 

@@ -97,6 +97,7 @@ class LaunchResult:
     failure: Failure | None
     check: CheckMatrix | None
     duration: float
+    transfer: CheckMatrix | None = None  # check --transfer: the NIXL reads
 
     @property
     def ok(self) -> bool:

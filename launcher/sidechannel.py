@@ -107,8 +107,9 @@ class SideChannelListener:
             return SideChannelBindError(exc.errno, f"cannot bind {where}: Cannot assign requested address (not this host's address)")
         return SideChannelBindError(exc.errno, f"cannot bind the side channel at {where}: {exc}")
 
-    def serve(self, stop: threading.Event, poll_ms: int = 20) -> None:
-        """Answer requests until ``stop`` is set."""
+    def serve(self, stop: threading.Event, poll_ms: int = 20, on_idle=None) -> None:
+        """Answer requests until ``stop`` is set. ``on_idle`` runs between polls (NIXL's progress, with
+        --transfer) and returns how many milliseconds the next poll may wait."""
         assert self._sock is not None, "bind() first"
         baseline = _rss()
         while not stop.is_set():
@@ -116,7 +117,8 @@ class SideChannelListener:
                 self._reset()
                 baseline = max(baseline, _rss())  # what the reset could not give back is not counted twice
                 continue
-            if not self._sock.poll(poll_ms, zmq.POLLIN):
+            wait = poll_ms if on_idle is None else on_idle()
+            if not self._sock.poll(wait, zmq.POLLIN):
                 continue
             frames = self._receive(baseline)
             if frames is None:

@@ -119,6 +119,27 @@ class Supervisor:
             self.reporter.checked(matrix)
         return matrix
 
+    def transfer_check(self, options: CheckOptions) -> CheckMatrix:
+        """Every built-in rank READs every peer's NIXL buffer (or the sampled pairs) and verifies it."""
+        ranks = sorted(self.job.ranks.values(), key=lambda r: r.spec.rank)
+        hosts = {r.spec.rank: r.spec.host for r in ranks}
+        targets = [checking.Target(r.spec.rank, r.spec.host, r.address, r.spec.ports, r.spec.engine_id) for r in ranks]
+        peers = [protocol.Peer(rank=t.rank, address=t.address, ports=list(t.ports), wire="", expect_engine_id=t.engine_id) for t in targets]
+        pairs = checking.choose_pairs(targets, options.sample, self.plan.job_id)
+        nbytes = self.plan.options.transfer_bytes
+        self.job.transfers = matrix = CheckMatrix(
+            tuple(hosts), {}, hosts, pairs=None if pairs is None else frozenset(pairs), transfer_bytes=nbytes
+        )
+        count = len(ranks) ** 2 if pairs is None else len(pairs)
+        self.reporter.progress(f"moving bytes: {count} NIXL reads of {nbytes} bytes (each rank reads its peers in turn)")
+        for link in self.links:
+            self._send(link, protocol.TransferCheck(peers=peers, timeout=options.timeout, pairs=pairs))
+        self._pump(lambda: matrix.complete, time.monotonic() + checking.transfer_deadline(targets, pairs, options.timeout))
+        if not self.job.interrupted:
+            self.job.judge_check(matrix)
+            self.reporter.checked(matrix)
+        return matrix
+
     def serve(self) -> None:
         """Pump events until a stop is requested or the job fails."""
         self._pump(lambda: False, None)

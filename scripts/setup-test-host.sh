@@ -2,7 +2,8 @@
 # Install what the tests need on a fresh Debian machine: openssh-server (a real
 # sshd per test host), iproute2 (network namespaces), Slurm's controller, node
 # daemon and client (a real Slurm on those hosts; auth/none, so munged is never
-# started), then this package with its test extras. Safe to run again.
+# started), then this package with its test extras, and NIXL without torch (the
+# transfer check's tests). Safe to run again.
 set -euo pipefail
 missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
@@ -20,5 +21,6 @@ fi
 # Debian's packages start no daemon without systemd here; the tests start their own.
 mkdir -p /run/sshd
 python3 -m pip install -q -e ".[test]"
+bash "$(dirname "$0")/install-nixl-cpu.sh" python3
 # Real vLLM (CPU build) and a tiny model, in a venv of their own: scripts/setup-real-vllm.sh.
 bash "$(dirname "$0")/setup-real-vllm.sh"

@@ -197,3 +197,22 @@ def test_not_ready_duplicate_addresses_and_unreachable_say_where_and_what_to_do(
         dup.apply(0 if r == 0 else 1, protocol.Ready(rank=r, address=address, port=5600 + r, pid=1, rule="r", engine_id="e"), 1.0)
     assert dup.duplicate_address() and dup.failure.kind is FailureKind.DUPLICATE_ADDRESS and dup.failure.exit_code == 3
     assert dup.failure.message.startswith("hosts a and b both report address 10.0.0.9;")
+
+
+def test_transfer_results_fill_the_transfer_matrix_and_a_failed_read_fails_the_check():
+    from launcher.check import CheckMatrix
+
+    job = started(make())
+    job.matrix = CheckMatrix((0, 1, 2), {r: "v2" for r in range(3)}, {0: "a", 1: "b", 2: "b"})
+    job.transfers = CheckMatrix((0, 1, 2), {}, {0: "a", 1: "b", 2: "b"}, transfer_bytes=1 << 20)
+    for a in range(3):
+        for b in range(3):
+            ok = (a, b) != (2, 0)
+            result = protocol.TransferResult(rank=a, peer=b, ok=ok, mbps=900.0, used="x tcp/eth0", error=None if ok else "UCX: no route")
+            job.apply({0: 0, 1: 1, 2: 1}[a], result, 1.0)
+    assert job.matrix.results == {}  # a transfer is never taken for a handshake
+    assert set(job.transfers.results) == {(a, b) for a in range(3) for b in range(3) if a != b}  # no rank reads itself
+    assert job.transfers.complete and not job.transfers.ok
+    job.judge_check(job.transfers)
+    assert (job.failure.kind, job.failure.exit_code) == (FailureKind.CHECK, 5)
+    assert job.failure.message == "1 of 6 pairs failed the NIXL transfer check; first: r2 (b) -> r0 (a): UCX: no route"

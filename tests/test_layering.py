@@ -23,6 +23,8 @@ HEAD = {
     "launcher.api",
     "launcher.cli",
     "launcher.report",
+    "launcher.plot",
+    "matplotlib",
     "launcher.transports",
     "launcher.hostfile",
     "paramiko",
@@ -44,7 +46,10 @@ PURE = {
     "version",
     "argtypes",
 }
-IO = {"supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report", "entry"}
+IO = {
+    "supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report", "entry",
+    "transfer", "plot",
+}  # fmt: skip
 RANK_SIDE = {"agent", "engine_core", "bootstrap"}
 
 

@@ -2,6 +2,7 @@ import pytest
 
 from launcher import plan
 from launcher.plan import Host, LaunchOptions, PlanError
+from launcher.rankenv import RankIdentity
 
 HOSTS = [Host("a", slots=2), Host("b", slots=3, ifname="eth1"), Host("c", slots=1)]
 
@@ -185,6 +186,14 @@ def test_the_preflight_plan_binds_the_same_hosts_and_ports_with_the_builtin_core
     assert pre.builtin and pre.options.strict_versions and pre.readiness == Report()
     assert [r.port for r in pre.ranks] == [p for r in user.ranks for p in r.ports]
     assert [h.host for h in pre.hosts] == [h.host for h in user.hosts]
+
+
+def test_a_finite_commands_preflight_serves_and_its_cores_move_bytes_when_asked():
+    user = plan.build(HOSTS, LaunchOptions(command=("pytest",), to_completion=True, transfer_bytes=4096), {}, "j")
+    assert all(RankIdentity.from_env(r.env).transfer_bytes is None for r in user.ranks)  # a command has no NIXL buffer
+    pre = plan.preflight_plan(user)  # the built-in core serves until its check is done, whatever the command does
+    assert not pre.options.to_completion
+    assert all(RankIdentity.from_env(r.env).transfer_bytes == 4096 for r in pre.ranks)
 
 
 def test_the_auto_transport_follows_where_the_hosts_are():

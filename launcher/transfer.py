@@ -1,0 +1,259 @@
+"""NIXL transfers between built-in engine cores: the data path after the side channel (``check --transfer``).
+
+A handshake proves the side channel; what breaks next in production is the
+data path: UCX on another interface than the side channel, RDMA that does
+not reach the next rack, a firewall that lets 5600 through but not UCX. With
+``--transfer`` each built-in rank becomes a real NIXL agent (UCX backend),
+named after its engine id, with a DRAM buffer whose bytes follow from its
+rank (``pattern``), and advertises the agent's metadata and the buffer (base
+address, length) in its handshake payload, in vLLM's ``NixlAgentMetadata``.
+Asked to check its peers, it fetches each peer's payload over the side
+channel, adds the peer's agent, READs the peer's buffer into its own scratch
+buffer, verifies every byte, and reports latency, bandwidth and what UCX used
+for the read, from UCX's own protocol log.
+
+UCX follows the rank's address: ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=<the
+interface holding it>`` unless the user set them (left to itself UCX picks
+among every interface, or shared memory between two ranks of one host, and
+the check would prove another path than vLLM's side channel uses). NIXL
+1.5.1's progress thread spins a core at its default delay of 0, with no
+setting for it: the rank runs none and drives progress itself: while its own
+read waits, from that wait; otherwise from its serve loop, without pause while
+a check runs (peers' reads of its buffer need it) and every millisecond after.
+UCX writes its log through a buffered ``FILE*``, hence the ``fflush(NULL)``
+before reading it.
+
+Imported by the built-in engine core only, and only with ``--transfer``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tempfile
+import threading
+import time
+
+from . import wire
+
+INSTALL_HINT = (
+    "install NIXL on every host, in the interpreter that runs launcher: on CPU hosts without torch, "
+    "'pip install numpy && pip install --no-deps nixl-cu12==1.5.1 nixl==1.5.1' (scripts/install-nixl-cpu.sh); "
+    "on GPU hosts \"pip install 'launcher[nixl]'\""
+)
+_READ_TABLE = re.compile(r"\|\s*remote memory read by ")
+_ERROR = re.compile(r"UCX\s+ERROR\s+(.*)$")
+_TABLE_ROW = re.compile(r"\|\s*[\d.]+\.\.\S*\s*\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|")
+
+
+class NixlMissing(RuntimeError):
+    """NIXL cannot be imported here; the message says how to install it."""
+
+
+def nixl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nixl") is not None
+
+
+def pattern(rank: int, nbytes: int):
+    """The bytes rank ``rank`` serves: different for every rank, so a read that reached the wrong peer shows."""
+    import numpy as np
+
+    return ((np.arange(nbytes, dtype=np.uint64) * 131 + rank * 7919) % 251).astype(np.uint8)
+
+
+class TransferEndpoint:
+    """This rank's NIXL agent, its served buffer and its scratch buffer for reads."""
+
+    def __init__(self, engine_id: str, rank: int, nbytes: int, interface: str | None, env=os.environ):
+        env.setdefault("UCX_TLS", "tcp")
+        if interface:
+            env.setdefault("UCX_NET_DEVICES", interface)
+        env.setdefault("UCX_PROTO_INFO", "y")  # UCX logs which protocol and device each operation uses...
+        own = "UCX_LOG_FILE" not in env
+        self.log = UcxLog(env.setdefault("UCX_LOG_FILE", os.path.join(tempfile.gettempdir(), f"launcher-ucx.{os.getpid()}.%p.log")), own)
+        try:
+            import numpy as np
+            from nixl._api import nixl_agent, nixl_agent_config
+        except ImportError as exc:
+            raise NixlMissing(f"NIXL is not installed here ({exc}); {INSTALL_HINT}") from None
+        self.rank, self.nbytes, self.engine_id = rank, nbytes, engine_id
+        self.agent = nixl_agent(f"launcher-{engine_id}", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        if "UCX" not in self.agent.backends:
+            raise NixlMissing(f"NIXL has no UCX backend here (plugins: {', '.join(self.agent.plugin_list) or 'none'}); {INSTALL_HINT}")
+        self.buffer = pattern(rank, nbytes)
+        self.scratch = np.zeros(nbytes, dtype=np.uint8)
+        for array in (self.buffer, self.scratch):
+            self.agent.register_memory(self.agent.get_reg_descs([(array.ctypes.data, array.nbytes, 0, "")], "DRAM"))
+        self._lock = threading.Lock()  # NIXL's agent is not thread-safe without its listener: one user at a time
+        self._remote: dict[str, str] = {}  # engine id -> NIXL's name for the peer's agent
+        self._busy_until = 0.0
+
+    def metadata(self) -> wire.NixlAgentMetadata:
+        """What peers need to read this rank's buffer, in vLLM's format (one block: the whole buffer)."""
+        return wire.NixlAgentMetadata(
+            engine_id=self.engine_id,
+            agent_metadata=self.agent.get_agent_metadata(),
+            kv_caches_base_addr=[self.buffer.ctypes.data],
+            device_id=0,
+            num_blocks=1,
+            block_lens=[self.nbytes],
+            block_strides=[self.nbytes],
+            kv_cache_layout="HND",
+            block_size=16,
+            ssm_sizes=(0, 0),
+            attn_backend_name="launcher-transfer",
+            physical_blocks_per_logical_kv_block=1,
+        )
+
+    def expect_reads(self, seconds: float) -> None:
+        """Peers are about to read this rank's buffer: progress without pause for ``seconds``."""
+        self._busy_until = time.monotonic() + seconds
+
+    def progress(self) -> int:
+        """Let UCX move what peers asked of this rank (over TCP their reads need this side's progress);
+        returns the milliseconds until the next call: 0 while a check runs, 1 when idle or while this
+        rank's own read progresses the agent (spinning beside it would only fight it for the GIL)."""
+        if not self._lock.acquire(blocking=False):
+            return 1
+        try:
+            self.agent.get_new_notifs()
+        finally:
+            self._lock.release()
+        return 0 if time.monotonic() < self._busy_until else 1
+
+    def read(self, peer: wire.NixlAgentMetadata, peer_rank: int, timeout: float) -> tuple[float, float, str]:
+        """READ the peer's buffer three times and verify it each time; raises TransferFailed.
+
+        Returns (milliseconds of the first read, which pays for UCX's connection
+        as vLLM's first KV pull does; MB/s of the best of two more; what UCX used).
+        """
+        with self._lock:
+            name = self._remote.get(peer.engine_id)
+            if name is None:
+                try:
+                    name = self._remote[peer.engine_id] = self.agent.add_remote_agent(peer.agent_metadata)
+                except Exception as exc:  # NIXL raises its own types for a bad peer
+                    raise self._failure(f"cannot add the peer's NIXL agent ({type(exc).__name__})") from None
+            if not peer.kv_caches_base_addr or not peer.block_lens:
+                raise TransferFailed("the peer advertises no buffer (is it a built-in core with --transfer?)")
+            if peer.block_lens[0] < self.nbytes:  # every rank of a job serves --transfer-bytes
+                raise TransferFailed(f"the peer serves {peer.block_lens[0]} bytes, not the job's {self.nbytes}")
+            n = self.nbytes
+            local = self.agent.get_xfer_descs([(self.scratch.ctypes.data, n, 0)], "DRAM")
+            remote = self.agent.get_xfer_descs([(peer.kv_caches_base_addr[0], n, peer.device_id)], "DRAM")
+            cold = self._read_once(name, local, remote, n, peer_rank, timeout)
+            # The best of two warm reads: one scheduler hiccup on a busy host halves a single read's figure.
+            warm = min(self._read_once(name, local, remote, n, peer_rank, timeout) for _ in range(2))
+        return cold * 1000, n / warm / 1e6, self.used()
+
+    def _read_once(self, name: str, local, remote, n: int, peer_rank: int, timeout: float) -> float:
+        self.scratch[:n] = 0
+        start = time.perf_counter()
+        state, handle = "ERR", None
+        try:
+            handle = self.agent.initialize_xfer("READ", local, remote, name)
+            state = self.agent.transfer(handle)
+            while state not in ("DONE", "ERR") and time.perf_counter() - start < timeout:
+                state = self.agent.check_xfer_state(handle)  # progresses UCX too
+        except Exception as exc:  # nixlBackendError and kin: the peer or the path refused
+            raise self._failure(f"NIXL failed reading {n} bytes ({type(exc).__name__}: {exc})") from None
+        finally:
+            elapsed = time.perf_counter() - start
+            if handle is not None:
+                try:
+                    self.agent.release_xfer_handle(handle)  # NIXL aborts a transfer still in flight
+                except Exception:
+                    pass
+        if state == "ERR":
+            raise self._failure(f"UCX reported an error reading {n} bytes")
+        if state != "DONE":
+            raise self._failure(f"no completion within {timeout:g}s reading {n} bytes")
+        if not (self.scratch[:n] == pattern(peer_rank, n)).all():
+            raise TransferFailed(f"read {n} bytes that are not rank {peer_rank}'s")
+        return elapsed
+
+    def _failure(self, what: str) -> TransferFailed:
+        """``what`` failed, with UCX's own account when it logged one (it names the address it could not reach)."""
+        error = self.log.take_error()
+        if error is None:
+            return TransferFailed(f"{what} ({self.used()})")
+        devices = os.environ.get("UCX_NET_DEVICES", "all")
+        return TransferFailed(
+            f"{what}: UCX: {error}; UCX_NET_DEVICES (here {devices}) must name an interface on a network both hosts share"
+        )
+
+    def used(self) -> str:
+        """What UCX chose for remote reads ('software emulation tcp/eth0'), the last it logged."""
+        self.log.update()
+        return self.log.used
+
+    def close(self) -> None:
+        self.log.remove()
+
+
+class UcxLog:
+    """UCX's own log of this process (UCX_LOG_FILE, with UCX_PROTO_INFO=y): which protocol and device each
+    kind of operation uses, and UCX's errors, which name what it could not reach ('no route to 198.19.0.11:4753')."""
+
+    def __init__(self, path: str, own: bool):
+        self.path, self.own = path, own
+        self.used = "UCX (its log did not say which lane)"
+        self.errors: list[str] = []
+        self._offsets: dict[str, int] = {}
+
+    def update(self) -> None:
+        lines = self._new_lines()
+        for i, line in enumerate(lines):
+            if _READ_TABLE.search(line):
+                rows = [m.groups() for m in map(_TABLE_ROW.search, lines[i + 1 : i + 8]) if m]
+                if rows:
+                    self.used = ", ".join(sorted({f"{how} {where}" for how, where in rows}))
+            elif m := _ERROR.search(line):
+                self.errors.append(m.group(1).replace("<no debug data>: ", ""))
+
+    def take_error(self) -> str | None:
+        """UCX's last error since the last call, if it logged one."""
+        self.update()
+        error = self.errors[-1] if self.errors else None
+        self.errors.clear()
+        return error
+
+    def _new_lines(self) -> list[str]:
+        _flush_c_streams()  # UCX writes through a buffered FILE*: what it just chose may still sit in it
+        lines: list[str] = []
+        for path in glob.glob(self.path.replace("%p", "*")):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self._offsets.get(path, 0))
+                    data = f.read(1 << 20)
+            except OSError:
+                continue
+            whole = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+            self._offsets[path] = self._offsets.get(path, 0) + len(whole)
+            lines += whole.decode(errors="replace").splitlines()
+        return lines
+
+    def remove(self) -> None:
+        if not self.own:
+            return  # a log the user asked for (UCX_LOG_FILE) is theirs to keep
+        for path in glob.glob(self.path.replace("%p", "*")):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _flush_c_streams() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)  # fflush(NULL): every open output stream of this process
+    except (OSError, AttributeError):
+        pass
+
+
+class TransferFailed(Exception):
+    """A read that did not move and verify the peer's bytes; str() is the reason."""

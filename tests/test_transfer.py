@@ -1,0 +1,163 @@
+"""`check --transfer`: built-in cores as real NIXL agents moving and verifying bytes (UCX over TCP).
+
+On loopback and on the SSH namespace cluster; NIXL is the CPU install
+(scripts/setup-test-host.sh: numpy, then nixl-cu12 and nixl with --no-deps).
+"""
+
+import importlib.util
+import re
+import sys
+
+import pytest
+
+from conftest import _require, failed_line, launch_hosts, run_launcher, write_hostfile
+from launcher.check import CheckOptions
+from launcher.plan import LaunchOptions
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nixl():
+    _require("NIXL", [name for name in ("nixl", "numpy") if importlib.util.find_spec(name) is None])
+
+
+def transfer_matrix(stdout: str) -> str:
+    return stdout.split("NIXL READ bandwidth", 1)[1]
+
+
+def test_loopback_every_rank_reads_every_peer_and_the_heatmap_is_written(tmp_path, no_leaks, port_base):
+    plot = tmp_path / "transfer.png"
+    done = run_launcher(
+        "check", "-H", write_hostfile(tmp_path, "localhost slots=3"), "--port-base", str(port_base),
+        "--transfer", "--transfer-bytes", "256K", "--plot", str(plot),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    matrix = transfer_matrix(done.stdout)
+    assert "(256 KiB per read, every byte verified; row: reader rank, column: read from)" in matrix
+    # Every off-diagonal cell is a bandwidth; a rank does not read itself.
+    for rank in range(3):
+        row = re.search(rf"^localhost r{rank}\s+(.*)$", matrix, re.M).group(1).split()
+        assert row[rank] == "·" and all(float(c) > 0 for i, c in enumerate(row) if i != rank), row
+    assert "all 6 transfers ok" in matrix
+    assert re.search(r"^UCX used: .*tcp/lo \(6 reads\)$", matrix, re.M), matrix  # the network path, not shared memory
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"heatmap written to {plot}" in done.stderr
+
+
+def test_hosts_on_two_networks_move_bytes_over_the_interface_each_rank_chose(hosts):
+    # h1 has eth0 and eth1; ifname=eth0 picks the network its peers share, and UCX must follow it.
+    result = launch_hosts("h1 slots=2 ifname=eth0\nh2\nh3\n", hosts, LaunchOptions(transfer_bytes=MiB), check=CheckOptions(timeout=5))
+    assert result.ok, result.failure
+    assert result.check.ok and result.transfer.ok
+    assert len(result.transfer.results) == 4 * 3  # every ordered pair of distinct ranks
+    for r in result.transfer.results.values():
+        assert r.ok and r.mbps > 0 and r.latency_ms > 0
+        assert r.used.endswith("tcp/eth0"), r.used  # h1's eth1 never carries it
+    assert {r.address for r in result.ranks if r.host == "h1"} == {"198.18.0.11"}
+
+
+def test_ucx_on_an_interface_the_peers_cannot_reach_is_red_with_the_reason(hosts, tmp_path):
+    # The side channel binds eth0 (every handshake passes) but UCX is told to use h1's eth1, which
+    # h2 and h3 have no route to: the failure the handshake cannot see.
+    hf = write_hostfile(tmp_path, "h1 ifname=eth0 env:UCX_NET_DEVICES=eth1\nh2\nh3\n")
+    done = run_launcher("check", "-H", hf, *hosts.ssh_args(), "--transfer", "--handshake-timeout", "3", timeout=120)
+    assert done.returncode == 5, done.stderr
+    assert "all 9 handshakes ok" in done.stdout
+    matrix = transfer_matrix(done.stdout)
+    failed = failed_line(done.stderr)
+    assert re.match(r"\d+ of 6 pairs failed the NIXL transfer check; first: r\d \(h\d\) -> r\d \(h\d\): ", failed), failed
+    # Every pair with h1 in it is red; h2 and h3 still reach each other.
+    assert re.search(r"^h2 r1\s+FAIL\s+·\s+[\d.]+$", matrix, re.M), matrix
+    assert re.search(r"^h3 r2\s+FAIL\s+[\d.]+\s+·$", matrix, re.M), matrix
+    # The reason is UCX's own: the address it could not reach, and the setting to look at.
+    reason = r"cannot add the peer.s NIXL agent .*: UCX: .*no route to 198\.19\.0\.11:\d+; UCX_NET_DEVICES \(here eth0\)"
+    assert re.search(rf"r1 \(h2\) -> r0 \(h1\): {reason}", matrix), matrix
+
+
+def test_without_nixl_the_transfer_check_fails_at_once_saying_how_to_install_it(tmp_path, no_leaks, port_base):
+    # An interpreter where 'import nixl' fails as on a host without it.
+    shadow = tmp_path / "no-nixl" / "nixl"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'nixl'\")\n")
+    hf = write_hostfile(tmp_path, f"localhost slots=2 env:PYTHONPATH={shadow.parent}")
+    done = run_launcher("check", "-H", hf, "--port-base", str(port_base), "--transfer", timeout=60)
+    assert done.returncode == 4, done.stderr  # the rank's own code: it cannot become ready
+    failed = failed_line(done.stderr)
+    assert re.match(r"rank \d on localhost exited with code 4: NIXL is not installed here", failed), failed
+    assert "pip install --no-deps nixl-cu12==1.5.1 nixl==1.5.1" in failed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["check", "--transfer", "--", "sleep", "9"], "--transfer moves bytes between built-in engine cores, not a command's"),
+        (["run", "--transfer"], "run --transfer needs --check or --preflight"),
+        (["check", "--transfer-bytes", "2G"], "2G must be 1 byte to 1 GiB"),
+        (["check", "--plot", "/nonexistent/dir/m.png"], "--plot /nonexistent/dir/m.png: cannot write in /nonexistent/dir"),
+    ],
+)
+def test_transfer_and_plot_misuse_is_refused_before_anything_starts(tmp_path, args, message, no_leaks):
+    done = run_launcher(*args[:1], "-H", write_hostfile(tmp_path, "localhost"), *args[1:], timeout=20)
+    assert done.returncode == 2 and message in done.stderr.splitlines()[0], done.stderr
+
+
+def test_a_preflight_moves_bytes_before_the_command_starts(tmp_path, no_leaks, port_base):
+    marker = tmp_path / "ran"
+    done = run_launcher(
+        "run", "-H", write_hostfile(tmp_path, "localhost slots=2"), "--port-base", str(port_base),
+        "--preflight", "--transfer", "--transfer-bytes", "64K", "--to-completion",
+        "--", sys.executable, "-c", f"open('{marker}-{{rank}}', 'w')",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "all 2 transfers ok" in transfer_matrix(done.stdout)
+    assert done.stderr.index("preflight passed") < done.stderr.index("ranks done 1/2")  # bytes moved first
+    assert sorted(p.name for p in tmp_path.glob("ran-*")) == ["ran-0", "ran-1"]
+
+
+@pytest.fixture(scope="module")
+def endpoints():
+    from launcher.transfer import TransferEndpoint
+
+    reader, peer = TransferEndpoint("fuzz-a", 0, 4096, "lo"), TransferEndpoint("fuzz-b", 1, 4096, "lo")
+    yield reader, peer
+    reader.close()
+    peer.close()
+
+
+def test_a_hostile_peers_metadata_is_a_failed_pair_never_a_crash(endpoints):
+    """What a peer advertises (agent blob, buffer address and length) reaches NIXL: fuzz it in one process."""
+    import msgspec
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from launcher.transfer import TransferFailed
+
+    reader, peer = endpoints
+    good = peer.metadata()
+    blob = good.agent_metadata
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        cut=st.integers(0, len(blob)),
+        flips=st.lists(st.tuples(st.integers(0, len(blob) - 1), st.integers(0, 255)), max_size=6),
+        tail=st.binary(max_size=64),
+        address=st.one_of(st.just(good.kv_caches_base_addr[0]), st.integers(0, 2**64 - 1)),
+        length=st.integers(0, 2**40),
+        n=st.integers(0, 10**9),
+    )
+    def read(cut, flips, tail, address, length, n):
+        data = bytearray(blob[:cut] + tail)
+        for i, value in flips:
+            if i < len(data):
+                data[i] = value
+        hostile = msgspec.structs.replace(
+            good, engine_id=f"hostile-{n}", agent_metadata=bytes(data), kv_caches_base_addr=[address], block_lens=[length]
+        )
+        try:
+            reader.read(hostile, 1, timeout=0.5)
+        except TransferFailed as exc:
+            assert str(exc)  # a reason, for the matrix
+
+    read()
