@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -10,7 +11,7 @@ import signal
 import sys
 import threading
 
-from . import argtypes, hostfile, readiness, report, transports, wire
+from . import argtypes, documents, hostfile, readiness, report, transports, wire
 from .api import launch, plan_job
 from .check import WIRE_CHOICES, CheckOptions
 from .command import PLACEHOLDERS
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PATTERN",
         help="also copy head variables matching NAME, PREFIX_ or a glob (repeatable)",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document on stdout (plan: schema launcher.plan/1; check, run: launcher.result/1 at the end); "
+        "everything for people goes to stderr",
     )
     c = plan_common.add_argument_group(
         "user command (after --; without one, the built-in engine core runs)",
@@ -238,7 +245,7 @@ def _run(args, ignored: frozenset[int]) -> int:
         )
         plan = plan_job(hosts, options)
         if args.command == "plan":
-            print(report.render_plan(plan, python=sys.executable))
+            print(_json(documents.plan_document(plan, sys.executable)) if args.json else report.render_plan(plan, python=sys.executable))
             return 0
         if getattr(args, "log_dir", None):
             report.prepare_log_dir(args.log_dir)
@@ -321,7 +328,9 @@ def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
         closed.append(stream)
         stop.set()
 
-    reporter = report.ConsoleReporter(quiet_output=args.quiet, log_dir=args.log_dir, on_closed=on_closed)
+    # With --json, stdout carries the document alone: tables and rank output go to stderr.
+    out = sys.stderr if args.json else sys.stdout
+    reporter = report.ConsoleReporter(out=out, quiet_output=args.quiet, log_dir=args.log_dir, on_closed=on_closed)
 
     def on_signal(signum, _frame):
         received.append(signum)
@@ -356,11 +365,19 @@ def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
         code = _finish(result, received, closed, reporter, plan)
     finally:
         drained = reporter.close()
+    if args.json and not closed:
+        document = documents.result_document(result)
+        document["exit_code"] = code  # this process's: a signal or a closed stdout decides it too
+        print(_json(document), flush=True)
     if closed:
         _silence_stdout() if closed[0] == "stdout" else None
     if not drained:
         os._exit(code)  # the terminal never read the last lines; an exit-time flush would wait for it too
     return code
+
+
+def _json(document: dict) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False)
 
 
 def _plot(result: LaunchResult, path: str, reporter: report.ConsoleReporter) -> None:

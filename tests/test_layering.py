@@ -45,6 +45,7 @@ PURE = {
     "protocol",
     "version",
     "argtypes",
+    "documents",
 }
 IO = {
     "supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report", "entry",
