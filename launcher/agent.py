@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import msgspec
 import psutil
 
-from . import envpolicy, netif, protocol, rankenv, readiness, wire
+from . import envpolicy, gpus, netif, protocol, rankenv, readiness, wire
 from .check import PROBE_CONCURRENCY
 from .command import vllm_interpreter_hint
 from .probe import ProbeError, tcp_connect
@@ -198,7 +198,17 @@ class Agent:
         only safe while no other thread can hold a lock.
         """
         parent = os.getpid()
+        try:
+            devices = self._gpu_slices()
+        except gpus.GpuError as exc:  # before any rank starts: a job half on GPUs is no job
+            for launch in self.spec.ranks:
+                self.events.send(protocol.RankError(rank=launch.rank, message=str(exc), fatal=True))
+                self.events.send(protocol.Exited(rank=launch.rank, returncode=2))
+            self.request_stop(str(exc))
+            return
         for launch in self.spec.ranks:
+            if launch.rank in devices:
+                launch = msgspec.structs.replace(launch, env={**launch.env, "CUDA_VISIBLE_DEVICES": devices[launch.rank]})
             read_fd, write_fd = os.pipe()
             # A built-in core that moves bytes (--transfer) also reads commands from its agent.
             command_read, command_write = os.pipe() if rankenv.RankIdentity.NAMES["transfer_bytes"] in launch.env else (None, None)
@@ -231,6 +241,27 @@ class Agent:
                 command = os.fdopen(command_write, "wb", buffering=0)
             self.ranks.append(RankProcess(launch, popen, read_fd, command))
             self.events.send(protocol.Started(rank=launch.rank, pid=popen.pid))
+
+    def _gpu_slices(self) -> dict[int, str]:
+        """CUDA_VISIBLE_DEVICES per rank under --gpus-per-rank, from this host's devices (gpus.discover)."""
+        slices: dict[int, str] = {}
+        found: gpus.Devices | None = None
+        for launch in self.spec.ranks:
+            me = rankenv.RankIdentity.from_env(launch.env)
+            if not me.gpus_per_rank:
+                continue
+            if found is None:
+                # The host's own variables, or the hostfile's env: for this host, say which devices it offers.
+                found = gpus.discover(me.host_gpus, {**self.base_env, **launch.env}, gpus.nvidia_smi_devices)
+            slices[launch.rank] = gpus.slice_for(
+                found,
+                host=self.spec.host,
+                local_rank=me.local_rank,
+                served=len(launch.ports),
+                per_rank=me.gpus_per_rank,
+                slots=me.local_size,
+            )
+        return slices
 
     def start_threads(self) -> None:
         for rp in self.ranks:

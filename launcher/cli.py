@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also copy head variables matching NAME, PREFIX_ or a glob (repeatable)",
     )
     g.add_argument(
+        "--gpus-per-rank",
+        type=argtypes.positive,
+        metavar="N",
+        help="give each rank its own CUDA_VISIBLE_DEVICES: N of its host's GPUs, in order (from gpus= in the hostfile, "
+        "else the host's CUDA_VISIBLE_DEVICES, Slurm's list, or nvidia-smi -L); more than a host has is an error before launch",
+    )
+    g.add_argument(
         "--json",
         action="store_true",
         help="print one JSON document on stdout (plan: schema launcher.plan/1; check, run: launcher.result/1 at the end); "
@@ -231,6 +238,7 @@ def _run(args, ignored: frozenset[int]) -> int:
             cidr=args.cidr,
             rpc_port=args.rpc_port,
             transfer_bytes=args.transfer_bytes if getattr(args, "transfer", False) else None,
+            gpus_per_rank=args.gpus_per_rank,
             **(
                 {}
                 if args.command == "plan"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import envpolicy, netif
+from . import envpolicy, gpus, netif
 from .check import CheckMatrix
 from .command import user_command
 from .plan import LaunchPlan
@@ -43,6 +43,7 @@ def plan_document(plan: LaunchPlan, python: str = "python") -> dict[str, Any]:
                         "local_rank": r.local_rank,
                         "ports": list(r.ports),
                         "engine_id": r.engine_id,
+                        "cuda_visible_devices": _planned_gpus(plan, hp.host, r),
                         "argv": [hp.host.python or python if a == "{python}" else a for a in user_command(r.argv)],
                         "env": {name: envpolicy.masked(name, value) for name, value in sorted(r.env.items())},
                         "copied": dict(sorted(r.env_report.copied.items())),
@@ -55,6 +56,14 @@ def plan_document(plan: LaunchPlan, python: str = "python") -> dict[str, Any]:
             for hp in plan.hosts
         ],
     }
+
+
+def _planned_gpus(plan: LaunchPlan, host, spec) -> str | None:
+    """--gpus-per-rank: the slice when the hostfile lists the host's devices; None when the host finds them (or no GPUs)."""
+    per_rank = plan.options.gpus_per_rank
+    if not per_rank:
+        return None
+    return gpus.planned_slice(host.gpus, local_rank=spec.local_rank, served=len(spec.ports), per_rank=per_rank, slots=host.slots)
 
 
 def result_document(result: LaunchResult) -> dict[str, Any]:

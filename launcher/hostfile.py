@@ -26,9 +26,10 @@ from collections.abc import Iterable
 import hostlist
 
 from .envpolicy import masked
+from .gpus import parse_device_list
 from .plan import Host
 
-OPTIONS = ("slots", "port", "ifname", "cidr", "python", "cwd")
+OPTIONS = ("slots", "port", "ifname", "cidr", "python", "cwd", "gpus")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _HOST_CHARS = re.compile(r"[A-Za-z0-9._\-\[\],:]+\Z")
 _SCOPE_ID = re.compile(r"[0-9A-Za-z._-]+\Z")  # an IPv6 zone: an interface name or index, nothing a shell would read
@@ -197,6 +198,12 @@ def _convert(key: str, value: str, fail):
             return str(ipaddress.ip_network(value, strict=False))
         except ValueError:
             raise fail(f"cidr {value!r} is not a network like 10.0.0.0/8 or fd00::/64") from None
+    if key == "gpus":
+        try:
+            parse_device_list(value)
+        except ValueError as exc:
+            raise fail(f"gpus={value!r}: {exc}; give a count (gpus=8) or device ids (gpus=0,1,4,5)") from None
+        return value
     if key in ("cwd", "python") and value.startswith("-"):
         # It would reach `cd` or srun as an option; a path never needs to start with '-'.
         raise fail(f"{key}={value!r} starts with '-'; give a path (./{value} or an absolute one)")

@@ -9,6 +9,7 @@ environment into a frozen ``LaunchPlan`` that the supervisor executes and that
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -25,6 +26,7 @@ from .command import (
     uses_nixl,
     vllm_dp_ranks,
 )
+from .gpus import GpuError, check_hostfile_gpus
 from .rankenv import RankIdentity
 from .readiness import Ports, Readiness, Report
 
@@ -50,6 +52,7 @@ class Host:
     env: tuple[tuple[str, str], ...] = ()
     python: str | None = None
     cwd: str | None = None
+    gpus: str | None = None  # the devices --gpus-per-rank slices: a count or ids (gpus.parse_device_list)
     origin: str = ""  # "path:line", for error messages
 
     @property
@@ -92,6 +95,7 @@ class LaunchOptions:
     ifname: str | None = None  # --ifname: for every host whose line gives none (Slurm nodes have no line)
     cidr: str | None = None  # --cidr: likewise
     transfer_bytes: int | None = None  # built-in cores become NIXL agents serving this many bytes (check --transfer)
+    gpus_per_rank: int | None = None  # each rank its own CUDA_VISIBLE_DEVICES slice of its host's devices (gpus.py)
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,11 @@ def build(
     _check_job_env(options.env)
     for host in hosts:
         _check_host_env(host)
+        if host.gpus:
+            try:
+                check_hostfile_gpus(host.gpus, host.slots, options.gpus_per_rank, host.label)
+            except GpuError as exc:
+                raise PlanError(str(exc)) from None
     port_base = _port_base(options, head_env)
     world_size = sum(h.slots for h in hosts)
     last_port = port_base + world_size - 1
@@ -210,10 +219,19 @@ def build(
                 ifname=host.ifname,
                 cidr=host.cidr,
                 transfer_bytes=None if options.command else options.transfer_bytes,  # a command's preflight moves bytes
+                gpus_per_rank=options.gpus_per_rank,
+                host_gpus=host.gpus if options.gpus_per_rank else None,
             )
-            report = envpolicy.rank_environment(head_env, policy, job_env=options.env, host_env=host.env, rank_env=identity.to_env())
+            values = {**placeholders(identity), "rpc_port": str(options.rpc_port)}
+            report = envpolicy.rank_environment(
+                head_env,
+                policy,
+                job_env=_render_env(options.env, values, "--env"),
+                host_env=_render_env(host.env, values, f"env: of {host.label}"),
+                rank_env=identity.to_env(),
+            )
             _check_text(report, host)
-            argv = _argv(options, index, {**placeholders(identity), "rpc_port": str(options.rpc_port)})
+            argv = _argv(options, index, values)
             # A vLLM command binds where its own DP flags say (base + each DP index it serves), whatever our rank count.
             vllm_ranks = vllm_dp_ranks(user_command(argv)) if options.command else None
             ports = tuple(port_base + r for r in (vllm_ranks if vllm_ranks is not None else served))
@@ -241,6 +259,23 @@ def build(
         warnings=tuple(_compile_hash_warnings(hosts)),
         readiness=readiness,
     )
+
+
+def _render_env(pairs: Sequence[tuple[str, str]], values: Mapping[str, str], where: str) -> tuple[tuple[str, str], ...]:
+    """--env and env: values take the rank's placeholders (env:UCX_NET_DEVICES=mlx5_{local_rank}:1); only the
+    ones the head knows: {host_ip} and {head_ip} are the host's, and it sets VLLM_HOST_IP to the first already."""
+    rendered = []
+    for name, value in pairs:
+        try:
+            (value,) = render_template((value,), values)
+        except CommandError:
+            used = next(m.group(1) for m in re.finditer(r"(?<!\{)\{([a-z_]+)\}(?!\})", value) if m.group(1) not in values)
+            raise PlanError(
+                f"{name}={value!r} ({where}) uses {{{used}}}, which an environment value cannot take: only "
+                f"{' '.join('{' + v + '}' for v in values)}; write {{{{{used}}}}} for a literal"
+            ) from None
+        rendered.append((name, value))
+    return tuple(rendered)
 
 
 def placeholders(identity: RankIdentity) -> dict[str, str]:

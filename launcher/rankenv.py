@@ -48,6 +48,8 @@ class RankIdentity:
     ifname: str | None = None  # bind-address selectors from the hostfile or --ifname/--cidr
     cidr: str | None = None
     transfer_bytes: int | None = None  # the built-in core's NIXL buffer, when the check moves bytes (--transfer)
+    gpus_per_rank: int | None = None  # --gpus-per-rank: the agent gives the process its CUDA_VISIBLE_DEVICES slice
+    host_gpus: str | None = None  # the hostfile's gpus= for its host
 
     NAMES: ClassVar[Mapping[str, str]] = {
         "job_id": "LAUNCHER_JOB_ID",
@@ -62,6 +64,8 @@ class RankIdentity:
         "ifname": "LAUNCHER_BIND_IFNAME",
         "cidr": "LAUNCHER_BIND_CIDR",
         "transfer_bytes": "LAUNCHER_TRANSFER_BYTES",
+        "gpus_per_rank": "LAUNCHER_GPUS_PER_RANK",
+        "host_gpus": "LAUNCHER_HOST_GPUS",
     }
 
     @property

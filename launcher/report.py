@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TextIO
 
-from . import envpolicy, netif
+from . import envpolicy, gpus, netif
 from .check import CheckMatrix, render_matrix
 from .command import render_argv, user_command
 from .job import RankState
@@ -241,7 +241,21 @@ def render_plan(plan: LaunchPlan, python: str = "python") -> str:
                 lines.append(f"    dropped {name}  ({report.dropped[name]})")
             for name in sorted(report.set):
                 lines.append(f"    set     {name}={envpolicy.masked(name, r.env[name])}  ({report.set[name]})")
+            if plan.options.gpus_per_rank:
+                lines.append(f"    set     CUDA_VISIBLE_DEVICES={_gpu_note(plan, host, r)}")
     return "\n".join(lines)
+
+
+def _gpu_note(plan: LaunchPlan, host: Host, spec: RankSpec) -> str:
+    per_rank = plan.options.gpus_per_rank
+    chosen = gpus.planned_slice(host.gpus, local_rank=spec.local_rank, served=len(spec.ports), per_rank=per_rank, slots=host.slots)
+    if chosen is not None:
+        return f"{chosen}  (--gpus-per-rank {per_rank}, from gpus= in the hostfile)"
+    count = per_rank * len(spec.ports)
+    return (
+        f"<{count} GPUs, chosen on the host>  (--gpus-per-rank {per_rank}: from its CUDA_VISIBLE_DEVICES, "
+        f"else Slurm's SLURM_STEP_GPUS/SLURM_JOB_GPUS, else nvidia-smi -L)"
+    )
 
 
 def render_summary(result: LaunchResult) -> str:

@@ -46,6 +46,7 @@ PURE = {
     "version",
     "argtypes",
     "documents",
+    "gpus",
 }
 IO = {
     "supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report", "entry",
