@@ -39,7 +39,7 @@ import psutil
 from . import envpolicy, gpus, netif, protocol, rankenv, readiness, wire
 from .check import PROBE_CONCURRENCY
 from .command import vllm_interpreter_hint
-from .probe import ProbeError, tcp_connect
+from .probe import ProbeError, port_holder, tcp_connect
 from .sidechannel import HandshakeError, handshake
 from .version import __version__
 
@@ -200,7 +200,8 @@ class Agent:
         parent = os.getpid()
         try:
             devices = self._gpu_slices()
-        except gpus.GpuError as exc:  # before any rank starts: a job half on GPUs is no job
+            self._check_rpc_port()
+        except (gpus.GpuError, PortTaken) as exc:  # before any rank starts: half a job is no job
             for launch in self.spec.ranks:
                 self.events.send(protocol.RankError(rank=launch.rank, message=str(exc), fatal=True))
                 self.events.send(protocol.Exited(rank=launch.rank, returncode=2))
@@ -241,6 +242,18 @@ class Agent:
                 command = os.fdopen(command_write, "wb", buffering=0)
             self.ranks.append(RankProcess(launch, popen, read_fd, command))
             self.events.send(protocol.Started(rank=launch.rank, pid=popen.pid))
+
+    def _check_rpc_port(self) -> None:
+        """Two jobs whose DP front ends share a host collide on the RPC port; vLLM would say so only deep in its start."""
+        port = self.spec.rpc_port
+        holder = port and port_holder(port)
+        if holder:
+            free = next((p for p in range(port + 1, min(port + 200, 65536)) if not port_holder(p)), None)
+            fix = f": give this one --rpc-port {free}" if free else ": give this one another --rpc-port"
+            raise PortTaken(
+                f"the data-parallel RPC port {port} ({{rpc_port}}) on {self.spec.host} is held by {holder}; two jobs "
+                f"whose DP front ends share a host need different RPC ports{fix}"
+            )
 
     def _gpu_slices(self) -> dict[int, str]:
         """CUDA_VISIBLE_DEVICES per rank under --gpus-per-rank, from this host's devices (gpus.discover)."""
@@ -347,25 +360,27 @@ class Agent:
         ready. Processes we may not inspect count as the rank's.
         """
         try:
-            tree = {rp.popen.pid, *(c.pid for c in psutil.Process(rp.popen.pid).children(recursive=True))}
-            listeners = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr]
+            tree = frozenset({rp.popen.pid, *(c.pid for c in psutil.Process(rp.popen.pid).children(recursive=True))})
         except psutil.Error:
             return None
-        address = rp.resolved.address.strip("[]")
         for port in rp.spec.ports:
-            holders = {c.pid for c in listeners if c.laddr.port == port and c.laddr.ip in (address, "0.0.0.0", "::")}
-            if holders and None not in holders and not holders & tree:
-                pid = min(holders)
-                try:
-                    what = " ".join(psutil.Process(pid).cmdline())[:80]
-                except psutil.Error:
-                    what = "?"
+            holder = port_holder(port, rp.resolved.address, exclude=tree)
+            if holder and not self._listens_in_tree(port, tree):
                 return (
-                    f"side-channel port {port} at {rp.resolved.address} is held by another process (pid {pid}: {what}), "
-                    f"so this rank's vLLM cannot bind it, and vLLM then waits for its listener forever; stop what holds "
-                    f"the port or move the job's ports with --port-base"
+                    f"side-channel port {port} at {rp.resolved.address} is held by {holder}, so this rank's vLLM "
+                    f"cannot bind it, and vLLM then waits for its listener forever; stop what holds the port or move "
+                    f"this job's ports with --port-base"
                 )
         return None
+
+    @staticmethod
+    def _listens_in_tree(port: int, tree: frozenset[int]) -> bool:
+        try:
+            return any(
+                c.laddr and c.laddr.port == port and c.pid in tree and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp")
+            )
+        except psutil.Error:
+            return True
 
     def _fail_rank(self, rp: RankProcess, message: str) -> None:
         """A rank that can never become ready: the head ends the job with this reason."""
@@ -538,6 +553,10 @@ def installed_vllm_version(hint: tuple[str, str], env: dict[str, str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return done.stdout.strip() if done.returncode == 0 else ""
+
+
+class PortTaken(Exception):
+    """A port the job needs is held by another process; the message names it and the fix."""
 
 
 def terminate_tree(popens: list[subprocess.Popen], grace: float, hurry: threading.Event | None = None) -> None:

@@ -165,6 +165,11 @@ class LaunchPlan:
     def uses_head_ip(self) -> bool:
         return any("{head_ip}" in a for r in self.ranks for a in r.argv)
 
+    @property
+    def uses_rpc_port(self) -> bool:
+        """The command names {rpc_port}: vLLM's DP front end listens on it on the first host."""
+        return any("{rpc_port}" in a for a in (*self.options.command, *self.options.head_command))
+
 
 def build(
     hosts: Sequence[Host],

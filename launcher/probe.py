@@ -36,3 +36,36 @@ def tcp_connect(address: str, port: int, timeout: float, source: str | None = No
         except OSError as exc:
             raise ProbeError(f"{address}:{port}: {exc.strerror or exc}") from None
     return (time.perf_counter() - start) * 1000
+
+
+def port_holder(port: int, address: str | None = None, exclude: frozenset[int] = frozenset()) -> str | None:
+    """Who listens on ``port`` here (at ``address`` or a wildcard), other than the pids in ``exclude``.
+
+    'launcher job 1a2b... (rank 3, pid 4242)' for another launcher job's
+    process, 'pid 4242: <its command>' for anything else; None when nobody
+    listens, or when the kernel will not say who (another user's process).
+    """
+    import psutil
+
+    bare = address.strip("[]") if address else None
+    try:
+        listeners = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr]
+    except psutil.Error:
+        return None
+    holders = {c.pid for c in listeners if c.laddr.port == port and (bare is None or c.laddr.ip in (bare, "0.0.0.0", "::"))}
+    holders -= exclude
+    if not holders or None in holders:
+        return None
+    pid = min(holders)
+    try:
+        proc = psutil.Process(pid)
+        try:
+            env = proc.environ()
+        except psutil.Error:
+            env = {}
+        if "LAUNCHER_JOB_ID" in env:
+            rank = f"rank {env['LAUNCHER_RANK']}, " if "LAUNCHER_RANK" in env else ""
+            return f"launcher job {env['LAUNCHER_JOB_ID']} ({rank}pid {pid})"
+        return f"pid {pid}: {' '.join(proc.cmdline())[:80]}"
+    except psutil.Error:
+        return f"pid {pid}"

@@ -47,6 +47,7 @@ class AgentSpec(_Msg):
     reached_address: str | None = None  # None: the agent reads SSH_CONNECTION
     readiness: Readiness = msgspec.field(default_factory=Report)
     head_ip: str | None = None  # the first host's address, for {head_ip}
+    rpc_port: int | None = None  # the DP RPC port its command binds ({rpc_port}, first host only): checked free first
 
 
 class Heartbeat(_Msg):

@@ -54,6 +54,9 @@ DEFAULT_TIMEOUT = 5.0  # vLLM's client RCVTIMEO
 class SideChannelBindError(OSError):
     """The listener could not bind; the message names host, address, port and fix."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the message alone, not '[Errno 98] ...'
+
 
 class HandshakeError(Exception):
     """A handshake that failed; the message is the one-line reason."""
@@ -97,11 +100,14 @@ class SideChannelListener:
     def _bind_error(self, exc: zmq.ZMQError) -> SideChannelBindError:
         where = f"{self.address}:{self.port} on host {self.hostname}"
         if exc.errno == errno.EADDRINUSE:
+            from .probe import port_holder
+
+            holder = port_holder(self.port, self.address) or f"another process (ss -ltnp 'sport = :{self.port}' names it)"
             return SideChannelBindError(
                 exc.errno,
-                f"side-channel port {self.port} is already in use at {where}; "
-                f"stop what holds it (ss -ltnp 'sport = :{self.port}') or move the ports with --port-base "
-                f"(two vLLM instances on one host, such as prefill and decode, need side-channel bases at least their DP size apart)",
+                f"side-channel port {self.port} is already in use at {where}, held by {holder}; stop it or move this "
+                f"job's ports with --port-base (two jobs or vLLM instances on one host, such as prefill and decode, need "
+                f"side-channel bases at least their DP size apart)",
             )
         if exc.errno == errno.EADDRNOTAVAIL:
             return SideChannelBindError(exc.errno, f"cannot bind {where}: Cannot assign requested address (not this host's address)")

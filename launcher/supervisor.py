@@ -213,6 +213,7 @@ class Supervisor:
             ],
             readiness=self.plan.readiness,
             head_ip=self.job.head_ip,
+            rpc_port=self.plan.options.rpc_port if self.plan.uses_rpc_port and hp.index == 0 else None,
             grace=options.grace,
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
