@@ -260,9 +260,12 @@ class Agent:
         slices: dict[int, str] = {}
         found: gpus.Devices | None = None
         for launch in self.spec.ranks:
-            me = rankenv.RankIdentity.from_env(launch.env)
-            if not me.gpus_per_rank:
+            if rankenv.RankIdentity.NAMES["gpus_per_rank"] not in launch.env:
                 continue
+            try:
+                me = rankenv.RankIdentity.from_env(launch.env)
+            except rankenv.RankEnvError as exc:
+                raise gpus.GpuError(f"--gpus-per-rank on {self.spec.host}: {exc}") from None
             if found is None:
                 # The host's own variables, or the hostfile's env: for this host, say which devices it offers.
                 found = gpus.discover(me.host_gpus, {**self.base_env, **launch.env}, gpus.nvidia_smi_devices)

@@ -66,6 +66,6 @@ def port_holder(port: int, address: str | None = None, exclude: frozenset[int] =
         if "LAUNCHER_JOB_ID" in env:
             rank = f"rank {env['LAUNCHER_RANK']}, " if "LAUNCHER_RANK" in env else ""
             return f"launcher job {env['LAUNCHER_JOB_ID']} ({rank}pid {pid})"
-        return f"pid {pid}: {' '.join(proc.cmdline())[:80]}"
+        return f"another process (pid {pid}: {' '.join(proc.cmdline())[:80]})"
     except psutil.Error:
         return f"pid {pid}"

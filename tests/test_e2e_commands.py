@@ -225,7 +225,7 @@ def test_a_vllm_whose_side_channel_port_another_program_holds_fails_instead_of_h
         f"rank 0 on localhost cannot become ready: side-channel port {port_base + 1} at 127.0.0.1 "
         f"is held by another process (pid {os.getpid()}: "
     )
-    assert first.endswith("move the job's ports with --port-base")
+    assert first.endswith("move this job's ports with --port-base")
     assert f"zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:{port_base + 1}')" in done.stderr
 
 
