@@ -347,7 +347,7 @@ class Agent:
         while not self._stop.is_set() and rp.popen.poll() is None:
             rule = self.spec.readiness
             if rule.probe(rp.resolved.address, ports=rp.spec.ports, port=rp.spec.port, rank=rp.spec.rank):
-                held = self._ports_held_elsewhere(rp) if isinstance(rule, readiness.Ports) else None
+                held = self._ports_held_elsewhere(rp) if rule.owns_ports else None
                 if held:
                     self._fail_rank(rp, held)
                 else:

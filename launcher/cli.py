@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from . import argtypes, documents, hostfile, readiness, report, transports, wire
+from . import argtypes, documents, hostfile, readiness, report, transports, vllm_dp, wire
 from .api import launch, plan_job
 from .check import WIRE_CHOICES, CheckOptions
 from .command import PLACEHOLDERS
@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--head-command",
         metavar="'CMD ...'",
         help="the first host's command when it differs (e.g. without --headless); one shell-quoted string",
+    )
+    c.add_argument(
+        "--vllm-dp",
+        nargs="?",
+        const="internal",
+        choices=vllm_dp.MODES,
+        metavar="MODE",
+        help="for -- vllm serve MODEL ...: write the data-parallel flags per host as vLLM wants them, one process per host: "
+        "internal (default: one API server, on the first host; the others headless) or hybrid (an API server per host)",
     )
     c.add_argument("--rpc-port", type=argtypes.port, default=13345, help="value of {rpc_port} (default 13345)")
     c.add_argument("command_argv", nargs="*", metavar="-- CMD", help="the command each process runs, with placeholders")
@@ -239,6 +248,7 @@ def _run(args, ignored: frozenset[int]) -> int:
             rpc_port=args.rpc_port,
             transfer_bytes=args.transfer_bytes if getattr(args, "transfer", False) else None,
             gpus_per_rank=args.gpus_per_rank,
+            vllm_dp=args.vllm_dp,
             **(
                 {}
                 if args.command == "plan"

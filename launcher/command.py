@@ -78,7 +78,7 @@ def user_command(argv: Sequence[str]) -> tuple[str, ...]:
 
 def kv_transfer_config(args: Sequence[str]) -> dict | None:
     """The ``--kv-transfer-config`` JSON of a vLLM command line, if it has one."""
-    text = _flag_value(args, ("--kv-transfer-config",))
+    text = flag_value(args, ("--kv-transfer-config",))
     if text is None:
         return None
     try:
@@ -118,12 +118,12 @@ def vllm_interpreter_hint(argv: Sequence[str]) -> tuple[str, str] | None:
     return ("python", args[0]) if is_vllm_serve(args) else None
 
 
-_DP_FLAGS = {
-    "size": ("--data-parallel-size", "-dp"),
-    "local": ("--data-parallel-size-local", "-dpl"),
-    "start": ("--data-parallel-start-rank", "-dpr"),
-    "rank": ("--data-parallel-rank", "-dpn"),
-}
+# vLLM 0.32's spellings of its data-parallel flags (engine/arg_utils.py).
+DP_SIZE = ("--data-parallel-size", "-dp")
+DP_LOCAL = ("--data-parallel-size-local", "-dpl")
+DP_START = ("--data-parallel-start-rank", "-dpr")
+DP_RANK = ("--data-parallel-rank", "-dpn")
+_DP_FLAGS = {"size": DP_SIZE, "local": DP_LOCAL, "start": DP_START, "rank": DP_RANK}
 
 
 def vllm_dp_ranks(args: Sequence[str]) -> tuple[int, ...] | None:
@@ -139,7 +139,7 @@ def vllm_dp_ranks(args: Sequence[str]) -> tuple[int, ...] | None:
         return None
     values: dict[str, int] = {}
     for key, names in _DP_FLAGS.items():
-        text = _flag_value(args, names)
+        text = flag_value(args, names)
         if text is None:
             continue
         try:
@@ -159,7 +159,7 @@ def uses_nixl(args: Sequence[str]) -> bool:
     return bool(config) and "Nixl" in str(config.get("kv_connector", ""))
 
 
-def _flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
+def flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
     """The value of the last of ``names`` in ``args`` (``--flag V``, ``--flag=V``; vLLM also accepts underscores)."""
     found = None
     for i, arg in enumerate(args):

@@ -28,7 +28,7 @@ def plan_document(plan: LaunchPlan, python: str = "python") -> dict[str, Any]:
         "world_size": plan.world_size,
         "port_base": plan.port_base,
         "builtin": plan.builtin,
-        "readiness": plan.readiness.describe(),
+        "readiness": plan.readiness.describe(),  # the first host's; each host's below
         "warnings": list(plan.warnings),
         "hosts": [
             {
@@ -36,6 +36,7 @@ def plan_document(plan: LaunchPlan, python: str = "python") -> dict[str, Any]:
                 "origin": hp.host.origin,
                 "slots": hp.host.slots,
                 "bind_address": netif.describe(hp.bind_request()),
+                "readiness": plan.readiness_of(hp.index).describe(),
                 "processes": [
                     {
                         "rank": r.rank,

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from . import envpolicy, netif, rankenv
+from . import envpolicy, netif, rankenv, vllm_dp
 from .command import (
     BOOTSTRAP,
     BUILTIN_ENGINE,
@@ -28,7 +28,7 @@ from .command import (
 )
 from .gpus import GpuError, check_hostfile_gpus
 from .rankenv import RankIdentity
-from .readiness import Ports, Readiness, Report
+from .readiness import Ports, Readiness, Report, Url, WithHead
 
 DEFAULT_PORT_BASE = 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default
 DEFAULT_RPC_PORT = 13345  # the --data-parallel-rpc-port of vLLM's multi-node examples
@@ -96,6 +96,7 @@ class LaunchOptions:
     cidr: str | None = None  # --cidr: likewise
     transfer_bytes: int | None = None  # built-in cores become NIXL agents serving this many bytes (check --transfer)
     gpus_per_rank: int | None = None  # each rank its own CUDA_VISIBLE_DEVICES slice of its host's devices (gpus.py)
+    vllm_dp: str | None = None  # --vllm-dp MODE: write vllm serve's data-parallel flags per host (vllm_dp.py)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class HostPlan:
     host: Host
     index: int
     ranks: tuple[RankSpec, ...]
+    readiness: Readiness | None = None  # None: the plan's; --vllm-dp gives API and headless hosts their own
 
     def bind_request(self) -> netif.BindRequest:
         """What its ranks will know when they pick their address, as far as the plan knows it."""
@@ -161,6 +163,10 @@ class LaunchPlan:
         """Data-parallel ranks in the job (processes can be fewer: --per-host)."""
         return sum(h.host.slots for h in self.hosts)
 
+    def readiness_of(self, host_index: int) -> Readiness:
+        """The rule a host's ranks are ready by."""
+        return self.hosts[host_index].readiness or self.readiness
+
     @property
     def uses_head_ip(self) -> bool:
         return any("{head_ip}" in a for r in self.ranks for a in r.argv)
@@ -189,6 +195,8 @@ def build(
                 check_hostfile_gpus(host.gpus, host.slots, options.gpus_per_rank, host.label)
             except GpuError as exc:
                 raise PlanError(str(exc)) from None
+    if options.vllm_dp:
+        options = _with_vllm_dp(options, hosts)
     port_base = _port_base(options, head_env)
     world_size = sum(h.slots for h in hosts)
     last_port = port_base + world_size - 1
@@ -250,11 +258,14 @@ def build(
         _check_engine_ids(processes)
         _check_side_channel_hosts(hosts)
     readiness = options.readiness or (Ports() if options.command else Report())
+    if options.vllm_dp and options.readiness is None:
+        host_plans = _vllm_dp_readiness(options, host_plans)
+        readiness = host_plans[0].readiness
     if isinstance(readiness, Report) and options.command:
         raise PlanError(
             "a user command cannot report readiness itself; use the side-channel ports (default), --ready-port, --ready-url or --ready-log"
         )
-    if isinstance(readiness, Ports) and options.command:
+    if isinstance(readiness, Ports) and options.command and not options.vllm_dp:
         _check_side_channel_opens(processes)
     return LaunchPlan(
         job_id=job_id,
@@ -264,6 +275,32 @@ def build(
         warnings=tuple(_compile_hash_warnings(hosts)),
         readiness=readiness,
     )
+
+
+def _with_vllm_dp(options: LaunchOptions, hosts: Sequence[Host]) -> LaunchOptions:
+    """The options with vllm serve's DP flags written per host (vllm_dp.dp_commands): one process per host."""
+    if not options.command:
+        raise PlanError("--vllm-dp writes the data-parallel flags of a vllm serve command: give -- vllm serve MODEL ...")
+    if options.head_command:
+        raise PlanError("--vllm-dp writes the first host's command itself; drop --head-command")
+    try:
+        head, rest = vllm_dp.dp_commands(options.command, options.vllm_dp, [h.slots for h in hosts])
+    except CommandError as exc:
+        raise PlanError(f"--vllm-dp: {exc}") from None
+    return replace(options, command=rest, head_command=head, per_host=True)
+
+
+def _vllm_dp_readiness(options: LaunchOptions, host_plans: list[HostPlan]) -> list[HostPlan]:
+    """API hosts: their /health (and side channels, with a NIXL connector); headless hosts: their side
+    channels, or with the first host when they open none."""
+    try:
+        api = vllm_dp.api_port(options.command)
+        nixl = uses_nixl(options.command)
+    except CommandError as exc:
+        raise PlanError(f"--vllm-dp: {exc}") from None
+    serving = vllm_dp.api_hosts(options.vllm_dp, len(host_plans))
+    rule = lambda api_host: Url(url=f"http://{{host_ip}}:{api}/health", ports=nixl) if api_host else Ports() if nixl else WithHead()
+    return [replace(hp, readiness=rule(api_host)) for hp, api_host in zip(host_plans, serving, strict=True)]
 
 
 def _render_env(pairs: Sequence[tuple[str, str]], values: Mapping[str, str], where: str) -> tuple[tuple[str, str], ...]:
@@ -313,6 +350,7 @@ def preflight_plan(plan: LaunchPlan) -> LaunchPlan:
         head_command=(),
         per_host=False,
         readiness=None,
+        vllm_dp=None,  # its commands are the built-in core's
         to_completion=False,  # the built-in core serves until the check is done, whatever the command does
         port_base=plan.port_base,
         strict_versions=True,

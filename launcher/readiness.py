@@ -23,6 +23,11 @@ from .netif import url_host
 class _Rule(msgspec.Struct, frozen=True, tag_field="kind", kw_only=True):
     polled: ClassVar[bool] = False  # the agent polls ``probe`` until it holds
 
+    @property
+    def owns_ports(self) -> bool:
+        """The rule connects to the rank's side-channel ports: the agent then checks they are the rank's own."""
+        return False
+
     def describe(self) -> str:
         raise NotImplementedError
 
@@ -54,6 +59,10 @@ class Ports(_Rule, tag="ports"):
     def describe(self) -> str:
         return "its side-channel ports accept TCP connections"
 
+    @property
+    def owns_ports(self) -> bool:
+        return True
+
     def reachable_port(self, rank_port: int) -> int | None:
         return rank_port
 
@@ -77,12 +86,23 @@ class Port(_Rule, tag="port"):
 
 class Url(_Rule, tag="url"):
     url: str  # {host_ip} {port} {rank} filled in on the host
+    ports: bool = False  # its side-channel ports must accept connections too (--vllm-dp with a NIXL connector)
     polled: ClassVar[bool] = True
 
     def describe(self) -> str:
-        return f"GET {self.url} answers 2xx"
+        also = " and its side-channel ports accept TCP connections" if self.ports else ""
+        return f"GET {self.url} answers 2xx{also}"
+
+    @property
+    def owns_ports(self) -> bool:
+        return self.ports
+
+    def reachable_port(self, rank_port: int) -> int | None:
+        return rank_port if self.ports else None
 
     def probe(self, address: str, *, ports: Sequence[int], port: int, rank: int) -> bool:
+        if self.ports and not all(_connects(address, p) for p in ports):
+            return False
         import urllib.error
         import urllib.request
 
@@ -104,7 +124,20 @@ class Log(_Rule, tag="log"):
         return re.search(self.pattern, line) is not None
 
 
-Readiness = Union[Report, Ports, Port, Url, Log]
+class WithHead(_Rule, tag="with-head"):
+    """A headless vLLM host without a side channel: nothing of its own to probe; its engines are up once the
+    API server on the first host answers, which vLLM's front end does only when every engine has joined."""
+
+    polled: ClassVar[bool] = True
+
+    def describe(self) -> str:
+        return "it runs (a headless host: the first host's API server answers only once every engine has joined)"
+
+    def probe(self, address: str, *, ports: Sequence[int], port: int, rank: int) -> bool:
+        return True
+
+
+Readiness = Union[Report, Ports, Port, Url, Log, WithHead]
 
 
 def _connects(address: str, port: int) -> bool:

@@ -219,9 +219,9 @@ def render_plan(plan: LaunchPlan, python: str = "python") -> str:
     ]
     if not plan.builtin:
         lines.append(
-            f"each process runs its command through launcher.bootstrap, which sets VLLM_NIXL_SIDE_CHANNEL_HOST and "
-            f"VLLM_HOST_IP to its host's own address (unless set for that host) and fills in {{host_ip}} {{head_ip}}; "
-            f"ready when {plan.readiness.describe()}"
+            "each process runs its command through launcher.bootstrap, which sets VLLM_NIXL_SIDE_CHANNEL_HOST and "
+            "VLLM_HOST_IP to its host's own address (unless set for that host) and fills in {host_ip} {head_ip}"
+            + ("" if any(hp.readiness for hp in plan.hosts) else f"; ready when {plan.readiness.describe()}")
         )
     layers = " < ".join(name for name, _ in envpolicy.LAYERS)
     lines.append(f"each rank's environment, in layers (later wins; a host option is never overwritten): {layers}")
@@ -230,6 +230,8 @@ def render_plan(plan: LaunchPlan, python: str = "python") -> str:
         host = hp.host
         lines.append("")
         lines.append(f"host {host.name} ({host.origin or 'given'}): {host.slots} ranks; bind address: {netif.describe(hp.bind_request())}")
+        if hp.readiness:
+            lines.append(f"  ready when {hp.readiness.describe()}")
         for r in hp.ranks:
             report = r.env_report
             rank, ports = rank_span(r)

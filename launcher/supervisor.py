@@ -211,7 +211,7 @@ class Supervisor:
                 )
                 for r in hp.ranks
             ],
-            readiness=self.plan.readiness,
+            readiness=self.plan.readiness_of(hp.index),
             head_ip=self.job.head_ip,
             rpc_port=self.plan.options.rpc_port if self.plan.uses_rpc_port and hp.index == 0 else None,
             grace=options.grace,
@@ -284,7 +284,7 @@ class Supervisor:
 
     def _verify_reachable(self) -> None:
         """Each ready rank's port, by the readiness rule, reachable from the head."""
-        port_of = lambda state: self.plan.readiness.reachable_port(state.port)
+        port_of = lambda state: self.plan.readiness_of(state.spec.host_index).reachable_port(state.port)
         states = [s for s in self.job.ranks.values() if port_of(s) is not None]
 
         def probe(state: RankState) -> tuple[RankState, str | None]:

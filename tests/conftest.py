@@ -2,6 +2,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -186,6 +187,16 @@ STANDIN = os.path.join(REPO, "tests", "standin_vllm.py")
 def standin(*args):
     """argv of the stand-in `vllm serve` (tests/standin_vllm.py)."""
     return [sys.executable, STANDIN, "serve", "M", *args]
+
+
+@pytest.fixture
+def vllm_standin(tmp_path):
+    """A ``vllm`` executable that is the stand-in, for what launcher does only for ``vllm serve`` (--vllm-dp)."""
+    path = tmp_path / "bin" / "vllm"
+    path.parent.mkdir()
+    path.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(STANDIN)} "$@"\n')
+    path.chmod(0o755)
+    return str(path)
 
 
 def standin_reports(lines):

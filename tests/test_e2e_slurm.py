@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, STANDIN, launcher_cmd, run_launcher, table_rows, wait_for
+from conftest import REPO, launcher_cmd, run_launcher, table_rows, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -76,13 +76,13 @@ def test_the_example_batch_script_checks_all_pairs_green_and_drops_the_heads_var
     ]
 
 
-def test_vllm_dp_batch_script_serves_until_scancel_and_leaves_nothing(slurm, hosts, tmp_path):
+def test_vllm_dp_batch_script_serves_until_scancel_and_leaves_nothing(slurm, hosts, tmp_path, vllm_standin):
     job = Job(
         slurm,
         tmp_path,
         "slurm_vllm_dp.sbatch",
         "--nodes=3",
-        env={"VLLM": f"{sys.executable} {STANDIN}", "MODEL": "m", "DP_LOCAL": "2", "READY_TIMEOUT": "30"},
+        env={"VLLM": vllm_standin, "MODEL": "m", "DP_LOCAL": "2", "READY_TIMEOUT": "30"},
     )
     job.wait_for_output("processes ready 3/3")
     subprocess.run(["scancel", job.id], env={**os.environ, **slurm.env}, check=True)
@@ -105,14 +105,14 @@ def test_vllm_dp_batch_script_serves_until_scancel_and_leaves_nothing(slurm, hos
     # The `hosts` fixture then checks every node holds nothing but its sshd and slurmd.
 
 
-def test_a_rank_failing_on_one_node_ends_the_job_with_that_ranks_code(slurm, hosts, tmp_path):
+def test_a_rank_failing_on_one_node_ends_the_job_with_that_ranks_code(slurm, hosts, tmp_path, vllm_standin):
     job = Job(
         slurm,
         tmp_path,
         "slurm_vllm_dp.sbatch",
         "--nodes=3",
         env={
-            "VLLM": f"{sys.executable} {STANDIN}",
+            "VLLM": vllm_standin,
             "MODEL": "m",
             "DP_LOCAL": "2",
             "STANDIN_EXIT": "7",

@@ -47,6 +47,7 @@ PURE = {
     "argtypes",
     "documents",
     "gpus",
+    "vllm_dp",
 }
 IO = {
     "supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report", "entry",

@@ -12,7 +12,6 @@ deployment and one decoder serve several assertions.
 import json
 import os
 import re
-import shlex
 import signal
 import time
 import urllib.request
@@ -132,28 +131,15 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployments(cluster, real_vllm, tmp_path_factory):
-    """DP 2 over h1 and h2 with the README's recipe (plus the NixlConnector), checked all-pairs with
-    vLLM's own side channels once ready; and a decoder on h3. Both stopped (and checked) at the end."""
+    """DP 2 over h1 and h2 in one line (--vllm-dp: launcher writes vLLM's DP flags per host), with the
+    NixlConnector, checked all-pairs with vLLM's own side channels once ready; and a decoder on h3. Both
+    stopped (and checked) at the end."""
     tmp = tmp_path_factory.mktemp("vllm")
-    dp = (
-        "--data-parallel-size {world_size} --data-parallel-size-local {local_size} "
-        "--data-parallel-address {head_ip} --data-parallel-rpc-port {rpc_port}"
-    )
-    head = shlex.join(real_vllm.serve(*dp.split(), "--kv-transfer-config", kv("kv_both")))
     prefill = Deployment(
         cluster,
         real_vllm,
         write_hostfile(tmp, "h1\nh2\n"),
-        [
-            "--per-host",
-            "--check",
-            "--head-command",
-            head,
-            "--",
-            *real_vllm.serve(
-                *dp.split(), "--kv-transfer-config", kv("kv_both"), "--data-parallel-start-rank", "{host_first_rank}", "--headless"
-            ),
-        ],
+        ["--vllm-dp", "--check", "--", *real_vllm.serve("--kv-transfer-config", kv("kv_both"))],
     )
     decode_hosts = tmp / "decode"
     decode_hosts.mkdir()

@@ -1,0 +1,120 @@
+"""``--vllm-dp``: the data-parallel flags of a multi-node ``vllm serve``, written per host as vLLM wants them.
+
+vLLM 0.32 chooses its load-balancing mode from the flags each process gets
+(``EngineArgs.create_engine_config``, ``vllm serve``'s own defaults):
+
+- ``internal`` (vLLM's default): one API server, on the first host, balances
+  over every engine. The first host runs ``--data-parallel-size``, ``-size-local``,
+  ``-address``, ``-rpc-port`` and no start rank; every other host adds
+  ``--data-parallel-start-rank`` and ``--headless`` (a start rank on a host that
+  is not headless would mean hybrid, and the API server then refuses headless
+  peers: "Remote engine 2 must not use --headless in external or hybrid dp lb mode").
+- ``hybrid``: every host runs its own API server balancing over its own
+  engines; every host gets a start rank and none is headless. vLLM switches a
+  host with one local engine to external balancing, which it refuses for a
+  model that is not MoE, so every host needs at least two slots.
+
+External balancing (one process and API server per DP rank,
+``--data-parallel-rank``) is for MoE models only in vLLM 0.32 and takes one
+API port per rank; it is not written here (see the README).
+
+Flags the user already gave win when they agree (an address, an RPC port, a
+size that matches the hostfile); one that contradicts the hostfile or the mode
+is a ``CommandError`` before anything starts. Pure: argv tuples in, out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .command import DP_LOCAL as LOCAL
+from .command import DP_RANK as RANK
+from .command import DP_SIZE as SIZE
+from .command import DP_START as START
+from .command import CommandError, flag_value, is_vllm_serve
+
+MODES = ("internal", "hybrid")
+
+# vLLM 0.32's spellings (engine/arg_utils.py); any of them counts as the user's.
+ADDRESS = ("--data-parallel-address", "-dpa")
+RPC_PORT = ("--data-parallel-rpc-port", "-dpp")
+HYBRID = ("--data-parallel-hybrid-lb", "-dph")
+EXTERNAL = ("--data-parallel-external-lb", "-dpe")
+MULTI_PORT = ("--data-parallel-multi-port-external-lb", "-dpm")
+HEADLESS = ("--headless",)
+API_PORT = ("--port",)
+DEFAULT_API_PORT = 8000
+
+
+def dp_commands(command: Sequence[str], mode: str, slots: Sequence[int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the first host's command, every other host's command) for one ``vllm serve`` process per host,
+    with placeholders the plan fills per host. ``slots``: each host's DP ranks, in hostfile order."""
+    command = tuple(command)
+    if not is_vllm_serve(command):
+        raise CommandError(f"--vllm-dp writes the flags of 'vllm serve'; the command is {' '.join(command[:2])!r} ...")
+    if mode not in MODES:
+        raise CommandError(f"--vllm-dp {mode}: vLLM modes launcher writes are {', '.join(MODES)} (external: see the README)")
+    world = sum(slots)
+    for names, why in (
+        (START, "launcher gives each host its start rank"),
+        (RANK, "a DP rank per process is external load balancing, which --vllm-dp does not write"),
+        (HEADLESS, "launcher makes every host but the first headless (internal mode)"),
+        (MULTI_PORT, "multi-port external load balancing is not written by --vllm-dp"),
+        (EXTERNAL, "external load balancing is not written by --vllm-dp"),
+    ):
+        if _given(command, names):
+            raise CommandError(f"{names[0]} in the command: {why}; drop it, or drop --vllm-dp and write every DP flag yourself")
+    if _given(command, HYBRID) and mode != "hybrid":
+        raise CommandError(f"{HYBRID[0]} in the command asks for hybrid load balancing: use --vllm-dp hybrid")
+    _agrees(command, SIZE, world, "the hostfile's slots add up to")
+    if len(set(slots)) > 1 and _given(command, LOCAL):
+        raise CommandError(f"{LOCAL[0]} in the command: hosts have different slots ({', '.join(map(str, slots))}); drop it")
+    if _given(command, LOCAL):
+        _agrees(command, LOCAL, slots[0], "every host's slots are")
+    if mode == "hybrid" and min(slots) < 2:
+        raise CommandError(
+            "--vllm-dp hybrid needs at least 2 slots on every host: vLLM 0.32 switches a host with one engine to "
+            "external load balancing, which it refuses for models that are not MoE; use the internal mode"
+        )
+    dp = [
+        *_unless(command, SIZE, "{world_size}"),
+        *_unless(command, LOCAL, "{local_size}"),
+        *_unless(command, ADDRESS, "{head_ip}"),
+        *_unless(command, RPC_PORT, "{rpc_port}"),
+    ]
+    start = ["--data-parallel-start-rank", "{host_first_rank}"]
+    if mode == "internal":
+        return (*command, *dp), (*command, *dp, *start, "--headless")
+    return (*command, *dp, *start), (*command, *dp, *start)
+
+
+def api_port(command: Sequence[str]) -> int:
+    """The port the command's API server listens on (vLLM's --port, default 8000)."""
+    text = flag_value(command, API_PORT)
+    try:
+        return int(text) if text is not None else DEFAULT_API_PORT
+    except ValueError:
+        raise CommandError(f"--port {text!r} in the command is not a number") from None
+
+
+def api_hosts(mode: str, host_count: int) -> list[bool]:
+    """Which hosts run an API server: the first (internal), every one (hybrid)."""
+    return [mode == "hybrid" or i == 0 for i in range(host_count)]
+
+
+def _given(command: Sequence[str], names: Sequence[str]) -> bool:
+    for arg in command:
+        name = arg.partition("=")[0]
+        if (name.replace("_", "-") if name.startswith("--") else name) in names:
+            return True
+    return False
+
+
+def _unless(command: Sequence[str], names: Sequence[str], value: str) -> list[str]:
+    return [] if _given(command, names) else [names[0], value]
+
+
+def _agrees(command: Sequence[str], names: Sequence[str], expected: int, what: str) -> None:
+    text = flag_value(command, names)
+    if text is not None and text != str(expected):
+        raise CommandError(f"{names[0]} {text} in the command, but {what} {expected}; drop it (--vllm-dp writes it) or fix the hostfile")
