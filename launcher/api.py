@@ -7,11 +7,12 @@ import secrets
 import threading
 from collections.abc import Mapping, Sequence
 
+from . import disagg, transports, vllm_dp
 from . import plan as planmod
-from . import transports
 from .check import CheckOptions
+from .netif import url_host
 from .plan import Host, LaunchOptions, LaunchPlan
-from .results import LaunchResult
+from .results import FailureKind, LaunchResult
 from .supervisor import Reporter, Supervisor
 
 
@@ -27,6 +28,32 @@ def plan_job(
     )  # 64 bits: the sweep kills by it
 
 
+def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int]) -> None:
+    """Serve; a P/D job behind its proxy, which lives exactly as long."""
+    if not any(plan.roles):
+        return supervisor.serve()
+    from .pd_proxy import PdProxy, ProxyError
+
+    api = vllm_dp.api_port(plan.options.command)
+    upstreams: dict[str, list[str]] = {role: [] for role in disagg.ROLES}
+    for state in sorted(supervisor.ranks.values(), key=lambda s: s.spec.rank):
+        host = url_host(state.address)
+        upstreams[plan.hosts[state.spec.host_index].host.role].append(f"{host}:{api}")
+    try:
+        server = PdProxy(upstreams["prefill"], upstreams["decode"], *proxy, note=supervisor.reporter.progress)
+    except ProxyError as exc:
+        supervisor.job.fail(FailureKind.PROXY, str(exc))
+        return
+    server.start()
+    supervisor.reporter.progress(
+        f"P/D proxy on http://{server.address}: prefill on {', '.join(upstreams['prefill'])}, decode on {', '.join(upstreams['decode'])}"
+    )
+    try:
+        supervisor.serve()
+    finally:
+        server.close()
+
+
 def launch(
     plan: LaunchPlan,
     transport: transports.Transport | None = None,
@@ -37,6 +64,7 @@ def launch(
     reporter: Reporter | None = None,
     preflight: bool = False,
     hurry: threading.Event | None = None,
+    proxy: tuple[str, int] = ("127.0.0.1", 8000),
 ) -> LaunchResult:
     """Start every rank, wait until all are ready, then check and/or serve, then stop.
 
@@ -51,7 +79,8 @@ def launch(
     before this returns, also when it raises. ``preflight``: first run the
     built-in engine core on the same hosts and ports with the all-pairs check
     (``plan.preflight_plan``); if that fails, its result is returned and the
-    command never starts.
+    command never starts. A P/D plan (hosts with roles) serves behind a proxy
+    on ``proxy`` (address, port) that routes each request prefill, then decode.
     """
     transport = transport or transports.get(transports.choose([h.host for h in plan.hosts], os.environ))
     if preflight:
@@ -73,7 +102,7 @@ def launch(
                 if plan.options.transfer_bytes and plan.builtin and supervisor.failure is None:
                     supervisor.transfer_check(check)
             if serve and supervisor.failure is None:
-                supervisor.serve()
+                _serve(supervisor, plan, proxy)
     except BaseException:
         supervisor.stop("interrupted")
         raise

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from . import argtypes, documents, hostfile, readiness, report, transports, vllm_dp, wire
+from . import argtypes, disagg, documents, hostfile, readiness, report, transports, vllm_dp, wire
 from .api import launch, plan_job
 from .check import WIRE_CHOICES, CheckOptions
 from .command import PLACEHOLDERS
@@ -120,8 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=vllm_dp.MODES,
         metavar="MODE",
         help="for -- vllm serve MODEL ...: write the data-parallel flags per host as vLLM wants them, one process per host: "
-        "internal (default: one API server, on the first host; the others headless) or hybrid (an API server per host)",
+        "internal (default: one API server, on the first host; the others headless), hybrid (an API server per host) "
+        "or external (a process and an API server per rank, on --port + its local index; vLLM: MoE models only)",
     )
+    c.add_argument(
+        "--prefill",
+        metavar="HOSTS",
+        help="prefill/decode in one job: these hosts (names of the hostfile, a hostlist such as gpu[1-2]) run prefill "
+        "instances of -- vllm serve MODEL ...; with --decode; or role= in the hostfile",
+    )
+    c.add_argument("--decode", metavar="HOSTS", help="... and these run decode instances; run serves both behind a proxy")
+    c.add_argument("--proxy-port", type=argtypes.port, default=8000, help="where the P/D proxy listens on this machine (default 8000)")
+    c.add_argument("--proxy-address", default="127.0.0.1", help="the P/D proxy's address (default 127.0.0.1; 0.0.0.0 for every interface)")
     c.add_argument("--rpc-port", type=argtypes.port, default=13345, help="value of {rpc_port} (default 13345)")
     c.add_argument("command_argv", nargs="*", metavar="-- CMD", help="the command each process runs, with placeholders")
 
@@ -276,6 +286,16 @@ def _run(args, ignored: frozenset[int]) -> int:
 
 
 def _hosts(args) -> list:
+    hosts = _listed_hosts(args)
+    if getattr(args, "prefill", None) or getattr(args, "decode", None):
+        try:
+            hosts = disagg.assign_roles(hosts, _names(args.prefill), _names(args.decode))
+        except disagg.RoleError as exc:
+            raise PlanError(str(exc)) from None
+    return hosts
+
+
+def _listed_hosts(args) -> list:
     if args.hostfile is None:
         found = transports.allocation_hosts(os.environ, args.slots)
         if found is not None:
@@ -283,6 +303,18 @@ def _hosts(args) -> list:
     if args.slots is not None:
         raise PlanError("--slots applies to the nodes of a Slurm allocation; a hostfile gives slots=N on each line")
     return hostfile.read(args.hostfile or DEFAULT_HOSTFILE)
+
+
+def _names(text: str | None) -> list[str]:
+    """--prefill/--decode: comma-separated names, each possibly a Slurm hostlist (gpu[1-4])."""
+    import hostlist
+
+    if not text:
+        return []
+    try:
+        return hostlist.expand_hostlist(text)
+    except hostlist.BadHostlist as exc:
+        raise PlanError(f"{text!r} is not a host list like gpu1,gpu2 or gpu[1-2] ({exc})") from None
 
 
 def _head_command(text: str | None) -> tuple[str, ...]:
@@ -377,6 +409,7 @@ def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
             reporter=reporter,
             preflight=getattr(args, "preflight", False),
             hurry=hurry,
+            proxy=(args.proxy_address, args.proxy_port),
         )
         if args.plot:
             _plot(result, args.plot, reporter)

@@ -35,6 +35,7 @@ def plan_document(plan: LaunchPlan, python: str = "python") -> dict[str, Any]:
                 "name": hp.host.name,
                 "origin": hp.host.origin,
                 "slots": hp.host.slots,
+                "role": hp.host.role,
                 "bind_address": netif.describe(hp.bind_request()),
                 "readiness": plan.readiness_of(hp.index).describe(),
                 "processes": [

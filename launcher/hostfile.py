@@ -25,11 +25,12 @@ from collections.abc import Iterable
 
 import hostlist
 
+from .disagg import ROLES
 from .envpolicy import masked
 from .gpus import parse_device_list
 from .plan import Host
 
-OPTIONS = ("slots", "port", "ifname", "cidr", "python", "cwd", "gpus")
+OPTIONS = ("slots", "port", "ifname", "cidr", "python", "cwd", "gpus", "role")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _HOST_CHARS = re.compile(r"[A-Za-z0-9._\-\[\],:]+\Z")
 _SCOPE_ID = re.compile(r"[0-9A-Za-z._-]+\Z")  # an IPv6 zone: an interface name or index, nothing a shell would read
@@ -198,6 +199,10 @@ def _convert(key: str, value: str, fail):
             return str(ipaddress.ip_network(value, strict=False))
         except ValueError:
             raise fail(f"cidr {value!r} is not a network like 10.0.0.0/8 or fd00::/64") from None
+    if key == "role":
+        if value not in ROLES:
+            raise fail(f"role={value!r}: a host's role is {' or '.join(ROLES)} (a P/D job)")
+        return value
     if key == "gpus":
         try:
             parse_device_list(value)

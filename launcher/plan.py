@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from . import envpolicy, netif, rankenv, vllm_dp
+from . import disagg, envpolicy, netif, rankenv, vllm_dp
 from .command import (
     BOOTSTRAP,
     BUILTIN_ENGINE,
@@ -28,7 +28,7 @@ from .command import (
 )
 from .gpus import GpuError, check_hostfile_gpus
 from .rankenv import RankIdentity
-from .readiness import Ports, Readiness, Report, Url, WithHead
+from .readiness import Log, Ports, Readiness, Report, Url, WithHead
 
 DEFAULT_PORT_BASE = 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default
 DEFAULT_RPC_PORT = 13345  # the --data-parallel-rpc-port of vLLM's multi-node examples
@@ -53,6 +53,7 @@ class Host:
     python: str | None = None
     cwd: str | None = None
     gpus: str | None = None  # the devices --gpus-per-rank slices: a count or ids (gpus.parse_device_list)
+    role: str | None = None  # prefill or decode: a P/D job (disagg.py)
     origin: str = ""  # "path:line", for error messages
 
     @property
@@ -172,6 +173,11 @@ class LaunchPlan:
         return any("{head_ip}" in a for r in self.ranks for a in r.argv)
 
     @property
+    def roles(self) -> tuple[str | None, ...]:
+        """Each host's role in a P/D job (all None otherwise)."""
+        return tuple(hp.host.role for hp in self.hosts)
+
+    @property
     def uses_rpc_port(self) -> bool:
         """The command names {rpc_port}: vLLM's DP front end listens on it on the first host."""
         return any("{rpc_port}" in a for a in (*self.options.command, *self.options.head_command))
@@ -197,6 +203,8 @@ def build(
                 raise PlanError(str(exc)) from None
     if options.vllm_dp:
         options = _with_vllm_dp(options, hosts)
+    if any(h.role for h in hosts):
+        options = _with_roles(options, hosts)
     port_base = _port_base(options, head_env)
     world_size = sum(h.slots for h in hosts)
     last_port = port_base + world_size - 1
@@ -244,7 +252,7 @@ def build(
                 rank_env=identity.to_env(),
             )
             _check_text(report, host)
-            argv = _argv(options, index, values)
+            argv = _argv(options, host, index, values)
             # A vLLM command binds where its own DP flags say (base + each DP index it serves), whatever our rank count.
             vllm_ranks = vllm_dp_ranks(user_command(argv)) if options.command else None
             ports = tuple(port_base + r for r in (vllm_ranks if vllm_ranks is not None else served))
@@ -261,18 +269,21 @@ def build(
     if options.vllm_dp and options.readiness is None:
         host_plans = _vllm_dp_readiness(options, host_plans)
         readiness = host_plans[0].readiness
+    if any(h.role for h in hosts) and options.readiness is None:
+        api = _api_port(options.command)  # every instance: its API server and its side channels
+        readiness = Url(url=f"http://{{host_ip}}:{api}/health", ports=True)
     if isinstance(readiness, Report) and options.command:
         raise PlanError(
             "a user command cannot report readiness itself; use the side-channel ports (default), --ready-port, --ready-url or --ready-log"
         )
-    if isinstance(readiness, Ports) and options.command and not options.vllm_dp:
+    if isinstance(readiness, Ports) and options.command and not options.vllm_dp and not any(h.role for h in hosts):
         _check_side_channel_opens(processes)
     return LaunchPlan(
         job_id=job_id,
         hosts=tuple(host_plans),
         options=options,
         port_base=port_base,
-        warnings=tuple(_compile_hash_warnings(hosts)),
+        warnings=tuple(_compile_hash_warnings(hosts)) + ((vllm_dp.EXTERNAL_WARNING,) if options.vllm_dp == "external" else ()),
         readiness=readiness,
     )
 
@@ -283,11 +294,39 @@ def _with_vllm_dp(options: LaunchOptions, hosts: Sequence[Host]) -> LaunchOption
         raise PlanError("--vllm-dp writes the data-parallel flags of a vllm serve command: give -- vllm serve MODEL ...")
     if options.head_command:
         raise PlanError("--vllm-dp writes the first host's command itself; drop --head-command")
+    if options.vllm_dp == "external":  # one process a rank: each its command, in _argv
+        try:
+            vllm_dp.external_command(options.command, [h.slots for h in hosts], 0)
+        except CommandError as exc:
+            raise PlanError(f"--vllm-dp: {exc}") from None
+        if options.per_host:
+            raise PlanError("--vllm-dp external runs one process per DP rank: drop --per-host")
+        return options
     try:
         head, rest = vllm_dp.dp_commands(options.command, options.vllm_dp, [h.slots for h in hosts])
     except CommandError as exc:
         raise PlanError(f"--vllm-dp: {exc}") from None
     return replace(options, command=rest, head_command=head, per_host=True)
+
+
+def _with_roles(options: LaunchOptions, hosts: Sequence[Host]) -> LaunchOptions:
+    """A P/D job: every host a role, one vllm serve a host (its command is written per role in _argv)."""
+    try:
+        disagg.check_roles(hosts)
+    except disagg.RoleError as exc:
+        raise PlanError(str(exc)) from None
+    if not options.command:
+        raise PlanError("--prefill/--decode start vLLM instances: give -- vllm serve MODEL ...")
+    if options.vllm_dp or options.head_command:
+        raise PlanError("a P/D job writes every host's command itself: drop --vllm-dp and --head-command")
+    return replace(options, per_host=True)
+
+
+def _api_port(command: Sequence[str]) -> int:
+    try:
+        return vllm_dp.api_port(command)
+    except CommandError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def _vllm_dp_readiness(options: LaunchOptions, host_plans: list[HostPlan]) -> list[HostPlan]:
@@ -299,6 +338,9 @@ def _vllm_dp_readiness(options: LaunchOptions, host_plans: list[HostPlan]) -> li
     except CommandError as exc:
         raise PlanError(f"--vllm-dp: {exc}") from None
     serving = vllm_dp.api_hosts(options.vllm_dp, len(host_plans))
+    if options.vllm_dp == "external":  # an API port per rank: its side channels, or uvicorn's word that it serves
+        external = Ports() if nixl else Log(pattern="Application startup complete")
+        return [replace(hp, readiness=external) for hp in host_plans]
     rule = lambda api_host: Url(url=f"http://{{host_ip}}:{api}/health", ports=nixl) if api_host else Ports() if nixl else WithHead()
     return [replace(hp, readiness=rule(api_host)) for hp, api_host in zip(host_plans, serving, strict=True)]
 
@@ -355,14 +397,18 @@ def preflight_plan(plan: LaunchPlan) -> LaunchPlan:
         port_base=plan.port_base,
         strict_versions=True,
     )
-    return build([h.host for h in plan.hosts], options, {}, f"{plan.job_id}-preflight")
+    return build([replace(h.host, role=None) for h in plan.hosts], options, {}, f"{plan.job_id}-preflight")  # cores, not instances
 
 
-def _argv(options: LaunchOptions, host_index: int, values: Mapping[str, str]) -> tuple[str, ...]:
+def _argv(options: LaunchOptions, host: Host, host_index: int, values: Mapping[str, str]) -> tuple[str, ...]:
     if not options.command:
         return BUILTIN_ENGINE
     command = options.head_command if options.head_command and host_index == 0 else options.command
     try:
+        if host.role:
+            command = disagg.role_command(command, host.slots)
+        elif options.vllm_dp == "external":
+            command = vllm_dp.external_command(command, [int(values["world_size"])], int(values["local_rank"]))
         return BOOTSTRAP + render_template(command, values, leave=RUNTIME_PLACEHOLDERS)
     except CommandError as exc:
         raise PlanError(str(exc)) from None

@@ -229,7 +229,10 @@ def render_plan(plan: LaunchPlan, python: str = "python") -> str:
     for hp in plan.hosts:
         host = hp.host
         lines.append("")
-        lines.append(f"host {host.name} ({host.origin or 'given'}): {host.slots} ranks; bind address: {netif.describe(hp.bind_request())}")
+        role = f", {host.role} instance" if host.role else ""
+        lines.append(
+            f"host {host.name} ({host.origin or 'given'}): {host.slots} ranks{role}; bind address: {netif.describe(hp.bind_request())}"
+        )
         if hp.readiness:
             lines.append(f"  ready when {hp.readiness.describe()}")
         for r in hp.ranks:

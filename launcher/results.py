@@ -45,6 +45,7 @@ class FailureKind(str, enum.Enum):
     CHECK = "check"  # the all-pairs check failed
     VERSIONS = "versions"  # hosts run different software (preflight)
     SIGNAL = "signal"  # a signal on a host's side (scancel): a stop, not a fault
+    PROXY = "proxy"  # the P/D proxy cannot listen (its port is taken)
 
     def __str__(self) -> str:
         return self.value
@@ -60,6 +61,7 @@ def exit_code_for(kind: FailureKind, rank_code: int | None = None, signum: int |
         FailureKind.NOT_READY: EXIT_NOT_READY,
         FailureKind.CHECK: EXIT_CHECK_FAILED,
         FailureKind.VERSIONS: EXIT_CHECK_FAILED,
+        FailureKind.PROXY: EXIT_USAGE,
     }.get(kind, EXIT_HOST_LOST)
 
 

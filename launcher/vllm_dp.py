@@ -14,9 +14,10 @@ vLLM 0.32 chooses its load-balancing mode from the flags each process gets
   host with one local engine to external balancing, which it refuses for a
   model that is not MoE, so every host needs at least two slots.
 
-External balancing (one process and API server per DP rank,
-``--data-parallel-rank``) is for MoE models only in vLLM 0.32 and takes one
-API port per rank; it is not written here (see the README).
+- ``external``: one process and one API server per DP rank
+  (``--data-parallel-rank``), an outside load balancer in front; a rank at
+  local index L serves its API on ``--port`` + L. vLLM 0.32 runs it for MoE
+  models only ("Non-MoE models do not support external data parallel mode").
 
 Flags the user already gave win when they agree (an address, an RPC port, a
 size that matches the hostfile); one that contradicts the hostfile or the mode
@@ -33,7 +34,11 @@ from .command import DP_SIZE as SIZE
 from .command import DP_START as START
 from .command import CommandError, flag_value, is_vllm_serve
 
-MODES = ("internal", "hybrid")
+MODES = ("internal", "hybrid", "external")
+EXTERNAL_WARNING = (
+    "--vllm-dp external: vLLM 0.32 runs external load balancing for MoE models only; a dense model fails at start "
+    "with 'Non-MoE models do not support external data parallel mode' (use internal or hybrid)"
+)
 
 # vLLM 0.32's spellings (engine/arg_utils.py); any of them counts as the user's.
 ADDRESS = ("--data-parallel-address", "-dpa")
@@ -50,22 +55,10 @@ def dp_commands(command: Sequence[str], mode: str, slots: Sequence[int]) -> tupl
     """(the first host's command, every other host's command) for one ``vllm serve`` process per host,
     with placeholders the plan fills per host. ``slots``: each host's DP ranks, in hostfile order."""
     command = tuple(command)
-    if not is_vllm_serve(command):
-        raise CommandError(f"--vllm-dp writes the flags of 'vllm serve'; the command is {' '.join(command[:2])!r} ...")
-    if mode not in MODES:
-        raise CommandError(f"--vllm-dp {mode}: vLLM modes launcher writes are {', '.join(MODES)} (external: see the README)")
+    _check(command, mode, slots)
     world = sum(slots)
-    for names, why in (
-        (START, "launcher gives each host its start rank"),
-        (RANK, "a DP rank per process is external load balancing, which --vllm-dp does not write"),
-        (HEADLESS, "launcher makes every host but the first headless (internal mode)"),
-        (MULTI_PORT, "multi-port external load balancing is not written by --vllm-dp"),
-        (EXTERNAL, "external load balancing is not written by --vllm-dp"),
-    ):
-        if _given(command, names):
-            raise CommandError(f"{names[0]} in the command: {why}; drop it, or drop --vllm-dp and write every DP flag yourself")
-    if _given(command, HYBRID) and mode != "hybrid":
-        raise CommandError(f"{HYBRID[0]} in the command asks for hybrid load balancing: use --vllm-dp hybrid")
+    if mode == "external":
+        raise CommandError("--vllm-dp external writes one command per rank: use external_command")
     _agrees(command, SIZE, world, "the hostfile's slots add up to")
     if len(set(slots)) > 1 and _given(command, LOCAL):
         raise CommandError(f"{LOCAL[0]} in the command: hosts have different slots ({', '.join(map(str, slots))}); drop it")
@@ -88,6 +81,56 @@ def dp_commands(command: Sequence[str], mode: str, slots: Sequence[int]) -> tupl
     return (*command, *dp, *start), (*command, *dp, *start)
 
 
+def external_command(command: Sequence[str], slots: Sequence[int], local_rank: int) -> tuple[str, ...]:
+    """External balancing: the command of the rank at ``local_rank`` of its host, its API on --port + local_rank."""
+    _check(command, "external", slots)
+    _agrees(command, SIZE, sum(slots), "the hostfile's slots add up to")
+    if flag_value(command, LOCAL) not in (None, "1"):
+        raise CommandError(f"{LOCAL[0]} in the command: an external DP rank runs alone (vLLM requires 1); drop it")
+    base = api_port(command)
+    rest = _without(command, API_PORT)
+    dp = [
+        *_unless(command, SIZE, "{world_size}"),
+        *_unless(command, ADDRESS, "{head_ip}"),
+        *_unless(command, RPC_PORT, "{rpc_port}"),
+    ]
+    return (*rest, *dp, "--data-parallel-rank", "{rank}", "--port", str(base + local_rank))
+
+
+def _check(command: tuple[str, ...], mode: str, slots: Sequence[int]) -> None:
+    """A vllm serve whose own flags do not contradict what --vllm-dp MODE writes."""
+    if not is_vllm_serve(command):
+        raise CommandError(f"--vllm-dp writes the flags of 'vllm serve'; the command is {' '.join(command[:2])!r} ...")
+    if mode not in MODES:
+        raise CommandError(f"--vllm-dp {mode}: the modes are {', '.join(MODES)}")
+    for names, why in (
+        (START, "launcher gives each host its start rank"),
+        (RANK, "launcher gives each process its DP rank (external mode)"),
+        (HEADLESS, "launcher makes every host but the first headless (internal mode)"),
+        (MULTI_PORT, "multi-port external load balancing is not written by --vllm-dp"),
+        (EXTERNAL, "use --vllm-dp external"),
+    ):
+        if _given(command, names):
+            raise CommandError(f"{names[0]} in the command: {why}; drop it, or drop --vllm-dp and write every DP flag yourself")
+    if _given(command, HYBRID) and mode != "hybrid":
+        raise CommandError(f"{HYBRID[0]} in the command asks for hybrid load balancing: use --vllm-dp hybrid")
+
+
+def _without(command: Sequence[str], names: Sequence[str]) -> tuple[str, ...]:
+    """The command without a valued flag (``--port 9000`` or ``--port=9000``)."""
+    out, skip = [], False
+    for arg in command:
+        if skip:
+            skip = False
+            continue
+        name, eq, _ = arg.partition("=")
+        if name in names:
+            skip = not eq
+            continue
+        out.append(arg)
+    return tuple(out)
+
+
 def api_port(command: Sequence[str]) -> int:
     """The port the command's API server listens on (vLLM's --port, default 8000)."""
     text = flag_value(command, API_PORT)
@@ -98,8 +141,8 @@ def api_port(command: Sequence[str]) -> int:
 
 
 def api_hosts(mode: str, host_count: int) -> list[bool]:
-    """Which hosts run an API server: the first (internal), every one (hybrid)."""
-    return [mode == "hybrid" or i == 0 for i in range(host_count)]
+    """Which hosts run an API server on --port: the first (internal), every one (hybrid; external: --port + L)."""
+    return [mode != "internal" or i == 0 for i in range(host_count)]
 
 
 def _given(command: Sequence[str], names: Sequence[str]) -> bool:

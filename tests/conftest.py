@@ -183,6 +183,13 @@ class RunningLauncher:
 
 STANDIN = os.path.join(REPO, "tests", "standin_vllm.py")
 
+# A vllm serve's data-parallel flags as the long-form recipe writes them, for the hosts after the first.
+VLLM_DP_FLAGS = (
+    "--data-parallel-size", "{world_size}", "--data-parallel-size-local", "{local_size}",
+    "--data-parallel-start-rank", "{host_first_rank}", "--data-parallel-address", "{head_ip}",
+    "--data-parallel-rpc-port", "{rpc_port}",
+)  # fmt: skip
+
 
 def standin(*args):
     """argv of the stand-in `vllm serve` (tests/standin_vllm.py)."""

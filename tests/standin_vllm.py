@@ -151,12 +151,74 @@ def serve_side_channel(sock, engine_id: str) -> None:
 
 
 class Health(http.server.BaseHTTPRequestHandler):
+    """The API server: /health, and completions that speak vLLM's P/D protocol with the NixlConnector."""
+
+    protocol_version = "HTTP/1.1"  # as uvicorn: a streamed answer is chunked
+    engine = ""  # this instance's first engine id, host and side-channel port: what a prefill hands its decoder
+    host = ""
+    port = 0
+
     def do_GET(self):
         self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        kv = body.get("kv_transfer_params") or {}
+        answer = {"id": "standin", "choices": [{"index": 0, "text": "x" * body.get("max_tokens", 16)}]}
+        if kv.get("do_remote_decode"):  # a prefill: keep the KV, tell the decoder where to pull it
+            answer["kv_transfer_params"] = {
+                "do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [1, 2],
+                "remote_engine_id": self.engine, "remote_host": self.host, "remote_port": self.port,
+            }  # fmt: skip
+        elif kv.get("remote_host"):  # a decode: pull from the prefill engine, over its side channel
+            try:
+                seen = pull(kv["remote_host"], kv["remote_port"])
+            except Exception as exc:  # any failure is the request's
+                return self.reply(500, {"error": {"message": f"pull from {kv['remote_host']}:{kv['remote_port']} failed: {exc}"}})
+            if seen != kv.get("remote_engine_id"):
+                return self.reply(500, {"error": {"message": f"engine ID mismatch: {seen} is not {kv.get('remote_engine_id')}"}})
+            answer["pulled_from"] = f"{kv['remote_host']}:{kv['remote_port']}"
+        answer["usage"] = {"completion_tokens": body.get("max_tokens", 16)}
+        answer["served_by"] = self.host
+        answer["kv_seen"] = kv
+        if body.get("stream"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for event in (json.dumps(answer), "[DONE]"):
+                data = f"data: {event}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        self.reply(200, answer)
+
+    def reply(self, status, document):
+        data = json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def log_message(self, *args):
         pass
+
+
+def pull(host: str, port: int) -> str:
+    """What a vLLM decoder does first with a prefill's kv_transfer_params: the v2 handshake; the engine id it got."""
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    try:
+        sock.connect(f"tcp://{'[' + host + ']' if ':' in host else host}:{port}")
+        sock.send(msgspec.msgpack.encode([b"get_meta_msg", 0, 0]))
+        payload = msgspec.msgpack.decode(sock.recv_multipart()[0])
+        return msgspec.msgpack.decode(payload["agent_metadata_bytes"])["engine_id"]
+    finally:
+        sock.close()
 
 
 def main(argv=None) -> int:
@@ -202,9 +264,11 @@ def main(argv=None) -> int:
     if size > 1:
         coordinate(args, mode, ranks[0])
     if not args.headless:
+        Health.engine, Health.host, Health.port = f"{engine}_dp{ranks[0]}", host, base + ranks[0]
         server = http.server.ThreadingHTTPServer((host, args.port), Health)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         print(f"standin: API server at http://{host}:{args.port}", flush=True)
+        print("INFO:     Application startup complete.", flush=True)  # uvicorn's line, as vLLM's API server prints it
 
     if "STANDIN_EXIT" in env and int(env.get("STANDIN_EXIT_DP", ranks[0])) in ranks:
         time.sleep(0.3)

@@ -9,6 +9,7 @@ import psutil
 import pytest
 
 from conftest import (
+    VLLM_DP_FLAGS,
     RunningLauncher,
     failed_line,
     port_taken,
@@ -22,18 +23,7 @@ from conftest import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
-DP_ARGS = (
-    "--data-parallel-size",
-    "{world_size}",
-    "--data-parallel-size-local",
-    "{local_size}",
-    "--data-parallel-start-rank",
-    "{host_first_rank}",
-    "--data-parallel-address",
-    "{head_ip}",
-    "--data-parallel-rpc-port",
-    "{rpc_port}",
-)
+DP_ARGS = VLLM_DP_FLAGS  # with a start rank: every host but the API server's
 # Every one reaches the command verbatim: no shell runs between the head and it.
 AWKWARD = ["a b", "it's", '"quoted"', "$(touch {pwned})", "; exit 9", "line1\nline2", "ünïcode ✓", "*", "{{rank}}", "-x=1=2"]
 LEAKED = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "198.18.255.254", "VLLM_HOST_IP": "198.18.255.254", "VLLM_DP_RANK": "5", "VLLM_DP_SIZE": "9"}

@@ -36,6 +36,12 @@ def check(cluster, hf, *extra, env=None, timeout=90):
     return run_launcher("check", "-H", hf, *cluster.ssh_args(), *extra, env=env, timeout=timeout)
 
 
+def check_with(config, known, hf, *extra, env=None):
+    """``launcher check`` over SSH with this ssh config and known_hosts file (a test's own)."""
+    return run_launcher("check", "-H", hf, "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", str(known), *extra,
+                        env=env, timeout=60)  # fmt: skip
+
+
 def test_seed_bug_head_address_leaked_yet_every_rank_binds_its_own_host(hosts, tmp_path):
     hf = write_hostfile(tmp_path, hosts.hostfile(slots=2))
     run = RunningLauncher(
@@ -140,25 +146,7 @@ def test_wrong_key_is_refused_with_one_line(hosts, tmp_path):
     config.write_text(f"Host h2\n  HostName {hosts.host('h2').address}\n  User root\n")
     wrong = tmp_path / "wrong_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
-    done = subprocess.run(
-        launcher_cmd(
-            "check",
-            "-H",
-            write_hostfile(tmp_path, "h2\n"),
-            "--transport",
-            "ssh",
-            "--ssh-config",
-            str(config),
-            "--known-hosts",
-            hosts.known_hosts,
-            "--identity",
-            str(wrong),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "SSH_AUTH_SOCK": ""},
-    )
+    done = check_with(config, hosts.known_hosts, write_hostfile(tmp_path, "h2\n"), "--identity", str(wrong), env={"SSH_AUTH_SOCK": ""})
     assert done.returncode == 3
     assert f"authentication failed for root@198.18.0.12:22 (tried {wrong})" in done.stderr
 
@@ -172,23 +160,7 @@ def test_changed_host_key_is_always_refused(hosts, tmp_path):
     config = tmp_path / "ssh_config"
     config.write_text(open(hosts.ssh_config).read().replace(hosts.known_hosts, str(known)))
     for flags in ([], ["--accept-new-host-keys"]):
-        done = subprocess.run(
-            launcher_cmd(
-                "check",
-                "-H",
-                write_hostfile(tmp_path, "h2\n"),
-                "--transport",
-                "ssh",
-                "--ssh-config",
-                str(config),
-                "--known-hosts",
-                str(known),
-                *flags,
-            ),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = check_with(config, known, write_hostfile(tmp_path, "h2\n"), *flags)
         assert done.returncode == 3
         assert "HOST KEY CHANGED for 198.18.0.12" in done.stderr and "ssh-keygen -R 198.18.0.12" in done.stderr
 
@@ -198,25 +170,15 @@ def test_unknown_host_key_is_refused_unless_new_keys_are_accepted(hosts, tmp_pat
     known.write_text("")
     config = tmp_path / "ssh_config"
     config.write_text(open(hosts.ssh_config).read().replace(hosts.known_hosts, str(known)))
-    args = [
-        "check",
-        "-H",
-        write_hostfile(tmp_path, "h1\nh3\n"),
-        "--transport",
-        "ssh",
-        "--ssh-config",
-        str(config),
-        "--known-hosts",
-        str(known),
-    ]
-    done = run_launcher(*args, timeout=60)
+    hf = write_hostfile(tmp_path, "h1\nh3\n")
+    done = check_with(config, known, hf)
     assert done.returncode == 3
     assert re.search(r"host key of 198\.18\.0\.1[13] is unknown .* --accept-new-host-keys", done.stderr)
-    done = run_launcher(*args, "--accept-new-host-keys", timeout=60)
+    done = check_with(config, known, hf, "--accept-new-host-keys")
     assert done.returncode == 0, done.stderr
     recorded = known.read_text()
     assert "198.18.0.11 ssh-ed25519" in recorded and "198.18.0.13 ssh-ed25519" in recorded
-    done = run_launcher(*args, timeout=60)  # now known
+    done = check_with(config, known, hf)  # now known
     assert done.returncode == 0, done.stderr
 
 

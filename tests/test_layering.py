@@ -24,6 +24,7 @@ HEAD = {
     "launcher.cli",
     "launcher.report",
     "launcher.plot",
+    "launcher.pd_proxy",
     "matplotlib",
     "launcher.transports",
     "launcher.hostfile",
@@ -48,10 +49,11 @@ PURE = {
     "documents",
     "gpus",
     "vllm_dp",
+    "disagg",
 }
 IO = {
     "supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report", "entry",
-    "transfer", "plot",
+    "transfer", "plot", "pd_proxy",
 }  # fmt: skip
 RANK_SIDE = {"agent", "engine_core", "bootstrap"}
 

@@ -54,6 +54,7 @@ def test_a_hashed_vllm_variable_that_differs_per_host_warns():
 
 # --- user commands -----------------------------------------------------------
 
+from conftest import VLLM_DP_FLAGS  # noqa: E402
 from launcher.command import kv_transfer_engine_id, user_command  # noqa: E402
 from launcher.readiness import Log, Ports, Report  # noqa: E402
 
@@ -61,16 +62,7 @@ VLLM_DP = (
     "vllm",
     "serve",
     "M",
-    "--data-parallel-size",
-    "{world_size}",
-    "--data-parallel-size-local",
-    "{local_size}",
-    "--data-parallel-start-rank",
-    "{host_first_rank}",
-    "--data-parallel-address",
-    "{head_ip}",
-    "--data-parallel-rpc-port",
-    "{rpc_port}",
+    *VLLM_DP_FLAGS,
     "--kv-transfer-config",
     '{"kv_connector":"NixlConnector","kv_role":"kv_both"}',
     "--headless",

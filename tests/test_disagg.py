@@ -1,0 +1,160 @@
+"""Prefill/decode in one job: roles, each role's vllm serve, the proxy that routes prefill then decode."""
+
+import http.client
+import json
+import signal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import RunningLauncher, failed_line, free_port_base, port_taken, run_launcher, standin_reports, wait_for, write_hostfile
+from launcher import disagg, hostfile, plan
+from launcher.command import user_command
+from launcher.plan import Host, LaunchOptions, PlanError
+from launcher.readiness import Url
+
+NIXL = disagg.NIXL_BOTH
+
+
+def test_roles_come_from_the_command_line_over_the_hostfile_and_every_host_needs_one():
+    hosts = hostfile.parse("a role=decode\nb\nc\n")
+    assert [h.role for h in disagg.assign_roles(hosts, ["a", "b"], ["c"])] == ["prefill", "prefill", "decode"]
+    with pytest.raises(disagg.RoleError, match="host a is in both --prefill and --decode"):
+        disagg.assign_roles(hosts, ["a"], ["a"])
+    with pytest.raises(disagg.RoleError, match="--prefill/--decode name z, which the hostfile does not list"):
+        disagg.assign_roles(hosts, ["z"], [])
+    with pytest.raises(PlanError, match=r"b \(hostfile:2\) has no role: give it role=prefill or role=decode"):
+        plan.build(hostfile.parse("a role=decode\nb\n", source="hostfile"), LaunchOptions(command=("vllm", "serve", "m")), {}, "j")
+    with pytest.raises(PlanError, match="no prefill host"):
+        plan.build([Host("a", role="decode")], LaunchOptions(command=("vllm", "serve", "m")), {}, "j")
+    with pytest.raises(hostfile.HostfileError, match="role='prefil': a host's role is prefill or decode"):
+        hostfile.parse("a role=prefil\n")
+
+
+def test_each_role_host_runs_its_own_instance_with_nixl_and_its_slots_as_dp():
+    hosts = [Host("p", role="prefill"), Host("d", slots=2, role="decode")]
+    built = plan.build(hosts, LaunchOptions(command=("vllm", "serve", "m", "--port", "8100")), {}, "j")
+    argv = [list(user_command(r.argv)) for r in built.ranks]
+    assert argv[0] == ["vllm", "serve", "m", "--port", "8100", "--kv-transfer-config", NIXL]
+    assert argv[1] == [*argv[0], "--data-parallel-size", "2"]
+    assert [r.ports for r in built.ranks] == [(5600,), (5600, 5601)]  # each instance its own DP indexes
+    assert built.readiness == Url(url="http://{host_ip}:8100/health", ports=True) and built.roles == ("prefill", "decode")
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (("vllm", "serve", "m", "--headless"), "--headless in the command: in a P/D job each host is its own vLLM instance"),
+        (("vllm", "serve", "m", "--kv-transfer-config", '{"kv_connector":"LMCacheConnectorV1"}'), "the P/D proxy speaks the NixlConnector"),
+        (("vllm", "serve", "m", "-dp", "4"), "--data-parallel-size 4 in the command, but a host's slots are its instance's DP size (1)"),
+        (("python", "x.py"), "--prefill/--decode run 'vllm serve'"),
+    ],
+)
+def test_a_command_that_cannot_be_a_pd_instance_is_refused_before_launch(command, message):
+    with pytest.raises(PlanError, match=None) as info:
+        plan.build([Host("p", role="prefill"), Host("d", role="decode")], LaunchOptions(command=command), {}, "j")
+    assert message in str(info.value)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(st.text(max_size=12), JSON, max_size=6), prefilled=st.dictionaries(st.text(max_size=20), JSON, max_size=4))
+def test_requests_are_rewritten_for_each_role_whatever_the_client_sent(body, prefilled):
+    sent = json.dumps(body, sort_keys=True)
+    p = disagg.prefill_request(body)
+    assert p["max_tokens"] == 1 and p["stream"] is False and p["kv_transfer_params"]["do_remote_decode"] is True
+    assert not {"stream_options", "min_tokens", "min_completion_tokens"} & set(p)
+    d = disagg.decode_request(body, prefilled)
+    params = prefilled.get("kv_transfer_params")
+    assert d.get("kv_transfer_params") == (params if isinstance(params, dict) and params else body.get("kv_transfer_params"))
+    assert {k: v for k, v in d.items() if k != "kv_transfer_params"} == {k: v for k, v in body.items() if k != "kv_transfer_params"}
+    assert json.dumps(body, sort_keys=True) == sent  # the client's request is never changed in place
+
+
+def post(port, path, body, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    data = raw if raw is not None else json.dumps(body).encode()
+    conn.request("POST", path, data, {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    return reply.status, reply.getheader("Content-Type"), reply.read()
+
+
+@pytest.fixture
+def pd_job(tmp_path, no_leaks, vllm_standin):
+    """Prefill on 127.0.0.1, decode (DP 2) on 127.0.0.2, the proxy on 127.0.0.1: a P/D job of stand-ins."""
+    base = free_port_base(12)
+    api, proxy = base + 8, base + 10
+    hf = write_hostfile(tmp_path, "127.0.0.1 role=prefill\n127.0.0.2 slots=2 role=decode\n")
+    run = RunningLauncher(
+        ["-H", hf, "--port-base", str(base), "--proxy-port", str(proxy), "--", vllm_standin, "serve", "m", "--port", str(api)]
+    )
+    run.ready_rows(2)
+    try:
+        assert wait_for(lambda: any("P/D proxy on http://" in line for line in run.stderr), 10), run.stderr[-5:]
+        yield run, base, proxy
+    finally:
+        if run.proc.poll() is None:
+            run.proc.send_signal(signal.SIGINT)
+        run.finish()
+
+
+@pytest.mark.e2e
+def test_a_request_goes_to_prefill_then_decode_which_pulls_from_the_prefill_engine(pd_job):
+    run, base, proxy = pd_job
+    status, kind, data = post(proxy, "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 5})
+    answer = json.loads(data)
+    assert status == 200 and kind == "application/json", data
+    assert answer["pulled_from"] == f"127.0.0.1:{base}" and answer["usage"]["completion_tokens"] == 5
+    assert answer["kv_seen"]["remote_engine_id"].endswith("_dp0")
+    # Streamed: relayed chunk by chunk, as the decoder sends it.
+    status, kind, data = post(proxy, "/v1/chat/completions", {"model": "m", "messages": [], "max_tokens": 3, "stream": True})
+    assert status == 200 and kind == "text/event-stream" and data.endswith(b"data: [DONE]\n\n"), data
+    assert json.loads(data.split(b"\n\n")[0][len(b"data: ") :])["pulled_from"] == f"127.0.0.1:{base}"
+    assert {host: s["dp_size"] for (_, host), s in standin_reports(run.stdout).items()} == {"127.0.0.1": 1, "127.0.0.2": 2}
+
+
+@pytest.mark.e2e
+def test_the_proxy_refuses_what_is_not_a_completion_request(pd_job):
+    _, _, proxy = pd_job
+    assert post(proxy, "/v1/completions", None, raw=b"{not json")[0] == 400
+    assert post(proxy, "/v1/completions", None, raw=b"[1, 2]")[0] == 400
+    assert post(proxy, "/v1/embeddings", {})[0] == 404
+    conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=10)
+    conn.request("GET", "/health")
+    assert json.loads(conn.getresponse().read()) == {"status": "ok", "prefill_instances": 1, "decode_instances": 1}
+
+
+@pytest.mark.e2e
+def test_a_taken_proxy_port_fails_the_job_naming_it(tmp_path, no_leaks, vllm_standin):
+    base = free_port_base(12)
+    hf = write_hostfile(tmp_path, "127.0.0.1 role=prefill\n127.0.0.2 role=decode\n")
+    with port_taken(base + 10):
+        done = run_launcher("run", "-H", hf, "--port-base", str(base), "--proxy-port", str(base + 10), "--",
+                            vllm_standin, "serve", "m", "--port", str(base + 8), timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert failed_line(done.stderr).startswith(f"the P/D proxy cannot listen on 127.0.0.1:{base + 10}: Address already in use")
+
+
+def test_over_ssh_decoders_take_turns_and_pull_from_the_prefill_host(hosts, tmp_path, vllm_standin):
+    proxy = free_port_base(2)
+    hf = write_hostfile(tmp_path, "h1\nh2\nh3\n")
+    run = RunningLauncher(["-H", hf, *hosts.ssh_args(), "--prefill", "h1", "--decode", "h[2-3]", "--proxy-port", str(proxy),
+                           "--", vllm_standin, "serve", "m", "--port", "8100"])  # fmt: skip
+    try:
+        run.ready_rows(3)
+        assert wait_for(lambda: any("P/D proxy on http://" in line for line in run.stderr), 10), run.stderr[-5:]
+        pulled = [json.loads(post(proxy, "/v1/completions", {"prompt": "x", "max_tokens": 2})[2]) for _ in range(4)]
+        assert {p["pulled_from"] for p in pulled} == {"198.18.0.11:5600"}
+        assert sorted(p["served_by"] for p in pulled) == ["198.18.0.12"] * 2 + ["198.18.0.13"] * 2  # round-robin
+        routes = "prefill on 198.18.0.11:8100, decode on 198.18.0.12:8100, 198.18.0.13:8100"
+        assert any(f"P/D proxy on http://127.0.0.1:{proxy}: {routes}" in line for line in run.stderr), run.stderr[-5:]
+    finally:
+        run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 130
