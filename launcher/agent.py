@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import dataclasses
-import importlib.metadata
 import os
 import platform
 import re
@@ -36,11 +35,10 @@ from dataclasses import dataclass, field
 import msgspec
 import psutil
 
-from . import envpolicy, gpus, netif, protocol, rankenv, readiness, wire
+from . import bootstrap, envpolicy, gpus, netif, protocol, rankenv, readiness, wire
 from .check import PROBE_CONCURRENCY
-from .command import vllm_interpreter_hint
+from .command import BOOTSTRAP, vllm_interpreter_hint
 from .probe import ProbeError, port_holder, tcp_connect
-from .sidechannel import HandshakeError, handshake
 from .version import __version__
 
 PR_SET_PDEATHSIG = 1
@@ -173,10 +171,7 @@ class Agent:
                 address = netif.resolve_bind_address(request).address
             except (netif.BindAddressError, rankenv.RankEnvError) as exc:
                 error = str(exc)
-        try:
-            vllm = importlib.metadata.version("vllm")
-        except importlib.metadata.PackageNotFoundError:
-            vllm = ""
+        vllm = _own_vllm_version()
         return protocol.Hello(
             hostname=socket.gethostname(),
             pid=os.getpid(),
@@ -216,6 +211,17 @@ class Agent:
             facts = dataclasses.replace(self.facts, control_fd=write_fd, command_fd=command_read)
             env = envpolicy.process_environment(self.base_env, launch.env, facts)
             argv = [sys.executable if a == "{python}" else a for a in launch.argv]
+            prepared = None
+            if tuple(launch.argv[: len(BOOTSTRAP)]) == BOOTSTRAP:
+                # The bootstrap's work (this host's address, {host_ip}), done here rather than in an interpreter
+                # of its own that then execs: that start was most of what a user command's rank cost.
+                try:
+                    prepared = bootstrap.prepare(argv[len(BOOTSTRAP) :], env)
+                except bootstrap.BootstrapError as exc:
+                    _close(read_fd, write_fd, command_read, command_write)
+                    self._not_started(launch.rank, str(exc), exc.code)
+                    continue
+                argv, env = prepared.argv, prepared.env
             try:
                 popen = subprocess.Popen(
                     argv,
@@ -223,17 +229,17 @@ class Agent:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
-                    pass_fds=tuple(fd for fd in (write_fd, command_read) if fd is not None),
+                    pass_fds=() if prepared else tuple(fd for fd in (write_fd, command_read) if fd is not None),
                     start_new_session=True,
                     preexec_fn=lambda: _die_with_parent(parent),
                 )
             except OSError as exc:
-                for fd in (read_fd, write_fd, command_read, command_write):
-                    if fd is not None:
-                        os.close(fd)
-                self.events.send(protocol.RankError(rank=launch.rank, message=f"cannot start {argv[0]!r}: {exc.strerror or exc}"))
-                self.events.send(protocol.Exited(rank=launch.rank, returncode=127))
-                self.request_stop(f"rank {launch.rank} could not start")
+                _close(read_fd, write_fd, command_read, command_write)
+                if prepared:
+                    error = bootstrap.exec_error(exc, argv[0], self.spec.host)
+                    self._not_started(launch.rank, str(error), error.code)
+                else:
+                    self._not_started(launch.rank, f"cannot start {argv[0]!r}: {exc.strerror or exc}", 127)
                 continue
             os.close(write_fd)
             command = None
@@ -242,6 +248,14 @@ class Agent:
                 command = os.fdopen(command_write, "wb", buffering=0)
             self.ranks.append(RankProcess(launch, popen, read_fd, command))
             self.events.send(protocol.Started(rank=launch.rank, pid=popen.pid))
+            if prepared:
+                self.ranks[-1].resolved = prepared.resolved
+                self.events.send(prepared.resolved)
+
+    def _not_started(self, rank: int, message: str, code: int) -> None:
+        self.events.send(protocol.RankError(rank=rank, message=message))
+        self.events.send(protocol.Exited(rank=rank, returncode=code))
+        self.request_stop(f"rank {rank} could not start")
 
     def _check_rpc_port(self) -> None:
         """Two jobs whose DP front ends share a host collide on the RPC port; vLLM would say so only deep in its start."""
@@ -286,6 +300,8 @@ class Agent:
                 _thread(self._forward_output, rp, rp.popen.stderr, "stderr"),
                 _thread(self._forward_control, rp),
             ]
+            if rp.resolved is not None:  # a user command, prepared here: its readiness starts now
+                self._on_resolved(rp)
         _thread(self._read_head)
 
     # --- threads ---------------------------------------------------------
@@ -335,10 +351,14 @@ class Agent:
                     rp.ready = message
                 elif isinstance(message, protocol.Resolved):
                     rp.resolved = message
-                    if self.spec.readiness.polled:
-                        _thread(self._await_ready, rp)
-                    else:
-                        self._declare_ready(rp)  # log: once the line is seen too
+                    self._on_resolved(rp)
+
+    def _on_resolved(self, rp: RankProcess) -> None:
+        """A user command's address is known: watch its readiness rule."""
+        if self.spec.readiness.polled:
+            _thread(self._await_ready, rp)
+        else:
+            self._declare_ready(rp)  # log: once the line is seen too
 
     # --- readiness of user commands ---------------------------------------
 
@@ -506,6 +526,8 @@ class Agent:
 
 def probe_peer(mine: protocol.Ready, peer: protocol.Peer, timeout: float) -> protocol.CheckResult:
     """Probe every side-channel port of ``peer`` from ``mine``'s address: a handshake of the peer's wire, or a TCP connect."""
+    from .sidechannel import HandshakeError, handshake  # ZMQ: for a check only, not on every agent's start
+
     latencies, engines = [], []
     try:
         for port in peer.ports:
@@ -524,6 +546,20 @@ def probe_peer(mine: protocol.Ready, peer: protocol.Peer, timeout: float) -> pro
     except (HandshakeError, ProbeError, wire.WireError) as exc:
         return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=False, error=str(exc))
     return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=True, latency_ms=round(max(latencies), 3), engines=engines)
+
+
+def _own_vllm_version() -> str:
+    """This interpreter's vLLM, if it has one (importlib.metadata only then: it costs more to import than to ask)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return ""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def installed_vllm_version(hint: tuple[str, str], env: dict[str, str]) -> str:
@@ -560,6 +596,12 @@ def installed_vllm_version(hint: tuple[str, str], env: dict[str, str]) -> str:
 
 class PortTaken(Exception):
     """A port the job needs is held by another process; the message names it and the fix."""
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
 
 
 def terminate_tree(popens: list[subprocess.Popen], grace: float, hurry: threading.Event | None = None) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 from . import netif, protocol, rankenv
 from .command import render_template
@@ -31,40 +32,78 @@ EXIT_NOT_FOUND = 127
 EXIT_NOT_EXECUTABLE = 126
 
 
+class BootstrapError(Exception):
+    """Why the command cannot start; ``code`` is the exit code a rank reports for it."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The command as it will run: placeholders filled, the environment with this host's address."""
+
+    argv: list[str]
+    env: dict[str, str]
+    resolved: protocol.Resolved
+
+
+def prepare(args: list[str], env: dict[str, str]) -> Prepared:
+    """Everything before the exec, on this host: ``env`` is the rank's environment (changed in place)."""
+    try:
+        me, facts = rankenv.RankIdentity.from_env(env), rankenv.HostFacts.from_env(env)
+    except rankenv.RankEnvError as exc:
+        raise BootstrapError(str(exc), EXIT_BAD_ADDRESS) from None
+    if not args:
+        raise BootstrapError("no command given: usage: python -m launcher.bootstrap -- CMD ...", EXIT_NOT_FOUND)
+    try:
+        choice = netif.claim_bind_address(env)
+    except netif.BindAddressError as exc:
+        raise BootstrapError(str(exc), EXIT_BAD_ADDRESS) from None
+    values = {"host_ip": choice.address, "head_ip": facts.head_ip or choice.address}
+    command_env = {k: v for k, v in env.items() if k != rankenv.CONTROL_FD_VAR}  # the command never sees the agent's pipe
+    return Prepared(
+        list(render_template(args, values, strict=False)),
+        command_env,
+        protocol.Resolved(rank=me.rank, address=choice.address, rule=choice.rule),
+    )
+
+
+def exec_error(exc: OSError, command: str, host: str) -> BootstrapError:
+    """An exec (or spawn) that failed, as the rank reports it."""
+    if isinstance(exc, FileNotFoundError):
+        return BootstrapError(f"command not found on {host}: {command!r}; install it there or give its full path", EXIT_NOT_FOUND)
+    if isinstance(exc, PermissionError):
+        return BootstrapError(f"command not executable on {host}: {command!r}", EXIT_NOT_EXECUTABLE)
+    return BootstrapError(f"cannot run {command!r} on {host}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE)
+
+
+def _rank(env) -> int:
+    """The rank, for reporting an error before the identity could be read."""
+    text = env.get(rankenv.RankIdentity.NAMES["rank"], "")
+    return int(text) if text.isdigit() else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--"]:
         args = args[1:]
-    env = os.environ
+    env = dict(os.environ)
+    rank = _rank(env)
     try:
-        me, facts = rankenv.RankIdentity.from_env(env), rankenv.HostFacts.from_env(env)
-    except rankenv.RankEnvError as exc:
-        return protocol.rank_failed(0, str(exc), EXIT_BAD_ADDRESS)
-    rank, host = me.rank, me.host
-    if not args:
-        return protocol.rank_failed(rank, "no command given: usage: python -m launcher.bootstrap -- CMD ...", EXIT_NOT_FOUND)
-
-    try:
-        choice = netif.claim_bind_address(env)
-    except netif.BindAddressError as exc:
-        return protocol.rank_failed(rank, str(exc), EXIT_BAD_ADDRESS)
-    values = {"host_ip": choice.address, "head_ip": facts.head_ip or choice.address}
-    args = list(render_template(args, values, strict=False))
-
-    protocol.report_to_agent(protocol.Resolved(rank=rank, address=choice.address, rule=choice.rule))
-    command_env = {k: v for k, v in env.items() if k != rankenv.CONTROL_FD_VAR}
+        prepared = prepare(args, env)
+    except BootstrapError as exc:
+        return protocol.rank_failed(rank, str(exc), exc.code)
+    protocol.report_to_agent(prepared.resolved)
+    facts = rankenv.HostFacts.from_env(env)
     if facts.control_fd is not None:
-        os.set_inheritable(facts.control_fd, False)  # the command never sees the agent's pipe
+        os.set_inheritable(facts.control_fd, False)
     try:
-        os.execvpe(args[0], args, command_env)
-    except FileNotFoundError:
-        return protocol.rank_failed(
-            rank, f"command not found on {host}: {args[0]!r}; install it there or give its full path", EXIT_NOT_FOUND
-        )
-    except PermissionError:
-        return protocol.rank_failed(rank, f"command not executable on {host}: {args[0]!r}", EXIT_NOT_EXECUTABLE)
+        os.execvpe(prepared.argv[0], prepared.argv, prepared.env)
     except OSError as exc:
-        return protocol.rank_failed(rank, f"cannot run {args[0]!r} on {host}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE)
+        error = exec_error(exc, prepared.argv[0], env.get(rankenv.RankIdentity.NAMES["host"], "this host"))
+        return protocol.rank_failed(prepared.resolved.rank, str(error), error.code)
     return 0  # not reached: exec replaced this process
 
 
