@@ -1,26 +1,29 @@
 #!/usr/bin/env python3
 """Start-up time and memory of launcher against plain OpenSSH, on the netns cluster.
 
-    sudo python scripts/bench_launch.py [--hosts 1 2 4 8] [--repeat 5]
+    sudo python scripts/bench_launch.py [--hosts 1 2 4 8] [--ranks-per-host 1] [--repeat 5]
 
 For each host count it builds the namespace cluster, then, in this process,
-alternates (so both see the same machine state):
+alternates (so all see the same machine state):
 
-- baseline: ``ssh -F CONFIG hN python3 -c pass`` to every host in parallel
+- plain ssh: ``ssh -F CONFIG hN python3 -c pass`` to every host in parallel
   (OpenSSH, a Python start on the far end: the least any SSH launcher pays);
-- launcher: ``launcher.launch`` of one built-in engine core per host, from
+- pdsh: ``pdsh -R ssh -w h1,...`` of the same, when pdsh is installed
+  (scripts/setup-bench.sh);
+- launcher: ``launcher.launch`` of N built-in engine cores per host, from
   the call until every rank is bound and ready (agents started, addresses
   detected, listeners bound, the head's reachability probe done), then stop.
 
-It prints median times, their ratio, and the resident memory of one agent and
-one engine core on a host. Numbers are for this machine; the ratio is the
-figure to compare.
+It prints median times, launcher's ratios, and the resident memory of one
+agent and one engine core on a host. Numbers are for this machine; the
+ratios are the figures to compare.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,8 +78,18 @@ class ReadyProbe(Reporter):
                 pass
 
 
-def launcher_ready(cluster: NetnsCluster, probe: ReadyProbe) -> float:
-    plan = launcher.plan_job([Host(h.name) for h in cluster.hosts], LaunchOptions(), env={})
+def pdsh(cluster: NetnsCluster) -> float:
+    env = {**os.environ, "PDSH_RCMD_TYPE": "ssh", "PDSH_SSH_ARGS_APPEND": f"-F {cluster.ssh_config} -o BatchMode=yes"}
+    start = time.perf_counter()
+    subprocess.run(
+        ["pdsh", "-w", ",".join(h.name for h in cluster.hosts), "python3", "-c", "pass"],
+        env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return time.perf_counter() - start
+
+
+def launcher_ready(cluster: NetnsCluster, probe: ReadyProbe, slots: int) -> float:
+    plan = launcher.plan_job([Host(h.name, slots=slots) for h in cluster.hosts], LaunchOptions(), env={})
     transport = transports.get("ssh", config_path=cluster.ssh_config, known_hosts=cluster.known_hosts)
     start = time.perf_counter()
     result = launcher.launch(plan, transport, reporter=probe)
@@ -88,30 +101,38 @@ def launcher_ready(cluster: NetnsCluster, probe: ReadyProbe) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hosts", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--ranks-per-host", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    rows = [("hosts", "plain ssh (s)", "launcher ready (s)", "ratio", "agent RSS (MiB)", "engine core RSS (MiB)")]
+    with_pdsh = shutil.which("pdsh") is not None
+    rows = [("hosts", "ranks", "plain ssh (s)", "pdsh (s)", "launcher ready (s)", "vs ssh", "vs pdsh", "agent RSS (MiB)", "core RSS (MiB)")]
     for count in args.hosts:
         with NetnsCluster(count) as cluster:
             probe = ReadyProbe(cluster)
-            plain_ssh(cluster)  # warm caches and known_hosts once, for both
-            base, ours = [], []
+            plain_ssh(cluster)  # warm caches and known_hosts once, for all
+            ssh, pd, ours = [], [], []
             for _ in range(args.repeat):
-                base.append(plain_ssh(cluster))
-                ours.append(launcher_ready(cluster, probe))
-            b, o = statistics.median(base), statistics.median(ours)
+                ssh.append(plain_ssh(cluster))
+                if with_pdsh:
+                    pd.append(pdsh(cluster))
+                ours.append(launcher_ready(cluster, probe, args.ranks_per_host))
+            s, o = statistics.median(ssh), statistics.median(ours)
+            p = statistics.median(pd) if pd else None
             rows.append(
                 (
                     str(count),
-                    f"{b:.3f}",
+                    str(count * args.ranks_per_host),
+                    f"{s:.3f}",
+                    f"{p:.3f}" if p else "-",
                     f"{o:.3f}",
-                    f"{o / b:.2f}x",
+                    f"{o / s:.2f}x",
+                    f"{o / p:.2f}x" if p else "-",
                     f"{probe.rss.get('launcher.agent', 0) / 2**20:.0f}",
                     f"{probe.rss.get('launcher.engine_core', 0) / 2**20:.0f}",
                 )
             )
-            print(f"{count} hosts: ssh {b:.3f}s, launcher {o:.3f}s", file=sys.stderr, flush=True)
-    print(f"median of {args.repeat} runs per row, {os.cpu_count()} CPUs")
+            print(f"{count} hosts: ssh {s:.3f}s, launcher {o:.3f}s", file=sys.stderr, flush=True)
+    print(f"median of {args.repeat} runs per row, {args.ranks_per_host} built-in ranks a host, {os.cpu_count()} CPUs")
     print(format_table(rows, right=True))
     return 0
 
