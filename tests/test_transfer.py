@@ -5,12 +5,15 @@ On loopback and on the SSH namespace cluster; NIXL is the CPU install
 """
 
 import importlib.util
+import json
+import os
 import re
+import subprocess
 import sys
 
 import pytest
 
-from conftest import _require, failed_line, launch_hosts, run_launcher, write_hostfile
+from conftest import REPO, _require, failed_line, launch_hosts, run_launcher, write_hostfile
 from launcher.check import CheckOptions
 from launcher.plan import LaunchOptions
 
@@ -116,48 +119,13 @@ def test_a_preflight_moves_bytes_before_the_command_starts(tmp_path, no_leaks, p
     assert sorted(p.name for p in tmp_path.glob("ran-*")) == ["ran-0", "ran-1"]
 
 
-@pytest.fixture(scope="module")
-def endpoints():
-    from launcher.transfer import TransferEndpoint
-
-    reader, peer = TransferEndpoint("fuzz-a", 0, 4096, "lo"), TransferEndpoint("fuzz-b", 1, 4096, "lo")
-    yield reader, peer
-    reader.close()
-    peer.close()
-
-
-def test_a_hostile_peers_metadata_is_a_failed_pair_never_a_crash(endpoints):
-    """What a peer advertises (agent blob, buffer address and length) reaches NIXL: fuzz it in one process."""
-    import msgspec
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
-    from launcher.transfer import TransferFailed
-
-    reader, peer = endpoints
-    good = peer.metadata()
-    blob = good.agent_metadata
-
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(
-        cut=st.integers(0, len(blob)),
-        flips=st.lists(st.tuples(st.integers(0, len(blob) - 1), st.integers(0, 255)), max_size=6),
-        tail=st.binary(max_size=64),
-        address=st.one_of(st.just(good.kv_caches_base_addr[0]), st.integers(0, 2**64 - 1)),
-        length=st.integers(0, 2**40),
-        n=st.integers(0, 10**9),
-    )
-    def read(cut, flips, tail, address, length, n):
-        data = bytearray(blob[:cut] + tail)
-        for i, value in flips:
-            if i < len(data):
-                data[i] = value
-        hostile = msgspec.structs.replace(
-            good, engine_id=f"hostile-{n}", agent_metadata=bytes(data), kv_caches_base_addr=[address], block_lens=[length]
-        )
-        try:
-            reader.read(hostile, 1, timeout=0.5)
-        except TransferFailed as exc:
-            assert str(exc)  # a reason, for the matrix
-
-    read()
+def test_a_hostile_peers_metadata_is_a_failed_pair_never_a_crash():
+    """What a peer advertises (agent blob, buffer address and length) reaches NIXL: fuzzed with two agents in a
+    process of its own (NIXL 1.5.1 crashes at exit when two connected agents share a process, so not pytest's)."""
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "support", "transfer_fuzz.py")],
+        capture_output=True, text=True, errors="replace", timeout=300, env={**os.environ, "PYTHONPATH": REPO},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["examples"] >= 150 and report["failed_pairs"] > 0 and report["reasons_without_text"] == 0, report
