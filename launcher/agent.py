@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import msgspec
 import psutil
 
-from . import bootstrap, envpolicy, gpus, netif, protocol, rankenv, readiness, wire
+from . import bootstrap, envpolicy, forked, gpus, netif, protocol, rankenv, readiness, wire
 from .check import PROBE_CONCURRENCY
-from .command import BOOTSTRAP, vllm_interpreter_hint
+from .command import BOOTSTRAP, BUILTIN_ENGINE, vllm_interpreter_hint
 from .probe import ProbeError, port_holder, tcp_connect
 from .version import __version__
 
@@ -49,7 +49,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 @dataclass
 class RankProcess:
     spec: protocol.RankLaunch
-    popen: subprocess.Popen
+    process: subprocess.Popen | forked.ForkedProcess
     control_fd: int
     command: object | None = None  # a built-in core's command pipe (the transfer check), a binary file
     ready: protocol.Ready | None = None
@@ -222,17 +222,9 @@ class Agent:
                     self._not_started(launch.rank, str(exc), exc.code)
                     continue
                 argv, env = prepared.argv, prepared.env
+            pass_fds = () if prepared else tuple(fd for fd in (write_fd, command_read) if fd is not None)
             try:
-                popen = subprocess.Popen(
-                    argv,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    pass_fds=() if prepared else tuple(fd for fd in (write_fd, command_read) if fd is not None),
-                    start_new_session=True,
-                    preexec_fn=lambda: _die_with_parent(parent),
-                )
+                process = self._spawn(launch, argv, env, pass_fds, lambda: _die_with_parent(parent))
             except OSError as exc:
                 _close(read_fd, write_fd, command_read, command_write)
                 if prepared:
@@ -246,11 +238,29 @@ class Agent:
             if command_read is not None:
                 os.close(command_read)
                 command = os.fdopen(command_write, "wb", buffering=0)
-            self.ranks.append(RankProcess(launch, popen, read_fd, command))
-            self.events.send(protocol.Started(rank=launch.rank, pid=popen.pid))
+            self.ranks.append(RankProcess(launch, process, read_fd, command))
+            self.events.send(protocol.Started(rank=launch.rank, pid=process.pid))
             if prepared:
                 self.ranks[-1].resolved = prepared.resolved
                 self.events.send(prepared.resolved)
+
+    @staticmethod
+    def _spawn(launch: protocol.RankLaunch, argv: list[str], env: dict[str, str], pass_fds, in_child):
+        """A built-in core is forked from this process (its code is loaded once, here); anything else is exec'd."""
+        if tuple(launch.argv) == BUILTIN_ENGINE and forked.same_code(os.environ, env) and forked.supported():
+            from . import engine_core
+
+            return forked.spawn(engine_core.main, argv, env, pass_fds, in_child)
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
+            start_new_session=True,
+            preexec_fn=in_child,
+        )
 
     def _not_started(self, rank: int, message: str, code: int) -> None:
         self.events.send(protocol.RankError(rank=rank, message=message))
@@ -296,8 +306,8 @@ class Agent:
     def start_threads(self) -> None:
         for rp in self.ranks:
             rp.readers = [
-                _thread(self._forward_output, rp, rp.popen.stdout, "stdout"),
-                _thread(self._forward_output, rp, rp.popen.stderr, "stderr"),
+                _thread(self._forward_output, rp, rp.process.stdout, "stdout"),
+                _thread(self._forward_output, rp, rp.process.stderr, "stderr"),
                 _thread(self._forward_control, rp),
             ]
             if rp.resolved is not None:  # a user command, prepared here: its readiness starts now
@@ -364,7 +374,7 @@ class Agent:
 
     def _await_ready(self, rp: RankProcess) -> None:
         """Poll the rank's readiness rule until it holds, the rank ends, or we stop."""
-        while not self._stop.is_set() and rp.popen.poll() is None:
+        while not self._stop.is_set() and rp.process.poll() is None:
             rule = self.spec.readiness
             if rule.probe(rp.resolved.address, ports=rp.spec.ports, port=rp.spec.port, rank=rp.spec.rank):
                 held = self._ports_held_elsewhere(rp) if rule.owns_ports else None
@@ -383,7 +393,7 @@ class Agent:
         ready. Processes we may not inspect count as the rank's.
         """
         try:
-            tree = frozenset({rp.popen.pid, *(c.pid for c in psutil.Process(rp.popen.pid).children(recursive=True))})
+            tree = frozenset({rp.process.pid, *(c.pid for c in psutil.Process(rp.process.pid).children(recursive=True))})
         except psutil.Error:
             return None
         for port in rp.spec.ports:
@@ -418,7 +428,7 @@ class Agent:
                 rank=rp.spec.rank,
                 address=rp.resolved.address,
                 port=rp.spec.port,
-                pid=rp.popen.pid,
+                pid=rp.process.pid,
                 rule=rp.resolved.rule,
                 engine_id=rp.spec.engine_id,
                 vllm_version=self._vllm_version(rp),
@@ -509,18 +519,18 @@ class Agent:
 
     def _report_exits(self) -> None:
         for rp in self.ranks:
-            if not rp.reported_exit and rp.popen.poll() is not None:
+            if not rp.reported_exit and rp.process.poll() is not None:
                 # Its last output and error first; but a grandchild that kept the
                 # rank's stdout open would hold the pipes forever: half a second in all.
                 deadline = time.monotonic() + 0.5
                 for reader in rp.readers:
                     reader.join(timeout=max(0.0, deadline - time.monotonic()))
                 rp.reported_exit = True
-                self.events.send(protocol.Exited(rank=rp.spec.rank, returncode=rp.popen.returncode))
+                self.events.send(protocol.Exited(rank=rp.spec.rank, returncode=rp.process.returncode))
 
     def shutdown(self) -> None:
         """SIGTERM every rank's group and descendant, SIGKILL after the grace period."""
-        terminate_tree([rp.popen for rp in self.ranks], self.spec.grace, hurry=self._kill_now)
+        terminate_tree([rp.process for rp in self.ranks], self.spec.grace, hurry=self._kill_now)
         self._report_exits()
 
 
@@ -604,35 +614,35 @@ def _close(*fds: int | None) -> None:
             os.close(fd)
 
 
-def terminate_tree(popens: list[subprocess.Popen], grace: float, hurry: threading.Event | None = None) -> None:
+def terminate_tree(processes: list, grace: float, hurry: threading.Event | None = None) -> None:
     """Stop these processes, their groups and every descendant of this process.
 
     SIGTERM, then SIGKILL after ``grace`` seconds, or as soon as ``hurry`` is set.
     """
     me = psutil.Process()
     hurry = hurry or threading.Event()
-    _signal_all(popens, me, signal.SIGTERM)
+    _signal_all(processes, me, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and not hurry.is_set():
-        _reap_orphans(popens, me)
-        if all(p.poll() is not None for p in popens) and not me.children(recursive=True):
+        _reap_orphans(processes, me)
+        if all(p.poll() is not None for p in processes) and not me.children(recursive=True):
             return
         hurry.wait(0.05)
-    _signal_all(popens, me, signal.SIGKILL)
-    for p in popens:
+    _signal_all(processes, me, signal.SIGKILL)
+    for p in processes:
         p.wait()
     psutil.wait_procs(me.children(recursive=True), timeout=2.0)
-    _reap_orphans(popens, me)
+    _reap_orphans(processes, me)
 
 
-def _signal_all(popens, me: psutil.Process, signum: int) -> None:
+def _signal_all(processes, me: psutil.Process, signum: int) -> None:
     """Each rank's group, then every descendant outside those groups (one that left its group).
 
     Once each: a second SIGTERM can land after a rank's handler has run and
     its interpreter, shutting down, has restored the default action.
     """
     groups = set()
-    for p in popens:
+    for p in processes:
         if p.poll() is None:
             try:
                 os.killpg(p.pid, signum)  # the rank is its group's leader
@@ -647,9 +657,9 @@ def _signal_all(popens, me: psutil.Process, signum: int) -> None:
             pass
 
 
-def _reap_orphans(popens, me: psutil.Process) -> None:
+def _reap_orphans(processes, me: psutil.Process) -> None:
     """Collect exited descendants re-parented to us (we are their subreaper)."""
-    ranks = {p.pid for p in popens}
+    ranks = {p.pid for p in processes}
     for child in me.children():
         if child.pid in ranks:
             continue
@@ -703,7 +713,7 @@ def _dead(proc: psutil.Process) -> bool:
 
 
 def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: SIGKILL me when the agent dies."""
+    """In the child, first: SIGKILL me when the agent dies."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the agent died before prctl took effect
         os._exit(1)

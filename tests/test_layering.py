@@ -53,9 +53,9 @@ PURE = {
 }
 IO = {
     "supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report", "entry",
-    "transfer", "plot", "pd_proxy",
+    "transfer", "plot", "pd_proxy", "forked",
 }  # fmt: skip
-RANK_SIDE = {"agent", "engine_core", "bootstrap"}
+RANK_SIDE = {"agent", "engine_core", "bootstrap", "forked"}
 
 
 @pytest.mark.parametrize("module", ["launcher.agent", "launcher.engine_core", "launcher.bootstrap"])
