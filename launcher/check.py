@@ -118,17 +118,22 @@ class CheckMatrix:
     results: dict[tuple[int, int], CheckResult] = field(default_factory=dict)
     pairs: frozenset[tuple[int, int]] | None = None  # the pairs probed; None: every pair
     transfer_bytes: int | None = None  # a matrix of NIXL reads of this many bytes (check --transfer), not of probes
-    _expected: frozenset | None = field(default=None, repr=False, compare=False)
+    # The shape, computed once: the head asks after every one of N^2 results whether the matrix is complete.
+    _expected: list[tuple[int, int]] | None = field(default=None, repr=False, compare=False)
+    _expected_set: frozenset[tuple[int, int]] = field(default=frozenset(), repr=False, compare=False)
 
     def expected(self) -> list[tuple[int, int]]:
-        every = sorted(self.pairs) if self.pairs is not None else [(a, b) for a in self.ranks for b in self.ranks]
-        return [(a, b) for a, b in every if a != b] if self.transfer_bytes else every  # a rank does not read itself
+        """The pairs that get a result, in order."""
+        if self._expected is None:
+            every = sorted(self.pairs) if self.pairs is not None else [(a, b) for a in self.ranks for b in self.ranks]
+            self._expected = [(a, b) for a, b in every if a != b] if self.transfer_bytes else every  # a rank does not read itself
+            self._expected_set = frozenset(self._expected)
+        return self._expected
 
     def add(self, result: CheckResult) -> None:
         """Keep a result for an expected pair; anything else (a rank of another job, a pair not asked) is dropped."""
-        if self._expected is None:
-            self._expected = frozenset(self.expected())
-        if (result.rank, result.peer) in self._expected:
+        self.expected()
+        if (result.rank, result.peer) in self._expected_set:
             self.results[(result.rank, result.peer)] = result
 
     @property
