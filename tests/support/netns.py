@@ -12,6 +12,11 @@ namespace has a default route, so nothing leaves this machine.
 
 ``up`` first sweeps whatever an earlier crashed run left (namespaces, bridges,
 their processes), so it always starts clean; ``down`` removes everything.
+
+The kernel keeps one ARP table for all namespaces, 1024 entries by default:
+N hosts that all talk to each other need about N^2, so from 32 hosts on
+connections fail ("neighbor table overflow" in dmesg). ``up`` raises the
+limits for its size and ``down`` (or the next sweep) restores them.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from dataclasses import dataclass
 PREFIX = os.environ.get("LAUNCHER_NETNS_PREFIX", "lnch")
 NET = "198.18.0"
 NET2 = "198.19.0"
-MAX_HOSTS = 16
+MAX_HOSTS = 200  # 198.18.0.11 up to .210 on one /24 bridge
 STATE_DIR = os.path.join(tempfile.gettempdir(), f"{PREFIX}-netns-cluster")
+NEIGH = "/proc/sys/net/ipv4/neigh/default/gc_thresh{}"
+NEIGH_SAVED = os.path.join(tempfile.gettempdir(), f"{PREFIX}-neigh-thresholds")  # the values before up raised them
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class NetnsCluster:
         os.makedirs(self.workdir, mode=0o700)
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
         try:
+            _make_neighbour_room(len(self.hosts))
             self._network()
             _keygen(self.client_key)
             self._write_client_files()
@@ -225,6 +233,7 @@ def sweep() -> list[str]:
                 pass
         _sh("ip", "netns", "del", name, check=False)
         removed.append(name)
+    _restore_neighbour_limits()
     # Every link of ours, bridges and head-side veths alike: a namespace that
     # something still references outlives 'ip netns del', and so does its veth.
     for line in _sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
@@ -253,6 +262,32 @@ def _require_tools() -> None:
 
 def _keygen(path: str) -> None:
     _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", os.path.basename(path), "-f", path)
+
+
+def _make_neighbour_room(hosts: int) -> None:
+    """Room in the kernel's one ARP table for every host's entry for every other host, and the head's."""
+    wanted = {2: hosts * (hosts + 1) + 512, 3: 2 * hosts * (hosts + 1) + 1024}
+    current = {n: int(open(NEIGH.format(n)).read()) for n in wanted}
+    if all(current[n] >= wanted[n] for n in wanted):
+        return
+    if not os.path.exists(NEIGH_SAVED):
+        with open(NEIGH_SAVED, "w") as f:
+            f.write(" ".join(f"{n}={v}" for n, v in current.items()))
+    for n in (3, 2):  # the hard limit first: the kernel wants thresh2 <= thresh3
+        with open(NEIGH.format(n), "w") as f:
+            f.write(str(max(current[n], wanted[n])))
+
+
+def _restore_neighbour_limits() -> None:
+    try:
+        saved = dict(item.split("=") for item in open(NEIGH_SAVED).read().split())
+    except (OSError, ValueError):
+        return
+    for n in ("2", "3"):  # thresh2 first, while thresh3 is still high
+        if n in saved:
+            with open(NEIGH.format(n), "w") as f:
+                f.write(saved[n])
+    os.remove(NEIGH_SAVED)
 
 
 def _sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
