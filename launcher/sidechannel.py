@@ -113,9 +113,10 @@ class SideChannelListener:
             return SideChannelBindError(exc.errno, f"cannot bind {where}: Cannot assign requested address (not this host's address)")
         return SideChannelBindError(exc.errno, f"cannot bind the side channel at {where}: {exc}")
 
-    def serve(self, stop: threading.Event, poll_ms: int = 20, on_idle=None) -> None:
-        """Answer requests until ``stop`` is set. ``on_idle`` runs between polls (NIXL's progress, with
-        --transfer) and returns how many milliseconds the next poll may wait."""
+    def serve(self, stop: threading.Event, poll_ms: int = 20, on_idle=None, wake_fd: int | None = None) -> None:
+        """Answer requests until ``stop`` is set, looking at it every ``poll_ms`` or as soon as ``wake_fd``
+        is readable (a rank passes its signal wake-up pipe and idles without waking). ``on_idle`` runs
+        between polls (NIXL's progress, with --transfer) and returns how many milliseconds the next may wait."""
         assert self._sock is not None, "bind() first"
         baseline = _rss()
         while not stop.is_set():
@@ -124,7 +125,10 @@ class SideChannelListener:
                 baseline = max(baseline, _rss())  # what the reset could not give back is not counted twice
                 continue
             wait = poll_ms if on_idle is None else on_idle()
-            if not self._sock.poll(wait, zmq.POLLIN):
+            ready = dict(zmq.zmq_poll([(self._sock, zmq.POLLIN)] + ([(wake_fd, zmq.POLLIN)] if wake_fd is not None else []), wait))
+            if wake_fd in ready:
+                _drain(wake_fd)
+            if self._sock not in ready:
                 continue
             frames = self._receive(baseline)
             if frames is None:
@@ -215,6 +219,13 @@ class SideChannelListener:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.read(fd, 4096)
+    except BlockingIOError:
+        pass
 
 
 def _rss() -> int:
