@@ -6,7 +6,8 @@
 
 Host hN is namespace ``lnch-hN`` with ``eth0`` = 198.18.0.(10+N)/24 on a bridge
 (head side 198.18.0.1); h1 also has ``eth1`` = 198.19.0.11/24. Each host runs
-its own sshd. The library is tests/support/netns.py.
+its own sshd. ``LAUNCHER_NETNS_PREFIX=other`` builds a second cluster beside
+the first, on its own /24s. The library is tests/support/netns.py.
 """
 
 from __future__ import annotations

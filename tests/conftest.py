@@ -3,9 +3,11 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -15,8 +17,23 @@ import pytest
 import zmq
 
 from launcher import wire
+from support.netns import PREFIX
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# This run's own TMPDIR marks its processes: every process it starts inherits it (the local transport passes
+# it on as a login variable, a rank gets its agent's), so a process that escaped and lost its parent is still
+# known to be this run's, and another run on the machine (LAUNCHER_NETNS_PREFIX) is never mistaken for a leak.
+RUN_TMPDIR = tempfile.mkdtemp(prefix=f"launcher-tests-{PREFIX}-")
+os.environ["TMPDIR"] = RUN_TMPDIR
+tempfile.tempdir = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0:
+        shutil.rmtree(RUN_TMPDIR, ignore_errors=True)
+    else:
+        print(f"\nthis run's files (tmp_path, logs) are kept in {RUN_TMPDIR}", file=sys.stderr)
 
 
 def free_port_base(count: int = 8) -> int:
@@ -50,13 +67,31 @@ def port_taken(port: int, address: str = "127.0.0.1"):
 
 
 def launcher_processes():
-    """Agents, engine cores and stand-in vLLMs still alive on this machine (any namespace)."""
+    """This run's agents, engine cores and stand-in vLLMs still alive on this machine (any namespace)."""
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if any(name in cmd for name in ("launcher.agent", "launcher.engine_core", "launcher.bootstrap", "standin_vllm.py")):
+        if any(name in cmd for name in ("launcher.agent", "launcher.engine_core", "launcher.bootstrap", "standin_vllm.py")) and ours(p):
             found.append(p)
     return found
+
+
+def ours(p) -> bool:
+    """Started by this test run: in one of its namespace hosts, its descendant, or carrying its TMPDIR."""
+    try:
+        netns = os.readlink(f"/proc/{p.pid}/ns/net")
+        if netns != os.readlink("/proc/self/ns/net"):
+            return any(os.stat(f"/run/netns/{name}").st_ino == int(netns[5:-1]) for name in own_namespaces())
+        return p.pid in {c.pid for c in psutil.Process().children(recursive=True)} or p.environ().get("TMPDIR") == RUN_TMPDIR
+    except (OSError, ValueError, psutil.Error):
+        return False
+
+
+def own_namespaces():
+    try:
+        return [n for n in os.listdir("/run/netns") if n.startswith(f"{PREFIX}-h")]
+    except OSError:
+        return []
 
 
 def wait_for(predicate, timeout=10.0, interval=0.05):

@@ -12,7 +12,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import wait_for
+from conftest import ours, wait_for
 from launcher import protocol, transports
 from launcher.cli import build_parser
 from launcher.plan import Host
@@ -115,7 +115,7 @@ def agent_host(request, tmp_path):
 
 def _is_agent(p):
     try:
-        return "launcher.agent" in " ".join(p.cmdline())
+        return "launcher.agent" in " ".join(p.cmdline()) and ours(p)
     except psutil.Error:
         return False
 

@@ -13,6 +13,7 @@ from launcher import disagg, hostfile, plan
 from launcher.command import user_command
 from launcher.plan import Host, LaunchOptions, PlanError
 from launcher.readiness import Url
+from support.netns import NET
 
 NIXL = disagg.NIXL_BOTH
 
@@ -151,9 +152,9 @@ def test_over_ssh_decoders_take_turns_and_pull_from_the_prefill_host(hosts, tmp_
         run.ready_rows(3)
         assert wait_for(lambda: any("P/D proxy on http://" in line for line in run.stderr), 10), run.stderr[-5:]
         pulled = [json.loads(post(proxy, "/v1/completions", {"prompt": "x", "max_tokens": 2})[2]) for _ in range(4)]
-        assert {p["pulled_from"] for p in pulled} == {"198.18.0.11:5600"}
-        assert sorted(p["served_by"] for p in pulled) == ["198.18.0.12"] * 2 + ["198.18.0.13"] * 2  # round-robin
-        routes = "prefill on 198.18.0.11:8100, decode on 198.18.0.12:8100, 198.18.0.13:8100"
+        assert {p["pulled_from"] for p in pulled} == {f"{NET}.11:5600"}
+        assert sorted(p["served_by"] for p in pulled) == [f"{NET}.12"] * 2 + [f"{NET}.13"] * 2  # round-robin
+        routes = f"prefill on {NET}.11:8100, decode on {NET}.12:8100, {NET}.13:8100"
         assert any(f"P/D proxy on http://127.0.0.1:{proxy}: {routes}" in line for line in run.stderr), run.stderr[-5:]
     finally:
         run.proc.send_signal(signal.SIGINT)

@@ -3,13 +3,26 @@
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
 import launcher
-from conftest import RunningLauncher, launch_hosts, port_taken, run_launcher, table_rows, vllm_handshake, wait_for, write_hostfile
+from conftest import (
+    RUN_TMPDIR,
+    RunningLauncher,
+    launch_hosts,
+    launcher_processes,
+    port_taken,
+    run_launcher,
+    table_rows,
+    vllm_handshake,
+    wait_for,
+    write_hostfile,
+)
 from launcher.check import CheckOptions
 from launcher.plan import Host, LaunchOptions
 
@@ -127,3 +140,22 @@ def test_python_api_returns_per_rank_results(port_base):
         (1, "127.0.0.1", port_base + 1, "exited"),
     ]
     assert all(r.exit_code == 0 and r.pid and 0 <= r.started_at <= r.ready_at <= r.ended_at for r in result.ranks)
+
+
+@pytest.mark.parametrize("whose", ["this run's", "another run's"])
+def test_the_leak_check_finds_this_runs_orphans_and_never_another_runs(tmp_path, whose):
+    """An engine core that lost its parent is found by its run's TMPDIR; another run's is left alone."""
+    tmpdir = RUN_TMPDIR if whose == "this run's" else str(tmp_path)
+    orphaned = subprocess.run(
+        ["setsid", "sh", "-c", f'{sys.executable} -c "import time; time.sleep(30)" launcher.engine_core >/dev/null 2>&1 & echo $!'],
+        env={**os.environ, "TMPDIR": tmpdir},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pid = int(orphaned.stdout)
+    try:
+        assert psutil.Process(pid).ppid() != os.getpid()  # its parent is gone: it is no descendant of this run
+        assert (pid in {p.pid for p in launcher_processes()}) == (whose == "this run's")
+    finally:
+        os.kill(pid, signal.SIGKILL)

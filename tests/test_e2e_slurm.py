@@ -13,10 +13,11 @@ import sys
 import pytest
 
 from conftest import REPO, launcher_cmd, run_launcher, table_rows, wait_for
+from support.netns import NET
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
-HEAD = "198.18.0.1"
+HEAD = f"{NET}.1"
 # What a user's shell may hold when it calls sbatch; Slurm exports it all (--export=ALL).
 LEAKED = {
     "VLLM_NIXL_SIDE_CHANNEL_HOST": HEAD,

@@ -25,10 +25,11 @@ from conftest import (
     write_hostfile,
 )
 from launcher.check import CheckOptions
+from support.netns import NET, NET2, PREFIX
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
-HEAD = "198.18.0.1"  # the head's own address on the test network
+HEAD = f"{NET}.1"  # the head's own address on the test network
 LEAKED = {"VLLM_NIXL_SIDE_CHANNEL_HOST": HEAD, "VLLM_HOST_IP": HEAD, "CUDA_VISIBLE_DEVICES": "0", "VLLM_DP_MASTER_IP": HEAD}
 
 
@@ -86,14 +87,14 @@ def test_a_sampled_check_covers_every_pair_of_hosts_and_the_drawn_rank_pairs(hos
 
 
 def test_interface_selectors_and_explicit_local_address_are_honoured(hosts):
-    text = "h1 slots=2 cidr=198.19.0.0/24\nh2 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.12\nh3 ifname=^eth1\n"
+    text = f"h1 slots=2 cidr={NET2}.0/24\nh2 env:VLLM_NIXL_SIDE_CHANNEL_HOST={NET}.12\nh3 ifname=^eth1\n"
     result = launch_hosts(text, hosts, env=LEAKED)  # ready means bound, and reachable from the head (on both networks)
     assert result.ok, result.failure
     assert [(r.host, r.address, r.rule) for r in result.ranks] == [
-        ("h1", "198.19.0.11", "cidr=198.19.0.0/24 (eth1)"),
-        ("h1", "198.19.0.11", "cidr=198.19.0.0/24 (eth1)"),
-        ("h2", "198.18.0.12", "VLLM_NIXL_SIDE_CHANNEL_HOST (explicit)"),
-        ("h3", "198.18.0.13", "ifname=^eth1 (eth0)"),
+        ("h1", f"{NET2}.11", f"cidr={NET2}.0/24 (eth1)"),
+        ("h1", f"{NET2}.11", f"cidr={NET2}.0/24 (eth1)"),
+        ("h2", f"{NET}.12", "VLLM_NIXL_SIDE_CHANNEL_HOST (explicit)"),
+        ("h3", f"{NET}.13", "ifname=^eth1 (eth0)"),
     ]
 
 
@@ -104,19 +105,19 @@ def test_an_unreachable_listener_shows_red_in_the_matrix_with_the_reason(hosts, 
     matrix = done.stdout.split("handshake latency")[1]
     assert re.search(r"^h1 r0 .*\d", matrix, re.M)
     assert re.search(r"^h2 r1\s+FAIL\s+[\d.]+\s+[\d.]+$", matrix, re.M)
-    assert "r1 (h2) -> r0 (h1): 198.19.0.11:5600: Network is unreachable" in matrix
+    assert f"r1 (h2) -> r0 (h1): {NET2}.11:5600: Network is unreachable" in matrix
     # Probes leave from each rank's own address: r0's replies cannot route back to 198.19 either.
-    assert "r0 (h1) -> r1 (h2): 198.18.0.12:5601: connect timed out after 2s" in matrix
+    assert f"r0 (h1) -> r1 (h2): {NET}.12:5601: connect timed out after 2s" in matrix
     assert "4 of 9 handshakes failed" in matrix
 
 
 def test_a_non_local_explicit_address_fails_that_host_and_stops_the_others(hosts):
-    result = launch_hosts("h1 slots=2\nh2\nh3 env:VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99\n", hosts, check=CheckOptions())
+    result = launch_hosts(f"h1 slots=2\nh2\nh3 env:VLLM_NIXL_SIDE_CHANNEL_HOST={NET}.99\n", hosts, check=CheckOptions())
     assert (result.failure.kind, result.failure.rank, result.failure.host, result.exit_code) == ("rank-error", 3, "h3", 2)
     assert result.failure.message.startswith(
-        "rank 3 on h3 exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST=198.18.0.99 is not an address of h3"
+        f"rank 3 on h3 exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST={NET}.99 is not an address of h3"
     )
-    assert "eth0 198.18.0.13/24" in result.failure.message
+    assert f"eth0 {NET}.13/24" in result.failure.message
     assert result.check is None and all(r.state in ("exited", "lost") for r in result.ranks)
 
 
@@ -130,8 +131,8 @@ def test_remote_python_missing_is_a_clear_error(hosts, tmp_path):
 @pytest.mark.parametrize(
     "line, extra, expected",
     [
-        ("root@198.18.0.1 port=1", [], "connection to root@198.18.0.1:1 refused; is sshd running there?"),
-        ("root@198.18.0.99", ["--connect-timeout", "1"], "root@198.18.0.99:22"),
+        (f"root@{NET}.1 port=1", [], f"connection to root@{NET}.1:1 refused; is sshd running there?"),
+        (f"root@{NET}.99", ["--connect-timeout", "1"], f"root@{NET}.99:22"),
     ],
 )
 def test_hosts_without_sshd_fail_with_one_line(hosts, tmp_path, line, extra, expected):
@@ -148,7 +149,7 @@ def test_wrong_key_is_refused_with_one_line(hosts, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
     done = check_with(config, hosts.known_hosts, write_hostfile(tmp_path, "h2\n"), "--identity", str(wrong), env={"SSH_AUTH_SOCK": ""})
     assert done.returncode == 3
-    assert f"authentication failed for root@198.18.0.12:22 (tried {wrong})" in done.stderr
+    assert f"authentication failed for root@{NET}.12:22 (tried {wrong})" in done.stderr
 
 
 def test_changed_host_key_is_always_refused(hosts, tmp_path):
@@ -156,13 +157,13 @@ def test_changed_host_key_is_always_refused(hosts, tmp_path):
     other = tmp_path / "other"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     kind, blob = (tmp_path / "other.pub").read_text().split()[:2]
-    known.write_text(f"198.18.0.12 {kind} {blob}\n")
+    known.write_text(f"{NET}.12 {kind} {blob}\n")
     config = tmp_path / "ssh_config"
     config.write_text(open(hosts.ssh_config).read().replace(hosts.known_hosts, str(known)))
     for flags in ([], ["--accept-new-host-keys"]):
         done = check_with(config, known, write_hostfile(tmp_path, "h2\n"), *flags)
         assert done.returncode == 3
-        assert "HOST KEY CHANGED for 198.18.0.12" in done.stderr and "ssh-keygen -R 198.18.0.12" in done.stderr
+        assert f"HOST KEY CHANGED for {NET}.12" in done.stderr and f"ssh-keygen -R {NET}.12" in done.stderr
 
 
 def test_unknown_host_key_is_refused_unless_new_keys_are_accepted(hosts, tmp_path):
@@ -173,11 +174,11 @@ def test_unknown_host_key_is_refused_unless_new_keys_are_accepted(hosts, tmp_pat
     hf = write_hostfile(tmp_path, "h1\nh3\n")
     done = check_with(config, known, hf)
     assert done.returncode == 3
-    assert re.search(r"host key of 198\.18\.0\.1[13] is unknown .* --accept-new-host-keys", done.stderr)
+    assert re.search(rf"host key of {re.escape(NET)}\.1[13] is unknown .* --accept-new-host-keys", done.stderr)
     done = check_with(config, known, hf, "--accept-new-host-keys")
     assert done.returncode == 0, done.stderr
     recorded = known.read_text()
-    assert "198.18.0.11 ssh-ed25519" in recorded and "198.18.0.13 ssh-ed25519" in recorded
+    assert f"{NET}.11 ssh-ed25519" in recorded and f"{NET}.13 ssh-ed25519" in recorded
     done = check_with(config, known, hf)  # now known
     assert done.returncode == 0, done.stderr
 
@@ -219,7 +220,7 @@ def test_proxyjump_reaches_a_host_through_another(hosts, tmp_path):
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert [(r[1], r[2]) for r in table_rows(done.stdout)] == [("far", "198.18.0.13"), ("h2", "198.18.0.12")]
+    assert [(r[1], r[2]) for r in table_rows(done.stdout)] == [("far", f"{NET}.13"), ("h2", f"{NET}.12")]
 
 
 def test_a_silent_partition_is_noticed_by_heartbeats_on_both_sides(hosts, tmp_path):
@@ -227,7 +228,7 @@ def test_a_silent_partition_is_noticed_by_heartbeats_on_both_sides(hosts, tmp_pa
         ["-H", write_hostfile(tmp_path, hosts.hostfile(slots=1)), *hosts.ssh_args(), "--heartbeat-timeout", "2", "--grace", "1"]
     )
     ready = run.ready_rows(3)
-    link = "lnch-v2"  # h2's cable to the bridge: no FIN or RST will ever arrive
+    link = f"{PREFIX}-v2"  # h2's cable to the bridge: no FIN or RST will ever arrive
     subprocess.run(["ip", "link", "set", link, "down"], check=True)
     try:
         assert run.finish(timeout=30) == 3
@@ -271,12 +272,12 @@ def test_a_starved_host_flooding_output_is_not_declared_lost_and_a_partition_sti
         for hog in hogs:
             hog.kill()
             hog.wait()
-    subprocess.run(["ip", "link", "set", "lnch-v2", "down"], check=True)
+    subprocess.run(["ip", "link", "set", f"{PREFIX}-v2", "down"], check=True)
     try:
         assert run.finish(timeout=30) == 3
         assert any(line.startswith("launcher: FAILED: host h2 lost: no word from its agent") for line in run.stderr)
     finally:
-        subprocess.run(["ip", "link", "set", "lnch-v2", "up"], check=True)
+        subprocess.run(["ip", "link", "set", f"{PREFIX}-v2", "up"], check=True)
 
 
 # --- user commands: `launcher run -- vllm serve ...` with the stand-in vLLM ------------
@@ -316,7 +317,7 @@ def test_vllm_multi_node_dp_with_the_heads_variables_leaking_binds_every_host_it
     )
     assert len(run.ready_rows(5)) == 5  # the preflight's built-in cores, one per DP rank, then its check:
     rows = run.ready_rows(3, after="all 25 handshakes ok")
-    assert [(r[0], r[1], r[2]) for r in rows] == [(0, "h1", "198.18.0.11"), (2, "h2", "198.18.0.12"), (4, "h3", "198.18.0.13")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(0, "h1", f"{NET}.11"), (2, "h2", f"{NET}.12"), (4, "h3", f"{NET}.13")]
     for dp, host in [(0, "h1"), (1, "h1"), (2, "h2"), (3, "h2"), (4, "h3")]:  # vLLM's port rule: base + DP index
         assert vllm_handshake(hosts.host(host).address, 5600 + dp).endswith(f"_dp{dp}")
     run.proc.send_signal(signal.SIGTERM)
@@ -326,9 +327,9 @@ def test_vllm_multi_node_dp_with_the_heads_variables_leaking_binds_every_host_it
     seen = standin_reports(run.stdout)
     for (_, host), got in seen.items():
         own = hosts.host(host).address
-        assert (got["side_channel_host"], got["vllm_host_ip"]) == (own, own), host  # never the head's 198.18.0.1
+        assert (got["side_channel_host"], got["vllm_host_ip"]) == (own, own), host  # never the head's NET.1
         argv = got["argv"]
-        assert argv[argv.index("--data-parallel-address") + 1] == "198.18.0.11"  # {head_ip}: h1's own address
+        assert argv[argv.index("--data-parallel-address") + 1] == f"{NET}.11"  # {head_ip}: h1's own address
         assert got["tags"] == [f"it's {host}"] and got["headless"] == (host != "h1")
     assert {host: got["dp_ranks"] for (_, host), got in seen.items()} == {"h1": [0, 1], "h2": [2, 3], "h3": [4]}
     assert {got["dp_size"] for got in seen.values()} == {5} and {got["lb_mode"] for got in seen.values()} == {"internal"}
@@ -440,14 +441,14 @@ def trust_setup(hosts, tmp_path, user="", system="", extra=""):
     (tmp_path / "system_known").write_text(system)
     config = tmp_path / "trust_config"
     config.write_text(
-        f"Host h2\n  HostName 198.18.0.12\n  User root\n  IdentityFile {hosts.client_key}\n"
+        f"Host h2\n  HostName {NET}.12\n  User root\n  IdentityFile {hosts.client_key}\n"
         f"  UserKnownHostsFile {tmp_path / 'user_known'}\n  GlobalKnownHostsFile {tmp_path / 'system_known'}\n{extra}"
     )
     return config
 
 
 def h2_key(hosts):
-    return next(line.split()[1:3] for line in open(hosts.known_hosts) if line.startswith("198.18.0.12 "))
+    return next(line.split()[1:3] for line in open(hosts.known_hosts) if line.startswith(f"{NET}.12 "))
 
 
 def run_h2(tmp_path, config, *flags, command=("sh", "-c", "echo conn=$SSH_CONNECTION")):
@@ -458,7 +459,7 @@ def run_h2(tmp_path, config, *flags, command=("sh", "-c", "echo conn=$SSH_CONNEC
 
 def test_keys_in_the_system_known_hosts_file_are_trusted(hosts, tmp_path):
     kind, blob = h2_key(hosts)
-    done = run_h2(tmp_path, trust_setup(hosts, tmp_path, system=f"198.18.0.12 {kind} {blob}\n"))
+    done = run_h2(tmp_path, trust_setup(hosts, tmp_path, system=f"{NET}.12 {kind} {blob}\n"))
     assert done.returncode == 0, done.stderr
 
 
@@ -466,39 +467,39 @@ def test_a_key_pinned_with_another_type_makes_any_other_key_a_changed_key_even_w
     rsa = tmp_path / "rsa"
     subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(rsa)], check=True)
     kind, blob = (tmp_path / "rsa.pub").read_text().split()[:2]
-    done = run_h2(tmp_path, trust_setup(hosts, tmp_path, user=f"198.18.0.12 {kind} {blob}\n"), "--accept-new-host-keys")
+    done = run_h2(tmp_path, trust_setup(hosts, tmp_path, user=f"{NET}.12 {kind} {blob}\n"), "--accept-new-host-keys")
     assert done.returncode == 3, done.stderr
-    assert "HOST KEY CHANGED for 198.18.0.12: it presents a ssh-ed25519 key, known_hosts pins ssh-rsa at " in done.stderr
+    assert f"HOST KEY CHANGED for {NET}.12: it presents a ssh-ed25519 key, known_hosts pins ssh-rsa at " in done.stderr
     assert (tmp_path / "user_known").read_text().count("\n") == 1  # nothing recorded
 
 
 def test_a_revoked_key_is_refused_even_where_it_is_pinned(hosts, tmp_path):
     kind, blob = h2_key(hosts)
-    config = trust_setup(hosts, tmp_path, user=f"198.18.0.12 {kind} {blob}\n", system=f"@revoked * {kind} {blob}\n")
+    config = trust_setup(hosts, tmp_path, user=f"{NET}.12 {kind} {blob}\n", system=f"@revoked * {kind} {blob}\n")
     done = run_h2(tmp_path, config, "--accept-new-host-keys")
-    assert done.returncode == 3 and "key 198.18.0.12 presents is REVOKED" in done.stderr, done.stderr
+    assert done.returncode == 3 and f"key {NET}.12 presents is REVOKED" in done.stderr, done.stderr
 
 
 def test_a_host_trusted_only_through_a_certificate_authority_is_refused_with_the_way_out(hosts, tmp_path):
     kind, blob = h2_key(hosts)
-    done = run_h2(tmp_path, trust_setup(hosts, tmp_path, system=f"@cert-authority 198.18.0.* {kind} {blob}\n"))
+    done = run_h2(tmp_path, trust_setup(hosts, tmp_path, system=f"@cert-authority {NET}.* {kind} {blob}\n"))
     assert done.returncode == 3, done.stderr
-    assert "trusted through an @cert-authority line" in done.stderr and "ssh-keyscan 198.18.0.12 >> " in done.stderr
+    assert "trusted through an @cert-authority line" in done.stderr and f"ssh-keyscan {NET}.12 >> " in done.stderr
 
 
 def test_proxycommand_is_used_and_proxyjump_goes_through_every_hop_in_order(hosts, tmp_path):
     kind, blob = h2_key(hosts)
-    user = f"198.18.0.12 {kind} {blob}\n"
+    user = f"{NET}.12 {kind} {blob}\n"
     via_command = trust_setup(hosts, tmp_path, user=user, extra=f"  ProxyCommand ssh -q -F {hosts.ssh_config} -W %h:%p h1\n")
     done = run_h2(tmp_path, via_command)
     assert done.returncode == 0, done.stderr
-    assert "[r0 h2] conn=198.18.0.11 " in done.stdout  # h2's sshd saw the connection come from h1
+    assert f"[r0 h2] conn={NET}.11 " in done.stdout  # h2's sshd saw the connection come from h1
     # ProxyJump h1,h3: through h1, then h3; h2 sees h3.
     jumps = trust_setup(hosts, tmp_path, user=user, extra="  ProxyJump h1,h3\n")
     jumps.write_text(jumps.read_text() + open(hosts.ssh_config).read())
     done = run_h2(tmp_path, jumps)
     assert done.returncode == 0, done.stderr
-    assert "[r0 h2] conn=198.18.0.13 " in done.stdout
+    assert f"[r0 h2] conn={NET}.13 " in done.stdout
 
 
 def test_accepting_new_keys_creates_a_private_ssh_directory_like_ssh(hosts, tmp_path):
@@ -506,10 +507,10 @@ def test_accepting_new_keys_creates_a_private_ssh_directory_like_ssh(hosts, tmp_
     home.mkdir()
     config = tmp_path / "plain_config"
     config.write_text(
-        f"Host h2\n  HostName 198.18.0.12\n  User root\n  IdentityFile {hosts.client_key}\n  GlobalKnownHostsFile /nonexistent\n"
+        f"Host h2\n  HostName {NET}.12\n  User root\n  IdentityFile {hosts.client_key}\n  GlobalKnownHostsFile /nonexistent\n"
     )
     args = ["run", "--to-completion", "-H", write_hostfile(tmp_path, "h2\n"), "--transport", "ssh", "--ssh-config", str(config)]
     done = run_launcher(*args, "--accept-new-host-keys", "--", "true", timeout=60, env={"HOME": str(home)})
     assert done.returncode == 0, done.stderr
     assert (os.stat(home / ".ssh").st_mode & 0o777, os.stat(home / ".ssh" / "known_hosts").st_mode & 0o777) == (0o700, 0o600)
-    assert (home / ".ssh" / "known_hosts").read_text() == "198.18.0.12 {} {}\n".format(*h2_key(hosts))
+    assert (home / ".ssh" / "known_hosts").read_text() == f"{NET}.12 {' '.join(h2_key(hosts))}\n"

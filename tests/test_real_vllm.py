@@ -20,20 +20,21 @@ import pytest
 
 from conftest import RunningLauncher, wait_for, write_hostfile
 from launcher import envpolicy, plan
+from support.netns import NET
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.real_vllm]
 
 # What a user's shell may hold: none of it may reach a rank.
 LEAKED = {
-    "VLLM_NIXL_SIDE_CHANNEL_HOST": "198.18.0.1",
-    "VLLM_HOST_IP": "198.18.0.1",
+    "VLLM_NIXL_SIDE_CHANNEL_HOST": f"{NET}.1",
+    "VLLM_HOST_IP": f"{NET}.1",
     "VLLM_DP_RANK": "3",
     "VLLM_DP_SIZE": "9",
-    "VLLM_DP_MASTER_IP": "198.18.0.1",
+    "VLLM_DP_MASTER_IP": f"{NET}.1",
     "CUDA_VISIBLE_DEVICES": "0",
 }
-API = "198.18.0.11:8000"  # h1, the DP job's API server
-DECODER = "198.18.0.13:8200"  # h3
+API = f"{NET}.11:8000"  # h1, the DP job's API server
+DECODER = f"{NET}.13:8200"  # h3
 
 
 # --- vLLM's own facts --------------------------------------------------------------
@@ -174,8 +175,8 @@ def _healthy(address):
 
 def test_multi_node_dp_binds_each_engines_side_channel_on_its_own_host(deployments, cluster):
     prefill, _ = deployments
-    assert [r[:4] for r in prefill.rows] == [(0, "h1", "198.18.0.11", 5600), (1, "h2", "198.18.0.12", 5601)]
-    # The head's 198.18.0.1 leaked into its environment; each engine core listens on its own host at base + DP rank.
+    assert [r[:4] for r in prefill.rows] == [(0, "h1", f"{NET}.11", 5600), (1, "h2", f"{NET}.12", 5601)]
+    # The head's NET.1 leaked into its environment; each engine core listens on its own host at base + DP rank.
     for host, port in (("h1", 5600), ("h2", 5601)):
         listening = cluster.host(host).run("ss", "-ltnH", f"sport = :{port}").stdout.split()
         assert f"{cluster.host(host).address}:{port}" in listening, (host, listening)
@@ -208,7 +209,7 @@ def test_decode_pulls_the_prefilled_kv_over_nixl_from_the_prefillers_own_address
         )
         params = prefilled["kv_transfer_params"]
         engine = int(params["remote_engine_id"].rsplit("_dp", 1)[1])
-        assert (params["remote_host"], params["remote_port"]) == (f"198.18.0.1{engine + 1}", 5600 + engine)
+        assert (params["remote_host"], params["remote_port"]) == (f"{NET}.1{engine + 1}", 5600 + engine)
         try:
             decoded = post(
                 f"http://{DECODER}/v1/completions",

@@ -10,6 +10,7 @@ import pytest
 from test_real_vllm import head_env, metrics, post
 
 from conftest import RunningLauncher, free_port_base, wait_for, write_hostfile
+from support.netns import NET
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.real_vllm]
 
@@ -25,12 +26,12 @@ def test_one_command_serves_prefill_then_decode_and_the_decoder_pulls_kv_over_ni
         run.ready_rows(2, timeout=400)
         assert wait_for(lambda: any("P/D proxy on http://127.0.0.1:" in line for line in run.stderr), timeout=60), run.stderr[-5:]
         assert any("all 4 handshakes ok" in line for line in run.stdout), run.stdout[-20:]  # vLLM's own side channels, v2 wire
-        before = metrics("198.18.0.12:8100")
+        before = metrics(f"{NET}.12:8100")
         prompt = "the quick brown fox jumps over the lazy dog " * 6
         for _ in range(2):
             done = post(f"http://127.0.0.1:{proxy}/v1/completions", {"model": real_vllm.model, "prompt": prompt, "max_tokens": 4})
             assert done["usage"]["completion_tokens"] == 4
-        after = metrics("198.18.0.12:8100")
+        after = metrics(f"{NET}.12:8100")
         # vLLM's own evidence on the decoder: bytes read over NIXL, prompt tokens that came from the transfer, no failure.
         assert after["vllm:nixl_bytes_transferred_sum"] > before.get("vllm:nixl_bytes_transferred_sum", 0)
         assert after["vllm:prompt_tokens_by_source_total[external_kv_transfer]"] >= 2 * 50

@@ -14,13 +14,14 @@ import pytest
 from test_real_vllm import head_env, kv
 
 from conftest import failed_line, launcher_cmd, wait_for, write_hostfile
+from support.netns import NET
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.real_vllm]
 
 
 def test_a_prefiller_the_decoder_cannot_reach_fails_the_check_naming_the_address(cluster, real_vllm, tmp_path):
     h3 = cluster.host("h3")
-    h3.run("ip", "route", "add", "unreachable", "198.18.0.11/32")
+    h3.run("ip", "route", "add", "unreachable", f"{NET}.11/32")
     try:
         hf = write_hostfile(tmp_path, "h1\nh3\n")
         done = subprocess.run(
@@ -45,9 +46,9 @@ def test_a_prefiller_the_decoder_cannot_reach_fails_the_check_naming_the_address
             env=head_env(real_vllm),
         )
     finally:
-        h3.run("ip", "route", "del", "unreachable", "198.18.0.11/32")
+        h3.run("ip", "route", "del", "unreachable", f"{NET}.11/32")
     assert done.returncode == 5, done.stderr[-3000:]
     assert failed_line(done.stderr).startswith("2 of 4 pairs failed the check; first: r")
     # Both DP-less vLLMs bind base + 0 on their own hosts, as vLLM does; the cut is named with the address.
-    assert "r1 (h3) -> r0 (h1): 198.18.0.11:5600: No route to host" in done.stdout, done.stdout[-2000:]
+    assert f"r1 (h3) -> r0 (h1): {NET}.11:5600: No route to host" in done.stdout, done.stdout[-2000:]
     assert wait_for(lambda: not cluster.stray_pids(), timeout=20), f"left on hosts: {cluster.stray_pids()}"

@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, _require, failed_line, launch_hosts, run_launcher, write_hostfile
 from launcher.check import CheckOptions
 from launcher.plan import LaunchOptions
+from support.netns import NET, NET2
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +59,7 @@ def test_hosts_on_two_networks_move_bytes_over_the_interface_each_rank_chose(hos
     for r in result.transfer.results.values():
         assert r.ok and r.mbps > 0 and r.latency_ms > 0
         assert r.used.endswith("tcp/eth0"), r.used  # h1's eth1 never carries it
-    assert {r.address for r in result.ranks if r.host == "h1"} == {"198.18.0.11"}
+    assert {r.address for r in result.ranks if r.host == "h1"} == {f"{NET}.11"}
 
 
 def test_ucx_on_an_interface_the_peers_cannot_reach_is_red_with_the_reason(hosts, tmp_path):
@@ -75,7 +76,7 @@ def test_ucx_on_an_interface_the_peers_cannot_reach_is_red_with_the_reason(hosts
     assert re.search(r"^h2 r1\s+FAIL\s+·\s+[\d.]+$", matrix, re.M), matrix
     assert re.search(r"^h3 r2\s+FAIL\s+[\d.]+\s+·$", matrix, re.M), matrix
     # The reason is UCX's own: the address it could not reach, and the setting to look at.
-    reason = r"cannot add the peer.s NIXL agent .*: UCX: .*no route to 198\.19\.0\.11:\d+; UCX_NET_DEVICES \(here eth0\)"
+    reason = rf"cannot add the peer.s NIXL agent .*: UCX: .*no route to {re.escape(NET2)}\.11:\d+; UCX_NET_DEVICES \(here eth0\)"
     assert re.search(rf"r1 \(h2\) -> r0 \(h1\): {reason}", matrix), matrix
 
 

@@ -7,6 +7,7 @@ from launcher import plan
 from launcher.command import user_command
 from launcher.plan import Host, LaunchOptions, PlanError
 from launcher.readiness import Log, Ports, Url, WithHead
+from support.netns import NET
 
 NIXL = '{"kv_connector":"NixlConnector","kv_role":"kv_both"}'
 HOSTS = [Host("n1", slots=2), Host("n2", slots=2), Host("n3", slots=2)]
@@ -124,13 +125,13 @@ def test_over_ssh_one_line_starts_internal_dp_across_hosts(hosts, tmp_path, vllm
     try:
         rows = run.ready_rows(3)
         assert [(r, h, a, p) for r, h, a, p, _ in rows] == [
-            (0, "h1", "198.18.0.11", 5600),
-            (2, "h2", "198.18.0.12", 5602),
-            (4, "h3", "198.18.0.13", 5604),
+            (0, "h1", f"{NET}.11", 5600),
+            (2, "h2", f"{NET}.12", 5602),
+            (4, "h3", f"{NET}.13", 5604),
         ]
         assert wait_for(lambda: any("all 9 TCP connects ok" in line for line in run.stdout), 30), run.stdout[-10:]
         seen = {s["dp_ranks"][0]: (s["lb_mode"], s["headless"], s["side_channel_host"]) for s in standin_reports(run.stdout).values()}
-        assert seen == {0: ("internal", False, "198.18.0.11"), 2: ("internal", True, "198.18.0.12"), 4: ("internal", True, "198.18.0.13")}
+        assert seen == {0: ("internal", False, f"{NET}.11"), 2: ("internal", True, f"{NET}.12"), 4: ("internal", True, f"{NET}.13")}
     finally:
         run.proc.terminate()
     assert run.finish() == 143

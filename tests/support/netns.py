@@ -6,7 +6,10 @@ command line: ``up 4`` / ``down``) build hosts with.
 Host hN is namespace ``lnch-hN`` with ``eth0`` = 198.18.0.(10+N)/24 on a bridge
 whose head side is 198.18.0.1. Host h1 also has ``eth1`` = 198.19.0.11/24 on a
 second bridge (head side 198.19.0.1), so interface selection is tested for
-real. Each host runs its own OpenSSH sshd (own ed25519 host key, own hostname
+real. Another ``LAUNCHER_NETNS_PREFIX`` (up to 8 letters and digits) gets
+namespaces, links and /24s of its own (198.18.S.0 and 198.19.S.0, S derived
+from the prefix, or ``LAUNCHER_NETNS_SUBNET``), so two clusters, and two test
+runs, can live on one machine at once. Each host runs its own OpenSSH sshd (own ed25519 host key, own hostname
 via ``unshare --uts``). Only 198.18.0.0/15 addresses are used, and no
 namespace has a default route, so nothing leaves this machine.
 
@@ -29,12 +32,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 
 PREFIX = os.environ.get("LAUNCHER_NETNS_PREFIX", "lnch")
-NET = "198.18.0"
-NET2 = "198.19.0"
-MAX_HOSTS = 200  # 198.18.0.11 up to .210 on one /24 bridge
+if not (PREFIX.isascii() and PREFIX.isalnum() and len(PREFIX) <= 8):  # link names have 15 bytes: 'PREFIX-v200'
+    raise SystemExit(f"LAUNCHER_NETNS_PREFIX={PREFIX!r}: use up to 8 ASCII letters and digits")
+SUBNET = int(os.environ.get("LAUNCHER_NETNS_SUBNET", 0 if PREFIX == "lnch" else zlib.crc32(PREFIX.encode()) % 254 + 1))
+if not 0 <= SUBNET <= 255:
+    raise SystemExit(f"LAUNCHER_NETNS_SUBNET={SUBNET}: use 0..255")
+NET = f"198.18.{SUBNET}"
+NET2 = f"198.19.{SUBNET}"
+MAX_HOSTS = 200  # NET.11 up to NET.210 on one /24 bridge
 STATE_DIR = os.path.join(tempfile.gettempdir(), f"{PREFIX}-netns-cluster")
 NEIGH = "/proc/sys/net/ipv4/neigh/default/gc_thresh{}"
 NEIGH_SAVED = os.path.join(tempfile.gettempdir(), f"{PREFIX}-neigh-thresholds")  # the values before up raised them

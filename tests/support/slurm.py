@@ -20,9 +20,9 @@ import socket
 import subprocess
 import time
 
-from .netns import NET, PREFIX, NetnsCluster, _sh
+from .netns import NET, PREFIX, SUBNET, NetnsCluster, _sh
 
-CTLD_PORT, SLURMD_PORT = 16817, 16818
+CTLD_PORT, SLURMD_PORT = 16817 + 2 * SUBNET, 16818 + 2 * SUBNET  # slurmctld listens on every address: one pair per prefix
 STATE_DIR = os.path.join("/tmp", f"{PREFIX}-slurm-cluster")
 TOOLS = ("slurmctld", "slurmd", "srun", "sbatch", "scontrol", "scancel", "squeue", "nsenter")
 
@@ -92,7 +92,7 @@ class SlurmCluster:
                 "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0\nMailProg=/bin/true\n"
                 "ReturnToService=2\nKillWait=5\nMinJobAge=300\nInactiveLimit=0\nSlurmctldDebug=info\nSlurmdDebug=info\n"
                 + nodes
-                + "PartitionName=lnch Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
+                + f"PartitionName={PREFIX} Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
             )
         with open(os.path.join(d, "hosts"), "w") as f:
             f.write("127.0.0.1 localhost\n" + f"{NET}.1 {controller}\n" + "".join(f"{h.address} {h.name}\n" for h in self.hosts.hosts))
