@@ -12,6 +12,7 @@ the ``LaunchResult``.
 from __future__ import annotations
 
 import queue
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +79,7 @@ class Supervisor:
         self._t0 = time.monotonic()
         processes = "" if len(self.job.ranks) == self.plan.world_size else f" in {len(self.job.ranks)} processes"
         self.reporter.progress(f"starting {self.plan.world_size} ranks{processes} on {len(self.links)} hosts ({self.transport.name})")
+        _room_for_links(len(self.links))
         for link in self.links:
             link.start(lambda link=link: self._spec_for(link))
         threading.Thread(target=self._beat, daemon=True, name="heart").start()
@@ -302,3 +304,11 @@ class Supervisor:
         # A rank that just exited refuses connections too: let its exit, if on its way, be the cause.
         self._pump(lambda: state.phase is Phase.EXITED, time.monotonic() + 1.0)
         self.job.unreachable(state, port_of(state), error)
+
+
+def _room_for_links(hosts: int) -> None:
+    """Raise the soft open-files limit to the hard one when a job's links may need more: a link holds a
+    descriptor or two (its SSH socket, a pipe), and the usual soft limit of 1024 ends a job of ~1000 hosts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 4 * hosts + 256 and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

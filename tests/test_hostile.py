@@ -407,3 +407,18 @@ def test_fuzzed_messages_leave_the_rank_alive_bounded_and_answering(engine_core,
     sock.close()
     assert vllm_handshake("127.0.0.1", port).endswith("-dp0")
     assert rank.is_running() and rank.memory_info().rss < 150 * 2**20
+
+
+def test_a_job_of_many_hosts_gets_the_open_files_it_needs():
+    """A link holds a descriptor or two: 1000 hosts would end at the usual soft limit of 1024."""
+    script = (
+        "import resource\n"
+        "from launcher.supervisor import _room_for_links\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))\n"  # as root, or wherever the hard limit allows
+        "_room_for_links(10)\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "_room_for_links(1000)\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1024", "4096"]  # a small job leaves the limit alone; a large one gets the hard limit
