@@ -60,7 +60,11 @@ def plain_ssh(cluster: NetnsCluster) -> float:
 
 
 class ReadyProbe(Reporter):
-    """Notes when every rank is ready, and then one agent's and one engine core's RSS on the first host."""
+    """Notes when every rank is ready, and then one agent's and one engine core's memory on the first host.
+
+    A forked core shares most of its pages with its agent: its USS (the pages
+    only it holds) is what one more rank costs; its RSS counts the shared ones too.
+    """
 
     def __init__(self, cluster: NetnsCluster):
         self.cluster, self.at, self.rss = cluster, 0.0, {}
@@ -74,6 +78,7 @@ class ReadyProbe(Reporter):
                 for name in ("launcher.agent", "launcher.engine_core"):
                     if name in cmd:
                         self.rss[name] = proc.memory_info().rss
+                        self.rss[name + " uss"] = proc.memory_full_info().uss
             except psutil.Error:
                 pass
 
@@ -105,7 +110,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     with_pdsh = shutil.which("pdsh") is not None
-    rows = [("hosts", "ranks", "plain ssh (s)", "pdsh (s)", "launcher ready (s)", "vs ssh", "vs pdsh", "agent RSS (MiB)", "core RSS (MiB)")]
+    rows = [("hosts", "ranks", "plain ssh (s)", "pdsh (s)", "launcher ready (s)", "vs ssh", "vs pdsh")]
+    rows[0] += ("agent RSS (MiB)", "core RSS (MiB)", "core USS (MiB)")
     for count in args.hosts:
         with NetnsCluster(count) as cluster:
             probe = ReadyProbe(cluster)
@@ -129,6 +135,7 @@ def main() -> int:
                     f"{o / p:.2f}x" if p else "-",
                     f"{probe.rss.get('launcher.agent', 0) / 2**20:.0f}",
                     f"{probe.rss.get('launcher.engine_core', 0) / 2**20:.0f}",
+                    f"{probe.rss.get('launcher.engine_core uss', 0) / 2**20:.1f}",
                 )
             )
             print(f"{count} hosts: ssh {s:.3f}s, launcher {o:.3f}s", file=sys.stderr, flush=True)
