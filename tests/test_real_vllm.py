@@ -181,6 +181,9 @@ def test_multi_node_dp_binds_each_engines_side_channel_on_its_own_host(deploymen
         listening = cluster.host(host).run("ss", "-ltnH", f"sport = :{port}").stdout.split()
         assert f"{cluster.host(host).address}:{port}" in listening, (host, listening)
     # --check: every engine handshaken from every engine's address with vLLM 0.32's wire, one hash, distinct engine ids.
+    # (The check runs once every rank is ready: its table may follow the ready table by a moment.)
+    checked = ("handshakes ok", "failed the check")
+    wait_for(lambda: any(word in line for line in prefill.run.stdout + prefill.run.stderr for word in checked), timeout=60)
     out = "\n".join(prefill.run.stdout)
     assert "handshake latency in ms (v2 wire;" in out and "all 4 handshakes ok" in out and "problem:" not in out, out[-2000:]
 
@@ -217,7 +220,7 @@ def test_decode_pulls_the_prefilled_kv_over_nixl_from_the_prefillers_own_address
             )
         except OSError as exc:
             pytest.fail(f"decode failed ({exc}); decoder's last output: {decode.run.stdout[-15:]} {decode.run.stderr[-15:]}")
-        assert decoded["usage"]["completion_tokens"] == 4
+        assert decoded["usage"]["completion_tokens"] == 4, (decoded, decode.run.stdout[-20:], prefill.run.stdout[-20:])
     after = metrics(DECODER)
     # vLLM's own evidence that KV blocks moved: bytes read over NIXL, tokens sourced from the transfer, no failure.
     assert after["vllm:nixl_bytes_transferred_sum"] > before.get("vllm:nixl_bytes_transferred_sum", 0)
@@ -227,7 +230,8 @@ def test_decode_pulls_the_prefilled_kv_over_nixl_from_the_prefillers_own_address
 
 def test_ctrl_c_stops_every_vllm_process_on_every_host(deployments, cluster):
     prefill, decode = deployments
-    assert prefill.run.proc.poll() is None and decode.run.proc.poll() is None, "a deployment ended early"
+    ended = [d.run.stderr[-5:] for d in (prefill, decode) if d.run.proc.poll() is not None]
+    assert not ended, f"a deployment ended early: {ended}"
     started = time.monotonic()
     assert prefill.stop() == 130 and decode.stop() == 130
     assert wait_for(lambda: not cluster.stray_pids(), timeout=20), f"left on hosts: {cluster.stray_pids()}"
