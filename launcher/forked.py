@@ -135,12 +135,16 @@ def encode_environ(env: dict[str, str]) -> bytes:
 
 
 class ForkedProcess:
-    """A forked child, with the part of ``subprocess.Popen`` the agent uses."""
+    """A forked child, with the part of ``subprocess.Popen`` that agents and transports use."""
 
-    def __init__(self, pid: int, stdout, stderr):
-        self.pid, self.stdout, self.stderr = pid, stdout, stderr
+    def __init__(self, pid: int, stdout, stderr, stdin=None):
+        self.pid, self.stdout, self.stderr, self.stdin = pid, stdout, stderr, stdin
         self.returncode: int | None = None
         self._lock = threading.Lock()
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
 
     def poll(self) -> int | None:
         if self.returncode is None and self._lock.acquire(blocking=False):
@@ -168,45 +172,58 @@ class ForkedProcess:
             self.returncode = os.waitstatus_to_exitcode(status)
 
 
+def single_threaded() -> bool:
+    """Whether this process has one thread, the only state in which a forked child may run Python safely
+    (counted by the kernel: a C library's threads, ZMQ's say, count too)."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
 def spawn(
     main: Callable[[], int],
     argv: list[str],
     env: dict[str, str],
     pass_fds: Iterable[int] = (),
     in_child: Callable[[], None] = lambda: None,
+    stdin_pipe: bool = False,
 ) -> ForkedProcess:
     """Fork a child that runs ``main()`` as if it were ``argv`` exec'd with ``env``; its stdout/stderr are pipes.
 
-    The child gets a session of its own, /dev/null as stdin, only ``pass_fds``
-    besides its standard streams, the signal handling of a fresh interpreter,
-    and ``env`` as its environment; ``in_child`` runs first (e.g. to die with
-    the parent). Call it from a process with no other thread.
+    The child gets a session of its own, /dev/null as stdin (or a pipe whose
+    writing end is the result's ``stdin``), only ``pass_fds`` besides its
+    standard streams, the signal handling of a fresh interpreter, and ``env``
+    as its environment; ``in_child`` runs first (e.g. to die with the
+    parent). Call it from a process with no other thread.
     """
     pass_fds = tuple(pass_fds)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    in_r, in_w = os.pipe() if stdin_pipe else (os.open(os.devnull, os.O_RDONLY), None)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # nothing buffered here is written twice
     try:
         pid = os.fork()
     except OSError:
-        for fd in (out_r, out_w, err_r, err_w):
-            os.close(fd)
+        for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
+            if fd is not None:
+                os.close(fd)
         raise
     if pid == 0:
-        _run_child(main, argv, env, out_w, err_w, pass_fds, in_child)  # never returns
-    os.close(out_w)
-    os.close(err_w)
-    return ForkedProcess(pid, os.fdopen(out_r, "rb"), os.fdopen(err_r, "rb"))
+        _run_child(main, argv, env, in_r, out_w, err_w, pass_fds, in_child)  # never returns
+    for fd in (out_w, err_w, in_r):
+        os.close(fd)
+    stdin = os.fdopen(in_w, "wb") if in_w is not None else None
+    return ForkedProcess(pid, os.fdopen(out_r, "rb"), os.fdopen(err_r, "rb"), stdin)
 
 
-def _run_child(main, argv, env, out_w, err_w, pass_fds, in_child) -> None:
+def _run_child(main, argv, env, in_r, out_w, err_w, pass_fds, in_child) -> None:
     code = 1
     try:
         os.setsid()
         in_child()
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
+        os.dup2(in_r, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         _close_all_but({0, 1, 2, *pass_fds})
@@ -218,7 +235,7 @@ def _run_child(main, argv, env, out_w, err_w, pass_fds, in_child) -> None:
         show_as(encode_argv(argv), encode_environ(env))
         # The parent's stream objects are kept alive: freed, they would close the descriptors just set up.
         _parents_streams.extend((sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__))
-        sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
         sys.stdout = sys.__stdout__ = _text_stream(1)
         sys.stderr = sys.__stderr__ = _text_stream(2)
         code = main()
@@ -237,7 +254,8 @@ def _run_child(main, argv, env, out_w, err_w, pass_fds, in_child) -> None:
 
 
 def _text_stream(fd: int) -> io.TextIOWrapper:
-    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True)
+    raw = io.BufferedWriter(io.FileIO(fd, "w", closefd=False))  # buffered: a write to a pipe is never cut short
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", line_buffering=True)
 
 
 def _exit_code(exc: SystemExit) -> int:

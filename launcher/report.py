@@ -70,12 +70,15 @@ class _Printer:
         self._droppable = 0
         self._dropped = 0
         self._ready = threading.Condition()
-        threading.Thread(target=self._loop, daemon=True, name=f"print-{name}").start()
+        self._writer: threading.Thread | None = None  # started by the first line: until then the head may fork
 
     def put(self, text: str, droppable: bool) -> None:
         with self._ready:
             if self.closed:
                 return
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._loop, daemon=True, name=f"print-{self.name}")
+                self._writer.start()
             if droppable:
                 if self._droppable >= self.capacity:
                     self._dropped += 1

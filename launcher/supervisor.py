@@ -77,9 +77,10 @@ class Supervisor:
     def start(self) -> None:
         """Start every host's agent in parallel (returns at once)."""
         self._t0 = time.monotonic()
+        _room_for_links(len(self.links))
+        self.transport.prepare([link.plan.host for link in self.links])  # first: no thread of ours exists yet
         processes = "" if len(self.job.ranks) == self.plan.world_size else f" in {len(self.job.ranks)} processes"
         self.reporter.progress(f"starting {self.plan.world_size} ranks{processes} on {len(self.links)} hosts ({self.transport.name})")
-        _room_for_links(len(self.links))
         for link in self.links:
             link.start(lambda link=link: self._spec_for(link))
         threading.Thread(target=self._beat, daemon=True, name="heart").start()

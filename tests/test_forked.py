@@ -123,3 +123,17 @@ def test_poll_is_none_while_running_and_wait_times_out():
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
+
+
+def test_a_child_with_a_stdin_pipe_reads_it_and_writes_whole_lines_of_any_size():
+    def echo():
+        for line in sys.stdin.buffer:
+            sys.stdout.buffer.write(line * 1000)  # a megabyte: the pipe takes it in pieces, the child writes it all
+        sys.stdout.flush()
+        return 0
+
+    child = spawn(echo, stdin_pipe=True)
+    child.stdin.write(b"x" * 1023 + b"\n")
+    child.stdin.close()
+    assert child.stdout.read() == (b"x" * 1023 + b"\n") * 1000
+    assert child.wait(timeout=5) == 0

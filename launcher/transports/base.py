@@ -103,6 +103,10 @@ class Transport(abc.ABC):
 
     # --- starting agents -----------------------------------------------------------
 
+    def prepare(self, hosts: Sequence[Host]) -> None:
+        """Called once from the head's main thread before it starts any thread (the moment a process can
+        still fork safely); a backend may start agents here that ``start`` then hands out."""
+
     @abc.abstractmethod
     def start(self, host: Host) -> AgentConnection:
         """Start ``python -m launcher.agent`` on ``host``; raise TransportError naming it."""

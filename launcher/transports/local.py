@@ -61,9 +61,17 @@ class ProcessConnection(AgentConnection):
 
 class LocalTransport(Transport):
     """Runs each host's agent as a subprocess of the head (in its own session,
-    so a terminal's Ctrl-C reaches only the head, which stops things in order)."""
+    so a terminal's Ctrl-C reaches only the head, which stops things in order).
+
+    When the head is still single-threaded, the agents are forked from it
+    (``prepare``): the agent's code is already loaded here, and an
+    interpreter start was most of a loopback job's fixed cost.
+    """
 
     name = "local"
+
+    def __init__(self):
+        self._forked: dict[str, list] = {}  # host label -> agents forked by prepare, not yet handed out
 
     @classmethod
     def claims(cls, hosts: Sequence[Host], env: Mapping[str, str]) -> bool:
@@ -76,6 +84,8 @@ class LocalTransport(Transport):
                 f"{host.label}: user@ and port= need SSH, and the local transport runs agents as this user; "
                 f"use --transport ssh (or auto), or drop them"
             )
+        if self._forked.get(host.label):
+            return ProcessConnection(host, self._forked[host.label].pop())
         python = host.python or sys.executable
         try:
             popen = subprocess.Popen(
@@ -92,6 +102,24 @@ class LocalTransport(Transport):
                 f"{host.label}: cannot start the agent with {python!r}: {exc.strerror or exc}; check python=/cwd= for this host"
             ) from None
         return ProcessConnection(host, popen)
+
+    def prepare(self, hosts: Sequence[Host]) -> None:
+        """Fork the agents of hosts that run this interpreter in this directory, while that is safe."""
+        simple = [h for h in hosts if h.python in (None, sys.executable) and h.cwd is None and h.user is None and h.port is None]
+        if not simple:
+            return
+        from .. import forked
+
+        if not forked.single_threaded() or not forked.supported():
+            return
+        from .. import agent
+
+        argv, env = [sys.executable, "-m", "launcher.agent"], envpolicy.login_environment(os.environ)
+        for host in simple:
+            try:
+                self._forked.setdefault(host.label, []).append(forked.spawn(agent.main, argv, env, stdin_pipe=True))
+            except OSError:
+                return  # start() starts the rest as subprocesses
 
     def reached_address(self, host: Host) -> str | None:
         literal = netif.address_literal(host.name)
