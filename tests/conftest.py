@@ -4,6 +4,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,11 @@ from launcher import wire
 from support.netns import PREFIX
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Started in the background of a script, a run inherits SIGINT ignored (a shell without job control does
+# that), and launcher keeps an ignored SIGINT ignored, as nohup asks; the tests send SIGINT on purpose.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # This run's own TMPDIR marks its processes: every process it starts inherits it (the local transport passes
 # it on as a login variable, a rank gets its agent's), so a process that escaped and lost its parent is still
@@ -121,10 +127,12 @@ def no_leaks():
         return [p for p in launcher_processes() if p.pid not in before and _alive(p)]
 
     wait_for(lambda: not alive(), timeout=3.0)
-    leaked = alive()
-    for p in leaked:
-        p.kill()
-    assert not leaked, f"processes left behind: {[(p.pid, ' '.join(p.cmdline())) for p in leaked]}"
+    leaked = []
+    for p in alive():
+        with contextlib.suppress(psutil.Error):
+            leaked.append((p.pid, " ".join(p.cmdline())))  # before the kill: a zombie has no command line
+            p.kill()
+    assert not leaked, f"processes left behind: {leaked}"
 
 
 @pytest.fixture

@@ -113,6 +113,11 @@ def kv(role):
     return json.dumps({"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"})
 
 
+# Three CPU vLLMs (their OpenMP and NIXL threads spin) share this machine's two cores with every head,
+# agent and sshd: a head or an agent was seen silent past the default 15 s heartbeat timeout.
+SLOW_MACHINE = ("--ready-timeout", "400", "--heartbeat-timeout", "60")
+
+
 def head_env(real_vllm):
     """The head's environment: vLLM's settings for this machine, plus the values that must not leak."""
     return {**os.environ, **LEAKED, **real_vllm.env, "TRANSFORMERS_OFFLINE": "1"}
@@ -122,7 +127,7 @@ class Deployment:
     """`launcher run` of a vLLM deployment in the background."""
 
     def __init__(self, cluster, real_vllm, hostfile, args):
-        self.run = RunningLauncher(["-H", hostfile, *cluster.ssh_args(), "--ready-timeout", "400", *args], env=head_env(real_vllm))
+        self.run = RunningLauncher(["-H", hostfile, *cluster.ssh_args(), *SLOW_MACHINE, *args], env=head_env(real_vllm))
 
     def stop(self):
         if self.run.proc.poll() is None:

@@ -5,9 +5,10 @@ before it starts (two CPU vLLMs at a time on this machine).
 """
 
 import signal
+import urllib.error
 
 import pytest
-from test_real_vllm import head_env, metrics, post
+from test_real_vllm import SLOW_MACHINE, head_env, metrics, post
 
 from conftest import RunningLauncher, free_port_base, wait_for, write_hostfile
 from support.netns import NET
@@ -19,7 +20,7 @@ def test_one_command_serves_prefill_then_decode_and_the_decoder_pulls_kv_over_ni
     proxy = free_port_base(2)
     run = RunningLauncher(
         ["-H", write_hostfile(tmp_path, "h1\nh2\n"), *cluster.ssh_args(), "--prefill", "h1", "--decode", "h2",
-         "--proxy-port", str(proxy), "--check", "--ready-timeout", "400", "--", *real_vllm.serve("--port", "8100")],
+         "--proxy-port", str(proxy), "--check", *SLOW_MACHINE, "--", *real_vllm.serve("--port", "8100")],
         env=head_env(real_vllm),
     )  # fmt: skip
     try:
@@ -29,7 +30,16 @@ def test_one_command_serves_prefill_then_decode_and_the_decoder_pulls_kv_over_ni
         before = metrics(f"{NET}.12:8100")
         prompt = "the quick brown fox jumps over the lazy dog " * 6
         for _ in range(2):
-            done = post(f"http://127.0.0.1:{proxy}/v1/completions", {"model": real_vllm.model, "prompt": prompt, "max_tokens": 4})
+            try:
+                done = post(f"http://127.0.0.1:{proxy}/v1/completions", {"model": real_vllm.model, "prompt": prompt, "max_tokens": 4})
+            except OSError as exc:
+                body = exc.read()[:500] if isinstance(exc, urllib.error.HTTPError) else b""
+                log = tmp_path / "deployment.log"
+                log.write_text("\n".join(run.stdout + run.stderr))
+                pytest.fail(
+                    f"{exc} {body!r}; the deployment's output is in {log}; "
+                    f"its errors: {[line for line in run.stdout if 'Error' in line][:8]}"
+                )
             assert done["usage"]["completion_tokens"] == 4
         after = metrics(f"{NET}.12:8100")
         # vLLM's own evidence on the decoder: bytes read over NIXL, prompt tokens that came from the transfer, no failure.
