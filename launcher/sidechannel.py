@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import wire
 from .netif import url_host, zmq_tcp_path
@@ -74,6 +75,8 @@ class SideChannelListener:
         self.resets = 0  # times every connection was dropped for a flood
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._connections = 0  # open now, from the socket's monitor events
         self._logged: list[float] = []  # times of the rejections logged this minute
         self._unlogged = 0
 
@@ -96,6 +99,9 @@ class SideChannelListener:
             sock.close()
             raise self._bind_error(exc) from None
         self._sock = sock
+        # Connections come and go as events: with none open, nothing can flood, and the watchdog may rest.
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._connections = 0
 
     def _bind_error(self, exc: zmq.ZMQError) -> SideChannelBindError:
         where = f"{self.address}:{self.port} on host {self.hostname}"
@@ -113,10 +119,16 @@ class SideChannelListener:
             return SideChannelBindError(exc.errno, f"cannot bind {where}: Cannot assign requested address (not this host's address)")
         return SideChannelBindError(exc.errno, f"cannot bind the side channel at {where}: {exc}")
 
-    def serve(self, stop: threading.Event, poll_ms: int = 20, on_idle=None, wake_fd: int | None = None) -> None:
-        """Answer requests until ``stop`` is set, looking at it every ``poll_ms`` or as soon as ``wake_fd``
-        is readable (a rank passes its signal wake-up pipe and idles without waking). ``on_idle`` runs
-        between polls (NIXL's progress, with --transfer) and returns how many milliseconds the next may wait."""
+    def serve(self, stop: threading.Event, poll_ms: int = 20, on_idle=None, wake_fd: int | None = None, idle_ms: int | None = None) -> None:
+        """Answer requests until ``stop`` is set.
+
+        While a connection is open the loop looks at ``stop`` and at its memory
+        (a flood arrives as one multipart message, which poll reports only once
+        complete) every ``poll_ms``; with none open, every ``idle_ms`` (default
+        ``poll_ms``). ``wake_fd`` readable (a rank's signal wake-up pipe) wakes
+        it at once. ``on_idle`` runs between polls (NIXL's progress, with
+        --transfer) and returns how many milliseconds the next may wait.
+        """
         assert self._sock is not None, "bind() first"
         baseline = _rss()
         while not stop.is_set():
@@ -124,10 +136,16 @@ class SideChannelListener:
                 self._reset()
                 baseline = max(baseline, _rss())  # what the reset could not give back is not counted twice
                 continue
-            wait = poll_ms if on_idle is None else on_idle()
-            ready = dict(zmq.zmq_poll([(self._sock, zmq.POLLIN)] + ([(wake_fd, zmq.POLLIN)] if wake_fd is not None else []), wait))
+            if on_idle is not None:
+                wait = on_idle()
+            else:
+                wait = poll_ms if self._connections or idle_ms is None else idle_ms
+            items = [(self._sock, zmq.POLLIN), (self._monitor, zmq.POLLIN)] + ([(wake_fd, zmq.POLLIN)] if wake_fd is not None else [])
+            ready = dict(zmq.zmq_poll(items, wait))
             if wake_fd in ready:
                 _drain(wake_fd)
+            if self._monitor in ready:
+                self._count_connections()
             if self._sock not in ready:
                 continue
             frames = self._receive(baseline)
@@ -215,8 +233,18 @@ class SideChannelListener:
         self._unlogged = 0
         log.warning("side channel %s:%s: ignored %s%s", self.address, self.port, what, more)
 
+    def _count_connections(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._connections = max(0, self._connections + (1 if event["event"] == zmq.EVENT_ACCEPTED else -1))
+
     def close(self) -> None:
         if self._sock is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
             self._sock.close(linger=0)
             self._sock = None
 
