@@ -76,7 +76,8 @@ def show_as(argv: bytes, environ: bytes) -> None:
 
     Raises OSError when the kernel refuses.
     """
-    stat = open("/proc/self/stat", "rb").read()
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
     fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3 on: the name may hold spaces
 
     def field(n: int) -> int:

@@ -74,6 +74,7 @@ def port_taken(port: int, address: str = "127.0.0.1"):
 
 def launcher_processes():
     """This run's agents, engine cores and stand-in vLLMs still alive on this machine (any namespace)."""
+    ours = this_run()
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
@@ -82,22 +83,30 @@ def launcher_processes():
     return found
 
 
-def ours(p) -> bool:
-    """Started by this test run: in one of its namespace hosts, its descendant, or carrying its TMPDIR."""
+def this_run():
+    """Whether a process was started by this test run: in one of its namespace hosts, its descendant, or
+    carrying its TMPDIR. The namespaces and descendants are read once, for a scan of every process."""
     try:
-        netns = os.readlink(f"/proc/{p.pid}/ns/net")
-        if netns != os.readlink("/proc/self/ns/net"):
-            return any(os.stat(f"/run/netns/{name}").st_ino == int(netns[5:-1]) for name in own_namespaces())
-        return p.pid in {c.pid for c in psutil.Process().children(recursive=True)} or p.environ().get("TMPDIR") == RUN_TMPDIR
-    except (OSError, ValueError, psutil.Error):
-        return False
-
-
-def own_namespaces():
-    try:
-        return [n for n in os.listdir("/run/netns") if n.startswith(f"{PREFIX}-h")]
+        names = [n for n in os.listdir("/run/netns") if n.startswith(f"{PREFIX}-h")]
     except OSError:
-        return []
+        names = []
+    hosts = set()
+    for name in names:
+        with contextlib.suppress(OSError):
+            hosts.add(f"net:[{os.stat(f'/run/netns/{name}').st_ino}]")
+    here = os.readlink("/proc/self/ns/net")
+    descendants = {c.pid for c in psutil.Process().children(recursive=True)}
+
+    def ours(p) -> bool:
+        try:
+            netns = os.readlink(f"/proc/{p.pid}/ns/net")
+            if netns != here:
+                return netns in hosts
+            return p.pid in descendants or p.environ().get("TMPDIR") == RUN_TMPDIR
+        except (OSError, psutil.Error):
+            return False
+
+    return ours
 
 
 def wait_for(predicate, timeout=10.0, interval=0.05):

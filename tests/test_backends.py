@@ -12,7 +12,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import ours, wait_for
+from conftest import this_run, wait_for
 from launcher import protocol, transports
 from launcher.cli import build_parser
 from launcher.plan import Host
@@ -91,7 +91,7 @@ def agent_host(request, tmp_path):
     """(transport, host, processes-on-that-host) for each backend."""
     name = request.param
     if name == "local":
-        yield transports.get("local"), Host("localhost"), lambda: [p.pid for p in psutil.process_iter() if _is_agent(p)]
+        yield transports.get("local"), Host("localhost"), _local_agents
         return
     cluster = request.getfixturevalue("cluster")
     h2 = cluster.host("h2")
@@ -113,9 +113,15 @@ def agent_host(request, tmp_path):
         subprocess.run(["scancel", job.group(1)], env=env, check=False)
 
 
+def _local_agents():
+    """This run's agents on this machine (another run's are not ours to count)."""
+    ours = this_run()
+    return [p.pid for p in psutil.process_iter() if _is_agent(p) and ours(p)]
+
+
 def _is_agent(p):
     try:
-        return "launcher.agent" in " ".join(p.cmdline()) and ours(p)
+        return "launcher.agent" in " ".join(p.cmdline())
     except psutil.Error:
         return False
 

@@ -170,6 +170,11 @@ def deployments(cluster, real_vllm, tmp_path_factory):
         wait_for(lambda: not cluster.stray_pids(), timeout=30)
 
 
+def ended_by(*deployments):
+    """What the launchers said stopped their jobs (a host lost, a rank's exit), for a failure's message."""
+    return [line for d in deployments for line in d.run.stderr if "FAILED" in line or "stopping" in line]
+
+
 def _healthy(address):
     try:
         with urllib.request.urlopen(f"http://{address}/health", timeout=2) as reply:
@@ -225,8 +230,12 @@ def test_decode_pulls_the_prefilled_kv_over_nixl_from_the_prefillers_own_address
             )
         except OSError as exc:
             pytest.fail(f"decode failed ({exc}); decoder's last output: {decode.run.stdout[-15:]} {decode.run.stderr[-15:]}")
-        why = [line for d in (prefill, decode) for line in d.run.stderr if "lost" in line or "FAILED" in line or "stopping" in line]
-        assert decoded["usage"]["completion_tokens"] == 4, (why, decoded, decode.run.stdout[-10:], prefill.run.stdout[-10:])
+        assert decoded["usage"]["completion_tokens"] == 4, (
+            ended_by(prefill, decode),
+            decoded,
+            decode.run.stdout[-10:],
+            prefill.run.stdout[-10:],
+        )
     after = metrics(DECODER)
     # vLLM's own evidence that KV blocks moved: bytes read over NIXL, tokens sourced from the transfer, no failure.
     assert after["vllm:nixl_bytes_transferred_sum"] > before.get("vllm:nixl_bytes_transferred_sum", 0)
@@ -240,7 +249,7 @@ def test_ctrl_c_stops_every_vllm_process_on_every_host(deployments, cluster):
     assert not ended, f"a deployment ended early: {ended}"
     started = time.monotonic()
     codes = prefill.stop(), decode.stop()
-    assert codes == (130, 130), [line for d in (prefill, decode) for line in d.run.stderr if "FAILED" in line or "stopping" in line]
+    assert codes == (130, 130), ended_by(prefill, decode)
     assert wait_for(lambda: not cluster.stray_pids(), timeout=20), f"left on hosts: {cluster.stray_pids()}"
     assert time.monotonic() - started < 30
     assert any("stopped by SIGINT; all 2 ranks stopped" in line for line in prefill.run.stderr)
