@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+
+import msgspec
 
 from . import netif, protocol, rankenv
 from .command import render_template
@@ -40,8 +41,7 @@ class BootstrapError(Exception):
         self.code = code
 
 
-@dataclass(frozen=True)
-class Prepared:
+class Prepared(msgspec.Struct, frozen=True):
     """The command as it will run: placeholders filled, the environment with this host's address."""
 
     argv: list[str]

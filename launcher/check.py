@@ -18,7 +18,8 @@ import collections
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+
+import msgspec
 
 from . import wire
 from .protocol import CheckResult, Peer
@@ -28,15 +29,13 @@ PROBE_CONCURRENCY = 16  # probes an agent runs at once
 FULL_MATRIX_RANKS = 32  # above this many ranks the matrix is shown host by host
 
 
-@dataclass(frozen=True)
-class CheckOptions:
+class CheckOptions(msgspec.Struct, frozen=True):
     wire: str = "auto"  # "auto", a generation name (v0, v1, v2), or "tcp"
     timeout: float = 5.0  # per handshake, as vLLM's client
     sample: int | None = None  # None: every pair; N: every pair of hosts (their first ranks) plus N other rank pairs
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(msgspec.Struct, frozen=True):
     """One rank as the check sees it, once it is ready."""
 
     rank: int
@@ -108,19 +107,18 @@ def deadline_for(targets: Sequence[Target], pairs: list[tuple[int, int]] | None,
     return timeout * math.ceil(busiest / PROBE_CONCURRENCY) + 5.0
 
 
-@dataclass
-class CheckMatrix:
+class CheckMatrix(msgspec.Struct):
     """Results keyed by (from rank, to rank); ``wires`` says what each column was probed with."""
 
     ranks: tuple[int, ...]
-    wires: Mapping[int, str] = field(default_factory=dict)
-    hosts: Mapping[int, str] = field(default_factory=dict)
-    results: dict[tuple[int, int], CheckResult] = field(default_factory=dict)
+    wires: Mapping[int, str] = msgspec.field(default_factory=dict)
+    hosts: Mapping[int, str] = msgspec.field(default_factory=dict)
+    results: dict[tuple[int, int], CheckResult] = msgspec.field(default_factory=dict)
     pairs: frozenset[tuple[int, int]] | None = None  # the pairs probed; None: every pair
     transfer_bytes: int | None = None  # a matrix of NIXL reads of this many bytes (check --transfer), not of probes
     # The shape, computed once: the head asks after every one of N^2 results whether the matrix is complete.
-    _expected: list[tuple[int, int]] | None = field(default=None, repr=False, compare=False)
-    _expected_set: frozenset[tuple[int, int]] = field(default=frozenset(), repr=False, compare=False)
+    _expected: list[tuple[int, int]] | None = None
+    _expected_set: frozenset[tuple[int, int]] = frozenset()
 
     def expected(self) -> list[tuple[int, int]]:
         """The pairs that get a result, in order."""
@@ -204,8 +202,7 @@ def consistency_problems(matrix: CheckMatrix) -> list[str]:
     return problems
 
 
-@dataclass(frozen=True)
-class Cell:
+class Cell(msgspec.Struct, frozen=True):
     """One cell of the matrix: a rank pair, or every pair between two hosts in the host-level view."""
 
     probed: int  # pairs probed in it (0: none, shown ·)
@@ -220,8 +217,7 @@ class Cell:
         return "?" if self.value is None else f"{self.value:.0f}" if self.value >= 100 else f"{self.value:.1f}"
 
 
-@dataclass(frozen=True)
-class Grid:
+class Grid(msgspec.Struct, frozen=True):
     """The matrix as a person reads it: rank by rank up to FULL_MATRIX_RANKS ranks, host by host above."""
 
     row_labels: list[str]

@@ -18,8 +18,9 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
+
+from msgspec.structs import replace
 
 from .command import DP_LOCAL, DP_RANK, DP_SIZE, DP_START, CommandError, flag_value, is_vllm_serve, kv_transfer_config
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from . import rankenv
 
@@ -144,8 +145,7 @@ def masked(name: str, value: str) -> str:
     return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK + "@", value)
 
 
-@dataclass(frozen=True)
-class EnvPolicy:
+class EnvPolicy(msgspec.Struct, frozen=True):
     """Which head variables ranks receive: default allowlist plus ``include`` patterns.
 
     A pattern is an exact name (``MY_VAR``), a prefix ending in ``_`` or ``*``
@@ -171,8 +171,7 @@ class EnvPolicy:
         return None
 
 
-@dataclass(frozen=True)
-class EnvReport:
+class EnvReport(msgspec.Struct, frozen=True):
     """A rank's environment and how each variable got there (or did not)."""
 
     env: Mapping[str, str]

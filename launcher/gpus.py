@@ -18,7 +18,8 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+
+import msgspec
 
 _NVIDIA_SMI_LINE = re.compile(r"^GPU (\d+):", re.M)
 _DEVICE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # an index, a UUID (GPU-...), a MIG id (MIG-...)
@@ -28,8 +29,7 @@ class GpuError(ValueError):
     """Devices that cannot be given out; the message names the host, what was found where, and the fix."""
 
 
-@dataclass(frozen=True)
-class Devices:
+class Devices(msgspec.Struct, frozen=True):
     ids: tuple[str, ...]
     source: str  # where they were found, for messages: "gpus= in the hostfile", "nvidia-smi -L", ...
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import collections
 import signal
-from dataclasses import dataclass, field
 from typing import Union
+
+import msgspec
 
 from . import protocol
 from .check import CheckMatrix
@@ -27,33 +28,28 @@ from .version import __version__
 # --- what links report besides the agent's own messages -------------------------------
 
 
-@dataclass(frozen=True)
-class LinkOpened:
+class LinkOpened(msgspec.Struct, frozen=True):
     """The agent was started; its connection is up."""
 
 
-@dataclass(frozen=True)
-class LinkFailed:
+class LinkFailed(msgspec.Struct, frozen=True):
     """The agent could not be started, or the head failed talking to it; ``message`` names the host."""
 
     message: str
 
 
-@dataclass(frozen=True)
-class LinkClosed:
+class LinkClosed(msgspec.Struct, frozen=True):
     """Nothing more will come from this host's agent."""
 
     last_words: tuple[str, ...] = ()  # its last stderr lines
     stopped_by: str | None = None  # the backend's account of an ordered stop (scancel), if any
 
 
-@dataclass(frozen=True)
-class LinkAbandoned:
+class LinkAbandoned(msgspec.Struct, frozen=True):
     """The job ended before this host's spec was sent; its agent was told to go."""
 
 
-@dataclass(frozen=True)
-class Noise:
+class Noise(msgspec.Struct, frozen=True):
     """A line from the agent that is not a launcher message."""
 
     text: str
@@ -65,27 +61,23 @@ LinkEvent = Union[LinkOpened, LinkFailed, LinkClosed, LinkAbandoned, Noise]
 # --- what the supervisor is asked to do --------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(msgspec.Struct, frozen=True):
     text: str
 
 
-@dataclass(frozen=True)
-class ShowOutput:
+class ShowOutput(msgspec.Struct, frozen=True):
     rank: RankState
     stream: str
     line: str
 
 
-@dataclass(frozen=True)
-class Sweep:
+class Sweep(msgspec.Struct, frozen=True):
     """Clean up after a host's agent that died with ranks running: a fresh connection kills this job's processes."""
 
     host: int
 
 
-@dataclass(frozen=True)
-class HeadAddress:
+class HeadAddress(msgspec.Struct, frozen=True):
     """The first host's address is known (or will never be: None): release the specs that wait for it."""
 
     address: str | None
@@ -97,8 +89,7 @@ Action = Union[Progress, ShowOutput, Sweep, HeadAddress]
 # --- state -----------------------------------------------------------------------------------
 
 
-@dataclass
-class RankState:
+class RankState(msgspec.Struct):
     spec: RankSpec
     phase: Phase = Phase.PENDING
     pid: int | None = None
@@ -111,15 +102,14 @@ class RankState:
     started_at: float | None = None
     ready_at: float | None = None
     ended_at: float | None = None
-    output: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+    output: collections.deque = msgspec.field(default_factory=lambda: collections.deque(maxlen=20))
 
     @property
     def state(self) -> Phase:  # the name the rank table and RankResult use
         return self.phase
 
 
-@dataclass
-class HostState:
+class HostState(msgspec.Struct):
     plan: HostPlan
     opened: bool = False  # its agent was started
     hello: protocol.Hello | None = None

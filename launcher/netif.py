@@ -13,7 +13,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from .rankenv import HostFacts, RankIdentity
 
@@ -25,8 +26,7 @@ class BindAddressError(ValueError):
     """No usable bind address; the message lists this host's interfaces and the fix."""
 
 
-@dataclass(frozen=True)
-class InterfaceAddress:
+class InterfaceAddress(msgspec.Struct, frozen=True):
     interface: str
     address: IPAddress
     network: ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -41,8 +41,7 @@ class InterfaceAddress:
         return f"{self.interface} {self.address}/{self.network.prefixlen}{state}"
 
 
-@dataclass(frozen=True)
-class BindRequest:
+class BindRequest(msgspec.Struct, frozen=True):
     """What a rank knows when it picks its address."""
 
     explicit: str | None = None  # VLLM_NIXL_SIDE_CHANNEL_HOST as the rank sees it
@@ -65,8 +64,7 @@ BIND_RULES: tuple[tuple[str, str], ...] = (
 DECIDED_ON_THE_HOST = ("reached", "default-route", "loopback")
 
 
-@dataclass(frozen=True)
-class BindChoice:
+class BindChoice(msgspec.Struct, frozen=True):
     address: str
     rule: str  # what chose it, for people
     key: str = ""  # which of BIND_RULES

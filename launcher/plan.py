@@ -11,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+
+import msgspec
+from msgspec.structs import replace
 
 from . import disagg, envpolicy, netif, rankenv, vllm_dp
 from .command import (
@@ -39,8 +41,7 @@ class PlanError(ValueError):
     """A launch that cannot be planned; the message names the culprit and the fix."""
 
 
-@dataclass(frozen=True)
-class Host:
+class Host(msgspec.Struct, frozen=True):
     """One line of a hostfile (or one node of an allocation)."""
 
     name: str
@@ -75,8 +76,7 @@ def is_loopback_name(name: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class LaunchOptions:
+class LaunchOptions(msgspec.Struct, frozen=True):
     """What the user chose for the whole job (CLI flags or API arguments)."""
 
     port_base: int | None = None  # None: head's VLLM_NIXL_SIDE_CHANNEL_PORT, else 5600
@@ -100,8 +100,7 @@ class LaunchOptions:
     vllm_dp: str | None = None  # --vllm-dp MODE: write vllm serve's data-parallel flags per host (vllm_dp.py)
 
 
-@dataclass(frozen=True)
-class RankSpec:
+class RankSpec(msgspec.Struct, frozen=True):
     """One process the launcher starts: its identity, ports, command and environment.
 
     Per rank (the default), a process is one data-parallel rank. In per-host
@@ -111,8 +110,8 @@ class RankSpec:
     identity: RankIdentity  # who it is; what its LAUNCHER_* variables say
     argv: tuple[str, ...]
     ports: tuple[int, ...]  # every side-channel port it binds (base + each DP index it serves, as vLLM computes them)
-    env: Mapping[str, str] = field(hash=False)
-    env_report: envpolicy.EnvReport = field(hash=False)
+    env: Mapping[str, str]
+    env_report: envpolicy.EnvReport
 
     rank = property(lambda self: self.identity.rank)  # global rank == data-parallel rank (the first it serves)
     local_rank = property(lambda self: self.identity.local_rank)
@@ -124,8 +123,7 @@ class RankSpec:
     port = property(lambda self: self.ports[0])
 
 
-@dataclass(frozen=True)
-class HostPlan:
+class HostPlan(msgspec.Struct, frozen=True):
     host: Host
     index: int
     ranks: tuple[RankSpec, ...]
@@ -142,8 +140,7 @@ class HostPlan:
         )
 
 
-@dataclass(frozen=True)
-class LaunchPlan:
+class LaunchPlan(msgspec.Struct, frozen=True):
     job_id: str
     hosts: tuple[HostPlan, ...]
     options: LaunchOptions

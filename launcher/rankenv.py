@@ -8,9 +8,11 @@ both back (``from_env``). Nothing else spells a LAUNCHER_* name. Pure.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from typing import ClassVar
+
+import msgspec
 
 PREFIX = "LAUNCHER_"
 PORT_VAR = "VLLM_NIXL_SIDE_CHANNEL_PORT"  # vLLM's own name: the job's side-channel base, one value per job
@@ -32,8 +34,7 @@ def _read(env: Mapping[str, str], name: str, convert=str, optional: bool = False
         raise RankEnvError(f"{name}={raw!r} is not {'a whole number' if convert is int else 'valid'}") from None
 
 
-@dataclass(frozen=True)
-class RankIdentity:
+class RankIdentity(msgspec.Struct, frozen=True):
     """Who a rank is, as the head planned it."""
 
     job_id: str
@@ -74,19 +75,18 @@ class RankIdentity:
         return self.port_base + self.rank
 
     def to_env(self) -> dict[str, str]:
-        return {self.NAMES[f.name]: str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+        return {self.NAMES[name]: str(value) for name in self.__struct_fields__ if (value := getattr(self, name)) is not None}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RankIdentity:
         values = {}
-        for f in fields(cls):
+        for f in msgspec.structs.fields(cls):
             optional = f.default is None
-            values[f.name] = _read(env, cls.NAMES[f.name], int if f.type.startswith("int") else str, optional)
+            values[f.name] = _read(env, cls.NAMES[f.name], int if int in (f.type, *typing.get_args(f.type)) else str, optional)
         return cls(**values)
 
 
-@dataclass(frozen=True)
-class HostFacts:
+class HostFacts(msgspec.Struct, frozen=True):
     """What the agent knows about the rank's host and adds to its environment."""
 
     host_is_loopback: bool = False

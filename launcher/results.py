@@ -7,7 +7,8 @@ it into an exit code, and the report that renders it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+import msgspec
 
 from .check import CheckMatrix
 
@@ -65,8 +66,7 @@ def exit_code_for(kind: FailureKind, rank_code: int | None = None, signum: int |
     }.get(kind, EXIT_HOST_LOST)
 
 
-@dataclass(frozen=True)
-class RankResult:
+class RankResult(msgspec.Struct, frozen=True):
     """How one rank went; times are seconds since the launch began."""
 
     rank: int
@@ -84,8 +84,7 @@ class RankResult:
     rule: str | None = None  # the rule that chose its address (netif.BIND_RULES)
 
 
-@dataclass(frozen=True)
-class Failure:
+class Failure(msgspec.Struct, frozen=True):
     kind: FailureKind
     message: str
     exit_code: int
@@ -93,8 +92,7 @@ class Failure:
     host: str | None = None
 
 
-@dataclass(frozen=True)
-class LaunchResult:
+class LaunchResult(msgspec.Struct, frozen=True):
     ranks: tuple[RankResult, ...]
     failure: Failure | None
     check: CheckMatrix | None

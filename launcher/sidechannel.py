@@ -32,7 +32,6 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -273,8 +272,7 @@ def _trim() -> None:
         pass
 
 
-@dataclass(frozen=True)
-class HandshakeResult:
+class HandshakeResult(msgspec.Struct, frozen=True):
     reply: wire.Reply
     latency_ms: float
 

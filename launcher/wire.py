@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import msgspec
 
@@ -24,8 +23,7 @@ GET_META_MSG = b"get_meta_msg"
 MAX_REQUEST_BYTES = 256  # a real request is under 20 bytes; anything longer is not one
 
 
-@dataclass(frozen=True)
-class WireGeneration:
+class WireGeneration(msgspec.Struct, frozen=True):
     """One generation of the side-channel request and reply."""
 
     name: str
@@ -109,8 +107,7 @@ def encode_request(gen: WireGeneration, *, tp_rank: int = 0, pp_rank: int = 0) -
 _request_decoder = msgspec.msgpack.Decoder(list[bytes | int])
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(msgspec.Struct, frozen=True):
     generation: WireGeneration
     pp_rank: int
     tp_rank: int
@@ -193,8 +190,7 @@ def error_reply(message: str) -> bytes:
     return msgspec.msgpack.encode({"error": message})
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(msgspec.Struct, frozen=True):
     metadata: NixlAgentMetadata
     compat_hash: str | None  # None: a bare-metadata reply (vLLM before 0.13)
     remote_time: float | None

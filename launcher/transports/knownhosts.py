@@ -24,13 +24,13 @@ import hmac
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+
+import msgspec
 
 GLOBAL_FILES = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(msgspec.Struct, frozen=True):
     patterns: tuple[str, ...]
     key_type: str
     blob: str  # base64, as in the file
@@ -76,10 +76,9 @@ def host_key_name(hostname: str, port: int) -> str:
     return hostname if port == 22 else f"[{hostname}]:{port}"
 
 
-@dataclass
-class KnownHosts:
-    entries: list[Entry] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)  # the files read, for messages
+class KnownHosts(msgspec.Struct):
+    entries: list[Entry] = msgspec.field(default_factory=list)
+    files: list[str] = msgspec.field(default_factory=list)  # the files read, for messages
 
     @classmethod
     def load(cls, paths: list[str]) -> KnownHosts:
