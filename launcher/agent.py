@@ -15,9 +15,9 @@ The agent holds the job on its host (DESIGN: Lifeline):
 
 from __future__ import annotations
 
+import _thread
 import collections
 import ctypes
-import dataclasses
 import os
 import platform
 import re
@@ -30,7 +30,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import msgspec
 import psutil
@@ -38,6 +37,7 @@ import psutil
 from . import bootstrap, envpolicy, forked, gpus, netif, protocol, rankenv, readiness, wire
 from .check import PROBE_CONCURRENCY
 from .command import BOOTSTRAP, BUILTIN_ENGINE, vllm_interpreter_hint
+from .exitwatch import ExitWatch
 from .probe import ProbeError, port_holder, tcp_connect
 from .version import __version__
 
@@ -46,8 +46,7 @@ PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-@dataclass
-class RankProcess:
+class RankProcess(msgspec.Struct):
     spec: protocol.RankLaunch
     process: subprocess.Popen | forked.ForkedProcess
     control_fd: int
@@ -56,7 +55,7 @@ class RankProcess:
     resolved: protocol.Resolved | None = None  # a user command's address, from its bootstrap
     log_matched: bool = False
     reported_exit: bool = False
-    readers: list[threading.Thread] = field(default_factory=list)
+    readers: list[Worker] = msgspec.field(default_factory=list)
 
 
 LINE_LIMIT = 64 * 1024  # a rank's output line is cut here: a line without end never costs more
@@ -84,11 +83,17 @@ class EventWriter:
         self._output_bytes = 0
         self._ready = threading.Condition()
         self._broken = False
-        self._thread: threading.Thread | None = None
 
-    def send(self, message) -> None:
+    def send(self, message, after_output: bool = False) -> None:
+        """Queue a control message: ahead of rank output, or (``after_output``) behind what is queued of it,
+        as a rank's exit must follow its last lines (the head quotes them when the exit is a failure)."""
+        data = protocol.encode(message)
         with self._ready:
-            self._control.append(protocol.encode(message))
+            if after_output and self._output:
+                self._output.append(data)
+                self._output_bytes += len(data)
+            else:
+                self._control.append(data)
             self._ready.notify()
 
     def output(self, rank: int, stream: str, line: str) -> None:
@@ -104,8 +109,7 @@ class EventWriter:
             self._ready.notify()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._write, daemon=True, name="to-head")
-        self._thread.start()
+        Worker(self._write)
 
     def close(self, timeout: float = 2.0) -> None:
         """Until what is queued is written (control first), or ``timeout``."""
@@ -151,6 +155,7 @@ class Agent:
         self.stop_signal = 0
         self._stop = threading.Event()
         self._kill_now = threading.Event()  # the head asked again: no more grace
+        self.watch = ExitWatch()  # what the main thread sleeps on: a rank's exit, a stop, a hurry
         self.last_heard = time.monotonic()
         self.facts = rankenv.HostFacts(
             host_is_loopback=spec.host_is_loopback,
@@ -208,7 +213,7 @@ class Agent:
             read_fd, write_fd = os.pipe()
             # A built-in core that moves bytes (--transfer) also reads commands from its agent.
             command_read, command_write = os.pipe() if rankenv.RankIdentity.NAMES["transfer_bytes"] in launch.env else (None, None)
-            facts = dataclasses.replace(self.facts, control_fd=write_fd, command_fd=command_read)
+            facts = msgspec.structs.replace(self.facts, control_fd=write_fd, command_fd=command_read)
             env = envpolicy.process_environment(self.base_env, launch.env, facts)
             argv = [sys.executable if a == "{python}" else a for a in launch.argv]
             prepared = None
@@ -306,13 +311,13 @@ class Agent:
     def start_threads(self) -> None:
         for rp in self.ranks:
             rp.readers = [
-                _thread(self._forward_output, rp, rp.process.stdout, "stdout"),
-                _thread(self._forward_output, rp, rp.process.stderr, "stderr"),
-                _thread(self._forward_control, rp),
+                Worker(self._forward_output, rp, rp.process.stdout, "stdout"),
+                Worker(self._forward_output, rp, rp.process.stderr, "stderr"),
+                Worker(self._forward_control, rp),
             ]
             if rp.resolved is not None:  # a user command, prepared here: its readiness starts now
                 self._on_resolved(rp)
-        _thread(self._read_head)
+        Worker(self._read_head)
 
     # --- threads ---------------------------------------------------------
 
@@ -366,7 +371,7 @@ class Agent:
     def _on_resolved(self, rp: RankProcess) -> None:
         """A user command's address is known: watch its readiness rule."""
         if self.spec.readiness.polled:
-            _thread(self._await_ready, rp)
+            Worker(self._await_ready, rp)
         else:
             self._declare_ready(rp)  # log: once the line is seen too
 
@@ -456,8 +461,9 @@ class Agent:
                 self.request_stop(message.reason or "stopped by the head")
                 if message.now:
                     self._kill_now.set()
+                    self.watch.wake()
             elif isinstance(message, protocol.Check):
-                _thread(self._run_check, message)
+                Worker(self._run_check, message)
             elif isinstance(message, protocol.TransferCheck):
                 self._pass_on(message)
         self.request_stop("the head closed the connection (stdin EOF)")
@@ -500,11 +506,15 @@ class Agent:
         if self.stop_reason is None:
             self.stop_reason, self.stop_signal = reason, signum
         self._stop.set()
+        self.watch.wake()
 
     def supervise(self) -> None:
-        """Report exits, exchange heartbeats, until asked to stop."""
+        """Report exits, exchange heartbeats, until asked to stop; a rank's exit or a stop wakes it at once."""
+        for rp in self.ranks:
+            self.watch.watch(rp.process.pid)
+        clock = self.spec.heartbeat_interval if self.watch.precise else 0.05  # without pidfds, exits are polled
         next_beat = 0.0
-        while not self._stop.wait(0.05):
+        while not self._stop.is_set():
             self._report_exits()
             now = time.monotonic()
             if now >= next_beat:
@@ -513,6 +523,7 @@ class Agent:
             silent = now - self.last_heard
             if silent > self.spec.heartbeat_timeout and not _readable(self.stdin):  # bytes waiting: the head spoke
                 self.request_stop(f"no word from the head for {silent:.0f}s (heartbeat timeout)")
+            self.watch.wait(min(clock, max(0.0, next_beat - now)))
         # Before any exit it causes: the head then knows those exits are not the cause.
         self.events.send(protocol.Stopping(reason=self.stop_reason or "stopping", signal=self.stop_signal))
         self.shutdown()
@@ -526,11 +537,11 @@ class Agent:
                 for reader in rp.readers:
                     reader.join(timeout=max(0.0, deadline - time.monotonic()))
                 rp.reported_exit = True
-                self.events.send(protocol.Exited(rank=rp.spec.rank, returncode=rp.process.returncode))
+                self.events.send(protocol.Exited(rank=rp.spec.rank, returncode=rp.process.returncode), after_output=True)
 
     def shutdown(self) -> None:
         """SIGTERM every rank's group and descendant, SIGKILL after the grace period."""
-        terminate_tree([rp.process for rp in self.ranks], self.spec.grace, hurry=self._kill_now)
+        terminate_tree([rp.process for rp in self.ranks], self.spec.grace, hurry=self._kill_now, pause=self.watch.wait)
         self._report_exits()
 
 
@@ -614,20 +625,22 @@ def _close(*fds: int | None) -> None:
             os.close(fd)
 
 
-def terminate_tree(processes: list, grace: float, hurry: threading.Event | None = None) -> None:
+def terminate_tree(processes: list, grace: float, hurry: threading.Event | None = None, pause=None) -> None:
     """Stop these processes, their groups and every descendant of this process.
 
     SIGTERM, then SIGKILL after ``grace`` seconds, or as soon as ``hurry`` is set.
+    ``pause(seconds)`` sleeps between looks (an ``ExitWatch`` ends it at an exit).
     """
     me = psutil.Process()
     hurry = hurry or threading.Event()
+    pause = pause or hurry.wait
     _signal_all(processes, me, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and not hurry.is_set():
         _reap_orphans(processes, me)
         if all(p.poll() is not None for p in processes) and not me.children(recursive=True):
             return
-        hurry.wait(0.05)
+        pause(0.05)
     _signal_all(processes, me, signal.SIGKILL)
     for p in processes:
         p.wait()
@@ -726,10 +739,31 @@ def _readable(stream) -> bool:
         return False
 
 
-def _thread(target, *args) -> threading.Thread:
-    t = threading.Thread(target=target, args=args, daemon=True)
-    t.start()
-    return t
+class Worker:
+    """A daemon thread whose start does not wait for it to run.
+
+    ``threading.Thread.start`` waits for the new thread's first time slice:
+    about 4 ms each on a host whose CPUs are busy starting its ranks, and
+    the agent starts three threads a rank (20 ms at two ranks, before it
+    watched its first exit). The agent ends with ``os._exit``, so nothing
+    needs threading's registry of threads.
+    """
+
+    def __init__(self, target, *args):
+        self._done = threading.Event()
+        _thread.start_new_thread(self._run, (target, args))
+
+    def _run(self, target, args) -> None:
+        try:
+            target(*args)
+        finally:
+            self._done.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._done.wait(timeout)
+
+    def is_alive(self) -> bool:
+        return not self._done.is_set()
 
 
 def main() -> int:

@@ -101,3 +101,17 @@ def test_a_silent_head_is_noticed_by_heartbeat_timeout():
     assert agent.wait(10) == 0
     assert wait_for(lambda: gone(pids), 3.0)
     agent.stdin.close()
+
+
+def test_a_ranks_exit_is_reported_after_its_last_output_and_at_once():
+    """The head quotes a failed rank's last lines: they must reach it before the exit does, and the exit
+    must not wait for a clock (the agent sleeps on the ranks' pidfds)."""
+    loud = "import sys\nfor i in range(2000): print(f'line {i}')\nprint('last words', file=sys.stderr)\nsys.exit(3)"
+    agent = start_agent([loud, SLEEPER], heartbeat_timeout=60.0)
+    events = read_until(agent, lambda m: isinstance(m, protocol.Exited))
+    exited = next(m for m in events if isinstance(m, protocol.Exited))
+    assert (exited.rank, exited.returncode) == (0, 3)
+    lines = [m.line for m in events if isinstance(m, protocol.Output) and m.rank == 0]
+    assert lines[:2] == ["line 0", "line 1"] and len(lines) == 2001 and "last words" in lines
+    agent.stdin.close()
+    assert agent.wait(10) == 0

@@ -53,9 +53,9 @@ PURE = {
 }
 IO = {
     "supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report", "entry",
-    "transfer", "plot", "pd_proxy", "forked",
+    "transfer", "plot", "pd_proxy", "forked", "exitwatch",
 }  # fmt: skip
-RANK_SIDE = {"agent", "engine_core", "bootstrap", "forked"}
+RANK_SIDE = {"agent", "engine_core", "bootstrap", "forked", "exitwatch"}
 
 
 @pytest.mark.parametrize("module", ["launcher.agent", "launcher.engine_core", "launcher.bootstrap"])
