@@ -28,6 +28,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_launch import launcher_as_installed
+
 from launcher.report import format_table
 
 PY = sys.executable
@@ -60,6 +63,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--plot", metavar="FILE.png")
     args = parser.parse_args()
+    launcher_as_installed()
     results: dict[str, dict[int, tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in args.ranks:

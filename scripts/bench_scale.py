@@ -27,7 +27,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_launch import pdsh, plain_ssh
+from bench_launch import launcher_as_installed, pdsh, plain_ssh
 
 import launcher
 from launcher import transports
@@ -90,6 +90,7 @@ def main() -> int:
     parser.add_argument("--plot", metavar="FILE.png")
     parser.add_argument("--handshake-timeout", type=float, default=5.0)
     args = parser.parse_args()
+    launcher_as_installed()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the head holds a few descriptors per host
     header = ("hosts", "ranks", "ssh (s)", "pdsh (s)", "ready (s)", "vs pdsh", "check (s)", "pairs", "failed", "teardown (s)")
