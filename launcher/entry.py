@@ -5,13 +5,20 @@ traceback, and once in a while a crash inside a C extension's set-up). Here
 a stop signal that arrives before the command line is ready is only noted;
 the CLI then stops at once, cleanly. A signal ignored when the process
 started (``nohup``) is left ignored.
+
+It leaves without the interpreter's finalisation, once its output is
+flushed: tearing down the ~100 modules the head loaded took 11 ms, a tenth
+of a short loopback job; the head's threads are daemons by then, its log
+files closed, its agents gone.
 """
 
+import os
 import signal
 import sys
+from typing import NoReturn
 
 
-def main() -> int:
+def main() -> NoReturn:
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     ignored = frozenset(s for s in stops if signal.getsignal(s) == signal.SIG_IGN)
     held: list[int] = []
@@ -20,8 +27,14 @@ def main() -> int:
             signal.signal(s, lambda signum, _frame: held.append(signum))
     from launcher import cli  # everything heavy loads here, with the signals held
 
-    return cli.main(held=held, ignored=ignored)
+    code = cli.main(held=held, ignored=ignored)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: the CLI has said what it could
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
