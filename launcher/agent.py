@@ -29,7 +29,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import psutil
@@ -478,6 +477,8 @@ class Agent:
                 if rp.ready and (wanted is None or (rp.spec.rank, peer.rank) in wanted):
                     paths[(rp.ready.address, peer.rank)].append(rp.ready)
         peers = {p.rank: p for p in check.peers}
+        from concurrent.futures import ThreadPoolExecutor  # here: it loads logging, ~2 ms of every agent's start
+
         with ThreadPoolExecutor(max_workers=PROBE_CONCURRENCY) as pool:
             probed = pool.map(lambda path: probe_peer(paths[path][0], peers[path[1]], check.timeout), list(paths))
             for path, result in zip(list(paths), probed, strict=True):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -23,9 +22,8 @@ def plan_job(
     job_id: str | None = None,
 ) -> LaunchPlan:
     """A plan for ``hosts`` from ``env`` (default: this process's environment)."""
-    return planmod.build(
-        hosts, options, os.environ if env is None else env, job_id or secrets.token_hex(8)
-    )  # 64 bits: the sweep kills by it
+    job_id = job_id or os.urandom(8).hex()  # 64 bits, the sweep kills by it (secrets.token_hex, minus its imports)
+    return planmod.build(hosts, options, os.environ if env is None else env, job_id)
 
 
 def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int]) -> None:

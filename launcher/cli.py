@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -428,6 +427,8 @@ def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
 
 
 def _json(document: dict) -> str:
+    import json  # here: only --json needs it
+
     return json.dumps(document, indent=2, ensure_ascii=False)
 
 

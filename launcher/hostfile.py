@@ -18,7 +18,6 @@ how to fix it.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -130,6 +129,8 @@ def _parse_line(head: str, words: list[str], origin: str, fail) -> Iterable[Host
         if not sep:
             raise fail(f"expected key=value, got {word!r}; options are {', '.join(o + '=' for o in OPTIONS)}, env:NAME=VALUE")
         if key not in OPTIONS:
+            import difflib  # here: only a mistake needs it, and every start would pay its import
+
             close = difflib.get_close_matches(key, OPTIONS, n=1)
             hint = f"did you mean '{close[0]}='?" if close else f"options are {', '.join(o + '=' for o in OPTIONS)}, env:NAME=VALUE"
             raise fail(f"unknown option {key!r}; {hint}")

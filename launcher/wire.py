@@ -13,7 +13,6 @@ A new generation is one row here and one row in the tests.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 
@@ -182,6 +181,8 @@ def bare_metadata(payload: bytes) -> bytes:
 
 def compatibility_hash(job_id: str) -> str:
     """What the built-in engine cores of one job agree on (vLLM hashes its config the same way: sha256 hex)."""
+    import hashlib  # here: a user command's job never needs it, and its head and agents would load OpenSSL
+
     return hashlib.sha256(f"launcher-builtin/{job_id}".encode()).hexdigest()
 
 

@@ -19,8 +19,6 @@ their markers, patterns (``*``, ``?``, ``!``, ``[host]:port``, hashed
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import os
 import re
 import shlex
@@ -64,6 +62,9 @@ def _wildcard(pattern: str) -> re.Pattern:
 
 
 def _hashed_matches(name: str, pattern: str) -> bool:
+    import hashlib  # here: OpenSSL's load is a few ms of every head's start (the CLI loads this backend for its flags)
+    import hmac
+
     try:
         salt, digest = (base64.b64decode(p) for p in pattern[3:].split("|", 1))
     except (ValueError, TypeError):
