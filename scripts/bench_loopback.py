@@ -4,13 +4,20 @@
     python scripts/bench_loopback.py [--ranks 2 4 8] [--repeat 9] [--plot docs/bench-loopback.png]
 
 For each rank count, in this process and alternating (so that every
-contender sees the same machine state), the wall time and CPU time (of the
-children) to run N ``python -c pass``:
+contender sees the same machine state), the wall time and CPU time (this
+process's and its children's) to run N ``python -c pass``, with the
+interpreter that runs this script (a clean venv starts in a third of the
+time of one whose site-packages run .pth hooks):
 
 - fan-out: a Python parent starting N subprocesses and waiting (the least it costs);
 - mpirun: Open MPI's ``mpirun -np N`` (scripts/setup-bench.sh installs it), when present;
 - launcher: ``launcher run -q --to-completion -H 'localhost slots=N' -- python -c pass``
-  (the head, one agent, N ranks, every lifeline property in place).
+  (the head, one agent, N ranks, every lifeline property in place);
+
+and, from this already-running interpreter (what a pytest session does):
+
+- Popen fan-out: N ``subprocess.Popen`` and their waits;
+- launch(): ``launcher.launch`` of the same job (no head interpreter to start).
 
 It prints medians and launcher's ratios, and with --plot draws wall time against ranks.
 """
@@ -26,35 +33,61 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_launch import launcher_as_installed
 
+import launcher
+from launcher.plan import Host, LaunchOptions
 from launcher.report import format_table
 
 PY = sys.executable
 
 
-def timed(argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the children) of one run."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children so far."""
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 
 
-def contenders(ranks: int, hostfile: str) -> dict[str, list[str]]:
+def timed(run: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run."""
+    cpu, start = cpu_seconds(), time.perf_counter()
+    run()
+    return time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def command(argv: list[str]) -> Callable[[], object]:
+    return lambda: subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+
+def fan_out(ranks: int) -> None:
+    for p in [subprocess.Popen([PY, "-c", "pass"]) for _ in range(ranks)]:
+        p.wait()
+
+
+def launch_in_process(ranks: int) -> None:
+    plan = launcher.plan_job([Host(name="localhost", slots=ranks)], LaunchOptions(command=(PY, "-c", "pass"), to_completion=True))
+    result = launcher.launch(plan)
+    if not result.ok:
+        raise RuntimeError(result.failure.message)
+
+
+def contenders(ranks: int, hostfile: str) -> dict[str, Callable[[], object]]:
     found = {
-        "fan-out": [PY, "-c", f"import subprocess,sys; ps=[subprocess.Popen([sys.executable,'-c','pass']) for _ in range({ranks})]; "
-                              "[p.wait() for p in ps]"],
-        "launcher": [PY, "-m", "launcher.entry", "run", "-q", "--to-completion", "-H", hostfile, "--", PY, "-c", "pass"],
+        "fan-out": command([PY, "-c", f"import subprocess,sys; ps=[subprocess.Popen([sys.executable,'-c','pass']) "
+                                      f"for _ in range({ranks})]; [p.wait() for p in ps]"]),
+        "launcher": command([PY, "-m", "launcher.entry", "run", "-q", "--to-completion", "-H", hostfile, "--", PY, "-c", "pass"]),
     }  # fmt: skip
     if shutil.which("mpirun"):
-        found["mpirun"] = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks), PY, "-c", "pass"]
+        found["mpirun"] = command(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks), PY, "-c", "pass"])
+    found[IN_FAN_OUT] = lambda: fan_out(ranks)
+    found[IN_LAUNCH] = lambda: launch_in_process(ranks)
     return found
+
+
+IN_FAN_OUT, IN_LAUNCH = "Popen fan-out", "launch()"  # in-process contenders
 
 
 def main() -> int:
@@ -71,37 +104,20 @@ def main() -> int:
             with open(hostfile, "w") as f:
                 f.write(f"localhost slots={ranks}\n")
             runs: dict[str, list[tuple[float, float]]] = {}
-            for argv in contenders(ranks, hostfile).values():
-                timed(argv)  # warm the page cache for each, once
+            for run in contenders(ranks, hostfile).values():
+                timed(run)  # warm the page cache for each, once
             for _ in range(args.repeat):
-                for name, argv in contenders(ranks, hostfile).items():
-                    runs.setdefault(name, []).append(timed(argv))
+                for name, run in contenders(ranks, hostfile).items():
+                    runs.setdefault(name, []).append(timed(run))
             for name, samples in runs.items():
                 results.setdefault(name, {})[ranks] = (statistics.median(w for w, _ in samples), statistics.median(c for _, c in samples))
             print(f"{ranks} ranks done", file=sys.stderr, flush=True)
-    rows = [
-        (
-            "ranks",
-            *(f"{n} wall (s)" for n in results),
-            "launcher / fan-out",
-            "launcher / mpirun" if "mpirun" in results else "",
-            "CPU: launcher / fan-out",
-        )
-    ]
-    for ranks in args.ranks:
-        wall = {n: results[n][ranks][0] for n in results}
-        cpu = {n: results[n][ranks][1] for n in results}
-        rows.append(
-            (
-                str(ranks),
-                *(f"{wall[n]:.3f}" for n in results),
-                f"{wall['launcher'] / wall['fan-out']:.2f}x",
-                f"{wall['launcher'] / wall['mpirun']:.2f}x" if "mpirun" in wall else "",
-                f"{cpu['launcher'] / cpu['fan-out']:.2f}x",
-            )
-        )
-    print(f"median of {args.repeat} alternating runs, {os.cpu_count()} CPUs, python -c pass per rank")
-    print(format_table(rows, right=True))
+    commands = [n for n in results if n not in (IN_FAN_OUT, IN_LAUNCH)]
+    print(f"median of {args.repeat} alternating runs, {os.cpu_count()} CPUs, python -c pass per rank, {PY}")
+    print("commands, each from its own interpreter start:")
+    print(ratio_table(results, args.ranks, commands, "launcher", ["fan-out", "mpirun"]))
+    print("in-process, from this running interpreter (a test session calling launcher.launch):")
+    print(ratio_table(results, args.ranks, [IN_FAN_OUT, IN_LAUNCH], IN_LAUNCH, [IN_FAN_OUT]))
     if args.plot:
         import matplotlib
 
@@ -120,6 +136,31 @@ def main() -> int:
         fig.savefig(args.plot, dpi=120)
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0
+
+
+def ratio_table(results, ranks_list: list[int], names: list[str], ours: str, baselines: list[str]) -> str:
+    """Wall time of each of ``names`` per rank count, and ``ours`` as a ratio of each baseline (wall, then CPU)."""
+    baselines = [b for b in baselines if b in results]
+    rows = [
+        (
+            "ranks",
+            *(f"{n} wall (s)" for n in names),
+            *(f"{ours} / {b}" for b in baselines),
+            *(f"CPU: {ours} / {b}" for b in baselines[:1]),
+        )
+    ]
+    for ranks in ranks_list:
+        wall = {n: results[n][ranks][0] for n in names}
+        cpu = {n: results[n][ranks][1] for n in names}
+        rows.append(
+            (
+                str(ranks),
+                *(f"{wall[n]:.3f}" for n in names),
+                *(f"{wall[ours] / wall[b]:.2f}x" for b in baselines),
+                *(f"{cpu[ours] / cpu[b]:.2f}x" for b in baselines[:1]),
+            )
+        )
+    return format_table(rows, right=True)
 
 
 if __name__ == "__main__":
