@@ -25,7 +25,7 @@ from .sidechannel import SideChannelBindError, SideChannelListener
 EXIT_BAD_ADDRESS = 2
 EXIT_BIND_FAILED = 3
 EXIT_NO_NIXL = 4
-IDLE_POLL_MS = 1000  # with no connection open; while one is, the listener looks every 20 ms (its watchdog)
+IDLE_POLL_MS = 1000  # with no connection open; while one is, the listener looks every 50 ms (its watchdog)
 
 
 def builtin_payload(engine_id: str, job_id: str, tp_rank: int = 0, metadata: wire.NixlAgentMetadata | None = None) -> bytes:

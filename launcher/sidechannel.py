@@ -118,7 +118,7 @@ class SideChannelListener:
             return SideChannelBindError(exc.errno, f"cannot bind {where}: Cannot assign requested address (not this host's address)")
         return SideChannelBindError(exc.errno, f"cannot bind the side channel at {where}: {exc}")
 
-    def serve(self, stop: threading.Event, poll_ms: int = 20, on_idle=None, wake_fd: int | None = None, idle_ms: int | None = None) -> None:
+    def serve(self, stop: threading.Event, poll_ms: int = 50, on_idle=None, wake_fd: int | None = None, idle_ms: int | None = None) -> None:
         """Answer requests until ``stop`` is set.
 
         While a connection is open the loop looks at ``stop`` and at its memory
@@ -129,22 +129,24 @@ class SideChannelListener:
         --transfer) and returns how many milliseconds the next may wait.
         """
         assert self._sock is not None, "bind() first"
-        baseline = _rss()
+        baseline, next_look = _rss(), 0.0
         while not stop.is_set():
-            if _rss() > baseline + MEMORY_HEADROOM:
-                self._reset()
-                baseline = max(baseline, _rss())  # what the reset could not give back is not counted twice
-                continue
-            if on_idle is not None:
-                wait = on_idle()
-            else:
-                wait = poll_ms if self._connections or idle_ms is None else idle_ms
-            items = [(self._sock, zmq.POLLIN), (self._monitor, zmq.POLLIN)] + ([(wake_fd, zmq.POLLIN)] if wake_fd is not None else [])
-            ready = dict(zmq.zmq_poll(items, wait))
+            now = time.monotonic()
+            if now >= next_look:  # on its clock, not at every message: an all-pairs check sends thousands
+                next_look = now + poll_ms / 1000
+                if _rss() > baseline + MEMORY_HEADROOM:
+                    self._reset()
+                    baseline = max(baseline, _rss())  # what the reset could not give back is not counted twice
+                    continue
+            self._count_connections()
+            resting = on_idle is None and idle_ms is not None and not self._connections
+            wait = on_idle() if on_idle is not None else idle_ms if resting else poll_ms
+            # A connection's events wake the loop only while it rests: otherwise it looks every poll_ms
+            # anyway, and an all-pairs check opens thousands of connections (two more wake-ups each).
+            items = [(self._sock, zmq.POLLIN)] + ([(self._monitor, zmq.POLLIN)] if resting else [])
+            ready = dict(zmq.zmq_poll(items + ([(wake_fd, zmq.POLLIN)] if wake_fd is not None else []), wait))
             if wake_fd in ready:
                 _drain(wake_fd)
-            if self._monitor in ready:
-                self._count_connections()
             if self._sock not in ready:
                 continue
             frames = self._receive(baseline)
