@@ -640,7 +640,7 @@ def terminate_tree(processes: list, grace: float, hurry: threading.Event | None 
     _signal_all(processes, me, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and not hurry.is_set():
-        _reap_orphans(processes, me)
+        _reap_exited(processes)
         if all(p.poll() is not None for p in processes) and not me.children(recursive=True):
             return
         pause(0.05)
@@ -648,7 +648,7 @@ def terminate_tree(processes: list, grace: float, hurry: threading.Event | None 
     for p in processes:
         p.wait()
     psutil.wait_procs(me.children(recursive=True), timeout=2.0)
-    _reap_orphans(processes, me)
+    _reap_exited(processes)
 
 
 def _has_children() -> bool:
@@ -683,16 +683,29 @@ def _signal_all(processes, me: psutil.Process, signum: int) -> None:
             pass
 
 
-def _reap_orphans(processes, me: psutil.Process) -> None:
-    """Collect exited descendants re-parented to us (we are their subreaper)."""
-    ranks = {p.pid for p in processes}
-    for child in me.children():
-        if child.pid in ranks:
-            continue
+def _reap_exited(processes) -> None:
+    """Collect every exited child: a rank through its Popen (which keeps its exit code), anything else
+    (a descendant re-parented to us, the subreaper) directly. waitid names an exited child without
+    reaping it, so this costs no scan of /proc: the agent wakes at each rank's exit, and a scan a
+    wake-up was most of a teardown's CPU on a host with hundreds of processes."""
+    ranks = {p.pid: p for p in processes}
+    asked: set[int] = set()
+    while True:
         try:
-            os.waitpid(child.pid, os.WNOHANG)
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
-            pass
+            return
+        if info is None:
+            return
+        if info.si_pid in ranks:
+            if info.si_pid in asked or ranks[info.si_pid].poll() is None:
+                return  # another thread holds its Popen, and reaps it
+            asked.add(info.si_pid)
+        else:
+            try:
+                os.waitpid(info.si_pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
 
 def sweep_job(job_id: str) -> list[int]:

@@ -235,11 +235,8 @@ class SideChannelListener:
         log.warning("side channel %s:%s: ignored %s%s", self.address, self.port, what, more)
 
     def _count_connections(self) -> None:
-        while True:
-            try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:  # asked, not tried: zmq.Again at every look costs more
+            event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             self._connections = max(0, self._connections + (1 if event["event"] == zmq.EVENT_ACCEPTED else -1))
 
     def close(self) -> None:
