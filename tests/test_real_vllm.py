@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 import urllib.request
 
@@ -171,8 +172,24 @@ def deployments(cluster, real_vllm, tmp_path_factory):
 
 
 def ended_by(*deployments):
-    """What the launchers said stopped their jobs (a host lost, a rank's exit), for a failure's message."""
-    return [line for d in deployments for line in d.run.stderr if "FAILED" in line or "stopping" in line]
+    """What the launchers said stopped their jobs (a host lost, a rank's exit), for a failure's message, and
+    what the kernel said of CPU stalls meanwhile: this VM has stalled for 15-80 s at times, and a host
+    whose agent gets no CPU that long is lost whatever the launcher does."""
+    said = [line for d in deployments for line in d.run.stderr if "FAILED" in line or "stopping" in line]
+    return said + [f"kernel: {line}" for line in _kernel_log()[_KERNEL_LINES_BEFORE:] if _STALL.search(line)]
+
+
+_STALL = re.compile(r"lockup|starved|stall|blocked for more than", re.IGNORECASE)
+
+
+def _kernel_log() -> list[str]:
+    try:
+        return subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+    except (OSError, subprocess.TimeoutExpired):  # no dmesg, or not allowed to read it: nothing to add
+        return []
+
+
+_KERNEL_LINES_BEFORE = len(_kernel_log())
 
 
 def _healthy(address):
