@@ -5,6 +5,7 @@ its class beyond the first example found.
 """
 
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -128,7 +129,7 @@ def test_a_line_without_end_costs_bounded_memory_and_cr_ends_a_line(tmp_path):
 
 def test_a_closed_stdout_ends_the_job_with_one_line_and_the_sigpipe_code(tmp_path):
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
-    cmd = " ".join(launcher_cmd("run", "-H", hf, "--", "sh", "-c", "'while true; do echo tick; sleep 0.05; done'"))
+    cmd = shlex.join(launcher_cmd("run", "-H", hf, "--", "sh", "-c", "while true; do echo tick; sleep 0.05; done"))
     done = subprocess.run(
         ["bash", "-c", f"{cmd} | head -2; echo status=${{PIPESTATUS[0]}} >&2"], capture_output=True, text=True, timeout=60
     )
@@ -140,7 +141,7 @@ def test_a_closed_stdout_ends_the_job_with_one_line_and_the_sigpipe_code(tmp_pat
 
 def test_a_plan_piped_to_head_ends_quietly(tmp_path):
     hf = write_hostfile(tmp_path, "localhost slots=3000\n")  # far more than a pipe holds
-    cmd = " ".join(launcher_cmd("plan", "-H", hf))
+    cmd = shlex.join(launcher_cmd("plan", "-H", hf))
     done = subprocess.run(
         ["bash", "-c", f"{cmd} | head -1; echo status=${{PIPESTATUS[0]}} >&2"], capture_output=True, text=True, timeout=60
     )
