@@ -632,7 +632,7 @@ def terminate_tree(processes: list, grace: float, hurry: threading.Event | None 
     SIGTERM, then SIGKILL after ``grace`` seconds, or as soon as ``hurry`` is set.
     ``pause(seconds)`` sleeps between looks (an ``ExitWatch`` ends it at an exit).
     """
-    if all(p.poll() is not None for p in processes) and not _has_children():
+    if _all_gone(processes):
         return  # the usual end of a finished job: nothing to signal, and no process table to scan (~3 ms)
     me = psutil.Process()
     hurry = hurry or threading.Event()
@@ -641,7 +641,7 @@ def terminate_tree(processes: list, grace: float, hurry: threading.Event | None 
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and not hurry.is_set():
         _reap_exited(processes)
-        if all(p.poll() is not None for p in processes) and not me.children(recursive=True):
+        if _all_gone(processes):
             return
         pause(0.05)
     _signal_all(processes, me, signal.SIGKILL)
@@ -651,14 +651,17 @@ def terminate_tree(processes: list, grace: float, hurry: threading.Event | None 
     _reap_exited(processes)
 
 
-def _has_children() -> bool:
-    """Whether this process has a child, running or unreaped. A descendant whose parent has died is
-    re-parented to us (the subreaper), so no child means no descendant."""
+def _all_gone(processes) -> bool:
+    """Whether every one of ``processes`` has exited and this process has no child left, running or
+    unreaped. A descendant whose parent has died is re-parented to us (the subreaper), so no child means
+    no descendant: one waitid, where psutil's children(recursive=True) reads every process's stat."""
+    if any(p.poll() is None for p in processes):
+        return False
     try:
         os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:
-        return False
-    return True
+        return True
+    return False
 
 
 def _signal_all(processes, me: psutil.Process, signum: int) -> None:
@@ -787,9 +790,6 @@ class Worker:
 
     def join(self, timeout: float | None = None) -> None:
         self._done.wait(timeout)
-
-    def is_alive(self) -> bool:
-        return not self._done.is_set()
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ class ExitWatch:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poll = select.poll()
         self._poll.register(self._wake_r, select.POLLIN)
-        self._pidfds: dict[int, int] = {}  # pidfd -> pid
+        self._pidfds: set[int] = set()
         self.precise = True  # every process given to ``watch`` has a pidfd
 
     def watch(self, pid: int) -> None:
@@ -31,7 +31,7 @@ class ExitWatch:
             self.precise = False
             return
         os.set_inheritable(fd, False)
-        self._pidfds[fd] = pid
+        self._pidfds.add(fd)
         self._poll.register(fd, select.POLLIN)
 
     def wake(self) -> None:
@@ -41,13 +41,13 @@ class ExitWatch:
         except (BlockingIOError, OSError):  # full: a wake is pending already; closed: nobody waits
             pass
 
-    def wait(self, timeout: float) -> list[int]:
-        """Sleep up to ``timeout`` seconds; return the pids that exited (each is reported once, then forgotten)."""
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds; an exit wakes it once (its pidfd is then forgotten), the caller
+        polls its processes to learn which."""
         try:
             ready = self._poll.poll(max(0, int(timeout * 1000)))
         except InterruptedError:  # PEP 475 retries, but a handler that raised ends up here
-            return []
-        exited = []
+            return
         for fd, _events in ready:
             if fd == self._wake_r:
                 try:
@@ -56,15 +56,6 @@ class ExitWatch:
                 except (BlockingIOError, OSError):
                     pass
             elif fd in self._pidfds:
-                exited.append(self._pidfds.pop(fd))
+                self._pidfds.remove(fd)
                 self._poll.unregister(fd)
                 os.close(fd)
-        return exited
-
-    def close(self) -> None:
-        for fd in (*self._pidfds, self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._pidfds.clear()
