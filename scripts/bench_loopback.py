@@ -44,6 +44,7 @@ from launcher.plan import Host, LaunchOptions
 from launcher.report import format_table
 
 PY = sys.executable
+IN_FAN_OUT, IN_LAUNCH = "Popen fan-out", "launch()"  # the in-process contenders
 
 
 def cpu_seconds() -> float:
@@ -85,9 +86,6 @@ def contenders(ranks: int, hostfile: str) -> dict[str, Callable[[], object]]:
     found[IN_FAN_OUT] = lambda: fan_out(ranks)
     found[IN_LAUNCH] = lambda: launch_in_process(ranks)
     return found
-
-
-IN_FAN_OUT, IN_LAUNCH = "Popen fan-out", "launch()"  # in-process contenders
 
 
 def main() -> int:

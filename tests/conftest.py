@@ -149,8 +149,9 @@ def port_base():
     return free_port_base()
 
 
-# A launcher that a test starts gets SIGTERM (an ordered stop) when the pytest process that started it dies:
-# a crashed test run must not leave a head serving forever. Set before exec, which keeps it.
+# A launcher that a test starts gets SIGTERM (an ordered stop) when the process that started it dies (pytest,
+# or the shell a test runs it in): a crashed test run must not leave a head serving forever. Set before exec,
+# which keeps it.
 _DIE_WITH_PARENT = (
     "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
     "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
