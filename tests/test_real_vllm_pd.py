@@ -8,7 +8,7 @@ import signal
 import urllib.error
 
 import pytest
-from test_real_vllm import SLOW_MACHINE, head_env, metrics, post
+from test_real_vllm import SLOW_MACHINE, ended_by, head_env, metrics, post
 
 from conftest import RunningLauncher, free_port_base, wait_for, write_hostfile
 from support.netns import NET
@@ -38,7 +38,7 @@ def test_one_command_serves_prefill_then_decode_and_the_decoder_pulls_kv_over_ni
                 log.write_text("\n".join(run.stdout + run.stderr))
                 pytest.fail(
                     f"{exc} {body!r}; the deployment's output is in {log}; "
-                    f"its errors: {[line for line in run.stdout if 'Error' in line][:8]}"
+                    f"its errors: {[line for line in run.stdout if 'Error' in line][:8]}; {ended_by(run)}"
                 )
             assert done["usage"]["completion_tokens"] == 4
         after = metrics(f"{NET}.12:8100")

