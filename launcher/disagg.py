@@ -101,8 +101,12 @@ def prefill_request(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def decode_request(body: Mapping[str, Any], prefilled: Mapping[str, Any]) -> dict[str, Any]:
-    """What the decode instance gets: the client's request as sent, with the prefill's ``kv_transfer_params``."""
+    """What the decode instance gets: the client's request as sent, with the prefill's ``kv_transfer_params``.
+
+    Never the client's own: they say where the decoder pulls KV from, and only the prefill may say that
+    (a client that made the prefill return none, with a stop string, would otherwise choose the address)."""
     request = copy.deepcopy(dict(body))
+    request.pop("kv_transfer_params", None)
     params = prefilled.get("kv_transfer_params")
     if isinstance(params, dict) and params:
         request["kv_transfer_params"] = params

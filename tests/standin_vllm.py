@@ -150,6 +150,13 @@ def serve_side_channel(sock, engine_id: str) -> None:
         sock.send_multipart([identity, b"", payload(engine_id), msgspec.msgpack.encode(time.perf_counter())])
 
 
+class UvicornLikeServer(http.server.ThreadingHTTPServer):
+    """vLLM's API server is uvicorn, whose accept queue holds 2048 (the standard library's holds 5)."""
+
+    request_queue_size = 2048
+    daemon_threads = True
+
+
 class Health(http.server.BaseHTTPRequestHandler):
     """The API server: /health, and completions that speak vLLM's P/D protocol with the NixlConnector."""
 
@@ -265,7 +272,7 @@ def main(argv=None) -> int:
         coordinate(args, mode, ranks[0])
     if not args.headless:
         Health.engine, Health.host, Health.port = f"{engine}_dp{ranks[0]}", host, base + ranks[0]
-        server = http.server.ThreadingHTTPServer((host, args.port), Health)
+        server = UvicornLikeServer((host, args.port), Health)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         print(f"standin: API server at http://{host}:{args.port}", flush=True)
         print("INFO:     Application startup complete.", flush=True)  # uvicorn's line, as vLLM's API server prints it
