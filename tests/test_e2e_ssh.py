@@ -514,3 +514,27 @@ def test_accepting_new_keys_creates_a_private_ssh_directory_like_ssh(hosts, tmp_
     assert done.returncode == 0, done.stderr
     assert (os.stat(home / ".ssh").st_mode & 0o777, os.stat(home / ".ssh" / "known_hosts").st_mode & 0o777) == (0o700, 0o600)
     assert (home / ".ssh" / "known_hosts").read_text() == f"{NET}.12 {' '.join(h2_key(hosts))}\n"
+
+
+def test_a_second_test_run_takes_hosts_of_its_own_and_never_sweeps_a_live_runs(hosts, tmp_path):
+    """Two runs of the README's test command at once (two terminals, or a contributor's run beside CI)."""
+    here = "import sys; sys.path.insert(0, sys.argv[1]); from support import netns"
+    support = os.path.join(os.path.dirname(__file__))
+    unnamed = {k: v for k, v in os.environ.items() if k != "LAUNCHER_NETNS_PREFIX"}
+    second = subprocess.run([sys.executable, "-c", f"{here}; print(netns.PREFIX)", support], env=unnamed, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() not in ("", PREFIX)  # a prefix, hosts and subnets of its own, taken without being asked
+    # Named this run's prefix, a second run may not sweep these live hosts to build its own.
+    build = f"{here}; netns.NetnsCluster(1, workdir=sys.argv[2]).up()"
+    clash = subprocess.run(
+        [sys.executable, "-c", build, support, str(tmp_path / "clash")],
+        env={**os.environ, "LAUNCHER_NETNS_PREFIX": PREFIX},
+        capture_output=True,
+        text=True,
+    )
+    assert clash.returncode != 0
+    assert f"the test hosts {PREFIX}-h* belong to a run that is still going (pid {os.getpid()})" in clash.stderr, clash.stderr[-800:]
+    assert "LAUNCHER_NETNS_PREFIX" in clash.stderr.splitlines()[-1]
+    for host in hosts.hosts:  # untouched: every host still answers over its own sshd
+        assert host.run("true").returncode == 0
+    assert check(hosts, write_hostfile(tmp_path, hosts.hostfile(slots=1))).returncode == 0

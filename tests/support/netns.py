@@ -9,7 +9,9 @@ second bridge (head side 198.19.0.1), so interface selection is tested for
 real. Another ``LAUNCHER_NETNS_PREFIX`` (up to 8 letters and digits) gets
 namespaces, links and /24s of its own (198.18.S.0 and 198.19.S.0, S derived
 from the prefix, or ``LAUNCHER_NETNS_SUBNET``), so two clusters, and two test
-runs, can live on one machine at once. Each host runs its own OpenSSH sshd (own ed25519 host key, own hostname
+runs, can live on one machine at once. Without one, a run takes the first of
+lnch, lnch1 ... lnch9 that no live run holds (a lock in /tmp), and ``up``
+refuses hosts whose prefix another live process holds. Each host runs its own OpenSSH sshd (own ed25519 host key, own hostname
 via ``unshare --uts``). Only 198.18.0.0/15 addresses are used, and no
 namespace has a default route, so nothing leaves this machine.
 
@@ -24,6 +26,7 @@ limits for its size and ``down`` (or the next sweep) restores them.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -35,7 +38,51 @@ import time
 import zlib
 from dataclasses import dataclass
 
-PREFIX = os.environ.get("LAUNCHER_NETNS_PREFIX", "lnch")
+
+def _lock(prefix: str) -> int | None:
+    """Hold the lock that says a live process owns the test hosts of ``prefix``; None while another holds it.
+
+    An flock: the kernel lets it go with its holder, so a crashed run holds nothing."""
+    fd = os.open(f"/tmp/launcher-netns-{prefix}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _holder(prefix: str) -> str:
+    try:
+        with open(f"/tmp/launcher-netns-{prefix}.lock") as f:
+            return f"pid {f.read().strip() or '?'}"
+    except OSError:
+        return "another process"
+
+
+_HELD: dict[str, int] = {}  # prefix -> the lock's fd, kept open for this process's life
+
+
+def _choose_prefix() -> str:
+    """LAUNCHER_NETNS_PREFIX, else the first of lnch, lnch1 ... lnch9 that no live run holds.
+
+    Two runs of the README's test command at once then build hosts of their own instead of
+    sweeping each other's; the choice is exported, so this run's child processes share it."""
+    named = os.environ.get("LAUNCHER_NETNS_PREFIX")
+    if named:
+        return named
+    for candidate in ("lnch", *(f"lnch{i}" for i in range(1, 10))):
+        fd = _lock(candidate)
+        if fd is not None:
+            _HELD[candidate] = fd
+            os.environ["LAUNCHER_NETNS_PREFIX"] = candidate
+            return candidate
+    raise SystemExit("ten test runs already hold the prefixes lnch..lnch9: wait for one, or set LAUNCHER_NETNS_PREFIX")
+
+
+PREFIX = _choose_prefix()
 if not (PREFIX.isascii() and PREFIX.isalnum() and len(PREFIX) <= 8):  # link names have 15 bytes: 'PREFIX-v200'
     raise SystemExit(f"LAUNCHER_NETNS_PREFIX={PREFIX!r}: use up to 8 ASCII letters and digits")
 SUBNET = int(os.environ.get("LAUNCHER_NETNS_SUBNET", 0 if PREFIX == "lnch" else zlib.crc32(PREFIX.encode()) % 254 + 1))
@@ -92,6 +139,14 @@ class NetnsCluster:
 
     def up(self) -> NetnsCluster:
         _require_tools()
+        if PREFIX not in _HELD:
+            fd = _lock(PREFIX)
+            if fd is None:  # sweeping now would pull another live run's hosts from under it
+                raise RuntimeError(
+                    f"the test hosts {PREFIX}-h* belong to a run that is still going ({_holder(PREFIX)}): wait for it, or give "
+                    f"this run hosts of its own with LAUNCHER_NETNS_PREFIX=<up to 8 letters and digits>"
+                )
+            _HELD[PREFIX] = fd
         sweep()
         shutil.rmtree(self.workdir, ignore_errors=True)
         os.makedirs(self.workdir, mode=0o700)
