@@ -40,4 +40,5 @@ def _size(text: str) -> int:
 port = number(int, "a port number", lambda v: 1 <= v <= 65535, "is not a TCP port (1..65535)")
 positive = number(int, "a whole number", lambda v: v >= 1, "must be at least 1")
 size = number(_size, "a size like 4096, 64K, 1M or 1G", lambda v: 1 <= v <= 1 << 30, "must be 1 byte to 1 GiB")
-seconds = number(float, "a number of seconds", lambda v: v > 0, "must be more than 0 seconds")
+WEEK = 7 * 24 * 3600.0  # the longest wait any option takes: inf or 1e300 would hang a check, and ZMQ's clocks are 31-bit ms
+seconds = number(float, "a number of seconds", lambda v: 0 < v <= WEEK, f"must be more than 0 and at most {WEEK:.0f} seconds (a week)")

@@ -25,7 +25,8 @@ def _env_pair(text: str) -> tuple[str, str]:
     """NAME=VALUE, or NAME alone for this environment's value (keeps a secret out of argv)."""
     name, sep, value = text.partition("=")
     if not name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE or NAME, got {text!r}")
+        shown = f"{name!r}=…" if sep else repr(name)  # never the value: a secret's name may be the mistake
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE or NAME with NAME made of letters, digits and '_', got {shown}")
     if not sep:
         if name not in os.environ:
             raise argparse.ArgumentTypeError(f"{name} is not set in this environment; export it or give {name}=VALUE")

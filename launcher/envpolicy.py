@@ -120,10 +120,10 @@ COMPILE_HASH_IGNORED = frozenset(
     }
 )
 
-# A name is secret-looking when one of its _-separated parts is a short word here,
+# A name is secret-looking when one of its parts (split at _ and any other non-alphanumeric) is a short word here,
 # or contains a long one (MYPASSWORD, GITHUB_TOKENS); PWD, KEYBOARD are not.
-_SECRET_PARTS = frozenset({"PW", "PASS", "KEY", "AUTH", "PAT", "APIKEY"})
-_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE")
+_SECRET_PARTS = frozenset({"PW", "PASS", "KEY", "AUTH", "PAT", "APIKEY", "CRED", "SALT", "CERT", "COOKIE", "SIGNATURE"})
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDS", "PRIVATE")
 _URL_PASSWORD = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^/\s:@]*:)([^@/\s]+)@")
 MASK = "****"
 
@@ -135,7 +135,8 @@ def in_compile_hash(name: str) -> bool:
 
 def is_secret(name: str) -> bool:
     upper = name.upper()
-    return any(part in _SECRET_PARTS for part in upper.split("_")) or any(word in upper for word in _SECRET_WORDS)
+    parts = re.split(r"[^A-Z0-9]+", upper)  # '_' in a valid name; '-' or '.' in a misspelt one (HF-API-KEY) is a secret's name too
+    return any(part in _SECRET_PARTS for part in parts) or any(word in upper for word in _SECRET_WORDS)
 
 
 def masked(name: str, value: str) -> str:

@@ -34,11 +34,18 @@ class Devices(msgspec.Struct, frozen=True):
     source: str  # where they were found, for messages: "gpus= in the hostfile", "nvidia-smi -L", ...
 
 
+MAX_DEVICES = 1024  # devices one host may offer; a count from input is checked before anything is built for it
+
+
 def parse_device_list(text: str) -> tuple[str, ...]:
     """'0,1,4' or 'GPU-uuid,...' -> its items; a bare count '8' -> '0'..'7'. Raises ValueError naming the bad item."""
     text = text.strip()
-    if text.isdigit() and "," not in text:
+    if text.isascii() and text.isdigit():
+        if int(text[:12]) > MAX_DEVICES or len(text) > 12:
+            raise ValueError(f"{text[:20]}{'…' if len(text) > 20 else ''} devices is more than a host has (at most {MAX_DEVICES})")
         return tuple(str(i) for i in range(int(text)))
+    if text.count(",") >= MAX_DEVICES:
+        raise ValueError(f"{text.count(',') + 1} devices is more than a host has (at most {MAX_DEVICES})")
     items = tuple(t.strip() for t in text.split(","))
     for item in items:
         if not _DEVICE.fullmatch(item):
@@ -51,18 +58,25 @@ def parse_device_list(text: str) -> tuple[str, ...]:
 def discover(host_gpus: str | None, env: Mapping[str, str], nvidia_smi: Callable[[], tuple[str, ...] | None]) -> Devices | None:
     """The devices this host offers, first found wins (module docstring); None when nothing says."""
     if host_gpus:
-        return Devices(parse_device_list(host_gpus), "gpus= in the hostfile")
+        return _devices(host_gpus, "gpus= in the hostfile")
     visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
     if visible and visible != "NoDevFiles":
         where = "Slurm's CUDA_VISIBLE_DEVICES for this step" if "SLURM_STEP_ID" in env else "CUDA_VISIBLE_DEVICES on the host"
-        return Devices(parse_device_list(visible), where)
+        return _devices(visible, where)
     for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
         if env.get(name, "").strip():
-            return Devices(parse_device_list(env[name]), f"{name} (Slurm)")
+            return _devices(env[name], f"{name} (Slurm)")
     found = nvidia_smi()
     if found is not None:
         return Devices(found, "nvidia-smi -L")
     return None
+
+
+def _devices(text: str, source: str) -> Devices:
+    try:
+        return Devices(parse_device_list(text), source)
+    except ValueError as exc:  # a host's own variable is input too: one line naming it, never a crash of its agent
+        raise GpuError(f"{source}: {exc}; fix it, or give this host gpus=N in the hostfile") from None
 
 
 def slice_for(devices: Devices | None, *, host: str, local_rank: int, served: int, per_rank: int, slots: int) -> str:

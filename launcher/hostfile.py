@@ -33,7 +33,9 @@ OPTIONS = ("slots", "port", "ifname", "cidr", "python", "cwd", "gpus", "role")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _HOST_CHARS = re.compile(r"[A-Za-z0-9._\-\[\],:]+\Z")
 _SCOPE_ID = re.compile(r"[0-9A-Za-z._-]+\Z")  # an IPv6 zone: an interface name or index, nothing a shell would read
-_ENV_WORD = re.compile(r"(env:([A-Za-z_][A-Za-z0-9_]*)=)(\"[^\"]*\"?|'[^']*'?|\S*)")
+# An env: word as an error may echo it, its value masked when the name looks secret: a valid name or not
+# (env:HF-TOKEN=...), the value quoted or the whole word ("env:HF_TOKEN=a b").
+_ENV_WORD = re.compile(r"""(["'])(env:([^\s=]*)=)(.*?)(\1|$)|(env:([^\s=]*)=)("[^"]*"?|'[^']*'?|\S*)()""")
 
 
 class HostfileError(ValueError):
@@ -48,7 +50,13 @@ class HostfileError(ValueError):
 
 def _masked_line(line: str) -> str:
     """The line as an error may echo it: secret-looking env: values masked, as ``hosts`` and ``plan`` show them."""
-    return _ENV_WORD.sub(lambda m: m.group(1) + masked(m.group(2), m.group(3).strip("\"'")), line)
+
+    def mask(m: re.Match) -> str:
+        if m.group(1):  # the whole word quoted
+            return m.group(1) + m.group(2) + masked(m.group(3), m.group(4)) + m.group(5)
+        return m.group(6) + masked(m.group(7), m.group(8).strip("\"'"))
+
+    return _ENV_WORD.sub(mask, line)
 
 
 def parse(text: str, source: str = "hostfile") -> list[Host]:
@@ -228,8 +236,9 @@ def _positive(text: str, what: str, fail) -> int:
 
 def _parse_env(text: str, fail) -> tuple[str, str]:
     name, sep, value = text.partition("=")
-    if not sep or not _ENV_NAME.match(name):
-        raise fail(f"env:{text!r} is not env:NAME=VALUE with NAME made of letters, digits and '_'")
+    if not sep or not _ENV_NAME.match(name):  # the value is not echoed: a secret's name may be the mistake
+        shown = f"{name!r}=…" if sep else repr(name)
+        raise fail(f"env:{shown} is not env:NAME=VALUE with NAME made of letters, digits and '_'")
     return name, value
 
 

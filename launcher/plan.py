@@ -350,9 +350,14 @@ def _render_env(pairs: Sequence[tuple[str, str]], values: Mapping[str, str], whe
         try:
             (value,) = render_template((value,), values)
         except CommandError:
-            used = next(m.group(1) for m in re.finditer(r"(?<!\{)\{([a-z_]+)\}(?!\})", value) if m.group(1) not in values)
+            used = next((m.group(1) for m in re.finditer(r"\{([a-z_]+)\}", value) if m.group(1) not in values), None)
+            if used is None:
+                raise PlanError(
+                    f"{name}={envpolicy.masked(name, value)!r} ({where}) has braces that are no placeholder; "
+                    f"write {{{{ and }}}} for literal braces"
+                ) from None
             raise PlanError(
-                f"{name}={value!r} ({where}) uses {{{used}}}, which an environment value cannot take: only "
+                f"{name}={envpolicy.masked(name, value)!r} ({where}) uses {{{used}}}, which an environment value cannot take: only "
                 f"{' '.join('{' + v + '}' for v in values)}; write {{{{{used}}}}} for a literal"
             ) from None
         rendered.append((name, value))

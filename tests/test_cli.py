@@ -32,6 +32,22 @@ from conftest import run_launcher, write_hostfile
             'launcher: error: --head-command is not one shell-quoted command (No closing quotation): "vllm \'x"',
         ),
         (
+            ["plan", "--env", "X={foo}}"],
+            "launcher: error: X='{foo}}' (--env) uses {foo}, which an environment value cannot take",
+        ),
+        (
+            ["plan", "--env", "MY_TOKEN=s3cr3t{x}}"],
+            "launcher: error: MY_TOKEN='****' (--env) uses {x}",
+        ),
+        (
+            ["check", "--handshake-timeout", "inf"],
+            "launcher check: error: argument --handshake-timeout: inf must be more than 0 and at most 604800 seconds (a week)",
+        ),
+        (
+            ["run", "--ready-timeout", "1e300"],
+            "launcher run: error: argument --ready-timeout: 1e300 must be more than 0 and at most 604800 seconds (a week)",
+        ),
+        (
             ["run", "--ready-url", "localhost:8000/health", "--", "vllm"],
             "launcher: error: --ready-url 'localhost:8000/health' is not an http(s) URL; for example http://{host_ip}:8000/health",
         ),

@@ -49,6 +49,16 @@ def test_device_lists_are_refused_with_the_line_when_malformed():
         hostfile.parse("a gpus=0;rm\n", source="hf")
 
 
+@pytest.mark.parametrize("text", ["99999999999999", "1025", "0," * 5000 + "1", "9" * 5000])
+def test_a_device_count_from_input_is_bounded_before_anything_is_built_for_it(text):
+    """gpus=99999999999999 once built that many strings: 24 GB, until the kernel's OOM killer stepped in."""
+    with pytest.raises(ValueError, match=r"devices is more than a host has \(at most 1024\)"):
+        parse_device_list(text)
+    with pytest.raises(GpuError, match=r"more than a host has"):
+        discover(None, {"CUDA_VISIBLE_DEVICES": text}, lambda: None)
+    assert len(parse_device_list("1024")) == 1024
+
+
 def test_the_plan_refuses_a_host_with_too_few_listed_gpus_and_fills_env_placeholders_per_rank():
     with pytest.raises(PlanError, match=r"needs 4 GPUs on a \(hf:1\), which has 2"):
         plan.build([Host("a", slots=2, gpus="2", origin="hf:1")], LaunchOptions(gpus_per_rank=2), {}, "j")

@@ -245,8 +245,10 @@ def test_an_agent_never_echoes_the_bytes_of_a_spec_it_cannot_read():
 
 
 @pytest.mark.parametrize(
-    "name", ["HF_TOKEN", "DB_PW", "MY_PASSWORD", "GITHUB_PAT", "X_API_KEY", "PRIVATE_CERT", "SSH_AUTH_SOCK", "OAUTH_CREDENTIALS"]
-)
+    "name",
+    ["HF_TOKEN", "DB_PW", "MY_PASSWORD", "GITHUB_PAT", "X_API_KEY", "PRIVATE_CERT", "SSH_AUTH_SOCK", "OAUTH_CREDENTIALS",
+     "GCP_CREDS", "PASSWORD_SALT", "TLS_CERT", "SESSION_COOKIE", "REQUEST_SIGNATURE"],
+)  # fmt: skip
 def test_secret_looking_names_are_masked_and_ordinary_ones_are_not(name):
     assert envpolicy.masked(name, "value") == "****"
     assert envpolicy.masked("PWD", "/home") == "/home" and envpolicy.masked("KEYBOARD", "us") == "us"
@@ -423,3 +425,41 @@ def test_a_job_of_many_hosts_gets_the_open_files_it_needs():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["1024", "4096"]  # a small job leaves the limit alone; a large one gets the hard limit
+
+
+def process_memory(pid: int) -> bytes:
+    """Every readable mapping of a process (we are root), as a core dump would hold it."""
+    chunks = []
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or line.rstrip().endswith(("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                chunks.append(mem.read(end - start))
+            except (OSError, ValueError, OverflowError):
+                continue
+    return b"".join(chunks)
+
+
+@pytest.mark.e2e
+def test_a_secret_the_allowlist_drops_is_in_no_process_of_the_job_not_even_in_its_memory(tmp_path, no_leaks, port_base):
+    """Local agents and built-in ranks are forked, and a fork's memory is a copy of its parent's: with a
+    secret about that ranks must not get, the agent is exec'd, so no copy of the head's environment exists."""
+    marker = "zz-" + os.urandom(8).hex()
+    run = RunningLauncher(
+        ["-H", write_hostfile(tmp_path, "localhost slots=2\n"), "--port-base", str(port_base)],
+        env={**os.environ, "MY_DB_PASSWORD": marker},
+    )
+    try:
+        run.ready_rows(2)
+        job = psutil.Process(run.proc.pid).children(recursive=True)
+        assert len(job) >= 3, job  # the agent and its two ranks
+        assert marker.encode() in process_memory(run.proc.pid)  # the head has it: the scan finds what is there
+        holding = [(p.pid, " ".join(p.cmdline())) for p in job if marker.encode() in process_memory(p.pid)]
+        assert holding == []
+    finally:
+        run.proc.send_signal(signal.SIGINT)
+        assert run.finish() == 130

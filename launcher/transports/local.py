@@ -110,11 +110,11 @@ class LocalTransport(Transport):
             return
         from .. import forked
 
-        if not forked.single_threaded() or not forked.supported():
+        argv, env = [sys.executable, "-m", "launcher.agent"], envpolicy.login_environment(os.environ)
+        if not forked.single_threaded() or not forked.supported() or _secrets_dropped(os.environ, env):
             return
         from .. import agent
 
-        argv, env = [sys.executable, "-m", "launcher.agent"], envpolicy.login_environment(os.environ)
         for host in simple:
             try:
                 self._forked.setdefault(host.label, []).append(forked.spawn(agent.main, argv, env, stdin_pipe=True))
@@ -126,3 +126,14 @@ class LocalTransport(Transport):
         if literal is not None:
             return literal
         return "127.0.0.1" if host.is_loopback else netif.resolve(host.name)
+
+
+def _secrets_dropped(head_env, agent_env) -> list[str]:
+    """Secret-looking variables of the head that neither the agent's login set nor the default allowlist keeps.
+
+    A forked agent's memory is a copy of the head's, this environment included (not in /proc/PID/environ,
+    which is rewritten, but in /proc/PID/mem and a core dump), and so is every rank it forks: with such a
+    variable about, the agent is exec'd with the login set only, and nothing the allowlist drops is in
+    any process of the job."""
+    policy = envpolicy.EnvPolicy()
+    return [k for k in head_env if envpolicy.is_secret(k) and k not in agent_env and policy.allow_rule(k) is None]
