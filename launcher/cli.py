@@ -418,7 +418,9 @@ def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
         drained = reporter.close()
     if args.json and not closed:
         document = documents.result_document(result)
-        document["exit_code"] = code  # this process's: a signal or a closed stdout decides it too
+        # This process's verdict: a signal or a closed stdout decides it too, and a job stopped before its
+        # check ran is no passed check.
+        document.update(ok=code == 0, exit_code=code, stopped_by=signal.Signals(received[0]).name if received else None)
         print(_json(document), flush=True)
     if closed:
         _silence_stdout() if closed[0] == "stdout" else None

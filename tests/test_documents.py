@@ -83,4 +83,22 @@ def test_a_run_stopped_by_sigterm_reports_143_in_its_document(tmp_path, no_leaks
     out, _ = proc.communicate(timeout=30)
     doc = json.loads(out)
     assert proc.returncode == doc["exit_code"] == 143
+    assert (doc["ok"], doc["stopped_by"]) == (False, "SIGTERM")  # stopped is not "ok": the process says 143
     assert all(r["state"] == "exited" for r in doc["ranks"])
+
+
+@pytest.mark.e2e
+def test_a_check_stopped_before_it_ran_is_no_passed_check(tmp_path, no_leaks, port_base):
+    proc = subprocess.Popen(
+        launcher_cmd("check", "-H", write_hostfile(tmp_path, "localhost slots=2"), "--port-base", str(port_base), "--json"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err = []
+    wait_for(lambda: err.append(proc.stderr.readline()) or "agents connected" in err[-1], timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    doc = json.loads(out)
+    assert proc.returncode == doc["exit_code"] == 143
+    assert doc["ok"] is False and doc["stopped_by"] == "SIGTERM" and doc["check"] is None
