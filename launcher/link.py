@@ -118,10 +118,15 @@ class HostLink:
 
     # --- end -------------------------------------------------------------------------------------
 
-    def finish(self, gone: bool) -> None:
-        """After ``close``: wait for the agent's exit (not for a host already given up on), else terminate it."""
+    def finish(self, gone: bool) -> bool:
+        """After ``close``: wait for the agent's exit (not for a host already given up on), else terminate it.
+
+        True when that killed the agent (a stalled one, say) without its own teardown: what its ranks
+        started in sessions of their own is still running, and the host wants a sweep."""
         if self.conn is not None and self.conn.wait(0 if gone else 2.0) is None:
             self.terminate()
+            return self.conn.terminate_kills_agent
+        return False
 
     def terminate(self) -> None:
         if self.conn is not None:

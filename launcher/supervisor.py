@@ -168,7 +168,8 @@ class Supervisor:
         for link in self.links:
             link.close()
         for link, host in zip(self.links, self.job.hosts, strict=True):
-            link.finish(gone=host.gone)
+            if link.finish(gone=host.gone) and link.sweeper is None and self.job.started_any(link.index):
+                link.sweep(self.plan.job_id, self.reporter.progress)
         for link, host in zip(self.links, self.job.hosts, strict=True):
             link.join(timeout=0.5 if host.gone else 5.0)  # a lost host's reader may sit in a read no FIN will end
         self._drain()

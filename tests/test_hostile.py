@@ -463,3 +463,25 @@ def test_a_secret_the_allowlist_drops_is_in_no_process_of_the_job_not_even_in_it
     finally:
         run.proc.send_signal(signal.SIGINT)
         assert run.finish() == 130
+
+
+@pytest.mark.e2e
+def test_a_stalled_local_agent_is_killed_and_what_its_ranks_left_is_swept(tmp_path, no_leaks, port_base):
+    """The chaos loop's one leak: SIGSTOP a local agent, the head kills it at its heartbeat timeout, and
+    the detached process its rank had started kept running. The head now sweeps after any agent it kills."""
+    left = tmp_path / "detached.pid"
+    rank = f"setsid sh -c 'echo $$ > {left}; exec sleep 300' & echo go; exec sleep 300"
+    run = RunningLauncher(
+        ["-H", write_hostfile(tmp_path, "localhost\n"), "--port-base", str(port_base), "--heartbeat-timeout", "2", "--grace", "1",
+         "--ready-log", "^go$", "--", "sh", "-c", rank],
+    )  # fmt: skip
+    run.ready_rows(1)
+    assert wait_for(left.exists, 10)
+    detached = int(left.read_text())
+    agents = [p for p in psutil.Process(run.proc.pid).children() if "launcher.agent" in " ".join(p.cmdline())]
+    assert len(agents) == 1, agents
+    agents[0].send_signal(signal.SIGSTOP)
+    assert run.finish(timeout=60) == 3
+    assert any(line.startswith("launcher: FAILED: host localhost lost") for line in run.stderr), run.stderr[-5:]
+    assert any(f"swept 1 processes this job left on localhost (pids {detached})" in line for line in run.stderr), run.stderr[-8:]
+    assert wait_for(lambda: not psutil.pid_exists(detached) or psutil.Process(detached).status() == psutil.STATUS_ZOMBIE, 5)

@@ -29,6 +29,10 @@ class AllocationError(ValueError):
 class AgentConnection(abc.ABC):
     """A running agent: its stdin, its stdout lines, its end."""
 
+    # Whether ``terminate`` ends the agent itself (a signal to it), not only the connection to it: then
+    # whatever its ranks started in sessions of their own outlives it, and the head sweeps the host after.
+    terminate_kills_agent = False
+
     def __init__(self, host: Host):
         self.host = host
         self._stderr = collections.deque(maxlen=50)

@@ -18,6 +18,8 @@ from .base import AgentConnection, Transport, TransportError
 class ProcessConnection(AgentConnection):
     """An agent behind a local process's pipes: the agent itself, or srun standing in for it."""
 
+    terminate_kills_agent = True
+
     def __init__(self, host: Host, popen: subprocess.Popen):
         super().__init__(host)
         self.popen = popen

@@ -74,6 +74,8 @@ def allocation_hosts(env: Mapping[str, str], slots: int | None = None) -> list[H
 class SrunConnection(ProcessConnection):
     """An agent behind srun; slurmstepd says on its stderr when Slurm cancelled the step."""
 
+    terminate_kills_agent = False  # srun killed, Slurm ends the whole step: every process in its cgroup
+
     def stop_reason(self) -> str | None:
         for line in self.stderr_tail(wait=0):
             found = re.search(r"\*\*\* (.* CANCELLED AT .*?) \*\*\*", line)  # slurmstepd: error: *** STEP 12.3 ON n2 CANCELLED AT ... ***
