@@ -28,9 +28,10 @@ Imported by the built-in engine core only, and only with ``--transfer``.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
+import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -72,8 +73,7 @@ class TransferEndpoint:
         if interface:
             env.setdefault("UCX_NET_DEVICES", interface)
         env.setdefault("UCX_PROTO_INFO", "y")  # UCX logs which protocol and device each operation uses...
-        own = "UCX_LOG_FILE" not in env
-        self.log = UcxLog(env.setdefault("UCX_LOG_FILE", os.path.join(tempfile.gettempdir(), f"launcher-ucx.{os.getpid()}.%p.log")), own)
+        self.log = UcxLog.for_this_process(env)
         try:
             import numpy as np
             from nixl._api import nixl_agent, nixl_agent_config
@@ -198,11 +198,22 @@ class UcxLog:
     """UCX's own log of this process (UCX_LOG_FILE, with UCX_PROTO_INFO=y): which protocol and device each
     kind of operation uses, and UCX's errors, which name what it could not reach ('no route to 198.19.0.11:4753')."""
 
-    def __init__(self, path: str, own: bool):
-        self.path, self.own = path, own
+    def __init__(self, path: str, private_dir: str | None = None):
+        self.path, self.private_dir = path, private_dir
         self.used = "UCX (its log did not say which lane)"
         self.errors: list[str] = []
-        self._offsets: dict[str, int] = {}
+        self._offset = 0
+
+    @classmethod
+    def for_this_process(cls, env) -> UcxLog:
+        """The user's UCX_LOG_FILE if set (theirs to keep), else a file in a directory of our own (0700, a
+        name nobody can guess): a predictable name in /tmp let another user plant a symlink there, and
+        UCX, writing its log, overwrote the file it pointed to."""
+        if "UCX_LOG_FILE" in env:
+            return cls(env["UCX_LOG_FILE"].replace("%p", str(os.getpid())))
+        private = tempfile.mkdtemp(prefix="launcher-ucx-")
+        env["UCX_LOG_FILE"] = os.path.join(private, "ucx.log")
+        return cls(env["UCX_LOG_FILE"], private)
 
     def update(self) -> None:
         lines = self._new_lines()
@@ -223,27 +234,23 @@ class UcxLog:
 
     def _new_lines(self) -> list[str]:
         _flush_c_streams()  # UCX writes through a buffered FILE*: what it just chose may still sit in it
-        lines: list[str] = []
-        for path in glob.glob(self.path.replace("%p", "*")):
-            try:
-                with open(path, "rb") as f:
-                    f.seek(self._offsets.get(path, 0))
-                    data = f.read(1 << 20)
-            except OSError:
-                continue
-            whole = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
-            self._offsets[path] = self._offsets.get(path, 0) + len(whole)
-            lines += whole.decode(errors="replace").splitlines()
-        return lines
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # exactly this file: never a link, never a FIFO
+        except OSError:
+            return []
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return []
+            f.seek(self._offset)
+            data = f.read(1 << 20)
+        whole = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+        self._offset += len(whole)
+        return whole.decode(errors="replace").splitlines()
 
     def remove(self) -> None:
-        if not self.own:
+        if self.private_dir is None:
             return  # a log the user asked for (UCX_LOG_FILE) is theirs to keep
-        for path in glob.glob(self.path.replace("%p", "*")):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
 def _flush_c_streams() -> None:

@@ -130,3 +130,26 @@ def test_a_hostile_peers_metadata_is_a_failed_pair_never_a_crash():
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["examples"] >= 150 and report["failed_pairs"] > 0 and report["reasons_without_text"] == 0, report
+
+
+def test_ucxs_log_lives_in_a_private_directory_and_is_read_without_following_links(tmp_path):
+    """A predictable /tmp name let another user plant a symlink that UCX, writing its log, followed."""
+    from launcher.transfer import UcxLog
+
+    env: dict[str, str] = {}
+    logs = [UcxLog.for_this_process(env), UcxLog.for_this_process({})]
+    private = os.path.dirname(env["UCX_LOG_FILE"])
+    assert env["UCX_LOG_FILE"] == logs[0].path and logs[0].path != logs[1].path  # a fresh directory each time
+    info = os.stat(private)
+    assert (info.st_mode & 0o777, info.st_uid) == (0o700, os.getuid())
+    target = tmp_path / "precious"
+    target.write_text("| remote memory read by x\n")
+    os.symlink(target, logs[0].path)  # planted anyway: it is never read through
+    logs[0].update()
+    assert logs[0].used == "UCX (its log did not say which lane)"
+    for log in logs:
+        log.remove()
+    assert not os.path.exists(private) and target.read_text() == "| remote memory read by x\n"
+    mine = UcxLog.for_this_process({"UCX_LOG_FILE": str(tmp_path / "ucx.%p.log")})  # the user's own log: kept
+    assert mine.path == str(tmp_path / f"ucx.{os.getpid()}.log")
+    mine.remove()
