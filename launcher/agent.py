@@ -37,7 +37,7 @@ from . import bootstrap, envpolicy, forked, gpus, netif, protocol, rankenv, read
 from .check import PROBE_CONCURRENCY
 from .command import BOOTSTRAP, BUILTIN_ENGINE, vllm_interpreter_hint
 from .exitwatch import ExitWatch
-from .probe import ProbeError, port_holder, tcp_connect
+from .probe import ProbeError, foreign_listener, port_holder, tcp_connect
 from .version import __version__
 
 PR_SET_PDEATHSIG = 1
@@ -394,30 +394,20 @@ class Agent:
 
         vLLM 0.32 waits forever for a listener that failed to bind (another
         program holds its port), so a connect alone would call a hung vLLM
-        ready. Processes we may not inspect count as the rank's.
+        ready. The rank's tree must hold the listening socket itself; a port
+        whose holder cannot be proven (another user's) is not the rank's.
         """
         try:
-            tree = frozenset({rp.process.pid, *(c.pid for c in psutil.Process(rp.process.pid).children(recursive=True))})
+            tree = {rp.process.pid, *(c.pid for c in psutil.Process(rp.process.pid).children(recursive=True))}
         except psutil.Error:
+            return None  # the rank is gone: its exit tells
+        problem = foreign_listener(rp.resolved.address, rp.spec.ports, tree)
+        if problem is None:
             return None
-        for port in rp.spec.ports:
-            holder = port_holder(port, rp.resolved.address, exclude=tree)
-            if holder and not self._listens_in_tree(port, tree):
-                return (
-                    f"side-channel port {port} at {rp.resolved.address} is held by {holder}, so this rank's vLLM "
-                    f"cannot bind it, and vLLM then waits for its listener forever; stop what holds the port or move "
-                    f"this job's ports with --port-base"
-                )
-        return None
-
-    @staticmethod
-    def _listens_in_tree(port: int, tree: frozenset[int]) -> bool:
-        try:
-            return any(
-                c.laddr and c.laddr.port == port and c.pid in tree and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp")
-            )
-        except psutil.Error:
-            return True
+        return (
+            f"side-channel {problem}, not by this rank, so its vLLM cannot bind it, and vLLM then waits for its "
+            f"listener forever; stop what holds the port or move this job's ports with --port-base"
+        )
 
     def _fail_rank(self, rp: RankProcess, message: str) -> None:
         """A rank that can never become ready: the head ends the job with this reason."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
+from typing import NamedTuple
 
 # Linux: bind an address now, a port only at connect(), so that a probe
 # from a chosen source address does not reserve an ephemeral port per socket.
@@ -69,3 +71,75 @@ def port_holder(port: int, address: str | None = None, exclude: frozenset[int] =
         return f"another process (pid {pid}: {' '.join(proc.cmdline())[:80]})"
     except psutil.Error:
         return f"pid {pid}"
+
+
+class Listener(NamedTuple):
+    """A listening TCP socket of this network namespace, as /proc/net/tcp{,6} shows it to any user."""
+
+    address: str
+    port: int
+    uid: int
+    inode: int
+
+
+def listeners(port: int) -> list[Listener]:
+    """Every socket listening on ``port`` here, with its owner's uid and its inode (no privilege needed)."""
+    found = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            hex_address, _, hex_port = fields[1].partition(":")
+            if int(hex_port, 16) != port:
+                continue
+            raw = bytes.fromhex(hex_address)
+            # The kernel prints each 32-bit word in host order (little-endian here).
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            address = socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6, packed)
+            found.append(Listener(address, port, int(fields[7]), int(fields[9])))
+    return found
+
+
+def socket_inodes(pids) -> set[int]:
+    """The inodes of the sockets these processes hold open (processes we may not read add nothing)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for name in names:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def foreign_listener(address: str, ports, tree) -> str | None:
+    """Why a port of ``ports`` that accepts connections at ``address`` is not proven to be held by the
+    processes ``tree`` (a rank and its descendants), or None when each one is.
+
+    Proof is a listening socket whose inode one of them holds open: its listener is then theirs. Without
+    it (another user's socket, which psutil will not name to a non-root launcher) the port is not the
+    rank's, whoever answers on it."""
+    mine = socket_inodes(tree)
+    wildcards = ("0.0.0.0", "::")
+    for port in ports:
+        here = [item for item in listeners(port) if item.address in (address.strip("[]"), *wildcards)]
+        if any(item.inode in mine for item in here):
+            continue
+        if not here:
+            return f"nothing listens on port {port} at {address}"
+        other = here[0]
+        who = f"another user (uid {other.uid})" if other.uid != os.getuid() else "another process of this user"
+        return f"port {port} at {address} is held by {port_holder(port, address, exclude=frozenset(tree)) or who}"
+    return None

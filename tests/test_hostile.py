@@ -485,3 +485,59 @@ def test_a_stalled_local_agent_is_killed_and_what_its_ranks_left_is_swept(tmp_pa
     assert any(line.startswith("launcher: FAILED: host localhost lost") for line in run.stderr), run.stderr[-5:]
     assert any(f"swept 1 processes this job left on localhost (pids {detached})" in line for line in run.stderr), run.stderr[-8:]
     assert wait_for(lambda: not psutil.pid_exists(detached) or psutil.Process(detached).status() == psutil.STATUS_ZOMBIE, 5)
+
+
+def test_a_port_another_user_holds_is_never_taken_for_the_ranks_own_by_a_launcher_that_is_not_root(port_base, monkeypatch):
+    """A non-root agent cannot see who holds another user's socket (psutil names no pid): that once counted
+    as the rank's own, so a squatter made the job "ready" while vLLM hung. Proof is now the listening
+    socket's inode in the rank's own tree, which /proc shows any user."""
+    from launcher import probe
+
+    monkeypatch.setattr(probe, "port_holder", lambda *args, **kwargs: None)  # what a non-root agent learns of the holder
+    squatter = listening_as(65534, port_base)
+    mine = subprocess.Popen(
+        [PY, "-c", "import socket,sys,time; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); "
+         "print(1, flush=True); time.sleep(60)", str(port_base + 1)],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        mine.stdout.readline()
+        assert probe.foreign_listener("127.0.0.1", [port_base + 1], {mine.pid}) is None  # its own: the inode is in its tree
+        assert (
+            probe.foreign_listener("127.0.0.1", [port_base], {mine.pid})
+            == f"port {port_base} at 127.0.0.1 is held by another user (uid 65534)"
+        )
+        assert probe.foreign_listener("127.0.0.1", [port_base + 2], {mine.pid}) == f"nothing listens on port {port_base + 2} at 127.0.0.1"
+    finally:
+        mine.kill()
+        mine.wait()
+        os.close(squatter)
+
+
+def listening_as(uid: int, port: int) -> int:
+    """A process of ``uid`` listening on 127.0.0.1:``port`` until the returned fd is closed (a fork: no
+    interpreter of ours need be readable by that user)."""
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: system calls only, then _exit
+        try:
+            import socket as sockets
+
+            os.close(ready_r)
+            os.close(hold_w)  # else its own copy keeps the hold open forever
+            os.setgid(uid)
+            os.setuid(uid)
+            s = sockets.socket()
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            os.write(ready_w, b"1")
+            os.read(hold_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(hold_r)
+    assert os.read(ready_r, 1) == b"1"
+    os.close(ready_r)
+    threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True).start()
+    return hold_w
