@@ -15,8 +15,15 @@ keeps serving, whatever a peer sends:
 - libzmq bounds frames, not frames per message, and holds a whole multipart
   message before delivering any of it (2 million empty frames cost ~120 MB),
   so the serve loop watches its process's memory: past ``MEMORY_HEADROOM``
-  over what it started with, it drops every connection (a new socket on the
-  same port) and hands the freed memory back;
+  over what it started with, it drops every connection and hands the freed
+  memory back. The listening socket stays bound throughout: closing it to
+  drop connections once left a window in which another local user took the
+  port and answered handshakes in the rank's name;
+- a peer that completes ZMTP's greeting and then idles would hold its
+  descriptor forever (1100 of them held a rank at its open-files limit):
+  a connection lives at most ``MAX_CONNECTION_AGE`` (a handshake takes
+  milliseconds, and vLLM's client closes its socket after each), and past
+  ``MAX_CONNECTIONS`` the oldest are dropped first;
 - rejections are logged at most ``LOG_BURST`` a minute, then counted.
 
 ``handshake`` is the client: one request, the reply decoded.
@@ -47,6 +54,8 @@ MAX_FRAME_BYTES = 4096  # per frame, enforced by ZMQ before we see it; a request
 RCVHWM = 64  # messages queued per peer before libzmq stops reading from it
 HANDSHAKE_MS = 2000  # a connection that has not finished ZMTP's greeting by then is dropped
 MEMORY_HEADROOM = 64 * 1024 * 1024  # growth over the listener's start that means a flood
+MAX_CONNECTION_AGE = 30.0  # seconds a connection may stay open; vLLM's client closes after each handshake
+MAX_CONNECTIONS = 512  # open at once (also at most half the open-files limit); the oldest go first
 LOG_BURST = 20  # rejections logged per minute; the rest are counted
 DEFAULT_TIMEOUT = 5.0  # vLLM's client RCVTIMEO
 
@@ -72,10 +81,12 @@ class SideChannelListener:
         self.requests_served = 0
         self.requests_rejected = 0
         self.resets = 0  # times every connection was dropped for a flood
+        self.dropped = 0  # connections dropped for age, for the cap, or in a flood
+        self._cap = min(MAX_CONNECTIONS, _open_files_limit() // 2)
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
-        self._connections = 0  # open now, from the socket's monitor events
+        self._open: dict[int, _Connection] = {}  # fd -> an accepted connection open now, from the monitor's events
         self._logged: list[float] = []  # times of the rejections logged this minute
         self._unlogged = 0
 
@@ -100,7 +111,7 @@ class SideChannelListener:
         self._sock = sock
         # Connections come and go as events: with none open, nothing can flood, and the watchdog may rest.
         self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self._connections = 0
+        self._open = {}
 
     def _bind_error(self, exc: zmq.ZMQError) -> SideChannelBindError:
         where = f"{self.address}:{self.port} on host {self.hostname}"
@@ -138,8 +149,9 @@ class SideChannelListener:
                     self._reset()
                     baseline = max(baseline, _rss())  # what the reset could not give back is not counted twice
                     continue
+                self._drop_old(now)
             self._count_connections()
-            resting = on_idle is None and idle_ms is not None and not self._connections
+            resting = on_idle is None and idle_ms is not None and not self._open
             wait = on_idle() if on_idle is not None else idle_ms if resting else poll_ms
             # A connection's events wake the loop only while it rests: otherwise it looks every poll_ms
             # anyway, and an all-pairs check opens thousands of connections (two more wake-ups each).
@@ -180,7 +192,7 @@ class SideChannelListener:
         return frames
 
     def _reset(self) -> None:
-        """Drop every connection: a new socket on the same port; libzmq's buffers go back to the system."""
+        """Drop every connection, keeping the port bound; libzmq's buffers go back to the system."""
         self.resets += 1
         log.warning(
             "side channel %s:%s: memory grew past %d MiB: a peer is flooding; dropping every connection",
@@ -188,15 +200,33 @@ class SideChannelListener:
             self.port,
             MEMORY_HEADROOM >> 20,
         )
-        self.close()
-        time.sleep(0.05)  # the I/O thread tears the old pipes down
+        self._count_connections()
+        self._drop(list(self._open))
+        time.sleep(0.05)  # the I/O thread tears the dropped pipes down, and their queued messages with them
+        for _ in range(RCVHWM * 4):  # what was delivered before the drop (a flood's, most likely), bounded
+            if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:
+                break
+            self._receive_discarded()
         _trim()
-        while True:
-            try:
-                self.bind()
-                return
-            except SideChannelBindError:
-                time.sleep(0.1)
+
+    def _drop_old(self, now: float) -> None:
+        """Connections past MAX_CONNECTION_AGE, and the oldest past the cap."""
+        self._count_connections()
+        by_age = sorted(self._open, key=lambda fd: self._open[fd].since)
+        over = max(0, len(by_age) - self._cap)
+        self._drop([fd for i, fd in enumerate(by_age) if i < over or now - self._open[fd].since > MAX_CONNECTION_AGE])
+
+    def _drop(self, fds: list[int]) -> None:
+        """Shut these connections down (libzmq then closes them itself), each checked to still be the one accepted:
+        a descriptor number is reused once libzmq has closed it."""
+        for fd in fds:
+            conn = self._open.pop(fd, None)
+            if conn is not None and conn.shut_down(self.port):
+                self.dropped += 1
+
+    def _receive_discarded(self) -> None:
+        while self._sock.recv(copy=False, flags=zmq.NOBLOCK).more:
+            pass
 
     def reply_to(self, frames: list[bytes]) -> list[bytes] | None:
         """The frames to send back for one received ROUTER message (None: no reply possible)."""
@@ -237,7 +267,11 @@ class SideChannelListener:
     def _count_connections(self) -> None:
         while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:  # asked, not tried: zmq.Again at every look costs more
             event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            self._connections = max(0, self._connections + (1 if event["event"] == zmq.EVENT_ACCEPTED else -1))
+            fd = event["value"]  # the connection's descriptor, for both events
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._open[fd] = _Connection.accepted(fd)
+            else:
+                self._open.pop(fd, None)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -245,6 +279,54 @@ class SideChannelListener:
             self._monitor.close(linger=0)
             self._sock.close(linger=0)
             self._sock = None
+
+
+class _Connection(msgspec.Struct):
+    """An accepted connection, as it was at accept: its peer says whether a descriptor is still it."""
+
+    fd: int
+    peer: object
+    since: float
+
+    @classmethod
+    def accepted(cls, fd: int) -> _Connection:
+        return cls(fd, _peer(fd), time.monotonic())
+
+    def shut_down(self, port: int) -> bool:
+        """shutdown(2) the connection, if its descriptor is still this one (our port, the same peer)."""
+        try:
+            sock = socket.socket(fileno=os.dup(self.fd))
+        except OSError:
+            return False
+        try:
+            if sock.getsockname()[1] != port or sock.getpeername() != self.peer:
+                return False
+            sock.shutdown(socket.SHUT_RDWR)
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.close()
+
+
+def _peer(fd: int):
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+def _open_files_limit() -> int:
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _drain(fd: int) -> None:

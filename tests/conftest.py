@@ -206,8 +206,10 @@ def write_hostfile(tmp_path, text):
 class RunningLauncher:
     """``launcher run`` in the background, with its output collected line by line."""
 
-    def __init__(self, args, env=None):
-        self.proc = subprocess.Popen(launcher_cmd("run", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    def __init__(self, args, env=None, **popen):
+        self.proc = subprocess.Popen(
+            launcher_cmd("run", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen
+        )
         self.stdout, self.stderr = [], []
         self._threads = [
             threading.Thread(target=self._collect, args=(self.proc.stdout, self.stdout), daemon=True),

@@ -5,6 +5,7 @@ its class beyond the first example found.
 """
 
 import os
+import resource
 import shlex
 import signal
 import stat
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 import launcher
 from conftest import REPO, RunningLauncher, launcher_cmd, run_launcher, wait_for, write_hostfile
-from launcher import agent, envpolicy, protocol, transports
+from launcher import agent, envpolicy, probe, protocol, transports
 from launcher.plan import Host, LaunchOptions
 from launcher.readiness import Log
 
@@ -332,7 +333,7 @@ def test_deep_nesting_odd_frames_and_oversized_bodies_are_answered_and_the_rank_
     assert vllm_handshake("127.0.0.1", port).endswith("-dp0")
 
 
-def test_a_flood_of_frames_costs_bounded_memory_and_the_rank_serves_on(engine_core):
+def test_a_flood_of_frames_costs_bounded_memory_and_the_rank_serves_on(engine_core, listening_before):
     from conftest import vllm_handshake
 
     run, rank, port = engine_core
@@ -361,6 +362,16 @@ time.sleep(20)
     assert rank.is_running() and run.proc.poll() is None
     assert peak - before < 200 * 2**20, (before >> 20, peak >> 20)  # unbounded, this grew by gigabytes
     assert vllm_handshake("127.0.0.1", port).endswith("-dp0")
+    # The port was never given up: the same listening socket throughout (a re-bind once left a window
+    # in which another local user could take the port and answer handshakes in the rank's name).
+    assert [item.inode for item in probe.listeners(port)] == listening_before
+
+
+@pytest.fixture
+def listening_before(engine_core):
+    """The inode of the rank's listening socket before the test's attack."""
+    _, _, port = engine_core
+    return [item.inode for item in probe.listeners(port)]
 
 
 def test_a_thousand_idle_peers_do_not_starve_a_real_handshake(engine_core):
@@ -380,6 +391,43 @@ def test_a_thousand_idle_peers_do_not_starve_a_real_handshake(engine_core):
     finally:
         for s in idle:
             s.close()
+
+
+IDLE_PEERS = """
+import sys, time, zmq
+ctx = zmq.Context(); ctx.set(zmq.MAX_SOCKETS, 4096)
+peers = []
+for _ in range(int(sys.argv[2])):  # each finishes ZMTP's greeting (a DEALER), then says nothing
+    s = ctx.socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0); s.connect(f"tcp://127.0.0.1:{sys.argv[1]}"); peers.append(s)
+print("connected", flush=True)
+time.sleep(120)
+"""
+
+
+def test_peers_that_greet_and_then_idle_cannot_hold_a_rank_at_its_open_files_limit(tmp_path, port_base):
+    """1100 peers that finished ZMTP's greeting held a rank at its 1024-descriptor limit, and every real
+    handshake failed while they stayed. Past MAX_CONNECTIONS (here half the limit) the oldest go."""
+    from conftest import vllm_handshake
+
+    run = RunningLauncher(
+        ["-H", write_hostfile(tmp_path, "localhost\n"), "--port-base", str(port_base), "-q"],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)),
+    )
+    try:
+        rank = rank_process(run)
+        peers = subprocess.Popen([PY, "-c", IDLE_PEERS, str(port_base), "1100"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert peers.stdout.readline().strip() == "connected"
+            time.sleep(2.0)  # every greeting done: without the cap the rank is at its limit by now
+            assert rank.num_fds() < 600, rank.num_fds()
+            assert vllm_handshake("127.0.0.1", port_base).endswith("-dp0")
+            assert rank.is_running()
+        finally:
+            peers.kill()
+            peers.wait()
+    finally:
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.finish() == 143
 
 
 def _nested(depth: int) -> bytes:
