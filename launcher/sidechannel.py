@@ -16,9 +16,10 @@ keeps serving, whatever a peer sends:
   message before delivering any of it (2 million empty frames cost ~120 MB),
   so the serve loop watches its process's memory: past ``MEMORY_HEADROOM``
   over what it started with, it drops every connection and hands the freed
-  memory back. The listening socket stays bound throughout: closing it to
-  drop connections once left a window in which another local user took the
-  port and answered handshakes in the rank's name;
+  memory back (a new ROUTER on the same listening socket, which the
+  listener holds from ``bind`` to ``close``): re-binding the port to drop
+  connections once left a window in which another local user took it and
+  answered handshakes in the rank's name;
 - a peer that completes ZMTP's greeting and then idles would hold its
   descriptor forever (1100 of them held a rank at its open-files limit):
   a connection lives at most ``MAX_CONNECTION_AGE`` (a handshake takes
@@ -85,6 +86,7 @@ class SideChannelListener:
         self._cap = min(MAX_CONNECTIONS, _open_files_limit() // 2)
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._listening: socket.socket | None = None  # the port, held from bind to close
         self._monitor: zmq.Socket | None = None
         self._open: dict[int, _Connection] = {}  # fd -> an accepted connection open now, from the monitor's events
         self._logged: list[float] = []  # times of the rejections logged this minute
@@ -95,12 +97,18 @@ class SideChannelListener:
         return zmq_tcp_path(self.address, self.port)
 
     def bind(self) -> None:
+        """Bind the port (once: it is held until ``close``) and put a ROUTER on it."""
+        if self._listening is None:
+            self._listening = self._listen()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        # The ROUTER listens on a copy of our own listening socket (libzmq closes the copy with the ROUTER):
+        # a new ROUTER after a flood takes over the same socket, and the port is never free for another.
+        sock.setsockopt(zmq.USE_FD, os.dup(self._listening.fileno()))
         if ":" in self.address:
             sock.setsockopt(zmq.IPV6, 1)
         try:
@@ -113,7 +121,25 @@ class SideChannelListener:
         self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._open = {}
 
-    def _bind_error(self, exc: zmq.ZMQError) -> SideChannelBindError:
+    def _listen(self) -> socket.socket:
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                self.address.strip("[]"), self.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )[0]
+        except socket.gaierror as exc:
+            raise SideChannelBindError(errno.EADDRNOTAVAIL, f"cannot bind the side channel at {self.address}: {exc}") from None
+        listening = socket.socket(family, kind, proto)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq's own listeners
+        try:
+            listening.bind(address)
+            listening.listen(100)  # libzmq's own default (ZMQ_BACKLOG)
+        except OSError as exc:
+            listening.close()
+            raise self._bind_error(exc) from None
+        listening.setblocking(False)
+        return listening
+
+    def _bind_error(self, exc: OSError) -> SideChannelBindError:
         where = f"{self.address}:{self.port} on host {self.hostname}"
         if exc.errno == errno.EADDRINUSE:
             from .probe import port_holder
@@ -127,7 +153,7 @@ class SideChannelListener:
             )
         if exc.errno == errno.EADDRNOTAVAIL:
             return SideChannelBindError(exc.errno, f"cannot bind {where}: Cannot assign requested address (not this host's address)")
-        return SideChannelBindError(exc.errno, f"cannot bind the side channel at {where}: {exc}")
+        return SideChannelBindError(exc.errno, f"cannot bind the side channel at {where}: {exc.strerror or exc}")
 
     def serve(self, stop: threading.Event, poll_ms: int = 50, on_idle=None, wake_fd: int | None = None, idle_ms: int | None = None) -> None:
         """Answer requests until ``stop`` is set.
@@ -192,7 +218,8 @@ class SideChannelListener:
         return frames
 
     def _reset(self) -> None:
-        """Drop every connection, keeping the port bound; libzmq's buffers go back to the system."""
+        """Drop every connection and what they queued: a new ROUTER on the same listening socket (the port
+        is held throughout); libzmq's buffers go back to the system."""
         self.resets += 1
         log.warning(
             "side channel %s:%s: memory grew past %d MiB: a peer is flooding; dropping every connection",
@@ -200,14 +227,10 @@ class SideChannelListener:
             self.port,
             MEMORY_HEADROOM >> 20,
         )
-        self._count_connections()
-        self._drop(list(self._open))
-        time.sleep(0.05)  # the I/O thread tears the dropped pipes down, and their queued messages with them
-        for _ in range(RCVHWM * 4):  # what was delivered before the drop (a flood's, most likely), bounded
-            if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:
-                break
-            self._receive_discarded()
+        self._close_router()
+        time.sleep(0.05)  # the I/O thread tears the old pipes down
         _trim()
+        self.bind()
 
     def _drop_old(self, now: float) -> None:
         """Connections past MAX_CONNECTION_AGE, and the oldest past the cap."""
@@ -223,10 +246,6 @@ class SideChannelListener:
             conn = self._open.pop(fd, None)
             if conn is not None and conn.shut_down(self.port):
                 self.dropped += 1
-
-    def _receive_discarded(self) -> None:
-        while self._sock.recv(copy=False, flags=zmq.NOBLOCK).more:
-            pass
 
     def reply_to(self, frames: list[bytes]) -> list[bytes] | None:
         """The frames to send back for one received ROUTER message (None: no reply possible)."""
@@ -274,6 +293,12 @@ class SideChannelListener:
                 self._open.pop(fd, None)
 
     def close(self) -> None:
+        self._close_router()
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None
+
+    def _close_router(self) -> None:
         if self._sock is not None:
             self._sock.disable_monitor()
             self._monitor.close(linger=0)

@@ -4,6 +4,7 @@ One section per class of the hostile-input issue; each test uses members of
 its class beyond the first example found.
 """
 
+import json
 import os
 import resource
 import shlex
@@ -17,8 +18,6 @@ import time
 import msgspec
 import psutil
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import launcher
 from conftest import REPO, RunningLauncher, launcher_cmd, run_launcher, wait_for, write_hostfile
@@ -397,8 +396,9 @@ IDLE_PEERS = """
 import sys, time, zmq
 ctx = zmq.Context(); ctx.set(zmq.MAX_SOCKETS, 4096)
 peers = []
-for _ in range(int(sys.argv[2])):  # each finishes ZMTP's greeting (a DEALER), then says nothing
-    s = ctx.socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0); s.connect(f"tcp://127.0.0.1:{sys.argv[1]}"); peers.append(s)
+for _ in range(int(sys.argv[2])):  # each finishes ZMTP's greeting (a DEALER), then says nothing; dropped, it stays away
+    s = ctx.socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0); s.setsockopt(zmq.RECONNECT_IVL, -1)
+    s.connect(f"tcp://127.0.0.1:{sys.argv[1]}"); peers.append(s)
 print("connected", flush=True)
 time.sleep(120)
 """
@@ -430,34 +430,18 @@ def test_peers_that_greet_and_then_idle_cannot_hold_a_rank_at_its_open_files_lim
         assert run.finish() == 143
 
 
-def _nested(depth: int) -> bytes:
-    return b"\x91" * depth + b"\xc0"
-
-
-frames_strategy = st.lists(
-    st.one_of(
-        st.binary(max_size=64),
-        st.integers(1, 20000).map(_nested),  # nesting, past the size limit too
-        st.binary(min_size=4000, max_size=9000),  # around libzmq's frame limit
-        st.just(b"get_meta_msg"),
-        st.tuples(st.sampled_from([b"get_meta_msg", b"x"]), st.integers(-3, 2**40)).map(lambda t: msgspec.msgpack.encode(list(t))),
-    ),
-    min_size=1,
-    max_size=40,
-)
-
-
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(frames_strategy)
-def test_fuzzed_messages_leave_the_rank_alive_bounded_and_answering(engine_core, frames):
-    from conftest import vllm_handshake
-
+def test_fuzzed_messages_leave_the_rank_alive_bounded_and_answering(engine_core):
+    """Hypothesis-fuzzed multipart messages, each followed by a real handshake, sent from a process of its
+    own (pyzmq crashed pytest's process once while sending these: a client crash fails this test only)."""
     run, rank, port = engine_core
-    sock = dealer(port)
-    sock.send_multipart(frames)
-    sock.close()
-    assert vllm_handshake("127.0.0.1", port).endswith("-dp0")
-    assert rank.is_running() and rank.memory_info().rss < 150 * 2**20
+    done = subprocess.run(
+        [PY, os.path.join(REPO, "tests", "support", "sidechannel_fuzz.py"), str(port), str(rank.pid)],
+        capture_output=True, text=True, errors="replace", timeout=300, env={**os.environ, "PYTHONPATH": REPO},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["examples"] >= 100 and report["answered"] == report["examples"], report
+    assert rank.is_running() and run.proc.poll() is None
 
 
 def test_a_job_of_many_hosts_gets_the_open_files_it_needs():
