@@ -30,8 +30,12 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -74,6 +78,7 @@ class TransferEndpoint:
             env.setdefault("UCX_NET_DEVICES", interface)
         env.setdefault("UCX_PROTO_INFO", "y")  # UCX logs which protocol and device each operation uses...
         self.log = UcxLog.for_this_process(env)
+        self.vetter = MetadataVetter(env)  # starts now: its NIXL agent's start overlaps this one's
         try:
             import numpy as np
             from nixl._api import nixl_agent, nixl_agent_config
@@ -133,6 +138,9 @@ class TransferEndpoint:
         with self._lock:
             name = self._remote.get(peer.engine_id)
             if name is None:
+                refused = self.vetter.vet(peer.agent_metadata, timeout=max(timeout, 10.0))
+                if refused:
+                    raise TransferFailed(f"cannot add the peer's NIXL agent: {refused}")
                 try:
                     name = self._remote[peer.engine_id] = self.agent.add_remote_agent(peer.agent_metadata)
                 except Exception as exc:  # NIXL raises its own types for a bad peer
@@ -191,7 +199,90 @@ class TransferEndpoint:
         return self.log.used
 
     def close(self) -> None:
+        self.vetter.close()
         self.log.remove()
+
+
+class MetadataVetter:
+    """Loads a peer's NIXL metadata in a process of its own before this rank's agent does.
+
+    NIXL 1.5.1 checks the sections of a peer's blob but hands UCX the worker
+    address inside as it is, and UCX crashed on about 1 in 50 fuzzed blobs
+    (a cut address with bytes after it): the rank died with it, and the check
+    with the rank. A blob that crashes the vetter fails one pair, naming the
+    signal; the next blob gets a fresh vetter. Loading is deterministic in
+    the blob, so one that loads there loads here.
+    """
+
+    def __init__(self, env):
+        # Its own UCX logs to its stderr (discarded), not into this rank's log, which reports this rank's reads.
+        self._env = {k: v for k, v in env.items() if k != "UCX_LOG_FILE"}
+        self._proc: subprocess.Popen | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "launcher.transfer", "--vet"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=self._env,
+        )
+
+    def vet(self, blob: bytes, timeout: float) -> str | None:
+        """None when loading ``blob`` is safe: a NIXL agent loaded it or refused it with an exception (the
+        rank's own agent then refuses it too, and its UCX log says why); else why not (the signal that ended
+        the vetter, or its silence)."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        proc = self._proc
+        try:
+            proc.stdin.write(len(blob).to_bytes(8, "little") + blob)
+            proc.stdin.flush()
+        except OSError:
+            pass  # it died: its exit below says how
+        ready = select.select([proc.stdout], [], [], timeout)[0]
+        answer = proc.stdout.readline() if ready else b""
+        if answer.startswith((b"ok", b"error ")):
+            return None
+        proc.kill()
+        code = proc.wait()
+        self._proc = None
+        if not ready:
+            return f"loading it did not finish within {timeout:g}s"
+        try:
+            how = signal.Signals(-code).name if code < 0 else f"exit {code}"
+        except ValueError:
+            how = f"exit {code}"
+        return f"loading it crashed a NIXL agent ({how}): the peer's metadata is malformed"
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+
+def _vet_forever() -> int:
+    """The vetter's side: each blob on stdin (8-byte length, then the bytes) loaded and removed again."""
+    stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # NIXL logs to stdout: only answers may reach the rank
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    agent = nixl_agent(f"launcher-vetter-{os.getpid()}", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    while len(head := stdin.read(8)) == 8:
+        blob = stdin.read(int.from_bytes(head, "little"))
+        try:
+            agent.remove_remote_agent(agent.add_remote_agent(blob))
+            stdout.write(b"ok\n")
+        except Exception as exc:  # NIXL's own types for a blob it refuses
+            stdout.write(f"error {type(exc).__name__}\n".encode())
+        stdout.flush()
+    os._exit(0)  # NIXL 1.5.1 may crash in its destructors at exit; nothing is left to say
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--vet"]:
+    sys.exit(_vet_forever())
 
 
 class UcxLog:
