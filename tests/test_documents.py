@@ -71,34 +71,27 @@ def test_a_failed_launch_is_a_document_too_with_the_process_exit_code(tmp_path, 
     assert doc["check"] is None
 
 
-@pytest.mark.e2e
-def test_a_run_stopped_by_sigterm_reports_143_in_its_document(tmp_path, no_leaks, port_base):
-    hf = write_hostfile(tmp_path, "localhost slots=2")
-    proc = subprocess.Popen(
-        launcher_cmd("run", "-H", hf, "--port-base", str(port_base), "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def sigterm_document(command, tmp_path, port_base, after):
+    """The --json document and exit code of ``launcher COMMAND`` sent SIGTERM once a stderr line holds ``after``."""
+    argv = launcher_cmd(command, "-H", write_hostfile(tmp_path, "localhost slots=2"), "--port-base", str(port_base), "--json")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err = []
-    wait_for(lambda: err.append(proc.stderr.readline()) or "ranks ready 2/2" in err[-1], timeout=30)
+    wait_for(lambda: err.append(proc.stderr.readline()) or after in err[-1], timeout=30)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
-    doc = json.loads(out)
-    assert proc.returncode == doc["exit_code"] == 143
+    return json.loads(out), proc.returncode
+
+
+@pytest.mark.e2e
+def test_a_run_stopped_by_sigterm_reports_143_in_its_document(tmp_path, no_leaks, port_base):
+    doc, code = sigterm_document("run", tmp_path, port_base, after="ranks ready 2/2")
+    assert code == doc["exit_code"] == 143
     assert (doc["ok"], doc["stopped_by"]) == (False, "SIGTERM")  # stopped is not "ok": the process says 143
     assert all(r["state"] == "exited" for r in doc["ranks"])
 
 
 @pytest.mark.e2e
 def test_a_check_stopped_before_it_ran_is_no_passed_check(tmp_path, no_leaks, port_base):
-    proc = subprocess.Popen(
-        launcher_cmd("check", "-H", write_hostfile(tmp_path, "localhost slots=2"), "--port-base", str(port_base), "--json"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    err = []
-    wait_for(lambda: err.append(proc.stderr.readline()) or "agents connected" in err[-1], timeout=30)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    doc = json.loads(out)
-    assert proc.returncode == doc["exit_code"] == 143
+    doc, code = sigterm_document("check", tmp_path, port_base, after="agents connected")
+    assert code == doc["exit_code"] == 143
     assert doc["ok"] is False and doc["stopped_by"] == "SIGTERM" and doc["check"] is None
