@@ -73,6 +73,7 @@ def result_document(result: LaunchResult) -> dict[str, Any]:
     failure = result.failure
     return {
         "schema": RESULT_SCHEMA,
+        "job_id": result.job_id,
         "ok": result.ok,
         "exit_code": result.exit_code,
         "duration": round(result.duration, 3),

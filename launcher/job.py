@@ -55,9 +55,6 @@ class Noise(msgspec.Struct, frozen=True):
     text: str
 
 
-LinkEvent = Union[LinkOpened, LinkFailed, LinkClosed, LinkAbandoned, Noise]
-
-
 # --- what the supervisor is asked to do --------------------------------------------------
 
 
@@ -455,4 +452,4 @@ class Job:
             )
             for s in sorted(self.ranks.values(), key=lambda s: s.spec.rank)
         )
-        return LaunchResult(ranks, self.failure, self.matrix, duration, self.transfers)
+        return LaunchResult(ranks, self.failure, self.matrix, duration, self.transfers, job_id=self.plan.job_id)

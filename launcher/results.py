@@ -98,6 +98,7 @@ class LaunchResult(msgspec.Struct, frozen=True):
     check: CheckMatrix | None
     duration: float
     transfer: CheckMatrix | None = None  # check --transfer: the NIXL reads
+    job_id: str = ""  # the job's id: every process of it carries it (LAUNCHER_JOB_ID), and the head printed it first
 
     @property
     def ok(self) -> bool:

@@ -79,7 +79,9 @@ class Supervisor:
         _room_for_links(len(self.links))
         self.transport.prepare([link.plan.host for link in self.links])  # first: no thread of ours exists yet
         processes = "" if len(self.job.ranks) == self.plan.world_size else f" in {len(self.job.ranks)} processes"
-        self.reporter.progress(f"starting {self.plan.world_size} ranks{processes} on {len(self.links)} hosts ({self.transport.name})")
+        self.reporter.progress(
+            f"job {self.plan.job_id}: starting {self.plan.world_size} ranks{processes} on {len(self.links)} hosts ({self.transport.name})"
+        )
         for link in self.links:
             link.start(lambda link=link: self._spec_for(link))
         threading.Thread(target=self._beat, daemon=True, name="heart").start()

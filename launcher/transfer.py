@@ -56,12 +56,6 @@ class NixlMissing(RuntimeError):
     """NIXL cannot be imported here; the message says how to install it."""
 
 
-def nixl_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("nixl") is not None
-
-
 def pattern(rank: int, nbytes: int):
     """The bytes rank ``rank`` serves: different for every rank, so a read that reached the wrong peer shows."""
     import numpy as np

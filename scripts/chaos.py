@@ -52,7 +52,7 @@ from launcher.report import format_table  # noqa: E402
 
 # Ignores SIGTERM (teardown needs the SIGKILL after the grace) and leaves a grandchild in its own session.
 WORST_RANK = "trap '' TERM; setsid sleep 1000 & sleep 1000 & echo up; wait"
-HEARTBEAT, GRACE, HANG = 2.0, 1.0, 30.0
+HEARTBEAT, GRACE, HANG = 2.0, 1.0, 30.0  # a never-ready job ends at --ready-timeout 10, well within HANG
 FAULTS = (
     "head SIGINT", "head SIGTERM", "head SIGKILL", "head SIGSTOP 3s",
     "agent SIGKILL", "agent SIGSTOP", "rank SIGKILL", "rank SIGSTOP",
@@ -101,7 +101,7 @@ class Cycle:
 
     def argv(self) -> list[str]:
         builtin = self.fault.startswith("side channel")
-        common = ["--port-base", str(self.port), "--heartbeat-timeout", str(HEARTBEAT), "--grace", str(GRACE)]
+        common = ["--port-base", str(self.port), "--heartbeat-timeout", str(HEARTBEAT), "--grace", str(GRACE), "--ready-timeout", "10"]
         if self.where == "netns":
             hostfile = os.path.join(self.workdir, "hostfile")
             with open(hostfile, "w") as f:
@@ -147,6 +147,8 @@ class Cycle:
             "leaked": leaked,
             "seconds": exited_after,
             "before_ready": not self.ready.is_set(),
+            "moment": self.moment,
+            "tail": self.stderr[-6:],
         }
 
     def _read(self, head: subprocess.Popen) -> None:
@@ -294,7 +296,9 @@ def main() -> int:
                 shutil.rmtree(workdir, ignore_errors=True)
             last = outcomes[-1]
             if last["hung"] or last["leaked"]:
-                print(f"cycle {i}: {fault}: hung={last['hung']} leaked={last['leaked']} {last['line']}", file=sys.stderr)
+                when = "after start-up" if moment < 0 else f"{moment:.2f}s after the start"
+                print(f"cycle {i}: {fault} {when}: hung={last['hung']} leaked={last['leaked']}; its last lines:", file=sys.stderr)
+                print("\n".join(f"    {line}" for line in last["tail"]), file=sys.stderr, flush=True)
             if (i + 1) % 50 == 0:
                 print(f"{i + 1} cycles", file=sys.stderr, flush=True)
     finally:

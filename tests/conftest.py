@@ -42,6 +42,23 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nthis run's files (tmp_path, logs) are kept in {RUN_TMPDIR}", file=sys.stderr)
 
 
+# Markers follow the fixtures a test uses: `-m "not netns"` then never builds a cluster, whatever a module declares.
+_FIXTURE_MARKERS = {
+    "cluster": ("e2e", "netns"),
+    "hosts": ("e2e", "netns"),
+    "slurm": ("e2e", "netns"),
+    "real_vllm": ("real_vllm",),
+    "no_leaks": ("e2e",),
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            for marker in _FIXTURE_MARKERS.get(fixture, ()):
+                item.add_marker(marker)
+
+
 def free_port_base(count: int = 8) -> int:
     """A base with ``count`` consecutive free TCP ports on loopback."""
     for _ in range(200):

@@ -86,7 +86,7 @@ def test_a_bad_allocation_is_a_one_line_error_naming_the_variable(env, message):
 # --- the contract, on real hosts ---------------------------------------------------------
 
 
-@pytest.fixture(params=transports.names())
+@pytest.fixture(params=[pytest.param(n, marks=() if n == "local" else pytest.mark.netns) for n in transports.names()])
 def agent_host(request, tmp_path):
     """(transport, host, processes-on-that-host) for each backend."""
     name = request.param

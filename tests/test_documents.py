@@ -56,6 +56,8 @@ def test_check_json_is_the_only_thing_on_stdout(tmp_path, no_leaks, port_base):
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)  # the whole of stdout: rank output and tables went to stderr
     assert doc["ok"] and doc["exit_code"] == 0 and doc["failure"] is None
+    assert done.stderr.startswith(f"launcher: job {doc['job_id']}: starting 2 ranks on 1 hosts")  # the id comes first
+    assert f"engine core {doc['job_id']}-dp0 listening" in done.stderr
     assert [(r["rank"], r["port"], r["state"]) for r in doc["ranks"]] == [(0, port_base, "exited"), (1, port_base + 1, "exited")]
     assert len(doc["check"]["pairs"]) == 4 and all(p["ok"] for p in doc["check"]["pairs"])
     assert "handshake latency" in done.stderr and "listening on" in done.stderr

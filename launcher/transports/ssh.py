@@ -173,7 +173,6 @@ class SSHTransport(Transport):
         accept_new_host_keys: bool = False,
         identities: tuple[str, ...] = (),
         connect_timeout: float = 10.0,
-        python: str | None = None,
     ):
         import paramiko
 
@@ -189,7 +188,6 @@ class SSHTransport(Transport):
         self.accept_new = accept_new_host_keys
         self.identities = tuple(identities)
         self.timeout = connect_timeout
-        self.python = python or sys.executable  # suits shared-filesystem clusters; per host: python=
         self._lock = threading.Lock()
         self._clients: list[paramiko.SSHClient] = []
 
@@ -197,7 +195,7 @@ class SSHTransport(Transport):
         import paramiko
 
         clients = self._connect_chain(host.name, host.user, host.port, label=host.label)
-        command = shlex.join([host.python or self.python, "-m", "launcher.agent"])
+        command = shlex.join([host.python or sys.executable, "-m", "launcher.agent"])  # the head's path suits shared filesystems
         if host.cwd:
             command = f"cd -- {shlex.quote(host.cwd)} && exec {command}"
         try:
