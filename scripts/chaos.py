@@ -173,13 +173,12 @@ class Cycle:
             if name == "SIGSTOP":
                 time.sleep(3.0)
                 _signal(head.pid, signal.SIGCONT)
-        elif what == "agent":
-            for pid in self.agents(head):
-                _signal(pid, getattr(signal, how))
-        elif what == "rank":
-            ranks = self.ranks(head)
-            if ranks:
-                _signal(random.choice(ranks), getattr(signal, how))
+        elif what in ("agent", "rank"):
+            # A fault lands on its target once it exists: at 0.1 s after the start there may be no agent yet.
+            find = self.agents if what == "agent" else self.ranks
+            targets = _first(lambda: find(head), until=lambda: head.poll() is not None)
+            if targets:
+                _signal(random.choice(targets), getattr(signal, how))
         elif self.fault == "side channel garbage":
             self.garbage()
         elif self.fault == "side channel flood":
@@ -238,6 +237,16 @@ class Cycle:
             except psutil.Error:
                 continue
         return found
+
+
+def _first(found, until, timeout: float = 10.0) -> list[int]:
+    """What ``found()`` returns once it is not empty (polled), or [] when ``until()`` or the timeout comes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until():
+        if pids := found():
+            return pids
+        time.sleep(0.01)
+    return []
 
 
 def _all():
