@@ -15,7 +15,7 @@ from .api import launch, plan_job
 from .check import WIRE_CHOICES, CheckOptions
 from .command import PLACEHOLDERS
 from .plan import LaunchOptions, PlanError
-from .results import EXIT_USAGE, LaunchResult
+from .results import EXIT_STDOUT_CLOSED, EXIT_USAGE, LaunchResult
 from .version import __version__
 
 DEFAULT_HOSTFILE = "hostfile"
@@ -154,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     ready.add_argument("--ready-log", metavar="REGEX", help="... when a line of its output matches REGEX")
     transports.add_arguments(run_common)  # --transport and each backend's own options
 
-    sub.add_parser("hosts", parents=[hosts_common], help="print the parsed hostfile")
-    sub.add_parser("plan", parents=[plan_common], help="dry run: per rank, host, port, command and environment (secrets masked)")
+    sub.add_parser("hosts", parents=[hosts_common], help="print the parsed hostfile").set_defaults(handler=_hosts_command)
+    sub.add_parser(
+        "plan", parents=[plan_common], help="dry run: per rank, host, port, command and environment (secrets masked)"
+    ).set_defaults(handler=_plan_command)
     probing = _Parser(add_help=False)
     p = probing.add_argument_group("all-pairs check")
     p.add_argument(
@@ -190,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes per NIXL read with --transfer: 4096, 64K, 1M (default), up to 1G",
     )
     p.add_argument("--plot", metavar="FILE.png", help="also draw the matrix (the transfer matrix with --transfer) as a heatmap PNG")
-    sub.add_parser("check", parents=[run_common, probing], help="launch, probe every rank pair, print the matrix, stop")
+    check = sub.add_parser("check", parents=[run_common, probing], help="launch, probe every rank pair, print the matrix, stop")
+    check.set_defaults(handler=_launch_command, check=True, to_completion=False, preflight=False)
     run = sub.add_parser(
         "run", parents=[run_common, probing], help="launch and serve until Ctrl-C or SIGTERM; any rank failing ends the job"
     )
@@ -210,11 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first prove hosts, versions, addresses and ports with the built-in core; start the command only if all pass",
     )
+    run.set_defaults(handler=_launch_command)
     return parser
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE  # as a tool killed by SIGPIPE: `launcher run | head -2`
 
 
 def main(argv: list[str] | None = None, held: list[int] | None = None, ignored: frozenset[int] | None = None) -> int:
@@ -227,10 +230,17 @@ def main(argv: list[str] | None = None, held: list[int] | None = None, ignored: 
         print(f"launcher: stopped by {signal.Signals(held[0]).name} before anything started", file=sys.stderr)
         return 128 + held[0]
     try:
-        return _run(args, ignored)
+        return args.handler(args, ignored)
+    except _INPUT_ERRORS as exc:
+        print(f"launcher: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:  # stdout's reader went away (`launcher plan | head -1`): end quietly, as Unix tools do
         _silence_stdout()
         return EXIT_STDOUT_CLOSED
+
+
+# A user's mistake in a hostfile, an allocation, the options or a log directory: one line, exit 2.
+_INPUT_ERRORS = (hostfile.HostfileError, transports.AllocationError, PlanError, transports.TransportError, report.LogDirError)
 
 
 def _silence_stdout() -> None:
@@ -240,49 +250,63 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-def _run(args, ignored: frozenset[int]) -> int:
-    try:
-        hosts = _hosts(args)
-        if args.command == "hosts":
-            print(report.render_hosts(hosts))
-            return 0
-        options = LaunchOptions(
-            port_base=args.port_base,
-            env=tuple(args.env),
-            env_include=tuple(args.env_include),
-            command=tuple(args.command_argv),
-            head_command=_head_command(args.head_command),
-            per_host=args.per_host,
-            ifname=args.ifname,
-            cidr=args.cidr,
-            rpc_port=args.rpc_port,
-            transfer_bytes=args.transfer_bytes if getattr(args, "transfer", False) else None,
-            gpus_per_rank=args.gpus_per_rank,
-            vllm_dp=args.vllm_dp,
-            **(
-                {}
-                if args.command == "plan"
-                else dict(
-                    ready_timeout=args.ready_timeout,
-                    grace=args.grace,
-                    heartbeat_timeout=args.heartbeat_timeout,
-                    readiness=_readiness(args),
-                    to_completion=getattr(args, "to_completion", False),
-                )
-            ),
-        )
-        plan = plan_job(hosts, options)
-        if args.command == "plan":
-            print(_json(documents.plan_document(plan, sys.executable)) if args.json else report.render_plan(plan, python=sys.executable))
-            return 0
-        if getattr(args, "log_dir", None):
-            report.prepare_log_dir(args.log_dir)
-        _check_probing(args)
-        transport = _transport(args, plan)
-    except (hostfile.HostfileError, transports.AllocationError, PlanError, transports.TransportError, report.LogDirError) as exc:
-        print(f"launcher: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+# --- one handler per subcommand ------------------------------------------------------------------
+
+
+def _hosts_command(args, _ignored: frozenset[int]) -> int:
+    print(report.render_hosts(_hosts(args)))
+    return 0
+
+
+def _plan_command(args, _ignored: frozenset[int]) -> int:
+    plan = plan_job(_hosts(args), launch_options(args))
+    print(_json(documents.plan_document(plan, sys.executable)) if args.json else report.render_plan(plan, python=sys.executable))
+    return 0
+
+
+def _launch_command(args, ignored: frozenset[int]) -> int:
+    """check and run: plan, launch, serve or check, and the verdict."""
+    plan = plan_job(_hosts(args), launch_options(args))
+    if args.log_dir:
+        report.prepare_log_dir(args.log_dir)
+    _check_probing(args)
+    transport = _transport(args, plan)
     return _launch(args, plan, transport, ignored)
+
+
+def launch_options(args) -> LaunchOptions:
+    """The job's options, from the parsed command line (plan takes no launch options: their defaults)."""
+    launching = {}
+    if args.command != "plan":
+        launching = dict(
+            ready_timeout=args.ready_timeout,
+            grace=args.grace,
+            heartbeat_timeout=args.heartbeat_timeout,
+            readiness=_readiness(args),
+            to_completion=args.to_completion,
+        )
+    return LaunchOptions(
+        port_base=args.port_base,
+        env=tuple(args.env),
+        env_include=tuple(args.env_include),
+        command=tuple(args.command_argv),
+        head_command=_head_command(args.head_command),
+        per_host=args.per_host,
+        ifname=args.ifname,
+        cidr=args.cidr,
+        rpc_port=args.rpc_port,
+        transfer_bytes=args.transfer_bytes if getattr(args, "transfer", False) else None,
+        gpus_per_rank=args.gpus_per_rank,
+        vllm_dp=args.vllm_dp,
+        **launching,
+    )
+
+
+def check_options(args) -> CheckOptions | None:
+    """The all-pairs check's options: check always runs it, run with --check."""
+    if not args.check:
+        return None
+    return CheckOptions(wire=args.wire, timeout=args.handshake_timeout, sample=args.sample)
 
 
 def _hosts(args) -> list:
@@ -369,61 +393,75 @@ def _transport(args, plan) -> transports.Transport:
     return transports.from_args(name, args, os.environ)
 
 
+class StopRequests:
+    """What stops a running job from outside: SIGINT, SIGTERM or SIGHUP (the first stops every rank with its
+    grace, the second kills at once; one ignored when the process started, as under ``nohup``, stays
+    ignored), or a closed stdout (its reader went away)."""
+
+    def __init__(self):
+        self.stop, self.hurry = threading.Event(), threading.Event()
+        self.received: list[int] = []  # the signals, in order
+        self.closed: str | None = None  # the stream whose reader went away
+        self._say = None
+
+    def install(self, ignored: frozenset[int], say) -> None:
+        self._say = say
+        for signum in STOP_SIGNALS:
+            if signum not in ignored:
+                signal.signal(signum, self._on_signal)
+
+    def stream_closed(self, stream: str) -> None:
+        self.closed = self.closed or stream
+        self.stop.set()
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.received.append(signum)
+        if self.stop.is_set():
+            self.hurry.set()  # asked twice: no more grace
+        else:
+            self.stop.set()
+            self._say(f"{signal.Signals(signum).name}: stopping every rank (again to kill at once)")
+
+    @property
+    def signal(self) -> int | None:
+        """The signal that stopped the job, if one did."""
+        return self.received[0] if self.received else None
+
+
 def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
-    stop, hurry = threading.Event(), threading.Event()
-    received: list[int] = []
-    closed: list[str] = []
-
-    def on_closed(stream: str) -> None:
-        closed.append(stream)
-        stop.set()
-
+    requests = StopRequests()
     # With --json, stdout carries the document alone: tables and rank output go to stderr.
     out = sys.stderr if args.json else sys.stdout
-    reporter = report.ConsoleReporter(out=out, quiet_output=args.quiet, log_dir=args.log_dir, on_closed=on_closed)
-
-    def on_signal(signum, _frame):
-        received.append(signum)
-        if stop.is_set():
-            hurry.set()  # asked twice: no more grace
-        else:
-            stop.set()
-            reporter.progress(f"{signal.Signals(signum).name}: stopping every rank (again to kill at once)")
-
-    for signum in STOP_SIGNALS:
-        if signum not in ignored:  # `nohup launcher run ...` keeps running when the terminal goes
-            signal.signal(signum, on_signal)
+    reporter = report.ConsoleReporter(out=out, quiet_output=args.quiet, log_dir=args.log_dir, on_closed=requests.stream_closed)
+    requests.install(ignored, reporter.progress)
     for warning in plan.warnings:
         reporter.progress(f"warning: {warning}")
-    check = None
-    if args.command == "check" or getattr(args, "check", False):
-        check = CheckOptions(wire=args.wire, timeout=args.handshake_timeout, sample=args.sample)
-
     try:
         result = launch(
             plan,
             transport,
-            check=check,
+            check=check_options(args),
             serve=args.command == "run",
-            stop=stop,
+            stop=requests.stop,
             reporter=reporter,
-            preflight=getattr(args, "preflight", False),
-            hurry=hurry,
+            preflight=args.preflight,
+            hurry=requests.hurry,
             proxy=(args.proxy_address, args.proxy_port),
         )
         if args.plot:
             _plot(result, args.plot, reporter)
-        code = _finish(result, received, closed, reporter, plan)
+        code = report.verdict(result, plan, reporter, stopped_by=requests.signal, closed=requests.closed)
     finally:
         drained = reporter.close()
-    if args.json and not closed:
+    if args.json and requests.closed is None:
         document = documents.result_document(result)
         # This process's verdict: a signal or a closed stdout decides it too, and a job stopped before its
         # check ran is no passed check.
-        document.update(ok=code == 0, exit_code=code, stopped_by=signal.Signals(received[0]).name if received else None)
+        stopped_by = signal.Signals(requests.signal).name if requests.signal else None
+        document.update(ok=code == 0, exit_code=code, stopped_by=stopped_by)
         print(_json(document), flush=True)
-    if closed:
-        _silence_stdout() if closed[0] == "stdout" else None
+    if requests.closed == "stdout":
+        _silence_stdout()
     if not drained:
         os._exit(code)  # the terminal never read the last lines; an exit-time flush would wait for it too
     return code
@@ -448,25 +486,6 @@ def _plot(result: LaunchResult, path: str, reporter: report.ConsoleReporter) -> 
         reporter.progress(f"cannot write the heatmap to {path}: {exc.strerror or exc}")
         return
     reporter.progress(f"heatmap written to {path}")
-
-
-def _finish(result: LaunchResult, received: list[int], closed: list[str], reporter: report.ConsoleReporter, plan) -> int:
-    if result.failure is not None:
-        # A signal is an order, not a fault: "stopped", not "FAILED".
-        verdict = "stopped" if result.failure.kind == "signal" else "FAILED"
-        reporter.final(f"launcher: {verdict}: {result.failure.message}\n{report.render_summary(result)}")
-        return result.exit_code
-    if closed:
-        if closed[0] == "stdout":
-            reporter.final(f"launcher: stopped: standard output was closed (its reader went away); all {plan.world_size} ranks stopped")
-        return EXIT_STDOUT_CLOSED
-    if received:
-        name = signal.Signals(received[0]).name
-        reporter.progress(f"stopped by {name}; all {plan.world_size} ranks stopped")
-        return 128 + received[0]
-    ended = "every rank exited 0" if plan.options.to_completion else "all stopped"
-    reporter.progress(f"ok: {plan.world_size} ranks on {len(plan.hosts)} hosts, {ended} ({result.duration:.1f}s)")
-    return 0
 
 
 if __name__ == "__main__":

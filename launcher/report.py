@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import stat
 import sys
 import threading
@@ -16,7 +17,7 @@ from .check import CheckMatrix, render_matrix
 from .command import render_argv, user_command
 from .job import RankState
 from .plan import Host, LaunchPlan, RankSpec
-from .results import LaunchResult
+from .results import EXIT_STDOUT_CLOSED, LaunchResult
 from .supervisor import Reporter
 
 
@@ -293,3 +294,23 @@ def render_summary(result: LaunchResult) -> str:
 
 def _seconds(t: float | None) -> str:
     return "-" if t is None else f"{t:.2f}s"
+
+
+def verdict(result: LaunchResult, plan, reporter: ConsoleReporter, stopped_by: int | None, closed: str | None) -> int:
+    """Say how the job ended, last, and return the process's exit code: a failure's (a signal is an order,
+    not a fault: "stopped", not "FAILED"), 141 when the reader of ``closed`` stdout went away, 128+N for
+    the signal ``stopped_by``, else 0."""
+    if result.failure is not None:
+        word = "stopped" if result.failure.kind == "signal" else "FAILED"
+        reporter.final(f"launcher: {word}: {result.failure.message}\n{render_summary(result)}")
+        return result.exit_code
+    if closed is not None:
+        if closed == "stdout":
+            reporter.final(f"launcher: stopped: standard output was closed (its reader went away); all {plan.world_size} ranks stopped")
+        return EXIT_STDOUT_CLOSED
+    if stopped_by is not None:
+        reporter.progress(f"stopped by {signal.Signals(stopped_by).name}; all {plan.world_size} ranks stopped")
+        return 128 + stopped_by
+    ended = "every rank exited 0" if plan.options.to_completion else "all stopped"
+    reporter.progress(f"ok: {plan.world_size} ranks on {len(plan.hosts)} hosts, {ended} ({result.duration:.1f}s)")
+    return 0

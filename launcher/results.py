@@ -18,6 +18,7 @@ EXIT_USAGE = 2
 EXIT_HOST_LOST = 3
 EXIT_NOT_READY = 4
 EXIT_CHECK_FAILED = 5
+EXIT_STDOUT_CLOSED = 128 + 13  # as a tool killed by SIGPIPE (13): `launcher run | head -2`
 
 
 class Phase(str, enum.Enum):
