@@ -25,12 +25,8 @@ import sys
 
 import msgspec
 
-from . import netif, protocol, rankenv
+from . import exitcodes, netif, protocol, rankenv
 from .command import render_template
-
-EXIT_BAD_ADDRESS = 2
-EXIT_NOT_FOUND = 127
-EXIT_NOT_EXECUTABLE = 126
 
 
 class BootstrapError(Exception):
@@ -54,13 +50,13 @@ def prepare(args: list[str], env: dict[str, str]) -> Prepared:
     try:
         me, facts = rankenv.RankIdentity.from_env(env), rankenv.HostFacts.from_env(env)
     except rankenv.RankEnvError as exc:
-        raise BootstrapError(str(exc), EXIT_BAD_ADDRESS) from None
+        raise BootstrapError(str(exc), exitcodes.RANK_BAD_ADDRESS) from None
     if not args:
-        raise BootstrapError("no command given: usage: python -m launcher.bootstrap -- CMD ...", EXIT_NOT_FOUND)
+        raise BootstrapError("no command given: usage: python -m launcher.bootstrap -- CMD ...", exitcodes.RANK_NOT_FOUND)
     try:
         choice = netif.claim_bind_address(env)
     except netif.BindAddressError as exc:
-        raise BootstrapError(str(exc), EXIT_BAD_ADDRESS) from None
+        raise BootstrapError(str(exc), exitcodes.RANK_BAD_ADDRESS) from None
     values = {"host_ip": choice.address, "head_ip": facts.head_ip or choice.address}
     command_env = {k: v for k, v in env.items() if k != rankenv.CONTROL_FD_VAR}  # the command never sees the agent's pipe
     return Prepared(
@@ -73,10 +69,10 @@ def prepare(args: list[str], env: dict[str, str]) -> Prepared:
 def exec_error(exc: OSError, command: str, host: str) -> BootstrapError:
     """An exec (or spawn) that failed, as the rank reports it."""
     if isinstance(exc, FileNotFoundError):
-        return BootstrapError(f"command not found on {host}: {command!r}; install it there or give its full path", EXIT_NOT_FOUND)
+        return BootstrapError(f"command not found on {host}: {command!r}; install it there or give its full path", exitcodes.RANK_NOT_FOUND)
     if isinstance(exc, PermissionError):
-        return BootstrapError(f"command not executable on {host}: {command!r}", EXIT_NOT_EXECUTABLE)
-    return BootstrapError(f"cannot run {command!r} on {host}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE)
+        return BootstrapError(f"command not executable on {host}: {command!r}", exitcodes.RANK_NOT_EXECUTABLE)
+    return BootstrapError(f"cannot run {command!r} on {host}: {exc.strerror or exc}", exitcodes.RANK_NOT_EXECUTABLE)
 
 
 def _rank(env) -> int:

@@ -19,12 +19,9 @@ import signal
 import sys
 import threading
 
-from . import netif, protocol, rankenv, wire
+from . import exitcodes, netif, protocol, rankenv, wire
 from .sidechannel import SideChannelBindError, SideChannelListener
 
-EXIT_BAD_ADDRESS = 2
-EXIT_BIND_FAILED = 3
-EXIT_NO_NIXL = 4
 IDLE_POLL_MS = 1000  # with no connection open; while one is, the listener looks every 50 ms (its watchdog)
 
 
@@ -59,14 +56,14 @@ def main() -> int:
     try:
         me = rankenv.RankIdentity.from_env(env)
     except rankenv.RankEnvError as exc:
-        return protocol.rank_failed(0, str(exc), EXIT_BAD_ADDRESS)
+        return protocol.rank_failed(0, str(exc), exitcodes.RANK_BAD_ADDRESS)
     rank, engine_id, port = me.rank, me.engine_id, me.port  # as vLLM: base + DP index
     _raise_open_files_limit()  # every peer's connection is a descriptor: use all the host allows
 
     try:
         choice = netif.claim_bind_address(env)
     except netif.BindAddressError as exc:
-        return protocol.rank_failed(rank, str(exc), EXIT_BAD_ADDRESS)
+        return protocol.rank_failed(rank, str(exc), exitcodes.RANK_BAD_ADDRESS)
 
     endpoint = None
     if me.transfer_bytes:
@@ -75,13 +72,13 @@ def main() -> int:
         try:
             endpoint = TransferEndpoint(engine_id, rank, me.transfer_bytes, netif.interface_of(choice.address), env)
         except NixlMissing as exc:
-            return protocol.rank_failed(rank, str(exc), EXIT_NO_NIXL)
+            return protocol.rank_failed(rank, str(exc), exitcodes.RANK_NO_NIXL)
     metadata = endpoint.metadata() if endpoint else None
     listener = SideChannelListener(choice.address, port, {0: builtin_payload(engine_id, me.job_id, 0, metadata)})
     try:
         listener.bind()
     except SideChannelBindError as exc:
-        return protocol.rank_failed(rank, str(exc), EXIT_BIND_FAILED)
+        return protocol.rank_failed(rank, str(exc), exitcodes.RANK_PORT_TAKEN)
     facts = rankenv.HostFacts.from_env(env)
     if endpoint and facts.command_fd is not None:
         threading.Thread(target=_obey, args=(facts.command_fd, endpoint, me, choice.address), daemon=True).start()

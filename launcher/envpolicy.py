@@ -245,21 +245,40 @@ def without_worker_specific(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in WORKER_SPECIFIC}
 
 
-# What a rank's environment is made of, in the order the layers apply.
-LAYERS: tuple[tuple[str, str], ...] = (
-    (
+class EnvLayer(msgspec.Struct, frozen=True):
+    """One layer of a rank's environment: its name, what it holds, and the code that applies it
+    (``module.name`` in launcher; ``tests/test_envpolicy.py`` resolves each)."""
+
+    name: str
+    meaning: str
+    applied_by: str
+
+
+# What a rank's environment is made of, in the order the layers apply (later wins, but a host option is never overwritten).
+LAYERS: tuple[EnvLayer, ...] = (
+    EnvLayer(
         "host",
         "the agent's own environment on the host (its login, or srun's), minus worker-specific and LAUNCHER_ names; "
         "device visibility the host set itself is kept",
+        "envpolicy.host_environment",
     ),
-    ("copied", "the head's variables on the allowlist, minus worker-specific ones"),
-    ("--env", "set for every rank on the command line"),
-    ("host option", "env: on the host's hostfile line; never overwritten by what follows"),
-    ("launcher", "the rank's identity (LAUNCHER_RANK, ...) and VLLM_NIXL_SIDE_CHANNEL_PORT, one value per job"),
-    ("host facts", "added by the agent: the address the head reached the host on, {head_ip}, the control pipe"),
-    (
+    EnvLayer("copied", "the head's variables on the allowlist, minus worker-specific ones", "envpolicy.rank_environment"),
+    EnvLayer("--env", "set for every rank on the command line", "envpolicy.rank_environment"),
+    EnvLayer("host option", "env: on the host's hostfile line; never overwritten by what follows", "envpolicy.rank_environment"),
+    EnvLayer(
+        "launcher",
+        "the rank's identity (LAUNCHER_RANK, ...) and VLLM_NIXL_SIDE_CHANNEL_PORT, one value per job",
+        "rankenv.RankIdentity.to_env",
+    ),
+    EnvLayer(
+        "host facts",
+        "added by the agent: the address the head reached the host on, {head_ip}, the control pipe",
+        "envpolicy.process_environment",
+    ),
+    EnvLayer(
         "address",
         "on the host, before the command runs: VLLM_NIXL_SIDE_CHANNEL_HOST and VLLM_HOST_IP setdefault to the address the rank binds",
+        "bootstrap.prepare",
     ),
 )
 

@@ -53,21 +53,83 @@ class BindRequest(msgspec.Struct, frozen=True):
 
 
 # (key, what it means), in the order they are tried.
-BIND_RULES: tuple[tuple[str, str], ...] = (
-    ("explicit", f"an explicit {EXPLICIT_VAR} set for the host (os.environ.setdefault, as vLLM's fix); it must be a local, up address"),
-    ("ifname", "an interface selector in NCCL_SOCKET_IFNAME syntax (eth, =eth0, ^docker,lo)"),
-    ("cidr", "a network selector (cidr=10.1.0.0/16)"),
-    ("reached", "the local address the head reached this host on (SSH_CONNECTION, Slurm's NodeAddr)"),
-    ("default-route", "the default-route interface's address"),
-    ("loopback", "loopback, only when the host itself is loopback"),
-)
-DECIDED_ON_THE_HOST = ("reached", "default-route", "loopback")
-
-
 class BindChoice(msgspec.Struct, frozen=True):
     address: str
     rule: str  # what chose it, for people
     key: str = ""  # which of BIND_RULES
+
+
+Usable = Sequence[InterfaceAddress]  # up, not link-local
+
+
+def _by_explicit(request: BindRequest, usable: Usable, every: Usable, default_interface: str | None) -> BindChoice | None:
+    if request.explicit:
+        return BindChoice(_explicit(request, every), f"{EXPLICIT_VAR} (explicit)", "explicit")
+    return None
+
+
+def _by_ifname(request: BindRequest, usable: Usable, every: Usable, default_interface: str | None) -> BindChoice | None:
+    if not request.ifname:
+        return None
+    match = ifname_matcher(request.ifname)
+    found = [a for a in usable if match(a.interface)]
+    if not found:
+        raise _error(request, every, f"no up interface matches ifname={request.ifname}", "fix ifname= in the hostfile")
+    best = _preferred(found)
+    return BindChoice(str(best.address), f"ifname={request.ifname} ({best.interface})", "ifname")
+
+
+def _by_cidr(request: BindRequest, usable: Usable, every: Usable, default_interface: str | None) -> BindChoice | None:
+    if not request.cidr:
+        return None
+    network = ipaddress.ip_network(request.cidr, strict=False)
+    found = [a for a in usable if a.address.version == network.version and a.address in network]
+    if not found:
+        raise _error(request, every, f"no up interface has an address in cidr={network}", "fix cidr= in the hostfile")
+    best = _preferred(found)
+    return BindChoice(str(best.address), f"cidr={network} ({best.interface})", "cidr")
+
+
+def _by_reached(request: BindRequest, usable: Usable, every: Usable, default_interface: str | None) -> BindChoice | None:
+    local = _local_match(request.reached, usable) if request.reached else None
+    return BindChoice(str(local), "address the head reached this host on", "reached") if local is not None else None
+
+
+def _by_default_route(request: BindRequest, usable: Usable, every: Usable, default_interface: str | None) -> BindChoice | None:
+    found = [a for a in usable if a.interface == default_interface and not a.is_loopback] if default_interface else []
+    if not found:
+        return None
+    return BindChoice(str(_preferred(found).address), f"default-route interface {default_interface}", "default-route")
+
+
+def _by_loopback(request: BindRequest, usable: Usable, every: Usable, default_interface: str | None) -> BindChoice | None:
+    found = [a for a in usable if a.is_loopback] if request.host_is_loopback else []
+    return BindChoice(str(_preferred(found).address), "loopback host", "loopback") if found else None
+
+
+class BindRule(msgspec.Struct, frozen=True):
+    """One way to choose a host's address: its key, what it means, and the function that applies it
+    (a choice, None when it does not apply, or BindAddressError when it applies and nothing fits)."""
+
+    key: str
+    meaning: str
+    choose: Callable[[BindRequest, Usable, Usable, str | None], BindChoice | None]
+
+
+# The order, first that chooses wins: what select_bind_address runs and what the documentation prints.
+BIND_RULES: tuple[BindRule, ...] = (
+    BindRule(
+        "explicit",
+        f"an explicit {EXPLICIT_VAR} set for the host (os.environ.setdefault, as vLLM's fix); it must be a local, up address",
+        _by_explicit,
+    ),
+    BindRule("ifname", "an interface selector in NCCL_SOCKET_IFNAME syntax (eth, =eth0, ^docker,lo)", _by_ifname),
+    BindRule("cidr", "a network selector (cidr=10.1.0.0/16)", _by_cidr),
+    BindRule("reached", "the local address the head reached this host on (SSH_CONNECTION, Slurm's NodeAddr)", _by_reached),
+    BindRule("default-route", "the default-route interface's address", _by_default_route),
+    BindRule("loopback", "loopback, only when the host itself is loopback", _by_loopback),
+)
+DECIDED_ON_THE_HOST = ("reached", "default-route", "loopback")
 
 
 def select_bind_address(
@@ -75,36 +137,12 @@ def select_bind_address(
     addresses: Sequence[InterfaceAddress],
     default_interface: str | None = None,
 ) -> BindChoice:
-    """Pick this host's bind address; raise BindAddressError naming what to fix."""
-    if request.explicit:
-        return BindChoice(_explicit(request, addresses), f"{EXPLICIT_VAR} (explicit)", "explicit")
+    """Pick this host's bind address by BIND_RULES, in order; raise BindAddressError naming what to fix."""
     usable = [a for a in addresses if a.up and not a.address.is_link_local]
-    if request.ifname:
-        match = ifname_matcher(request.ifname)
-        found = [a for a in usable if match(a.interface)]
-        if not found:
-            raise _error(request, addresses, f"no up interface matches ifname={request.ifname}", "fix ifname= in the hostfile")
-        best = _preferred(found)
-        return BindChoice(str(best.address), f"ifname={request.ifname} ({best.interface})", "ifname")
-    if request.cidr:
-        network = ipaddress.ip_network(request.cidr, strict=False)
-        found = [a for a in usable if a.address.version == network.version and a.address in network]
-        if not found:
-            raise _error(request, addresses, f"no up interface has an address in cidr={network}", "fix cidr= in the hostfile")
-        best = _preferred(found)
-        return BindChoice(str(best.address), f"cidr={network} ({best.interface})", "cidr")
-    if request.reached:
-        local = _local_match(request.reached, usable)
-        if local is not None:
-            return BindChoice(str(local), "address the head reached this host on", "reached")
-    if default_interface:
-        found = [a for a in usable if a.interface == default_interface and not a.is_loopback]
-        if found:
-            return BindChoice(str(_preferred(found).address), f"default-route interface {default_interface}", "default-route")
-    if request.host_is_loopback:
-        found = [a for a in usable if a.is_loopback]
-        if found:
-            return BindChoice(str(_preferred(found).address), "loopback host", "loopback")
+    for rule in BIND_RULES:
+        choice = rule.choose(request, usable, addresses, default_interface)
+        if choice is not None:
+            return choice
     raise _error(
         request,
         addresses,
@@ -115,9 +153,9 @@ def select_bind_address(
 
 def deciding_rule(request: BindRequest) -> str | None:
     """The rule that decides from what the plan knows (explicit, ifname, cidr), or None: the host decides."""
-    for key, value in (("explicit", request.explicit), ("ifname", request.ifname), ("cidr", request.cidr)):
-        if value:
-            return key
+    for rule in BIND_RULES:
+        if rule.key not in DECIDED_ON_THE_HOST and getattr(request, rule.key):
+            return rule.key
     return None
 
 

@@ -227,7 +227,7 @@ def render_plan(plan: LaunchPlan, python: str = "python") -> str:
             "VLLM_HOST_IP to its host's own address (unless set for that host) and fills in {host_ip} {head_ip}"
             + ("" if any(hp.readiness for hp in plan.hosts) else f"; ready when {plan.readiness.describe()}")
         )
-    layers = " < ".join(name for name, _ in envpolicy.LAYERS)
+    layers = " < ".join(f"{layer.name} ({layer.applied_by})" for layer in envpolicy.LAYERS)
     lines.append(f"each rank's environment, in layers (later wins; a host option is never overwritten): {layers}")
     lines += [f"warning: {w}" for w in plan.warnings]
     for hp in plan.hosts:

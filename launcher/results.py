@@ -10,15 +10,16 @@ import enum
 
 import msgspec
 
+from . import exitcodes
 from .check import CheckMatrix
 
-# Exit codes of the launcher itself (a failing rank's own code is passed through).
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_HOST_LOST = 3
-EXIT_NOT_READY = 4
-EXIT_CHECK_FAILED = 5
-EXIT_STDOUT_CLOSED = 128 + 13  # as a tool killed by SIGPIPE (13): `launcher run | head -2`
+# The launcher's exit codes (the table, with the ranks' own, is exitcodes.py).
+EXIT_OK = exitcodes.OK
+EXIT_USAGE = exitcodes.USAGE
+EXIT_HOST_LOST = exitcodes.HOST_LOST
+EXIT_NOT_READY = exitcodes.NOT_READY
+EXIT_CHECK_FAILED = exitcodes.CHECK_FAILED
+EXIT_STDOUT_CLOSED = exitcodes.STDOUT_CLOSED
 
 
 class Phase(str, enum.Enum):

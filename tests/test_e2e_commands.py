@@ -180,7 +180,7 @@ def test_preflight_finds_a_busy_port_before_the_command_starts(tmp_path, port_ba
     assert done.returncode != 0
     assert "preflight: built-in engine cores" in done.stderr and "standin:" not in done.stdout
     first = failed_line(done.stderr)
-    assert first.startswith("rank 1 on localhost exited with code 3") and f"127.0.0.1:{port_base + 1}" in first
+    assert first.startswith("rank 1 on localhost exited with code 71") and f"127.0.0.1:{port_base + 1}" in first  # EX_OSERR
 
 
 def test_preflight_refuses_hosts_that_run_different_python_versions(tmp_path, port_base):

@@ -23,6 +23,7 @@ from conftest import (
     wait_for,
     write_hostfile,
 )
+from launcher import exitcodes
 from launcher.check import CheckOptions
 from launcher.plan import Host, LaunchOptions
 
@@ -81,10 +82,11 @@ def test_a_non_local_per_host_address_fails_fast_with_the_clear_error(tmp_path, 
     start = time.monotonic()
     done = run_launcher("check", "-H", hf, "--port-base", str(port_base), "--ready-timeout", "60", timeout=60)
     assert time.monotonic() - start < 20  # fails at once, not at the ready timeout
-    assert done.returncode == 2  # the rank's own exit code: bad address
+    assert done.returncode == exitcodes.RANK_BAD_ADDRESS  # the rank's own exit code (78, EX_CONFIG): never one of the launcher's
     # Both ranks fail; whichever the head hears first is the root cause.
     assert re.search(
-        r"^launcher: FAILED: rank [01] on localhost exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST=198\.18\.255\.254 is not an address of",
+        r"^launcher: FAILED: rank [01] on localhost exited with code 78: "
+        r"VLLM_NIXL_SIDE_CHANNEL_HOST=198\.18\.255\.254 is not an address of",
         done.stderr,
         re.M,
     )

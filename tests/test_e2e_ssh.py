@@ -113,9 +113,9 @@ def test_an_unreachable_listener_shows_red_in_the_matrix_with_the_reason(hosts, 
 
 def test_a_non_local_explicit_address_fails_that_host_and_stops_the_others(hosts):
     result = launch_hosts(f"h1 slots=2\nh2\nh3 env:VLLM_NIXL_SIDE_CHANNEL_HOST={NET}.99\n", hosts, check=CheckOptions())
-    assert (result.failure.kind, result.failure.rank, result.failure.host, result.exit_code) == ("rank-error", 3, "h3", 2)
+    assert (result.failure.kind, result.failure.rank, result.failure.host, result.exit_code) == ("rank-error", 3, "h3", 78)
     assert result.failure.message.startswith(
-        f"rank 3 on h3 exited with code 2: VLLM_NIXL_SIDE_CHANNEL_HOST={NET}.99 is not an address of h3"
+        f"rank 3 on h3 exited with code 78: VLLM_NIXL_SIDE_CHANNEL_HOST={NET}.99 is not an address of h3"
     )
     assert f"eth0 {NET}.13/24" in result.failure.message
     assert result.check is None and all(r.state in ("exited", "lost") for r in result.ranks)

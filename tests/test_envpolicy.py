@@ -86,3 +86,18 @@ def test_ranks_of_one_job_differ_only_in_what_vllm_leaves_out_of_its_compile_has
         differing = {k for k in set(env) | set(envs[0]) if env.get(k) != envs[0].get(k)}
         assert all(k in allowed or k.startswith("LAUNCHER_") for k in differing), differing
     assert {r.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for r in launch.ranks} == {str(launch.port_base)}
+
+
+def test_every_layer_names_the_code_that_applies_it_and_plan_prints_them_in_order():
+    import importlib
+
+    from launcher import report
+
+    for layer in envpolicy.LAYERS:
+        module, _, path = layer.applied_by.partition(".")
+        target = importlib.import_module(f"launcher.{module}")
+        for part in path.split("."):
+            target = getattr(target, part)  # an AttributeError here: the table names code that is gone
+        assert callable(target), layer
+    shown = report.render_plan(plan.build([plan.Host("localhost")], plan.LaunchOptions(), {}, "j"), python="python3")
+    assert " < ".join(f"{layer.name} ({layer.applied_by})" for layer in envpolicy.LAYERS) in shown

@@ -51,6 +51,7 @@ PURE = {
     "vllm_dp",
     "disagg",
     "agent.watch",
+    "exitcodes",
 }
 IO = {
     "supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report", "entry",

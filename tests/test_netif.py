@@ -33,9 +33,7 @@ def choose(**kw):
     return select_bind_address(BindRequest(hostname="h2", **kw), HOST, kw.pop("default", None))
 
 
-@pytest.mark.parametrize(
-    "request_kw, address, rule",
-    [
+RULE_CASES = [
         (dict(explicit="198.19.0.12", ifname="=eth0", reached="198.18.0.12"), "198.19.0.12", "explicit"),
         (dict(explicit="[fd00:19::12]"), "fd00:19::12", "explicit"),
         (dict(explicit="localhost"), "127.0.0.1", "explicit"),
@@ -51,12 +49,21 @@ def choose(**kw):
         (dict(reached="::ffff:198.18.0.12"), "198.18.0.12", "reached"),
         (dict(reached="127.0.0.3", host_is_loopback=True), "127.0.0.3", "reached"),
         (dict(host_is_loopback=True), "127.0.0.1", "loopback"),
-    ],
-)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("request_kw, address, rule", RULE_CASES)
 def test_rules_in_order(request_kw, address, rule):
     choice = choose(**request_kw)
     assert choice.address == address
     assert rule.split("=")[0] in choice.rule
+
+
+def test_the_table_is_what_runs_and_every_row_of_it_chooses_somewhere():
+    by_default_route = select_bind_address(BindRequest(hostname="h2"), HOST, "eth1")
+    chosen = {choose(**dict(kw)).key for kw, _, _ in RULE_CASES} | {by_default_route.key}
+    assert chosen == {rule.key for rule in netif.BIND_RULES}
+    assert set(netif.DECIDED_ON_THE_HOST) < chosen
 
 
 def test_default_route_interface_is_the_fallback():

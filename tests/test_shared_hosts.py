@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import RunningLauncher, failed_line, run_launcher, write_hostfile
+from launcher import exitcodes
 
 pytestmark = pytest.mark.e2e
 
@@ -41,9 +42,9 @@ def test_a_second_job_on_the_first_jobs_ports_names_that_job(tmp_path, no_leaks,
     with first_job(["-H", hf, "--port-base", str(port_base)]) as first:
         pids = {rank: pid for rank, *_, pid in first.ready_rows(2)}
         second = run_launcher("check", "-H", hf, "--port-base", str(port_base), timeout=60)
-        assert second.returncode == 3, second.stderr
+        assert second.returncode == exitcodes.RANK_PORT_TAKEN, second.stderr  # the rank's own: never the launcher's 3
         line = failed_line(second.stderr)
-        r = int(re.match(r"rank (\d) on localhost exited with code 3: ", line).group(1))  # whichever bound first
+        r = int(re.match(r"rank (\d) on localhost exited with code 71: ", line).group(1))  # whichever bound first
         assert f"side-channel port {port_base + r} is already in use at 127.0.0.1:{port_base + r} on host " in line
         assert f", held by launcher job {job_id_of(first, r)} (rank {r}, pid {pids[r]}); stop it or move" in line
 
@@ -74,6 +75,6 @@ def test_over_ssh_the_holder_on_the_remote_host_is_named(hosts, tmp_path):
     with first_job(["-H", hf, *hosts.ssh_args()]) as first:
         first.ready_rows(2)
         second = run_launcher("check", "-H", write_hostfile(tmp_path, "h1\nh2\n"), *hosts.ssh_args(), timeout=60)
-        assert second.returncode == 3, second.stderr
+        assert second.returncode == exitcodes.RANK_PORT_TAKEN, second.stderr
         # h2's rank 1 of the second job wants 5601, which the first job's rank 1 holds.
         assert f"held by launcher job {job_id_of(first, 1)} (rank 1, pid " in failed_line(second.stderr), second.stderr

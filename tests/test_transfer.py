@@ -90,9 +90,9 @@ def test_without_nixl_the_transfer_check_fails_at_once_saying_how_to_install_it(
     (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'nixl'\")\n")
     hf = write_hostfile(tmp_path, f"localhost slots=2 env:PYTHONPATH={shadow.parent}")
     done = run_launcher("check", "-H", hf, "--port-base", str(port_base), "--transfer", timeout=60)
-    assert done.returncode == 4, done.stderr  # the rank's own code: it cannot become ready
+    assert done.returncode == 69, done.stderr  # the rank's own code (EX_UNAVAILABLE): never one of the launcher's
     failed = failed_line(done.stderr)
-    assert re.match(r"rank \d on localhost exited with code 4: NIXL is not installed here", failed), failed
+    assert re.match(r"rank \d on localhost exited with code 69: NIXL is not installed here", failed), failed
     assert "pip install --no-deps nixl-cu12==1.5.1 nixl==1.5.1" in failed
 
 

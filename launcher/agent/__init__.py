@@ -29,7 +29,7 @@ import time
 import msgspec
 import psutil
 
-from .. import bootstrap, envpolicy, gpus, netif, protocol, rankenv
+from .. import bootstrap, envpolicy, exitcodes, gpus, netif, protocol, rankenv
 from ..check import PROBE_CONCURRENCY
 from ..command import BOOTSTRAP, vllm_interpreter_hint
 from ..exitwatch import ExitWatch
@@ -107,7 +107,7 @@ class Agent:
         except (gpus.GpuError, PortTaken) as exc:  # before any rank starts: half a job is no job
             for launch in self.spec.ranks:
                 self.events.send(protocol.RankError(rank=launch.rank, message=str(exc), fatal=True))
-                self.events.send(protocol.Exited(rank=launch.rank, returncode=2))
+                self.events.send(protocol.Exited(rank=launch.rank, returncode=exitcodes.USAGE))
             self.request_stop(str(exc))
             return
         for launch in self.spec.ranks:
@@ -139,7 +139,7 @@ class Agent:
                     error = bootstrap.exec_error(exc, argv[0], self.spec.host)
                     self._not_started(launch.rank, str(error), error.code)
                 else:
-                    self._not_started(launch.rank, f"cannot start {argv[0]!r}: {exc.strerror or exc}", 127)
+                    self._not_started(launch.rank, f"cannot start {argv[0]!r}: {exc.strerror or exc}", exitcodes.RANK_NOT_FOUND)
                 continue
             os.close(write_fd)
             command = None
