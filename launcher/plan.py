@@ -4,6 +4,13 @@ Pure data and pure functions: nothing here touches the network, the process
 table or the clock. ``build`` turns parsed hosts, options and the head's
 environment into a frozen ``LaunchPlan`` that the supervisor executes and that
 ``launcher plan`` prints as a dry run.
+
+A rank's life in types, one record per place it is known:
+``RankSpec`` (planned, here; its ``RankIdentity`` is who it is) ->
+``protocol.RankLaunch`` (sent to its agent: the identity, its command, the
+plan's environment) -> ``agent.spawn.RankProcess`` (on its host: its process,
+pipes and ``ReadinessWatch``) -> ``job.RankState`` (seen by the head: phase,
+address, pid, exit) -> ``results.RankResult`` (returned in the ``LaunchResult``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Union
 
 import msgspec
 
-from .rankenv import CONTROL_FD_VAR
+from .rankenv import CONTROL_FD_VAR, RankIdentity
 from .readiness import Readiness, Report
 
 
@@ -26,13 +26,21 @@ class _Msg(msgspec.Struct, tag_field="type", tag=lambda name: name.lower(), kw_o
 
 
 class RankLaunch(msgspec.Struct, kw_only=True):
-    rank: int
-    local_rank: int
-    port: int
-    engine_id: str
+    """A rank as the head sends it to its agent: who it is, its command, its planned environment."""
+
+    identity: RankIdentity  # its LAUNCHER_* variables, added at spawn (environment())
     argv: list[str]  # "{python}" stands for the agent's interpreter
-    env: dict[str, str]
+    env: dict[str, str]  # the plan's layers but the identity's
     ports: list[int]  # every side-channel port it binds: [port], or one per local DP rank (--per-host)
+
+    rank = property(lambda self: self.identity.rank)
+    local_rank = property(lambda self: self.identity.local_rank)
+    engine_id = property(lambda self: self.identity.engine_id)
+    port = property(lambda self: self.ports[0])
+
+    def environment(self) -> dict[str, str]:
+        """What the plan gives the rank: its layers and its identity (which a host option cannot name)."""
+        return {**self.env, **self.identity.to_env()}
 
 
 class AgentSpec(_Msg):

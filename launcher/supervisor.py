@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from . import check as checking
 from . import job as jobs
-from . import protocol
+from . import protocol, rankenv
 from .check import CheckMatrix, CheckOptions
 from .job import Job, RankState
 from .link import HostLink
@@ -198,6 +198,7 @@ class Supervisor:
             if self.job.head_ip is None or self.job.over or self.job.stopping:
                 return None
         hp, options = link.plan, self.plan.options
+        identity_names = set(rankenv.RankIdentity.NAMES.values())  # sent as the identity itself
         return protocol.AgentSpec(
             job_id=self.plan.job_id,
             host=hp.host.name,
@@ -206,12 +207,9 @@ class Supervisor:
             reached_address=self.transport.reached_address(hp.host),
             ranks=[
                 protocol.RankLaunch(
-                    rank=r.rank,
-                    local_rank=r.local_rank,
-                    port=r.port,
-                    engine_id=r.engine_id,
+                    identity=r.identity,
                     argv=list(r.argv),
-                    env=dict(r.env),
+                    env={k: v for k, v in r.env.items() if k not in identity_names},
                     ports=list(r.ports),
                 )
                 for r in hp.ranks

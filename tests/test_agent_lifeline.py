@@ -10,6 +10,7 @@ import pytest
 
 from conftest import wait_for
 from launcher import protocol
+from launcher.rankenv import RankIdentity
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -30,6 +31,13 @@ time.sleep(600)
 SLEEPER = "import time; print('up', flush=True); time.sleep(600)"
 
 
+def identity(rank: int, size: int) -> RankIdentity:
+    return RankIdentity(
+        job_id="t", rank=rank, local_rank=rank, local_size=size, world_size=size, host="localhost", host_index=0,
+        engine_id=f"t-dp{rank}", port_base=0,
+    )  # fmt: skip
+
+
 def start_agent(scripts, grace=1.0, heartbeat_timeout=60.0):
     spec = protocol.AgentSpec(
         job_id="t",
@@ -38,7 +46,7 @@ def start_agent(scripts, grace=1.0, heartbeat_timeout=60.0):
         host_is_loopback=True,
         reached_address="127.0.0.1",
         ranks=[
-            protocol.RankLaunch(rank=i, local_rank=i, port=0, engine_id=f"t-dp{i}", argv=["{python}", "-c", code], env={}, ports=[0])
+            protocol.RankLaunch(identity=identity(i, len(scripts)), argv=["{python}", "-c", code], env={}, ports=[0])
             for i, code in enumerate(scripts)
         ],
         grace=grace,

@@ -23,6 +23,7 @@ import launcher
 from conftest import REPO, RunningLauncher, launcher_cmd, run_launcher, wait_for, write_hostfile
 from launcher import agent, envpolicy, probe, protocol, transports
 from launcher.plan import Host, LaunchOptions
+from launcher.rankenv import RankIdentity
 from launcher.readiness import Log
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
@@ -235,7 +236,16 @@ def test_an_agent_never_echoes_the_bytes_of_a_spec_it_cannot_read():
             grace=1,
             heartbeat_interval=1,
             heartbeat_timeout=5,
-            ranks=[protocol.RankLaunch(rank=0, local_rank=0, port=1, engine_id="e", argv=["x"], env={"HF_TOKEN": secret}, ports=[1])],
+            ranks=[
+                protocol.RankLaunch(
+                    identity=RankIdentity(
+                        job_id="j", rank=0, local_rank=0, local_size=1, world_size=1, host="h", host_index=0, engine_id="e", port_base=1
+                    ),
+                    argv=["x"],
+                    env={"HF_TOKEN": secret},
+                    ports=[1],
+                )
+            ],
         )
     )
     for broken in (spec[:-30] + b"\n", spec.replace(b'"rank":0', b'"rank":"zero"'), b"\xff" + spec):

@@ -73,11 +73,12 @@ class Agent:
         """Who and where this agent is, including the address its ranks will pick."""
         address = error = ""
         if self.spec.ranks:
-            env = envpolicy.process_environment(self.base_env, self.spec.ranks[0].env, self.facts)
+            first = self.spec.ranks[0]
+            env = envpolicy.process_environment(self.base_env, first.environment(), self.facts)
             try:
-                request = netif.bind_request(rankenv.RankIdentity.from_env(env), self.facts, env.get(netif.EXPLICIT_VAR))
+                request = netif.bind_request(first.identity, self.facts, env.get(netif.EXPLICIT_VAR))
                 address = netif.resolve_bind_address(request).address
-            except (netif.BindAddressError, rankenv.RankEnvError) as exc:
+            except netif.BindAddressError as exc:
                 error = str(exc)
         vllm = own_vllm_version()
         return protocol.Hello(
@@ -115,9 +116,9 @@ class Agent:
                 launch = msgspec.structs.replace(launch, env={**launch.env, "CUDA_VISIBLE_DEVICES": devices[launch.rank]})
             read_fd, write_fd = os.pipe()
             # A built-in core that moves bytes (--transfer) also reads commands from its agent.
-            command_read, command_write = os.pipe() if rankenv.RankIdentity.NAMES["transfer_bytes"] in launch.env else (None, None)
+            command_read, command_write = os.pipe() if launch.identity.transfer_bytes is not None else (None, None)
             facts = msgspec.structs.replace(self.facts, control_fd=write_fd, command_fd=command_read)
-            env = envpolicy.process_environment(self.base_env, launch.env, facts)
+            env = envpolicy.process_environment(self.base_env, launch.environment(), facts)
             argv = [sys.executable if a == "{python}" else a for a in launch.argv]
             prepared = None
             if tuple(launch.argv[: len(BOOTSTRAP)]) == BOOTSTRAP:
@@ -174,12 +175,9 @@ class Agent:
         slices: dict[int, str] = {}
         found: gpus.Devices | None = None
         for launch in self.spec.ranks:
-            if rankenv.RankIdentity.NAMES["gpus_per_rank"] not in launch.env:
+            me = launch.identity
+            if me.gpus_per_rank is None:
                 continue
-            try:
-                me = rankenv.RankIdentity.from_env(launch.env)
-            except rankenv.RankEnvError as exc:
-                raise gpus.GpuError(f"--gpus-per-rank on {self.spec.host}: {exc}") from None
             if found is None:
                 # The host's own variables, or the hostfile's env: for this host, say which devices it offers.
                 found = gpus.discover(me.host_gpus, {**self.base_env, **launch.env}, gpus.nvidia_smi_devices)
@@ -299,7 +297,7 @@ class Agent:
         if hint is None:
             return ""
         if hint not in self._vllm_versions:
-            self._vllm_versions[hint] = installed_vllm_version(hint, {**self.base_env, **rp.spec.env})
+            self._vllm_versions[hint] = installed_vllm_version(hint, {**self.base_env, **rp.spec.environment()})
         return self._vllm_versions[hint]
 
     def _read_head(self) -> None:
