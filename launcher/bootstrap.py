@@ -25,7 +25,7 @@ import sys
 
 import msgspec
 
-from . import exitcodes, netif, protocol, rankenv
+from . import control, exitcodes, netif, protocol, rankenv
 from .command import render_template
 
 
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepared = prepare(args, env)
     except BootstrapError as exc:
-        return protocol.rank_failed(rank, str(exc), exc.code)
-    protocol.report_to_agent(prepared.resolved)
+        return control.rank_failed(rank, str(exc), exc.code)
+    control.report_to_agent(prepared.resolved)
     facts = rankenv.HostFacts.from_env(env)
     if facts.control_fd is not None:
         os.set_inheritable(facts.control_fd, False)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execvpe(prepared.argv[0], prepared.argv, prepared.env)
     except OSError as exc:
         error = exec_error(exc, prepared.argv[0], env.get(rankenv.RankIdentity.NAMES["host"], "this host"))
-        return protocol.rank_failed(prepared.resolved.rank, str(error), error.code)
+        return control.rank_failed(prepared.resolved.rank, str(error), error.code)
     return 0  # not reached: exec replaced this process
 
 

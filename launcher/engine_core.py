@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 
-from . import exitcodes, netif, protocol, rankenv, wire
+from . import control, exitcodes, netif, protocol, rankenv, wire
 from .sidechannel import SideChannelBindError, SideChannelListener
 
 IDLE_POLL_MS = 1000  # with no connection open; while one is, the listener looks every 50 ms (its watchdog)
@@ -56,14 +56,14 @@ def main() -> int:
     try:
         me = rankenv.RankIdentity.from_env(env)
     except rankenv.RankEnvError as exc:
-        return protocol.rank_failed(0, str(exc), exitcodes.RANK_BAD_ADDRESS)
+        return control.rank_failed(0, str(exc), exitcodes.RANK_BAD_ADDRESS)
     rank, engine_id, port = me.rank, me.engine_id, me.port  # as vLLM: base + DP index
     _raise_open_files_limit()  # every peer's connection is a descriptor: use all the host allows
 
     try:
         choice = netif.claim_bind_address(env)
     except netif.BindAddressError as exc:
-        return protocol.rank_failed(rank, str(exc), exitcodes.RANK_BAD_ADDRESS)
+        return control.rank_failed(rank, str(exc), exitcodes.RANK_BAD_ADDRESS)
 
     endpoint = None
     if me.transfer_bytes:
@@ -72,13 +72,13 @@ def main() -> int:
         try:
             endpoint = TransferEndpoint(engine_id, rank, me.transfer_bytes, netif.interface_of(choice.address), env)
         except NixlMissing as exc:
-            return protocol.rank_failed(rank, str(exc), exitcodes.RANK_NO_NIXL)
+            return control.rank_failed(rank, str(exc), exitcodes.RANK_NO_NIXL)
     metadata = endpoint.metadata() if endpoint else None
     listener = SideChannelListener(choice.address, port, {0: builtin_payload(engine_id, me.job_id, 0, metadata)})
     try:
         listener.bind()
     except SideChannelBindError as exc:
-        return protocol.rank_failed(rank, str(exc), exitcodes.RANK_PORT_TAKEN)
+        return control.rank_failed(rank, str(exc), exitcodes.RANK_PORT_TAKEN)
     facts = rankenv.HostFacts.from_env(env)
     if endpoint and facts.command_fd is not None:
         threading.Thread(target=_obey, args=(facts.command_fd, endpoint, me, choice.address), daemon=True).start()
@@ -93,7 +93,7 @@ def main() -> int:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     print(f"engine core {engine_id} listening on {listener.endpoint} ({choice.rule})", flush=True)
-    protocol.report_to_agent(
+    control.report_to_agent(
         protocol.Ready(rank=rank, address=choice.address, port=port, pid=os.getpid(), rule=choice.rule, engine_id=engine_id)
     )
     try:
@@ -118,7 +118,7 @@ def _obey(fd: int, endpoint, me: rankenv.RankIdentity, address: str) -> None:
                 wanted = None if command.pairs is None else {tuple(p) for p in command.pairs}
                 for peer in command.peers:
                     if peer.rank != me.rank and (wanted is None or (me.rank, peer.rank) in wanted):
-                        protocol.report_to_agent(_read_peer(endpoint, me, address, peer, command.timeout))
+                        control.report_to_agent(_read_peer(endpoint, me, address, peer, command.timeout))
 
 
 def _read_peer(endpoint, me: rankenv.RankIdentity, address: str, peer: protocol.Peer, timeout: float) -> protocol.TransferResult:

@@ -8,13 +8,11 @@ writes ``Ready`` or ``RankError`` to the control pipe the agent gave it
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Union
 
 import msgspec
 
-from .rankenv import CONTROL_FD_VAR, RankIdentity
+from .rankenv import RankIdentity
 from .readiness import Readiness, Report
 
 
@@ -232,21 +230,3 @@ def decode(line: bytes | str) -> Message:
         return _decoder.decode(line)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"not a launcher message ({exc})") from None
-
-
-def rank_failed(rank: int, message: str, code: int) -> int:
-    """From a rank: say why it cannot go on, on its stderr and to its agent; returns ``code`` to exit with."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    report_to_agent(RankError(rank=rank, message=message))
-    return code
-
-
-def report_to_agent(message: _Msg) -> None:
-    """From a rank: write one message to the agent's control pipe, if there is one."""
-    fd = os.environ.get(CONTROL_FD_VAR)  # HostFacts.control_fd, read raw: a rank may report before anything else
-    if fd is None:
-        return
-    try:
-        os.write(int(fd), encode(message))
-    except OSError:
-        pass  # the agent is gone; the rank is about to be stopped anyway

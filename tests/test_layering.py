@@ -56,11 +56,11 @@ PURE = {
 IO = {
     "supervisor", "link", "transports", "agent", "sidechannel", "probe", "engine_core", "bootstrap", "api", "cli", "report", "entry",
     "transfer", "plot", "pd_proxy", "forked", "exitwatch",
-    "agent.events", "agent.probes", "agent.spawn", "agent.teardown", "agent.threads", "agent.vllm_version",
+    "control", "agent.events", "agent.probes", "agent.spawn", "agent.teardown", "agent.threads", "agent.vllm_version",
 }  # fmt: skip
 # The agent is a package: each of its modules runs on every host, so each is held to the rank side's rules.
 AGENT = sorted(f"agent.{f[:-3]}" for f in os.listdir(os.path.join(REPO, "launcher", "agent")) if f.endswith(".py") and f[0] != "_")
-RANK_SIDE = {"agent", *AGENT, "engine_core", "bootstrap", "forked", "exitwatch"}
+RANK_SIDE = {"agent", *AGENT, "engine_core", "bootstrap", "forked", "exitwatch", "control"}
 
 
 @pytest.mark.parametrize("module", ["launcher.agent", "launcher.engine_core", "launcher.bootstrap"])
