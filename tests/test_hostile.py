@@ -469,6 +469,16 @@ def test_a_job_of_many_hosts_gets_the_open_files_it_needs():
     assert done.stdout.split() == ["1024", "4096"]  # a small job leaves the limit alone; a large one gets the hard limit
 
 
+def test_the_head_forks_local_agents_unless_a_secret_the_allowlist_drops_is_about(tmp_path):
+    """Paths such as SSL_CERT_FILE look secret by name and are masked, but a path is no secret: it keeps the fork."""
+    from launcher.transports.local import _secrets_dropped
+
+    cert = tmp_path / "ca.pem"
+    cert.write_text("x")
+    env = {"SSL_CERT_FILE": str(cert), "HF_TOKEN": "hf_x", "PATH": "/bin", "MY_DB_PASSWORD": "p", "SESSION_KEY": "/no/such/file"}
+    assert _secrets_dropped(env, envpolicy.login_environment(env)) == ["MY_DB_PASSWORD", "SESSION_KEY"]  # HF_ is allowlisted
+
+
 def process_memory(pid: int) -> bytes:
     """Every readable mapping of a process (we are root), as a core dump would hold it."""
     chunks = []

@@ -136,6 +136,15 @@ def _secrets_dropped(head_env, agent_env) -> list[str]:
     A forked agent's memory is a copy of the head's, this environment included (not in /proc/PID/environ,
     which is rewritten, but in /proc/PID/mem and a core dump), and so is every rank it forks: with such a
     variable about, the agent is exec'd with the login set only, and nothing the allowlist drops is in
-    any process of the job."""
+    any process of the job. A value that is the path of an existing file (SSL_CERT_FILE) names a secret at
+    most, and is not one: it does not make the agent exec'd."""
     policy = envpolicy.EnvPolicy()
-    return [k for k in head_env if envpolicy.is_secret(k) and k not in agent_env and policy.allow_rule(k) is None]
+    return [
+        k
+        for k, v in head_env.items()
+        if envpolicy.is_secret(k) and k not in agent_env and policy.allow_rule(k) is None and not _existing_path(v)
+    ]
+
+
+def _existing_path(value: str) -> bool:
+    return value.startswith("/") and os.path.exists(value)
