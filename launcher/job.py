@@ -371,10 +371,6 @@ class Job:
     def all_in(self, *phases: Phase) -> bool:
         return all(r.phase in phases for r in self.ranks.values())
 
-    def started_any(self, index: int) -> bool:
-        """Whether any rank of host ``index`` was started (its agent said so)."""
-        return any(self.ranks[spec.rank].pid is not None for spec in self.hosts[index].plan.ranks)
-
     @property
     def all_ended(self) -> bool:
         """Every started agent gone and every rank ended (or never started)."""

@@ -170,7 +170,9 @@ class Supervisor:
         for link in self.links:
             link.close()
         for link, host in zip(self.links, self.job.hosts, strict=True):
-            if link.finish(gone=host.gone) and link.sweeper is None and self.job.started_any(link.index):
+            # An agent killed here had no teardown of its own; it may have started ranks it never reported
+            # (stopped before its first word): sweep whether or not the head heard of any.
+            if link.finish(gone=host.gone) and link.sweeper is None:
                 link.sweep(self.plan.job_id, self.reporter.progress)
         for link, host in zip(self.links, self.job.hosts, strict=True):
             link.join(timeout=0.5 if host.gone else 5.0)  # a lost host's reader may sit in a read no FIN will end

@@ -593,3 +593,23 @@ def listening_as(uid: int, port: int) -> int:
     os.close(ready_r)
     threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True).start()
     return hold_w
+
+
+@pytest.mark.e2e
+def test_an_agent_stopped_before_its_first_word_is_killed_and_its_host_swept(tmp_path, no_leaks, port_base):
+    """Found by scripts/chaos.py: a local agent stopped right after it forked its first rank, before it said
+    anything. The head heard of no rank, failed at the ready timeout, killed the agent, and swept nothing:
+    the rank died with its agent, but what it had started in a session of its own ran on. Here the first
+    rank stops its agent itself, while the agent is still starting the others."""
+    left = tmp_path / "detached.pid"
+    rank = f"if [ {{local_rank}} = 0 ]; then kill -STOP $PPID; setsid sh -c 'echo $$ > {left}; exec sleep 300' & fi; exec sleep 300"
+    run = RunningLauncher(
+        ["-H", write_hostfile(tmp_path, "localhost slots=4\n"), "--port-base", str(port_base), "--ready-timeout", "3", "--grace", "1",
+         "--ready-log", "^never$", "--", "sh", "-c", rank],
+    )  # fmt: skip
+    assert wait_for(left.exists, 10)
+    detached = int(left.read_text())
+    assert run.finish(timeout=60) == 4  # not ready in time
+    assert any("agents connected" in line for line in run.stderr) is False, run.stderr  # it never said a word
+    assert any(f"(pids {detached})" in line for line in run.stderr), run.stderr[-8:]
+    assert wait_for(lambda: not psutil.pid_exists(detached) or psutil.Process(detached).status() == psutil.STATUS_ZOMBIE, 5)
