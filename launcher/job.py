@@ -356,9 +356,11 @@ class Job:
             return []  # already lost (by heartbeat, say): its EOF adds nothing
         host.gone = True
         self.fail(kind, message, host=host.host.name)
-        running = [r for r in host.plan.ranks if self.ranks[r.rank].pid is not None and self.ranks[r.rank].phase is not Phase.EXITED]
+        # Any rank not seen to exit may be running, or may have started unreported (an agent killed before
+        # its first word had forked its ranks already): what they left is found by the job id, not by pid.
+        unfinished = any(self.ranks[r.rank].phase is not Phase.EXITED for r in host.plan.ranks)
         self._mark_lost(index, now)
-        return [Sweep(index)] if sweep and running else []
+        return [Sweep(index)] if sweep and unfinished else []
 
     def _mark_lost(self, index: int, now: float) -> None:
         for spec in self.hosts[index].plan.ranks:

@@ -117,6 +117,13 @@ def test_an_agent_that_never_said_hello_gets_the_fix_its_last_words_point_at():
     )
 
 
+def test_an_agent_that_died_before_its_first_word_has_its_host_swept():
+    """It may have forked ranks it never reported (scripts/chaos.py found one, SIGKILLed 20 ms in)."""
+    job = make(hosts=[Host("a")])
+    job.apply(0, LinkOpened(), 0.0)
+    assert job.apply(0, LinkClosed(), 0.02) == [jobs.Sweep(0)]
+
+
 def test_exits_while_stopping_or_after_ctrl_c_are_consequences_not_causes():
     for flag in ("stopping", "interrupted"):
         job = started(make())
