@@ -96,4 +96,5 @@ def test_a_run_stopped_by_sigterm_reports_143_in_its_document(tmp_path, no_leaks
 def test_a_check_stopped_before_it_ran_is_no_passed_check(tmp_path, no_leaks, port_base):
     doc, code = sigterm_document("check", tmp_path, port_base, after="agents connected")
     assert code == doc["exit_code"] == 143
-    assert doc["ok"] is False and doc["stopped_by"] == "SIGTERM" and doc["check"] is None
+    assert doc["ok"] is False and doc["stopped_by"] == "SIGTERM"
+    assert doc["check"] is None or not doc["check"]["ok"]  # not run, or cut short: never a passed check
