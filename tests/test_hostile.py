@@ -517,6 +517,20 @@ def test_a_secret_the_allowlist_drops_is_in_no_process_of_the_job_not_even_in_it
         assert run.finish() == 130
 
 
+def detached_pid(path) -> int:
+    """The pid that a rank's detached process (``setsid sh -c 'echo $$ > path; ...'``) wrote, once written."""
+    assert wait_for(path.exists, 10)
+    return int(path.read_text())
+
+
+def dead(pid: int) -> bool:
+    """Gone, or a zombie waiting for a parent that is not ours to wait for."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.mark.e2e
 def test_a_stalled_local_agent_is_killed_and_what_its_ranks_left_is_swept(tmp_path, no_leaks, port_base):
     """The chaos loop's one leak: SIGSTOP a local agent, the head kills it at its heartbeat timeout, and
@@ -528,15 +542,14 @@ def test_a_stalled_local_agent_is_killed_and_what_its_ranks_left_is_swept(tmp_pa
          "--ready-log", "^go$", "--", "sh", "-c", rank],
     )  # fmt: skip
     run.ready_rows(1)
-    assert wait_for(left.exists, 10)
-    detached = int(left.read_text())
+    detached = detached_pid(left)
     agents = [p for p in psutil.Process(run.proc.pid).children() if "launcher.agent" in " ".join(p.cmdline())]
     assert len(agents) == 1, agents
     agents[0].send_signal(signal.SIGSTOP)
     assert run.finish(timeout=60) == 3
     assert any(line.startswith("launcher: FAILED: host localhost lost") for line in run.stderr), run.stderr[-5:]
     assert any(f"swept 1 processes this job left on localhost (pids {detached})" in line for line in run.stderr), run.stderr[-8:]
-    assert wait_for(lambda: not psutil.pid_exists(detached) or psutil.Process(detached).status() == psutil.STATUS_ZOMBIE, 5)
+    assert wait_for(lambda: dead(detached), 5)
 
 
 def test_a_port_another_user_holds_is_never_taken_for_the_ranks_own_by_a_launcher_that_is_not_root(port_base, monkeypatch):
@@ -607,9 +620,8 @@ def test_an_agent_stopped_before_its_first_word_is_killed_and_its_host_swept(tmp
         ["-H", write_hostfile(tmp_path, "localhost slots=4\n"), "--port-base", str(port_base), "--ready-timeout", "3", "--grace", "1",
          "--ready-log", "^never$", "--", "sh", "-c", rank],
     )  # fmt: skip
-    assert wait_for(left.exists, 10)
-    detached = int(left.read_text())
+    detached = detached_pid(left)
     assert run.finish(timeout=60) == 4  # not ready in time
     assert any("agents connected" in line for line in run.stderr) is False, run.stderr  # it never said a word
     assert any(f"(pids {detached})" in line for line in run.stderr), run.stderr[-8:]
-    assert wait_for(lambda: not psutil.pid_exists(detached) or psutil.Process(detached).status() == psutil.STATUS_ZOMBIE, 5)
+    assert wait_for(lambda: dead(detached), 5)
