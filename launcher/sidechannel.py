@@ -82,7 +82,6 @@ class SideChannelListener:
         self.requests_served = 0
         self.requests_rejected = 0
         self.resets = 0  # times every connection was dropped for a flood
-        self.dropped = 0  # connections dropped for age, for the cap, or in a flood
         self._cap = min(MAX_CONNECTIONS, _open_files_limit() // 2)
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
@@ -168,6 +167,7 @@ class SideChannelListener:
         assert self._sock is not None, "bind() first"
         baseline, next_look = _rss(), 0.0
         while not stop.is_set():
+            self._count_connections()  # what the monitor said since the last turn: the open connections
             now = time.monotonic()
             if now >= next_look:  # on its clock, not at every message: an all-pairs check sends thousands
                 next_look = now + poll_ms / 1000
@@ -176,7 +176,6 @@ class SideChannelListener:
                     baseline = max(baseline, _rss())  # what the reset could not give back is not counted twice
                     continue
                 self._drop_old(now)
-            self._count_connections()
             resting = on_idle is None and idle_ms is not None and not self._open
             wait = on_idle() if on_idle is not None else idle_ms if resting else poll_ms
             # A connection's events wake the loop only while it rests: otherwise it looks every poll_ms
@@ -233,8 +232,7 @@ class SideChannelListener:
         self.bind()
 
     def _drop_old(self, now: float) -> None:
-        """Connections past MAX_CONNECTION_AGE, and the oldest past the cap."""
-        self._count_connections()
+        """Connections past MAX_CONNECTION_AGE, and the oldest past the cap (``_open`` as last counted)."""
         by_age = sorted(self._open, key=lambda fd: self._open[fd].since)
         over = max(0, len(by_age) - self._cap)
         self._drop([fd for i, fd in enumerate(by_age) if i < over or now - self._open[fd].since > MAX_CONNECTION_AGE])
@@ -244,8 +242,8 @@ class SideChannelListener:
         a descriptor number is reused once libzmq has closed it."""
         for fd in fds:
             conn = self._open.pop(fd, None)
-            if conn is not None and conn.shut_down(self.port):
-                self.dropped += 1
+            if conn is not None:
+                conn.shut_down(self.port)
 
     def reply_to(self, frames: list[bytes]) -> list[bytes] | None:
         """The frames to send back for one received ROUTER message (None: no reply possible)."""
@@ -317,19 +315,18 @@ class _Connection(msgspec.Struct):
     def accepted(cls, fd: int) -> _Connection:
         return cls(fd, _peer(fd), time.monotonic())
 
-    def shut_down(self, port: int) -> bool:
+    def shut_down(self, port: int) -> None:
         """shutdown(2) the connection, if its descriptor is still this one (our port, the same peer)."""
         try:
             sock = socket.socket(fileno=os.dup(self.fd))
         except OSError:
-            return False
+            return
         try:
             if sock.getsockname()[1] != port or sock.getpeername() != self.peer:
-                return False
+                return
             sock.shutdown(socket.SHUT_RDWR)
-            return True
         except OSError:
-            return False
+            return
         finally:
             sock.close()
 
