@@ -6,13 +6,16 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 
-from . import disagg, transports, vllm_dp
 from . import plan as planmod
+from . import transports
 from .check import CheckOptions
+from .head.reporter import Reporter
+from .head.supervisor import Supervisor
 from .netif import url_host
 from .plan import Host, LaunchOptions, LaunchPlan
 from .results import FailureKind, LaunchResult
-from .supervisor import Reporter, Supervisor
+from .vllm import disagg
+from .vllm import dp as vllm_dp
 
 
 def plan_job(
@@ -30,7 +33,7 @@ def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int]) -> 
     """Serve; a P/D job behind its proxy, which lives exactly as long."""
     if not any(plan.roles):
         return supervisor.serve()
-    from .pd_proxy import PdProxy, ProxyError
+    from .head.pd_proxy import PdProxy, ProxyError
 
     api = vllm_dp.api_port(plan.options.command)
     upstreams: dict[str, list[str]] = {role: [] for role in disagg.ROLES}

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
-from . import wire
 from .protocol import CheckResult, Peer
+from .vllm import wire
 
 WIRE_CHOICES = ("auto", *wire.BY_NAME, wire.TCP)
 PROBE_CONCURRENCY = 16  # probes an agent runs at once

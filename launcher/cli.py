@@ -10,13 +10,17 @@ import signal
 import sys
 import threading
 
-from . import argtypes, disagg, documents, hostfile, readiness, report, transports, vllm_dp, wire
+from . import argtypes, hostfile, readiness, transports
 from .api import launch, plan_job
 from .check import WIRE_CHOICES, CheckOptions
 from .command import PLACEHOLDERS
+from .output import console as report
+from .output import documents
 from .plan import LaunchOptions, PlanError
 from .results import EXIT_STDOUT_CLOSED, EXIT_USAGE, LaunchResult
 from .version import __version__
+from .vllm import disagg, wire
+from .vllm import dp as vllm_dp
 
 DEFAULT_HOSTFILE = "hostfile"
 
@@ -377,7 +381,7 @@ def _check_probing(args) -> None:
     if args.transfer and not checking:
         raise PlanError("run --transfer needs --check or --preflight: the transfer check runs after the all-pairs check")
     if args.plot:
-        from . import plot
+        from .output import plot
 
         if not checking:
             raise PlanError("run --plot needs --check or --preflight: it draws the check's matrix")
@@ -474,7 +478,7 @@ def _json(document: dict) -> str:
 
 
 def _plot(result: LaunchResult, path: str, reporter: report.ConsoleReporter) -> None:
-    from . import plot
+    from .output import plot
 
     matrix = result.transfer or result.check
     if matrix is None:

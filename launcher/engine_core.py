@@ -19,8 +19,9 @@ import signal
 import sys
 import threading
 
-from . import control, exitcodes, netif, protocol, rankenv, wire
-from .sidechannel import SideChannelBindError, SideChannelListener
+from . import control, exitcodes, netif, protocol, rankenv
+from .vllm import wire
+from .vllm.sidechannel import SideChannelBindError, SideChannelListener
 
 IDLE_POLL_MS = 1000  # with no connection open; while one is, the listener looks every 50 ms (its watchdog)
 
@@ -123,8 +124,8 @@ def _obey(fd: int, endpoint, me: rankenv.RankIdentity, address: str) -> None:
 
 def _read_peer(endpoint, me: rankenv.RankIdentity, address: str, peer: protocol.Peer, timeout: float) -> protocol.TransferResult:
     """Fetch the peer's NIXL metadata over its side channel, READ its buffer, verify it."""
-    from .sidechannel import HandshakeError, handshake
     from .transfer import TransferFailed
+    from .vllm.sidechannel import HandshakeError, handshake
 
     try:
         reply = handshake(peer.address, peer.ports[0], wire.CURRENT, timeout=timeout, source=address).reply

@@ -24,10 +24,10 @@ from collections.abc import Iterable
 
 import hostlist
 
-from .disagg import ROLES
 from .envpolicy import masked
 from .gpus import parse_device_list
-from .plan import Host
+from .host import Host
+from .vllm.disagg import ROLES
 
 OPTIONS = ("slots", "port", "ifname", "cidr", "python", "cwd", "gpus", "role")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")

@@ -22,65 +22,22 @@ from collections.abc import Mapping, Sequence
 import msgspec
 from msgspec.structs import replace
 
-from . import disagg, envpolicy, netif, rankenv, vllm_dp
-from .command import (
-    BOOTSTRAP,
-    BUILTIN_ENGINE,
-    RUNTIME_PLACEHOLDERS,
-    CommandError,
-    is_vllm_serve,
-    kv_transfer_engine_id,
-    render_template,
-    user_command,
-    uses_nixl,
-    vllm_dp_ranks,
-)
+from . import envpolicy, netif, rankenv
+from .command import BOOTSTRAP, BUILTIN_ENGINE, RUNTIME_PLACEHOLDERS, CommandError, render_template, user_command
 from .gpus import GpuError, check_hostfile_gpus
+from .host import Host, is_loopback_name
 from .rankenv import RankIdentity
 from .readiness import Log, Ports, Readiness, Report, Url, WithHead
+from .vllm import disagg
+from .vllm import dp as vllm_dp
+from .vllm.flags import is_vllm_serve, kv_transfer_engine_id, uses_nixl, vllm_dp_ranks
 
 DEFAULT_PORT_BASE = 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default
 DEFAULT_RPC_PORT = 13345  # the --data-parallel-rpc-port of vLLM's multi-node examples
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
 
 class PlanError(ValueError):
     """A launch that cannot be planned; the message names the culprit and the fix."""
-
-
-class Host(msgspec.Struct, frozen=True):
-    """One line of a hostfile (or one node of an allocation)."""
-
-    name: str
-    slots: int = 1
-    user: str | None = None
-    port: int | None = None
-    ifname: str | None = None
-    cidr: str | None = None
-    env: tuple[tuple[str, str], ...] = ()
-    python: str | None = None
-    cwd: str | None = None
-    gpus: str | None = None  # the devices --gpus-per-rank slices: a count or ids (gpus.parse_device_list)
-    role: str | None = None  # prefill or decode: a P/D job (disagg.py)
-    origin: str = ""  # "path:line", for error messages
-
-    @property
-    def is_loopback(self) -> bool:
-        return is_loopback_name(self.name)
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.origin})" if self.origin else self.name
-
-
-def is_loopback_name(name: str) -> bool:
-    """True for ``localhost`` and loopback literals (127.0.0.0/8, ::1)."""
-    if name.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class LaunchOptions(msgspec.Struct, frozen=True):

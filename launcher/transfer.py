@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 
-from . import wire
+from .vllm import wire
 
 INSTALL_HINT = (
     "install NIXL on every host, in the interpreter that runs launcher: on CPU hosts without torch, "

@@ -37,9 +37,9 @@ import cluster_cli  # noqa: F401  (puts tests/support on the path)
 
 import launcher
 from launcher import transports
+from launcher.head.reporter import Reporter
+from launcher.output.console import format_table
 from launcher.plan import Host, LaunchOptions
-from launcher.report import format_table
-from launcher.supervisor import Reporter
 from support.netns import NetnsCluster
 
 

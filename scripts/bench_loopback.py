@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_launch import launcher_as_installed
 
 import launcher
+from launcher.output.console import format_table
 from launcher.plan import Host, LaunchOptions
-from launcher.report import format_table
 
 PY = sys.executable
 IN_FAN_OUT, IN_LAUNCH = "Popen fan-out", "launch()"  # the in-process contenders

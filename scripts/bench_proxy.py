@@ -35,8 +35,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
-from launcher import disagg  # noqa: E402
-from launcher.report import format_table  # noqa: E402
+from launcher.output.console import format_table  # noqa: E402
+from launcher.vllm import disagg  # noqa: E402
 
 STANDIN = os.path.join(REPO, "tests", "standin_vllm.py")
 BODY = {"model": "m", "prompt": "the quick brown fox " * 20, "max_tokens": 8}
@@ -56,7 +56,7 @@ def start_instance(address: str, api: int, side: int) -> subprocess.Popen:
 
 def start_proxy(prefill: str, decode: str, port: int) -> subprocess.Popen:
     code = (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from launcher.pd_proxy import PdProxy;"
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from launcher.head.pd_proxy import PdProxy;"
         "p = PdProxy([sys.argv[2]], [sys.argv[3]], '127.0.0.1', int(sys.argv[4])); p.start(); print('up', flush=True); time.sleep(1e9)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, REPO, prefill, decode, str(port)], stdout=subprocess.PIPE, text=True)

@@ -32,9 +32,9 @@ from bench_launch import launcher_as_installed, pdsh, plain_ssh
 import launcher
 from launcher import transports
 from launcher.check import CheckOptions
+from launcher.head.reporter import Reporter
+from launcher.output.console import format_table
 from launcher.plan import Host, LaunchOptions
-from launcher.report import format_table
-from launcher.supervisor import Reporter
 from support.netns import NetnsCluster
 
 

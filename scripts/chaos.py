@@ -48,7 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
-from launcher.report import format_table  # noqa: E402
+from launcher.output.console import format_table  # noqa: E402
 
 # Ignores SIGTERM (teardown needs the SIGKILL after the grace) and leaves a grandchild in its own session.
 WORST_RANK = "trap '' TERM; setsid sleep 1000 & sleep 1000 & echo up; wait"

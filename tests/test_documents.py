@@ -7,8 +7,9 @@ import subprocess
 import pytest
 
 from conftest import launcher_cmd, port_taken, run_launcher, wait_for, write_hostfile
-from launcher import documents, plan
+from launcher import plan
 from launcher.check import CheckMatrix
+from launcher.output import documents
 from launcher.plan import Host, LaunchOptions
 from launcher.protocol import CheckResult, TransferResult
 from launcher.results import Failure, FailureKind, LaunchResult, Phase, RankResult

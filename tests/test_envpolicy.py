@@ -91,7 +91,7 @@ def test_ranks_of_one_job_differ_only_in_what_vllm_leaves_out_of_its_compile_has
 def test_every_layer_names_the_code_that_applies_it_and_plan_prints_them_in_order():
     import importlib
 
-    from launcher import report
+    from launcher.output import console as report
 
     for layer in envpolicy.LAYERS:
         module, _, path = layer.applied_by.partition(".")

@@ -458,7 +458,7 @@ def test_a_job_of_many_hosts_gets_the_open_files_it_needs():
     """A link holds a descriptor or two: 1000 hosts would end at the usual soft limit of 1024."""
     script = (
         "import resource\n"
-        "from launcher.supervisor import _room_for_links\n"
+        "from launcher.head.supervisor import _room_for_links\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))\n"  # as root, or wherever the hard limit allows
         "_room_for_links(10)\n"
         "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"

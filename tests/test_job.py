@@ -2,10 +2,10 @@
 
 import pytest
 
-from launcher import job as jobs
 from launcher import plan as planning
 from launcher import protocol
-from launcher.job import Job, LinkClosed, LinkFailed, LinkOpened, Noise
+from launcher.head import job as jobs
+from launcher.head.job import Job, LinkClosed, LinkFailed, LinkOpened, Noise
 from launcher.plan import Host, LaunchOptions
 from launcher.results import FailureKind, Phase
 from launcher.version import __version__

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.pd_proxy import PdProxy, ProxyLimits, json_shape_problem
+from launcher.head.pd_proxy import PdProxy, ProxyLimits, json_shape_problem
 
 pytestmark = pytest.mark.e2e
 

@@ -55,8 +55,9 @@ def test_a_hashed_vllm_variable_that_differs_per_host_warns():
 # --- user commands -----------------------------------------------------------
 
 from conftest import VLLM_DP_FLAGS  # noqa: E402
-from launcher.command import kv_transfer_engine_id, user_command  # noqa: E402
+from launcher.command import user_command  # noqa: E402
 from launcher.readiness import Log, Ports, Report  # noqa: E402
+from launcher.vllm.flags import kv_transfer_engine_id  # noqa: E402
 
 VLLM_DP = (
     "vllm",

@@ -8,11 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import free_port_base
-from launcher import protocol, wire
+from launcher import protocol
 from launcher.agent import probe_peer
 from launcher.engine_core import builtin_payload
-from launcher.sidechannel import HandshakeError, SideChannelBindError, SideChannelListener, handshake
-from launcher.wire import NixlAgentMetadata, NixlHandshakePayload, compatibility_hash
+from launcher.vllm import wire
+from launcher.vllm.sidechannel import HandshakeError, SideChannelBindError, SideChannelListener, handshake
+from launcher.vllm.wire import NixlAgentMetadata, NixlHandshakePayload, compatibility_hash
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher import wire
 from launcher.engine_core import builtin_payload
+from launcher.vllm import wire
 
 
 @pytest.mark.parametrize(

@@ -31,10 +31,11 @@ import psutil
 
 from .. import bootstrap, envpolicy, exitcodes, gpus, netif, protocol, rankenv
 from ..check import PROBE_CONCURRENCY
-from ..command import BOOTSTRAP, vllm_interpreter_hint
+from ..command import BOOTSTRAP
 from ..exitwatch import ExitWatch
 from ..probe import foreign_listener, port_holder
 from ..version import __version__
+from ..vllm.flags import vllm_interpreter_hint
 from .events import LINE_LIMIT, OUTPUT_BUDGET, EventWriter, read_lines
 from .probes import probe_peer
 from .spawn import PortTaken, RankProcess, close_fds, die_with_parent, spawn_rank

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .. import protocol, wire
+from .. import protocol
 from ..probe import ProbeError, tcp_connect
+from ..vllm import wire
 
 
 def probe_peer(mine: protocol.Ready, peer: protocol.Peer, timeout: float) -> protocol.CheckResult:
     """Probe every side-channel port of ``peer`` from ``mine``'s address: a handshake of the peer's wire, or a TCP connect."""
-    from ..sidechannel import HandshakeError, handshake  # ZMQ: for a check only, not on every agent's start
+    from ..vllm.sidechannel import HandshakeError, handshake  # ZMQ: for a check only, not on every agent's start
 
     latencies, engines = [], []
     try:

@@ -14,7 +14,7 @@ import argparse
 import importlib
 from collections.abc import Mapping, Sequence
 
-from ..plan import Host
+from ..host import Host
 from .base import AgentConnection, AllocationError, Transport, TransportError
 
 __all__ = ["AgentConnection", "AllocationError", "Transport", "TransportError", "backend", "choose", "get", "names"]

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from ..plan import Host
+from ..host import Host
 
 
 class TransportError(RuntimeError):

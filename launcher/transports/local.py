@@ -11,7 +11,7 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from .. import envpolicy, netif
-from ..plan import Host
+from ..host import Host
 from .base import AgentConnection, Transport, TransportError
 
 

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import hostlist
 
 from .. import envpolicy, netif
-from ..plan import Host
+from ..host import Host
 from .base import AgentConnection, AllocationError, Transport, TransportError
 from .local import ProcessConnection
 

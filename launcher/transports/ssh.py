@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .. import argtypes
-from ..plan import Host
+from ..host import Host
 from . import knownhosts
 from .base import AgentConnection, Transport, TransportError
 

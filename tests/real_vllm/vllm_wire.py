@@ -23,10 +23,11 @@ import zmq
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_scheduler, base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import metadata as vmeta
 
-from launcher import protocol, wire
+from launcher import protocol
 from launcher.agent import probe_peer
 from launcher.engine_core import builtin_payload
-from launcher.sidechannel import HandshakeError, SideChannelListener, handshake
+from launcher.vllm import wire
+from launcher.vllm.sidechannel import HandshakeError, SideChannelListener, handshake
 
 HOST = "127.0.0.1"
 

@@ -18,7 +18,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher import wire
+from launcher.vllm import wire
 
 MEMORY_BOUND = 150 * 2**20
 

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import time
 
-from .netns import NET, PREFIX, SUBNET, NetnsCluster, _sh
+from tests.support.netns import NET, PREFIX, SUBNET, NetnsCluster, _sh
 
 CTLD_PORT, SLURMD_PORT = 16817 + 2 * SUBNET, 16818 + 2 * SUBNET  # slurmctld listens on every address: one pair per prefix
 STATE_DIR = os.path.join("/tmp", f"{PREFIX}-slurm-cluster")

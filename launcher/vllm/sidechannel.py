@@ -45,9 +45,9 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from ..netif import url_host, zmq_tcp_path
+from ..probe import ProbeError, tcp_connect
 from . import wire
-from .netif import url_host, zmq_tcp_path
-from .probe import ProbeError, tcp_connect
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class SideChannelListener:
     def _bind_error(self, exc: OSError) -> SideChannelBindError:
         where = f"{self.address}:{self.port} on host {self.hostname}"
         if exc.errno == errno.EADDRINUSE:
-            from .probe import port_holder
+            from ..probe import port_holder
 
             holder = port_holder(self.port, self.address) or f"another process (ss -ltnp 'sport = :{self.port}' names it)"
             return SideChannelBindError(

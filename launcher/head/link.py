@@ -16,9 +16,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import job, protocol
-from .plan import HostPlan
-from .transports import AgentConnection, Transport, TransportError
+from .. import protocol
+from ..plan import HostPlan
+from ..transports import AgentConnection, Transport, TransportError
+from . import job
 
 _CLOSE = object()  # outbox sentinel: close the agent's stdin after what is queued
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from . import disagg
+from ..vllm import disagg
 
 MAX_BODY = 16 << 20  # a prompt of millions of tokens still fits; a client cannot make the head buffer more
 ROUTES = {"/v1/completions", "/v1/chat/completions"}

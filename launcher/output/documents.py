@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import envpolicy, gpus, netif
-from .check import CheckMatrix
-from .command import user_command
-from .plan import LaunchPlan
-from .results import Failure, LaunchResult
+from .. import envpolicy, gpus, netif
+from ..check import CheckMatrix
+from ..command import user_command
+from ..plan import LaunchPlan
+from ..results import Failure, LaunchResult
 
 PLAN_SCHEMA = "launcher.plan/1"
 RESULT_SCHEMA = "launcher.result/1"
@@ -30,6 +30,7 @@ def plan_document(plan: LaunchPlan, python: str = "python") -> dict[str, Any]:
         "builtin": plan.builtin,
         "readiness": plan.readiness.describe(),  # the first host's; each host's below
         "warnings": list(plan.warnings),
+        "env_layers": [{"name": layer.name, "applied_by": layer.applied_by} for layer in envpolicy.LAYERS],
         "hosts": [
             {
                 "name": hp.host.name,

@@ -17,30 +17,19 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import check as checking
+from .. import check as checking
+from .. import protocol, rankenv
+from ..check import CheckMatrix, CheckOptions
+from ..plan import LaunchPlan
+from ..probe import ProbeError, tcp_connect
+from ..results import LaunchResult, Phase
+from ..transports import Transport
 from . import job as jobs
-from . import protocol, rankenv
-from .check import CheckMatrix, CheckOptions
 from .job import Job, RankState
 from .link import HostLink
-from .plan import LaunchPlan
-from .probe import ProbeError, tcp_connect
-from .results import LaunchResult, Phase
-from .transports import Transport
+from .reporter import Reporter
 
 EVENT_BACKLOG = 20000  # events waiting for the pump before the links' readers wait (rank output, mostly)
-
-
-class Reporter:
-    """What the supervisor tells a person; the default tells nobody."""
-
-    def progress(self, text: str) -> None: ...
-
-    def output(self, rank: RankState, stream: str, line: str) -> None: ...
-
-    def ready(self, ranks: list[RankState]) -> None: ...
-
-    def checked(self, matrix: CheckMatrix) -> None: ...
 
 
 class Supervisor:

@@ -2,7 +2,7 @@
 
 Each host of a role runs one ``vllm serve`` (its slots as that instance's
 local data parallelism) with a NixlConnector, and the head runs a proxy
-(``launcher.pd_proxy``) that sends each request first to a prefill instance,
+(``launcher.head.pd_proxy``) that sends each request first to a prefill instance,
 with ``max_tokens`` 1 and ``kv_transfer_params.do_remote_decode``, then to a
 decode instance with the ``kv_transfer_params`` the prefill returned: the
 decode engine pulls the prompt's KV blocks from the prefill engine over NIXL.
@@ -22,11 +22,12 @@ from typing import Any
 
 from msgspec.structs import replace
 
-from .command import DP_LOCAL, DP_RANK, DP_SIZE, DP_START, CommandError, flag_value, is_vllm_serve, kv_transfer_config
+from ..command import CommandError
+from .flags import DP_ADDRESS, DP_LOCAL, DP_RANK, DP_SIZE, DP_START, HEADLESS, flag_name, flag_value, is_vllm_serve, kv_transfer_config
 
 ROLES = ("prefill", "decode")
 NIXL_BOTH = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"}, separators=(",", ":"))
-_CROSS_HOST = (*DP_START, *DP_RANK, "--data-parallel-address", "-dpa", "--headless")
+_CROSS_HOST = (*DP_START, *DP_RANK, *DP_ADDRESS, *HEADLESS)
 
 
 class RoleError(ValueError):
@@ -62,9 +63,8 @@ def role_command(command: Sequence[str], slots: int) -> tuple[str, ...]:
     command = tuple(command)
     if not is_vllm_serve(command):
         raise CommandError(f"--prefill/--decode run 'vllm serve'; the command is {' '.join(command[:2])!r} ...")
-    for arg in command:
-        name = arg.partition("=")[0]
-        if (name.replace("_", "-") if name.startswith("--") else name) in _CROSS_HOST:
+    for name in map(flag_name, command):
+        if name in _CROSS_HOST:
             raise CommandError(f"{name} in the command: in a P/D job each host is its own vLLM instance; drop it")
     config = kv_transfer_config(command)
     if config is not None and "Nixl" not in str(config.get("kv_connector", "")):

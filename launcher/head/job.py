@@ -19,11 +19,11 @@ from typing import Union
 
 import msgspec
 
-from . import protocol
-from .check import CheckMatrix
-from .plan import Host, HostPlan, LaunchPlan, RankSpec
-from .results import Failure, FailureKind, LaunchResult, Phase, RankResult, exit_code_for
-from .version import __version__
+from .. import protocol
+from ..check import CheckMatrix
+from ..plan import Host, HostPlan, LaunchPlan, RankSpec
+from ..results import Failure, FailureKind, LaunchResult, Phase, RankResult, exit_code_for
+from ..version import __version__
 
 # --- what links report besides the agent's own messages -------------------------------
 

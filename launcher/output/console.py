@@ -12,13 +12,14 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TextIO
 
-from . import envpolicy, gpus, netif
-from .check import CheckMatrix, render_matrix
-from .command import render_argv, user_command
-from .job import RankState
-from .plan import Host, LaunchPlan, RankSpec
-from .results import EXIT_STDOUT_CLOSED, LaunchResult
-from .supervisor import Reporter
+from .. import envpolicy
+from ..check import CheckMatrix, render_matrix
+from ..command import render_argv
+from ..head.job import RankState
+from ..head.reporter import Reporter
+from ..plan import Host, LaunchPlan, RankSpec
+from ..results import EXIT_STDOUT_CLOSED, LaunchResult
+from .documents import plan_document
 
 
 def rank_span(spec: RankSpec) -> tuple[str, str]:
@@ -216,51 +217,51 @@ def render_hosts(hosts: Iterable[Host]) -> str:
 
 
 def render_plan(plan: LaunchPlan, python: str = "python") -> str:
-    """The dry run: per rank, where, which port, which command, which env and why."""
+    """The dry run: per rank, where, which port, which command, which env and why (the plan document, as text)."""
+    doc = plan_document(plan, python)
+    last_port = doc["port_base"] + doc["world_size"] - 1
     lines = [
-        f"job {plan.job_id}: {plan.world_size} ranks on {len(plan.hosts)} hosts, "
-        f"side-channel ports {plan.port_base}..{plan.port_base + plan.world_size - 1}"
+        f"job {doc['job_id']}: {doc['world_size']} ranks on {len(doc['hosts'])} hosts, side-channel ports {doc['port_base']}..{last_port}"
     ]
-    if not plan.builtin:
+    if not doc["builtin"]:
         lines.append(
             "each process runs its command through launcher.bootstrap, which sets VLLM_NIXL_SIDE_CHANNEL_HOST and "
             "VLLM_HOST_IP to its host's own address (unless set for that host) and fills in {host_ip} {head_ip}"
-            + ("" if any(hp.readiness for hp in plan.hosts) else f"; ready when {plan.readiness.describe()}")
+            + ("" if any(hp.readiness for hp in plan.hosts) else f"; ready when {doc['readiness']}")
         )
-    layers = " < ".join(f"{layer.name} ({layer.applied_by})" for layer in envpolicy.LAYERS)
+    layers = " < ".join(f"{layer['name']} ({layer['applied_by']})" for layer in doc["env_layers"])
     lines.append(f"each rank's environment, in layers (later wins; a host option is never overwritten): {layers}")
-    lines += [f"warning: {w}" for w in plan.warnings]
-    for hp in plan.hosts:
-        host = hp.host
-        lines.append("")
-        role = f", {host.role} instance" if host.role else ""
-        lines.append(
-            f"host {host.name} ({host.origin or 'given'}): {host.slots} ranks{role}; bind address: {netif.describe(hp.bind_request())}"
-        )
+    lines += [f"warning: {w}" for w in doc["warnings"]]
+    for hp, host in zip(plan.hosts, doc["hosts"], strict=True):
+        role = f", {host['role']} instance" if host["role"] else ""
+        lines += [
+            "",
+            f"host {host['name']} ({host['origin'] or 'given'}): {host['slots']} ranks{role}; bind address: {host['bind_address']}",
+        ]
         if hp.readiness:
-            lines.append(f"  ready when {hp.readiness.describe()}")
-        for r in hp.ranks:
-            report = r.env_report
-            rank, ports = rank_span(r)
-            lines.append(f"  rank {rank} (local {r.local_rank}) port {ports} engine {r.engine_id}")
-            lines.append(f"    command: {render_argv(user_command(r.argv), host.python or python)}")
-            for name in sorted(report.copied):
-                lines.append(f"    copied  {name}={envpolicy.masked(name, r.env[name])}  ({report.copied[name]})")
-            for name in sorted(report.dropped):
-                lines.append(f"    dropped {name}  ({report.dropped[name]})")
-            for name in sorted(report.set):
-                lines.append(f"    set     {name}={envpolicy.masked(name, r.env[name])}  ({report.set[name]})")
+            lines.append(f"  ready when {host['readiness']}")
+        for process in host["processes"]:
+            rank, ports = _span(process["ranks"]), _span(process["ports"])
+            lines.append(f"  rank {rank} (local {process['local_rank']}) port {ports} engine {process['engine_id']}")
+            lines.append(f"    command: {render_argv(process['argv'], python)}")
+            for word in ("copied", "dropped", "set"):
+                for name, why in process[word].items():
+                    value = "" if word == "dropped" else f"={process['env'][name]}"
+                    lines.append(f"    {word:<7} {name}{value}  ({why})")
             if plan.options.gpus_per_rank:
-                lines.append(f"    set     CUDA_VISIBLE_DEVICES={_gpu_note(plan, host, r)}")
+                lines.append(f"    set     CUDA_VISIBLE_DEVICES={_gpu_note(plan.options.gpus_per_rank, process)}")
     return "\n".join(lines)
 
 
-def _gpu_note(plan: LaunchPlan, host: Host, spec: RankSpec) -> str:
-    per_rank = plan.options.gpus_per_rank
-    chosen = gpus.planned_slice(host.gpus, local_rank=spec.local_rank, served=len(spec.ports), per_rank=per_rank, slots=host.slots)
+def _span(values: Sequence[int]) -> str:
+    return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
+def _gpu_note(per_rank: int, process: dict) -> str:
+    chosen = process["cuda_visible_devices"]
     if chosen is not None:
         return f"{chosen}  (--gpus-per-rank {per_rank}, from gpus= in the hostfile)"
-    count = per_rank * len(spec.ports)
+    count = per_rank * len(process["ports"])
     return (
         f"<{count} GPUs, chosen on the host>  (--gpus-per-rank {per_rank}: from its CUDA_VISIBLE_DEVICES, "
         f"else Slurm's SLURM_STEP_GPUS/SLURM_JOB_GPUS, else nvidia-smi -L)"

@@ -28,11 +28,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .command import DP_LOCAL as LOCAL
-from .command import DP_RANK as RANK
-from .command import DP_SIZE as SIZE
-from .command import DP_START as START
-from .command import CommandError, flag_value, is_vllm_serve
+from ..command import CommandError
+from .flags import API_PORT, HEADLESS, flag_value, given, is_vllm_serve, without
+from .flags import DP_ADDRESS as ADDRESS
+from .flags import DP_EXTERNAL as EXTERNAL
+from .flags import DP_HYBRID as HYBRID
+from .flags import DP_LOCAL as LOCAL
+from .flags import DP_MULTI_PORT as MULTI_PORT
+from .flags import DP_RANK as RANK
+from .flags import DP_RPC_PORT as RPC_PORT
+from .flags import DP_SIZE as SIZE
+from .flags import DP_START as START
 
 MODES = ("internal", "hybrid", "external")
 EXTERNAL_WARNING = (
@@ -40,14 +46,6 @@ EXTERNAL_WARNING = (
     "with 'Non-MoE models do not support external data parallel mode' (use internal or hybrid)"
 )
 
-# vLLM 0.32's spellings (engine/arg_utils.py); any of them counts as the user's.
-ADDRESS = ("--data-parallel-address", "-dpa")
-RPC_PORT = ("--data-parallel-rpc-port", "-dpp")
-HYBRID = ("--data-parallel-hybrid-lb", "-dph")
-EXTERNAL = ("--data-parallel-external-lb", "-dpe")
-MULTI_PORT = ("--data-parallel-multi-port-external-lb", "-dpm")
-HEADLESS = ("--headless",)
-API_PORT = ("--port",)
 DEFAULT_API_PORT = 8000
 
 
@@ -60,9 +58,9 @@ def dp_commands(command: Sequence[str], mode: str, slots: Sequence[int]) -> tupl
     if mode == "external":
         raise CommandError("--vllm-dp external writes one command per rank: use external_command")
     _agrees(command, SIZE, world, "the hostfile's slots add up to")
-    if len(set(slots)) > 1 and _given(command, LOCAL):
+    if len(set(slots)) > 1 and given(command, LOCAL):
         raise CommandError(f"{LOCAL[0]} in the command: hosts have different slots ({', '.join(map(str, slots))}); drop it")
-    if _given(command, LOCAL):
+    if given(command, LOCAL):
         _agrees(command, LOCAL, slots[0], "every host's slots are")
     if mode == "hybrid" and min(slots) < 2:
         raise CommandError(
@@ -88,7 +86,7 @@ def external_command(command: Sequence[str], slots: Sequence[int], local_rank: i
     if flag_value(command, LOCAL) not in (None, "1"):
         raise CommandError(f"{LOCAL[0]} in the command: an external DP rank runs alone (vLLM requires 1); drop it")
     base = api_port(command)
-    rest = _without(command, API_PORT)
+    rest = without(command, API_PORT)
     dp = [
         *_unless(command, SIZE, "{world_size}"),
         *_unless(command, ADDRESS, "{head_ip}"),
@@ -110,25 +108,10 @@ def _check(command: tuple[str, ...], mode: str, slots: Sequence[int]) -> None:
         (MULTI_PORT, "multi-port external load balancing is not written by --vllm-dp"),
         (EXTERNAL, "use --vllm-dp external"),
     ):
-        if _given(command, names):
+        if given(command, names):
             raise CommandError(f"{names[0]} in the command: {why}; drop it, or drop --vllm-dp and write every DP flag yourself")
-    if _given(command, HYBRID) and mode != "hybrid":
+    if given(command, HYBRID) and mode != "hybrid":
         raise CommandError(f"{HYBRID[0]} in the command asks for hybrid load balancing: use --vllm-dp hybrid")
-
-
-def _without(command: Sequence[str], names: Sequence[str]) -> tuple[str, ...]:
-    """The command without a valued flag (``--port 9000`` or ``--port=9000``)."""
-    out, skip = [], False
-    for arg in command:
-        if skip:
-            skip = False
-            continue
-        name, eq, _ = arg.partition("=")
-        if name in names:
-            skip = not eq
-            continue
-        out.append(arg)
-    return tuple(out)
 
 
 def api_port(command: Sequence[str]) -> int:
@@ -145,16 +128,8 @@ def api_hosts(mode: str, host_count: int) -> list[bool]:
     return [mode != "internal" or i == 0 for i in range(host_count)]
 
 
-def _given(command: Sequence[str], names: Sequence[str]) -> bool:
-    for arg in command:
-        name = arg.partition("=")[0]
-        if (name.replace("_", "-") if name.startswith("--") else name) in names:
-            return True
-    return False
-
-
 def _unless(command: Sequence[str], names: Sequence[str], value: str) -> list[str]:
-    return [] if _given(command, names) else [names[0], value]
+    return [] if given(command, names) else [names[0], value]
 
 
 def _agrees(command: Sequence[str], names: Sequence[str], expected: int, what: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from .check import CheckMatrix, grid, title
+from ..check import CheckMatrix, grid, title
 
 INSTALL_HINT = "pip install 'launcher[plot]' (or: pip install matplotlib)"
 
