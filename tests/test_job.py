@@ -207,11 +207,12 @@ def test_not_ready_duplicate_addresses_and_unreachable_say_where_and_what_to_do(
 
 
 def test_transfer_results_fill_the_transfer_matrix_and_a_failed_read_fails_the_check():
-    from launcher.check import CheckMatrix
+    from launcher.check import Target
 
     job = started(make())
-    job.matrix = CheckMatrix((0, 1, 2), {r: "v2" for r in range(3)}, {0: "a", 1: "b", 2: "b"})
-    job.transfers = CheckMatrix((0, 1, 2), {}, {0: "a", 1: "b", 2: "b"}, transfer_bytes=1 << 20)
+    targets = [Target(r, "ab"[r > 0], f"10.0.0.{r}", (5600 + r,), f"e{r}") for r in range(3)]
+    job.begin_check(targets, None, {r: "v2" for r in range(3)})
+    job.begin_transfer_check(targets, None, 1 << 20)
     for a in range(3):
         for b in range(3):
             ok = (a, b) != (2, 0)

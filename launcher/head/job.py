@@ -165,6 +165,32 @@ class Job:
         """Nothing more to wait for but the teardown."""
         return self.failure is not None or self.interrupted
 
+    # --- transitions the supervisor asks for -------------------------------------------------
+
+    def interrupt(self) -> None:
+        """The user asked to stop (Ctrl-C, SIGTERM at the head): not a failure; ignored once stopping."""
+        if not self.stopping:
+            self.interrupted = True
+
+    def begin_stopping(self) -> None:
+        """Every host is being told to stop: exits from now on are consequences, never the cause."""
+        self.stopping = True
+
+    def begin_check(self, targets, pairs, wires: dict[int, str]) -> CheckMatrix:
+        """The all-pairs check starts: the matrix its results fill (``pairs`` None: every pair)."""
+        self.matrix = self._matrix(targets, pairs, wires)
+        return self.matrix
+
+    def begin_transfer_check(self, targets, pairs, nbytes: int) -> CheckMatrix:
+        """The NIXL transfer check starts: the matrix its reads fill."""
+        self.transfers = self._matrix(targets, pairs, {}, nbytes)
+        return self.transfers
+
+    @staticmethod
+    def _matrix(targets, pairs, wires: dict[int, str], nbytes: int | None = None) -> CheckMatrix:
+        hosts = {t.rank: t.host for t in targets}
+        return CheckMatrix(tuple(hosts), wires, hosts, pairs=None if pairs is None else frozenset(pairs), transfer_bytes=nbytes)
+
     # --- events ---------------------------------------------------------------------------
 
     def apply(self, index: int, event, now: float) -> list[Action]:

@@ -91,43 +91,40 @@ class Supervisor:
 
     def check(self, options: CheckOptions = CheckOptions()) -> CheckMatrix:
         """All-pairs probe from every rank's address to every rank (handshakes where the wire is known)."""
-        ranks = sorted(self.job.ranks.values(), key=lambda r: r.spec.rank)
-        hosts = {r.spec.rank: r.spec.host for r in ranks}
-        targets = [checking.Target(r.spec.rank, r.spec.host, r.address, r.spec.ports, r.spec.engine_id, r.vllm_version) for r in ranks]
+        targets, pairs = self._targets(options)
         peers, notes = checking.plan_probes(targets, options, builtin=self.plan.builtin, job_id=self.plan.job_id)
-        pairs = checking.choose_pairs(targets, options.sample, self.plan.job_id)
-        wires = {p.rank: p.wire for p in peers}
-        self.job.matrix = matrix = CheckMatrix(tuple(hosts), wires, hosts, pairs=None if pairs is None else frozenset(pairs))
         for note in notes:
             self.reporter.progress(note)
         kinds = sorted({p.wire for p in peers})
         how = ", ".join("TCP connects" if k == "tcp" else f"handshakes, {k} wire" for k in kinds)
-        which = f"all {len(ranks) ** 2}" if pairs is None else f"{len(pairs)} sampled (every pair of hosts) of {len(ranks) ** 2}"
+        which = f"all {len(targets) ** 2}" if pairs is None else f"{len(pairs)} sampled (every pair of hosts) of {len(targets) ** 2}"
         self.reporter.progress(f"checking {which} pairs ({how})")
-        for link in self.links:
-            self._send(link, protocol.Check(peers=peers, timeout=options.timeout, pairs=pairs))
-        self._pump(lambda: matrix.complete, time.monotonic() + checking.deadline_for(targets, pairs, options.timeout))
-        if not self.job.interrupted:
-            self.job.judge_check()
-            self.reporter.checked(matrix)
-        return matrix
+        matrix = self.job.begin_check(targets, pairs, {p.rank: p.wire for p in peers})
+        deadline = checking.deadline_for(targets, pairs, options.timeout)
+        return self._probe_all(matrix, protocol.Check(peers=peers, timeout=options.timeout, pairs=pairs), deadline)
 
     def transfer_check(self, options: CheckOptions) -> CheckMatrix:
         """Every built-in rank READs every peer's NIXL buffer (or the sampled pairs) and verifies it."""
-        ranks = sorted(self.job.ranks.values(), key=lambda r: r.spec.rank)
-        hosts = {r.spec.rank: r.spec.host for r in ranks}
-        targets = [checking.Target(r.spec.rank, r.spec.host, r.address, r.spec.ports, r.spec.engine_id) for r in ranks]
+        targets, pairs = self._targets(options)
         peers = [protocol.Peer(rank=t.rank, address=t.address, ports=list(t.ports), wire="", expect_engine_id=t.engine_id) for t in targets]
-        pairs = checking.choose_pairs(targets, options.sample, self.plan.job_id)
         nbytes = self.plan.options.transfer_bytes
-        self.job.transfers = matrix = CheckMatrix(
-            tuple(hosts), {}, hosts, pairs=None if pairs is None else frozenset(pairs), transfer_bytes=nbytes
-        )
-        count = len(ranks) ** 2 if pairs is None else len(pairs)
+        count = len(targets) ** 2 if pairs is None else len(pairs)
         self.reporter.progress(f"moving bytes: {count} NIXL reads of {nbytes} bytes (each rank reads its peers in turn)")
+        matrix = self.job.begin_transfer_check(targets, pairs, nbytes)
+        deadline = checking.transfer_deadline(targets, pairs, options.timeout)
+        return self._probe_all(matrix, protocol.TransferCheck(peers=peers, timeout=options.timeout, pairs=pairs), deadline)
+
+    def _targets(self, options: CheckOptions) -> tuple[list[checking.Target], list | None]:
+        """Every rank as a probe target, and the pairs to probe (None: all)."""
+        ranks = sorted(self.job.ranks.values(), key=lambda r: r.spec.rank)
+        targets = [checking.Target(r.spec.rank, r.spec.host, r.address, r.spec.ports, r.spec.engine_id, r.vllm_version) for r in ranks]
+        return targets, checking.choose_pairs(targets, options.sample, self.plan.job_id)
+
+    def _probe_all(self, matrix: CheckMatrix, order, seconds: float) -> CheckMatrix:
+        """Send every host ``order``, pump until ``matrix`` is complete or ``seconds`` pass, judge it."""
         for link in self.links:
-            self._send(link, protocol.TransferCheck(peers=peers, timeout=options.timeout, pairs=pairs))
-        self._pump(lambda: matrix.complete, time.monotonic() + checking.transfer_deadline(targets, pairs, options.timeout))
+            self._send(link, order)
+        self._pump(lambda: matrix.complete, time.monotonic() + seconds)
         if not self.job.interrupted:
             self.job.judge_check(matrix)
             self.reporter.checked(matrix)
@@ -143,7 +140,7 @@ class Supervisor:
 
     def stop(self, reason: str = "job finished") -> LaunchResult:
         """Stop every rank on every host; wait for their ends; return the result."""
-        self.job.stopping = True
+        self.job.begin_stopping()
         self._head_ip_known.set()  # specs still held for {head_ip} are never sent now
         self.reporter.progress(f"stopping: {reason}")
         for link in self.links:
@@ -230,8 +227,8 @@ class Supervisor:
     def _pump(self, done: Callable[[], bool], deadline: float | None) -> None:
         next_judgment = time.monotonic()
         while not done():
-            if not self.job.stopping and self.stop_requested.is_set():
-                self.job.interrupted = True
+            if self.stop_requested.is_set():
+                self.job.interrupt()
             if not self.job.stopping and self.job.over:
                 self._head_ip_known.set()
                 return
