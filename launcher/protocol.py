@@ -189,6 +189,31 @@ class AgentError(_Msg):
     message: str
 
 
+# --- an agent that dials in (--transport join) ------------------------------------------
+
+
+class Challenge(_Msg):
+    """The head's first line to an agent that connected: prove the token for this nonce."""
+
+    nonce: str
+
+
+class Join(_Msg):
+    """The agent's answer: which host it is, and ``join_proof(token, nonce, host)``."""
+
+    host: str
+    proof: str
+
+
+def join_proof(token: str, nonce: str, host: str) -> str:
+    """HMAC-SHA256 of the nonce and the host name under the job's token: the token itself never crosses the wire,
+    and a proof heard once is worth nothing for another nonce or another host."""
+    import hashlib
+    import hmac
+
+    return hmac.new(token.encode(), f"{nonce}\n{host}".encode(), hashlib.sha256).hexdigest()
+
+
 Message = Union[
     TransferCheck,
     TransferResult,
@@ -208,6 +233,8 @@ Message = Union[
     Stopping,
     Swept,
     AgentError,
+    Challenge,
+    Join,
 ]
 
 _encoder = msgspec.json.Encoder()

@@ -25,9 +25,9 @@ def test_the_cli_offers_every_registered_backend_and_its_options():
     parser = build_parser()
     run = parser._subparsers._group_actions[0].choices["run"]
     transport = next(a for a in run._actions if a.dest == "transport")
-    assert list(transport.choices) == ["auto", *transports.names()] == ["auto", "local", "slurm", "ssh"]
+    assert transport.metavar == "{auto,local,slurm,ssh,join}" and transports.names() == ["local", "slurm", "ssh", "join"]
     dests = {a.dest for a in run._actions}
-    assert {"ssh_config", "known_hosts", "srun_arg"} <= dests  # each backend adds its own
+    assert {"ssh_config", "known_hosts", "srun_arg", "join_listen"} <= dests  # each backend adds its own
     for name in transports.names():
         assert issubclass(transports.backend(name), Transport) and transports.backend(name).name == name
 
@@ -50,7 +50,7 @@ def test_auto_picks_the_first_backend_that_claims_every_host():
     allocation = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_TASKS_PER_NODE": "1(x3)"}
     assert transports.choose([Host("localhost"), Host("127.0.0.2")], allocation) == "local"
     assert transports.choose([Host("n1"), Host("n3")], allocation) == "slurm"
-    assert transports.choose([Host("n1"), Host("other")], allocation) == "ssh"
+    assert transports.choose([Host("n1"), Host("other")], allocation) == "ssh"  # never join: someone must start its agents
     # A loopback host that names an SSH user or port asks for SSH, even to this machine.
     assert transports.choose([Host("localhost", user="alice")], {}) == transports.choose([Host("127.0.0.1", port=2222)], {}) == "ssh"
     with pytest.raises(transports.TransportError, match="user@ and port= need SSH"):
@@ -86,9 +86,13 @@ def test_a_bad_allocation_is_a_one_line_error_naming_the_variable(env, message):
 # --- the contract, on real hosts ---------------------------------------------------------
 
 
-@pytest.fixture(params=[pytest.param(n, marks=() if n == "local" else pytest.mark.netns) for n in transports.names()])
+# Backends that start agents themselves; join's agents are started by someone else (tests/test_join.py).
+STARTING = [n for n in transports.names() if transports.backend(n).capabilities.sweeps]
+
+
+@pytest.fixture(params=[pytest.param(n, marks=() if n == "local" else pytest.mark.netns) for n in STARTING])
 def agent_host(request, tmp_path):
-    """(transport, host, processes-on-that-host) for each backend."""
+    """(transport, host, processes-on-that-host) for each backend that starts its agents."""
     name = request.param
     if name == "local":
         yield transports.get("local"), Host("localhost"), _local_agents

@@ -124,10 +124,20 @@ def test_an_agent_that_died_before_its_first_word_has_its_host_swept():
     assert job.apply(0, LinkClosed(), 0.02) == [jobs.Sweep(0)]
 
 
+def test_a_backend_that_cannot_sweep_gets_told_what_to_look_for_instead():
+    job = Job(planning.build(HOSTS, LaunchOptions(), {}, "j"), sweeps=False)
+    started(job)
+    (told,) = job.apply(1, LinkClosed(), 1.0)
+    assert told == jobs.Progress(
+        "cannot sweep b: its backend starts no agents; its ranks die with their agent, but look there "
+        "for processes with LAUNCHER_JOB_ID=j in their environment that left their session"
+    )
+
+
 def test_exits_while_stopping_or_after_ctrl_c_are_consequences_not_causes():
-    for flag in ("stopping", "interrupted"):
+    for transition in (Job.begin_stopping, Job.interrupt):
         job = started(make())
-        setattr(job, flag, True)
+        transition(job)
         job.apply(0, protocol.Exited(rank=0, returncode=-15), 1.0)
         job.apply(1, protocol.Stopping(reason="x", signal=15), 1.0)
         assert job.failure is None and job.ranks[0].phase is Phase.EXITED

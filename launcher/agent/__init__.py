@@ -425,6 +425,9 @@ def main() -> int:
         writer.close()
         stdout.flush()
         os._exit(0)  # at once: the head waits for this exit
+    if isinstance(spec, protocol.AgentError):  # the head refused this agent (a join with the wrong token, say)
+        print(f"launcher agent: {spec.message}", file=sys.stderr)
+        return 2
     if not isinstance(spec, protocol.AgentSpec):
         print(f"launcher agent: expected an agent spec first, got {type(spec).__name__}", file=sys.stderr)
         return 2

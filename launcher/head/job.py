@@ -131,8 +131,9 @@ def start_fix(host: Host, said: list[str] | tuple[str, ...]) -> str:
 class Job:
     """One launch plan's ranks and hosts, what happened to them, and the verdict."""
 
-    def __init__(self, plan: LaunchPlan):
+    def __init__(self, plan: LaunchPlan, sweeps: bool = True):
         self.plan = plan
+        self.sweeps = sweeps  # the backend can start a fresh agent to clean up after a lost one (Capabilities.sweeps)
         self.ranks = {r.rank: RankState(r) for r in plan.ranks}
         self.hosts = [HostState(h) for h in plan.hosts]
         self.failure: Failure | None = None
@@ -386,7 +387,16 @@ class Job:
         # its first word had forked its ranks already): what they left is found by the job id, not by pid.
         unfinished = any(self.ranks[r.rank].phase is not Phase.EXITED for r in host.plan.ranks)
         self._mark_lost(index, now)
-        return [Sweep(index)] if sweep and unfinished else []
+        if not (sweep and unfinished):
+            return []
+        if self.sweeps:
+            return [Sweep(index)]
+        return [
+            Progress(
+                f"cannot sweep {host.host.name}: its backend starts no agents; its ranks die with their agent, but look there "
+                f"for processes with LAUNCHER_JOB_ID={self.plan.job_id} in their environment that left their session"
+            )
+        ]
 
     def _mark_lost(self, index: int, now: float) -> None:
         for spec in self.hosts[index].plan.ranks:

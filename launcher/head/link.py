@@ -126,7 +126,7 @@ class HostLink:
         started in sessions of their own is still running, and the host wants a sweep."""
         if self.conn is not None and self.conn.wait(0 if gone else 2.0) is None:
             self.terminate()
-            return self.conn.terminate_kills_agent
+            return self.transport.capabilities.terminate_kills_agent
         return False
 
     def terminate(self) -> None:

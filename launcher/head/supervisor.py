@@ -45,7 +45,8 @@ class Supervisor:
         self.stop_requested = stop or threading.Event()  # set from anywhere (a signal handler) to end any phase
         self.hurry = hurry or threading.Event()  # set while stopping: SIGKILL now instead of waiting out the grace
         self.reporter = reporter or Reporter()
-        self.job = Job(plan)
+        self.job = Job(plan, sweeps=transport.capabilities.sweeps)
+        transport.say = self.reporter.progress
         self._events: queue.Queue = queue.Queue(maxsize=EVENT_BACKLOG)
         self.links = [HostLink(i, hp, transport, self._events) for i, hp in enumerate(plan.hosts)]
         self._t0 = time.monotonic()

@@ -12,8 +12,10 @@ import abc
 import argparse
 import collections
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
+
+import msgspec
 
 from ..host import Host
 
@@ -26,12 +28,19 @@ class AllocationError(ValueError):
     """An allocation (Slurm, ...) the launcher cannot read; str() names the variable and the fix."""
 
 
+class Capabilities(msgspec.Struct, frozen=True):
+    """What a backend can do besides starting the agents of a job; the head plans around what it cannot."""
+
+    # ``start`` can start a fresh agent on a host at any moment: the sweep after a lost agent needs one.
+    # A backend whose agents dial in (join) cannot: then the head says what to look for instead.
+    sweeps: bool = True
+    # ``terminate`` ends the agent itself (a signal to it), not only the connection to it: whatever its
+    # ranks started in sessions of their own outlives it, and the head sweeps the host after.
+    terminate_kills_agent: bool = False
+
+
 class AgentConnection(abc.ABC):
     """A running agent: its stdin, its stdout lines, its end."""
-
-    # Whether ``terminate`` ends the agent itself (a signal to it), not only the connection to it: then
-    # whatever its ranks started in sessions of their own outlives it, and the head sweeps the host after.
-    terminate_kills_agent = False
 
     def __init__(self, host: Host):
         self.host = host
@@ -83,6 +92,10 @@ class AgentConnection(abc.ABC):
 
 class Transport(abc.ABC):
     name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    # Where the backend tells the person at the terminal something (an address to join, a refused peer);
+    # the supervisor points it at its reporter.
+    say: Callable[[str], None] = staticmethod(lambda text: None)
 
     # --- where this backend applies (class methods: no instance needed) -----------
 

@@ -12,13 +12,11 @@ from collections.abc import Mapping, Sequence
 
 from .. import envpolicy, netif
 from ..host import Host
-from .base import AgentConnection, Transport, TransportError
+from .base import AgentConnection, Capabilities, Transport, TransportError
 
 
 class ProcessConnection(AgentConnection):
     """An agent behind a local process's pipes: the agent itself, or srun standing in for it."""
-
-    terminate_kills_agent = True
 
     def __init__(self, host: Host, popen: subprocess.Popen):
         super().__init__(host)
@@ -71,6 +69,7 @@ class LocalTransport(Transport):
     """
 
     name = "local"
+    capabilities = Capabilities(terminate_kills_agent=True)  # the agent is our child: terminate signals it
 
     def __init__(self):
         self._forked: dict[str, list] = {}  # host label -> agents forked by prepare, not yet handed out

@@ -32,7 +32,7 @@ import hostlist
 
 from .. import envpolicy, netif
 from ..host import Host
-from .base import AgentConnection, AllocationError, Transport, TransportError
+from .base import AgentConnection, AllocationError, Capabilities, Transport, TransportError
 from .local import ProcessConnection
 
 NODELIST_VARS = ("SLURM_JOB_NODELIST", "SLURM_NODELIST")
@@ -74,8 +74,6 @@ def allocation_hosts(env: Mapping[str, str], slots: int | None = None) -> list[H
 class SrunConnection(ProcessConnection):
     """An agent behind srun; slurmstepd says on its stderr when Slurm cancelled the step."""
 
-    terminate_kills_agent = False  # srun killed, Slurm ends the whole step: every process in its cgroup
-
     def stop_reason(self) -> str | None:
         for line in self.stderr_tail(wait=0):
             found = re.search(r"\*\*\* (.* CANCELLED AT .*?) \*\*\*", line)  # slurmstepd: error: *** STEP 12.3 ON n2 CANCELLED AT ... ***
@@ -86,6 +84,7 @@ class SrunConnection(ProcessConnection):
 
 class SlurmTransport(Transport):
     name = "slurm"
+    capabilities = Capabilities(terminate_kills_agent=False)  # srun killed, Slurm ends the whole step: every process in its cgroup
 
     @classmethod
     def claims(cls, hosts: Sequence[Host], env: Mapping[str, str]) -> bool:

@@ -16,7 +16,7 @@ import time
 
 from launcher import protocol
 from launcher.host import Host
-from launcher.transports import AgentConnection, Transport, TransportError
+from launcher.transports import AgentConnection, Capabilities, Transport, TransportError
 from launcher.version import __version__
 
 _EOF = object()
@@ -105,13 +105,12 @@ class ScriptedTransport(Transport):
         self.script, self.refuse = script, refuse
         self.started: list[ScriptedAgent] = []
         self.lock = threading.Lock()
-        self.kills_agent = kills_agent
+        self.capabilities = Capabilities(terminate_kills_agent=kills_agent)
 
     def start(self, host: Host) -> ScriptedAgent:
         if host.name in self.refuse:
             raise TransportError(f"{host.name}: connection refused (scripted); check that sshd runs there")
         agent = ScriptedAgent(host)
-        agent.terminate_kills_agent = self.kills_agent
         with self.lock:
             self.started.append(agent)
         threading.Thread(target=self._run, args=(agent,), daemon=True, name=f"script-{host.name}").start()
