@@ -17,6 +17,7 @@ from conftest import (
     launch_hosts,
     launcher_processes,
     port_taken,
+    run_json,
     run_launcher,
     table_rows,
     vllm_handshake,
@@ -68,10 +69,9 @@ def test_run_serves_vllm_clients_with_a_clean_env_until_signalled(tmp_path, port
 def test_seed_regression_head_address_in_env_is_dropped_and_ranks_bind_their_own(tmp_path, port_base):
     hf = write_hostfile(tmp_path, "localhost slots=2\n")
     env = {**os.environ, **LEAKED}
-    done = run_launcher("check", "-H", hf, "--port-base", str(port_base), env=env, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert "198.18.255.254" not in done.stdout
-    assert [r[2] for r in table_rows(done.stdout)] == ["127.0.0.1", "127.0.0.1"]
+    doc, done = run_json("check", "-H", hf, "--port-base", str(port_base), env=env, timeout=60)
+    assert done.returncode == 0 and doc["ok"], done.stderr
+    assert [(r["address"], r["address_rule"]) for r in doc["ranks"]] == [("127.0.0.1", "address the head reached this host on")] * 2
     shown = run_launcher("plan", "-H", hf, env=env, timeout=30).stdout
     for name in LEAKED:
         assert re.search(rf"dropped {name}\s+\(worker-specific", shown), name

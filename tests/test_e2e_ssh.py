@@ -16,10 +16,10 @@ from conftest import (
     failed_line,
     launch_hosts,
     launcher_cmd,
+    run_json,
     run_launcher,
     standin,
     standin_reports,
-    table_rows,
     vllm_handshake,
     wait_for,
     write_hostfile,
@@ -203,24 +203,10 @@ def test_proxyjump_reaches_a_host_through_another(hosts, tmp_path):
         + f"Host far\n  HostName {hosts.host('h3').address}\n  User root\n  ProxyJump h1\n"
         + f"  IdentityFile {hosts.client_key}\n  UserKnownHostsFile {hosts.known_hosts}\n"
     )
-    done = subprocess.run(
-        launcher_cmd(
-            "check",
-            "-H",
-            write_hostfile(tmp_path, "far\nh2\n"),
-            "--transport",
-            "ssh",
-            "--ssh-config",
-            str(config),
-            "--known-hosts",
-            hosts.known_hosts,
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert [(r[1], r[2]) for r in table_rows(done.stdout)] == [("far", f"{NET}.13"), ("h2", f"{NET}.12")]
+    hf = write_hostfile(tmp_path, "far\nh2\n")
+    doc, done = run_json("check", "-H", hf, "--transport", "ssh", "--ssh-config", str(config), "--known-hosts", hosts.known_hosts)
+    assert done.returncode == 0 and doc["check"]["ok"], done.stderr
+    assert [(r["host"], r["address"]) for r in doc["ranks"]] == [("far", f"{NET}.13"), ("h2", f"{NET}.12")]
 
 
 def test_a_silent_partition_is_noticed_by_heartbeats_on_both_sides(hosts, tmp_path):
