@@ -37,14 +37,17 @@ def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int]) -> 
 
     api = vllm_dp.api_port(plan.options.command)
     upstreams: dict[str, list[str]] = {role: [] for role in disagg.ROLES}
+    upstream_of: dict[int, str] = {}  # host index -> its instance's API server
     for state in sorted(supervisor.ranks.values(), key=lambda s: s.spec.rank):
-        host = url_host(state.address)
-        upstreams[plan.hosts[state.spec.host_index].host.role].append(f"{host}:{api}")
+        upstream_of[state.spec.host_index] = f"{url_host(state.address)}:{api}"
+        upstreams[plan.hosts[state.spec.host_index].host.role].append(upstream_of[state.spec.host_index])
     try:
         server = PdProxy(upstreams["prefill"], upstreams["decode"], *proxy, note=supervisor.reporter.progress)
     except ProxyError as exc:
         supervisor.job.fail(FailureKind.PROXY, str(exc))
         return
+    supervisor.on_hosts_down = lambda hosts, why: server.set_down([upstream_of[h] for h in hosts], why)
+    supervisor.on_hosts_up = lambda hosts: server.set_up([upstream_of[h] for h in hosts])
     server.start()
     supervisor.reporter.progress(
         f"P/D proxy on http://{server.address}: prefill on {', '.join(upstreams['prefill'])}, decode on {', '.join(upstreams['decode'])}"

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from . import argtypes, hostfile, readiness, transports
+from . import argtypes, hostfile, readiness, restart, transports
 from .api import launch, plan_job
 from .check import WIRE_CHOICES, CheckOptions
 from .command import PLACEHOLDERS
@@ -217,6 +217,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first prove hosts, versions, addresses and ports with the built-in core; start the command only if all pass",
     )
+    again = run.add_argument_group(
+        "restart (failure groups: every rank of a DP job together; each P/D instance alone)",
+        "a group that has never been ready does not restart: its first start fails the job as without --restart",
+    )
+    again.add_argument(
+        "--restart", choices=restart.MODES, default="never", help="on-failure: bring a failed group back (default never: the job ends)"
+    )
+    again.add_argument(
+        "--max-restarts", type=argtypes.positive, default=5, metavar="N", help="give up after N restarts of a group within the window"
+    )
+    again.add_argument(
+        "--restart-window", type=argtypes.duration, default=3600.0, metavar="DURATION", help="the sliding window: 90s, 15m, 1h (default)"
+    )
+    again.add_argument(
+        "--restart-backoff",
+        type=argtypes.backoff,
+        default=(1.0, 60.0),
+        metavar="MIN,MAX",
+        help="seconds before a restart: MIN, doubling each time, up to MAX, with jitter (default 1,60)",
+    )
+    again.add_argument(
+        "--restart-peers",
+        action="store_true",
+        help="P/D: once a replaced prefill is ready again, also restart the decode instances (they hold its old NIXL metadata)",
+    )
     run.set_defaults(handler=_launch_command)
     return parser
 
@@ -288,6 +313,7 @@ def launch_options(args) -> LaunchOptions:
             heartbeat_timeout=args.heartbeat_timeout,
             readiness=_readiness(args),
             to_completion=args.to_completion,
+            restart=_restart_policy(args),
         )
     return LaunchOptions(
         port_base=args.port_base,
@@ -303,6 +329,20 @@ def launch_options(args) -> LaunchOptions:
         gpus_per_rank=args.gpus_per_rank,
         vllm_dp=args.vllm_dp,
         **launching,
+    )
+
+
+def _restart_policy(args) -> restart.RestartPolicy:
+    if getattr(args, "restart", "never") == "never":
+        return restart.RestartPolicy()
+    low, high = args.restart_backoff
+    return restart.RestartPolicy(
+        mode=args.restart,
+        max_restarts=args.max_restarts,
+        window=args.restart_window,
+        backoff_min=low,
+        backoff_max=high,
+        peers=args.restart_peers,
     )
 
 

@@ -28,6 +28,7 @@ from .gpus import GpuError, check_hostfile_gpus
 from .host import Host, is_loopback_name
 from .rankenv import RankIdentity
 from .readiness import Log, Ports, Readiness, Report, Url, WithHead
+from .restart import RestartPolicy
 from .vllm import disagg
 from .vllm import dp as vllm_dp
 from .vllm.flags import is_vllm_serve, kv_transfer_engine_id, uses_nixl, vllm_dp_ranks
@@ -62,6 +63,7 @@ class LaunchOptions(msgspec.Struct, frozen=True):
     transfer_bytes: int | None = None  # built-in cores become NIXL agents serving this many bytes (check --transfer)
     gpus_per_rank: int | None = None  # each rank its own CUDA_VISIBLE_DEVICES slice of its host's devices (gpus.py)
     vllm_dp: str | None = None  # --vllm-dp MODE: write vllm serve's data-parallel flags per host (vllm_dp.py)
+    restart: RestartPolicy = RestartPolicy()  # --restart on-failure: failure groups come back (restart.py)
 
 
 class RankSpec(msgspec.Struct, frozen=True):

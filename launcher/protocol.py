@@ -91,6 +91,13 @@ class TransferCheck(_Msg):
     pairs: list[tuple[int, int]] | None = None
 
 
+class Restart(_Msg):
+    """Stop every rank of this host, and start each again after ``delay`` seconds (its ports free by then)."""
+
+    attempt: int
+    delay: float = 0.0
+
+
 class Stop(_Msg):
     reason: str = ""
     now: bool = False  # skip the rest of the grace period: SIGKILL at once (a second Ctrl-C)
@@ -221,6 +228,7 @@ Message = Union[
     Sweep,
     Heartbeat,
     Check,
+    Restart,
     Stop,
     Hello,
     Started,

@@ -12,6 +12,7 @@ import msgspec
 
 from . import exitcodes
 from .check import CheckMatrix
+from .restart import RestartRecord
 
 # The launcher's exit codes (the table, with the ranks' own, is exitcodes.py).
 EXIT_OK = exitcodes.OK
@@ -23,13 +24,15 @@ EXIT_STDOUT_CLOSED = exitcodes.STDOUT_CLOSED
 
 
 class Phase(str, enum.Enum):
-    """Where a rank is: pending -> started -> ready -> exited, or lost with its host."""
+    """Where a rank is: pending -> started -> ready -> exited, or lost with its host; restarting -> started
+    again when its failure group restarts (--restart)."""
 
     PENDING = "pending"
     STARTED = "started"
     READY = "ready"
     EXITED = "exited"
     LOST = "lost"
+    RESTARTING = "restarting"
 
     def __str__(self) -> str:
         return self.value
@@ -101,6 +104,7 @@ class LaunchResult(msgspec.Struct, frozen=True):
     duration: float
     transfer: CheckMatrix | None = None  # check --transfer: the NIXL reads
     job_id: str = ""  # the job's id: every process of it carries it (LAUNCHER_JOB_ID), and the head printed it first
+    restarts: tuple[RestartRecord, ...] = ()  # --restart: each failure group's restarts, in order
 
     @property
     def ok(self) -> bool:

@@ -130,7 +130,7 @@ def test_the_proxy_refuses_what_is_not_a_completion_request(pd_job):
     assert post(proxy, "/v1/embeddings", {})[0] == 404
     conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=10)
     conn.request("GET", "/health")
-    assert json.loads(conn.getresponse().read()) == {"status": "ok", "prefill_instances": 1, "decode_instances": 1}
+    assert json.loads(conn.getresponse().read()) == {"status": "ok", "prefill_instances": 1, "decode_instances": 1, "down": {}}
 
 
 @pytest.mark.e2e

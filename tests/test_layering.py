@@ -108,7 +108,7 @@ def test_the_folders_are_the_map():
     pure_top = {m for m in MODULES if not folder(m) and m not in placed}
     assert pure_top == {
         "argtypes", "check", "command", "envpolicy", "exitcodes", "gpus", "host", "netif", "plan", "protocol",
-        "rankenv", "readiness", "results", "version",
+        "rankenv", "readiness", "restart", "results", "version",
     }, "a new top-level module: say which process runs it (HEAD_TOP, HOST_TOP) and whether it does I/O (IO_TOP)"  # fmt: skip
 
 

@@ -69,6 +69,8 @@ class Agent:
         )
         self.base_env = envpolicy.host_environment(os.environ)
         self._vllm_versions: dict[tuple[str, str], str] = {}
+        self._restart_orders: collections.deque[protocol.Restart] = collections.deque()  # from the reader, for the main thread
+        self._next_beat = 0.0
 
     def hello(self) -> protocol.Hello:
         """Who and where this agent is, including the address its ranks will pick."""
@@ -95,12 +97,14 @@ class Agent:
 
     # --- start -----------------------------------------------------------
 
-    def start_ranks(self) -> None:
-        """Spawn every rank from the main thread, before any other thread exists.
+    def start_ranks(self, fork: bool = True) -> None:
+        """Spawn every rank from the main thread, before any other thread exists (or, for a restart, while
+        they do: then every rank is exec'd, none forked).
 
         PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so
         the forking thread must live as long as the agent; and a preexec_fn is
-        only safe while no other thread can hold a lock.
+        only safe while no other thread can hold a lock (the restart's one,
+        prctl through ctypes, takes none).
         """
         parent = os.getpid()
         try:
@@ -134,7 +138,7 @@ class Agent:
                 argv, env = prepared.argv, prepared.env
             pass_fds = () if prepared else tuple(fd for fd in (write_fd, command_read) if fd is not None)
             try:
-                process = spawn_rank(launch, argv, env, pass_fds, lambda: die_with_parent(parent))
+                process = spawn_rank(launch, argv, env, pass_fds, lambda: die_with_parent(parent), fork=fork)
             except OSError as exc:
                 close_fds(read_fd, write_fd, command_read, command_write)
                 if prepared:
@@ -193,6 +197,10 @@ class Agent:
         return slices
 
     def start_threads(self) -> None:
+        self._start_rank_threads()
+        Worker(self._read_head)
+
+    def _start_rank_threads(self) -> None:
         for rp in self.ranks:
             rp.readers = [
                 Worker(self._forward_output, rp, rp.process.stdout, "stdout"),
@@ -201,7 +209,6 @@ class Agent:
             ]
             if rp.prepared is not None:  # a user command, prepared here: its readiness starts now
                 self._on_resolved(rp, rp.prepared)
-        Worker(self._read_head)
 
     # --- threads ---------------------------------------------------------
 
@@ -314,6 +321,9 @@ class Agent:
                 if message.now:
                     self._kill_now.set()
                     self.watch.wake()
+            elif isinstance(message, protocol.Restart):
+                self._restart_orders.append(message)  # the main thread spawns, as at the start
+                self.watch.wake()
             elif isinstance(message, protocol.Check):
                 Worker(self._run_check, message)
             elif isinstance(message, protocol.TransferCheck):
@@ -367,21 +377,81 @@ class Agent:
         """Report exits, exchange heartbeats, until asked to stop; a rank's exit or a stop wakes it at once."""
         for rp in self.ranks:
             self.watch.watch(rp.process.pid)
-        clock = self.spec.heartbeat_interval if self.watch.precise else 0.05  # without pidfds, exits are polled
-        next_beat = 0.0
         while not self._stop.is_set():
             self._report_exits()
-            now = time.monotonic()
-            if now >= next_beat:
-                self.events.send(protocol.Heartbeat())
-                next_beat = now + self.spec.heartbeat_interval
-            silent = now - self.last_heard
-            if silent > self.spec.heartbeat_timeout and not _readable(self.stdin):  # bytes waiting: the head spoke
-                self.request_stop(f"no word from the head for {silent:.0f}s (heartbeat timeout)")
-            self.watch.wait(min(clock, max(0.0, next_beat - now)))
+            if self._restart_orders:
+                self._restart(self._restart_orders.popleft())
+                continue
+            self._idle(self.spec.heartbeat_interval)
         # Before any exit it causes: the head then knows those exits are not the cause.
         self.events.send(protocol.Stopping(reason=self.stop_reason or "stopping", signal=self.stop_signal))
         self.shutdown()
+
+    def _idle(self, seconds: float) -> None:
+        """Heartbeat when due, judge the head's silence, then sleep up to ``seconds`` (a rank's exit, a stop,
+        a restart order wakes it)."""
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self.events.send(protocol.Heartbeat())
+            self._next_beat = now + self.spec.heartbeat_interval
+        silent = now - self.last_heard
+        if silent > self.spec.heartbeat_timeout and not _readable(self.stdin):  # bytes waiting: the head spoke
+            self.request_stop(f"no word from the head for {silent:.0f}s (heartbeat timeout)")
+        clock = self.spec.heartbeat_interval if self.watch.precise else 0.05  # without pidfds, exits are polled
+        self.watch.wait(min(seconds, clock, max(0.0, self._next_beat - now)))
+
+    # --- restart (--restart on-failure): the same ranks, new processes, this agent and its connection kept ---
+
+    def _restart(self, order: protocol.Restart) -> None:
+        """Stop every rank, wait out the backoff and the ports they held, start them again."""
+        held = self._listening_ports()  # before they go: what the new processes must find free
+        terminate_tree([rp.process for rp in self.ranks], self.spec.grace, hurry=self._kill_now, pause=self._idle)
+        self._report_exits()
+        deadline = time.monotonic() + order.delay
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self._idle(deadline - time.monotonic())
+        problem = self._await_ports(held, seconds=max(10.0, self.spec.grace))
+        if self._stop.is_set():
+            return  # a stop overtook the restart: nothing starts
+        if problem:
+            for launch in self.spec.ranks:
+                self.events.send(protocol.RankError(rank=launch.rank, message=problem, fatal=True))
+            self.request_stop(problem)
+            return
+        self.ranks = []
+        self.start_ranks(fork=False)  # threads exist now: exec'd, never forked
+        self._start_rank_threads()
+        for rp in self.ranks:
+            self.watch.watch(rp.process.pid)
+
+    def _listening_ports(self) -> set[tuple[str, int]]:
+        tree = set()
+        for rp in self.ranks:
+            try:
+                tree |= {rp.process.pid, *(c.pid for c in psutil.Process(rp.process.pid).children(recursive=True))}
+            except psutil.Error:
+                continue
+        try:
+            listening = psutil.net_connections(kind="tcp")
+            return {(c.laddr.ip, c.laddr.port) for c in listening if c.status == psutil.CONN_LISTEN and c.pid in tree}
+        except psutil.Error:
+            return set()
+
+    def _await_ports(self, ports: set[tuple[str, int]], seconds: float) -> str | None:
+        """None once nobody listens on ``ports`` (the old processes' addresses and ports); else who still holds one.
+        By address: on a host with several addresses, another job's rank may hold the same port on another."""
+        deadline = time.monotonic() + seconds
+        while True:
+            held = {port: holder for address, port in sorted(ports) if (holder := port_holder(port, address))}
+            if not held or self._stop.is_set():
+                return None
+            if time.monotonic() >= deadline:
+                port, holder = next(iter(held.items()))
+                return (
+                    f"cannot restart on {self.spec.host}: port {port}, which the stopped rank held, is still held by {holder} "
+                    f"after {seconds:g}s; stop it, or move the job's ports"
+                )
+            self._idle(0.2)
 
     def _report_exits(self) -> None:
         for rp in self.ranks:

@@ -14,12 +14,13 @@ processes. No threads, no sockets, no clock: time comes in as ``now``
 from __future__ import annotations
 
 import collections
+import random
 import signal
 from typing import Union
 
 import msgspec
 
-from .. import protocol
+from .. import protocol, restart
 from ..check import CheckMatrix
 from ..plan import Host, HostPlan, LaunchPlan, RankSpec
 from ..results import Failure, FailureKind, LaunchResult, Phase, RankResult, exit_code_for
@@ -74,13 +75,35 @@ class Sweep(msgspec.Struct, frozen=True):
     host: int
 
 
+class RestartHosts(msgspec.Struct, frozen=True):
+    """Tell these hosts' agents to stop every rank and start them again after ``delay`` seconds."""
+
+    hosts: tuple[int, ...]
+    attempt: int
+    delay: float
+    why: str
+
+
+class UnitReady(msgspec.Struct, frozen=True):
+    """A restarted failure group is ready again: route to its hosts again."""
+
+    hosts: tuple[int, ...]
+
+
+class NewAttempt(msgspec.Struct, frozen=True):
+    """A restarted rank's new process started: what it prints from now on is attempt ``attempt``'s."""
+
+    rank: RankState
+    attempt: int
+
+
 class HeadAddress(msgspec.Struct, frozen=True):
     """The first host's address is known (or will never be: None): release the specs that wait for it."""
 
     address: str | None
 
 
-Action = Union[Progress, ShowOutput, Sweep, HeadAddress]
+Action = Union[Progress, ShowOutput, Sweep, HeadAddress, RestartHosts, NewAttempt, UnitReady]
 
 
 # --- state -----------------------------------------------------------------------------------
@@ -99,6 +122,7 @@ class RankState(msgspec.Struct):
     started_at: float | None = None
     ready_at: float | None = None
     ended_at: float | None = None
+    exit_due: bool = False  # a restart stopped it: its exit is expected, not a failure
     output: collections.deque = msgspec.field(default_factory=lambda: collections.deque(maxlen=20))
 
     @property
@@ -142,6 +166,14 @@ class Job:
         self.head_ip: str | None = None
         self.matrix: CheckMatrix | None = None
         self.transfers: CheckMatrix | None = None  # check --transfer: NIXL reads, after the probes
+        # --restart: failure groups, whether each was ever ready (no restart before that), the open restart of each
+        self.policy = plan.options.restart
+        self.units = restart.units_of([h.host.role for h in plan.hosts], [h.host.name for h in plan.hosts])
+        self.unit_of = {host: i for i, unit in enumerate(self.units) for host in unit.hosts}
+        self.ever_ready = [False] * len(self.units)
+        self.restarting: list[int | None] = [None] * len(self.units)  # index into restarts, while one is under way
+        self.restarts: list[restart.RestartRecord] = []
+        self._draws = random.Random(plan.job_id)  # the backoff's jitter: seeded, so a job's decisions replay
 
     # --- the one first-failure rule --------------------------------------------------
 
@@ -213,7 +245,11 @@ class Job:
                 state.address, state.rule = event.address, event.rule
             case protocol.Started():
                 state = self.ranks[event.rank]
-                state.phase, state.pid, state.started_at = Phase.STARTED, event.pid, now
+                again = state.phase is Phase.RESTARTING
+                state.phase, state.pid, state.started_at, state.exit_code = Phase.STARTED, event.pid, now, None
+                if again:
+                    open_restart = self.restarting[self.unit_of[index]]
+                    return [] if open_restart is None else [NewAttempt(state, self.restarts[open_restart].attempt)]
             case protocol.Ready():
                 return self._ready(event, now)
             case protocol.Output():
@@ -332,11 +368,75 @@ class Job:
         state.vllm_version = event.vllm_version
         ready = sum(1 for r in self.ranks.values() if r.phase is Phase.READY)
         what = "ranks" if len(self.ranks) == self.plan.world_size else "processes"
-        return [
+        actions: list[Action] = [
             Progress(f"{what} ready {ready}/{len(self.ranks)} (rank {event.rank} on {state.spec.host} at {event.address}:{event.port})")
+        ]
+        unit = self.unit_of[state.spec.host_index]
+        if all(self.ranks[r.rank].phase is Phase.READY for h in self.units[unit].hosts for r in self.plan.hosts[h].ranks):
+            actions += self._unit_ready(unit, now)
+        return actions
+
+    # --- restart by failure group (--restart on-failure) --------------------------------------
+
+    def _unit_ready(self, unit: int, now: float) -> list[Action]:
+        self.ever_ready[unit] = True
+        open_restart = self.restarting[unit]
+        if open_restart is None:
+            return []
+        self.restarting[unit] = None
+        record = self.restarts[open_restart]
+        self.restarts[open_restart] = msgspec.structs.replace(record, ready_after=now - record.at)
+        name = self.units[unit].name
+        actions: list[Action] = [
+            Progress(f"{name} is ready again after restart {record.attempt} ({now - record.at:.1f}s)"),
+            UnitReady(self.units[unit].hosts),
+        ]
+        if self.policy.peers and self.units[unit].role == "prefill":
+            # Decoders connected to the replaced prefill hold its old NIXL metadata: they serve against a dead
+            # engine or crash in loadRemoteMD (vllm#49238). Restart them now that the prefill is back.
+            for other, peer in enumerate(self.units):
+                if peer.role == "decode" and self.restarting[other] is None:
+                    actions += self._restart(other, f"{name} was replaced (--restart-peers)", now)
+        return actions
+
+    def _restart_or_fail(self, state: RankState, kind: FailureKind, cause: str, code: int, now: float) -> list[Action]:
+        """A rank failed: restart its unit if the policy allows it, else end the job with ``cause``."""
+        unit = self.unit_of[state.spec.host_index]
+        name = self.units[unit].name
+        fail = lambda message: self.fail(kind, message, rank=state.spec.rank, host=state.spec.host, rank_code=code)
+        if not self.policy.on:
+            fail(cause)
+            return []
+        if not self.ever_ready[unit]:
+            fail(f"{cause}; not restarted: {name} never became ready (a failure group restarts only once its first start succeeded)")
+            return []
+        recent = restart.within_window(self.restarts, name, now, self.policy.window)
+        if recent >= self.policy.max_restarts:
+            window = restart.describe_seconds(self.policy.window)
+            fail(f"gave up restarting {name} after {recent} restarts in {window} (--max-restarts); last: {cause}")
+            return []
+        return self._restart(unit, cause, now)
+
+    def _restart(self, unit: int, cause: str, now: float) -> list[Action]:
+        target = self.units[unit]
+        attempt = 1 + sum(1 for r in self.restarts if r.unit == target.name)
+        delay = restart.backoff(attempt, self.policy, self._draws.random())
+        self.restarting[unit] = len(self.restarts)
+        self.restarts.append(restart.RestartRecord(target.name, attempt, cause, now, round(delay, 3)))
+        for host in target.hosts:
+            for spec in self.plan.hosts[host].ranks:
+                state = self.ranks[spec.rank]
+                state.exit_due = state.phase is not Phase.EXITED  # still running: stopping it is ours
+                state.phase = Phase.RESTARTING
+        return [
+            Progress(f"restarting {target.name} in {delay:.1f}s (restart {attempt}): {cause}"),
+            RestartHosts(target.hosts, attempt, delay, f"{target.name} is restarting ({cause})"),
         ]
 
     def _exited(self, state: RankState, code: int, now: float) -> list[Action]:
+        if state.exit_due and not self.stopping:  # stopped by its unit's restart: it starts again
+            state.exit_due, state.exit_code, state.ended_at = False, code, now
+            return []
         state.phase, state.exit_code, state.ended_at = Phase.EXITED, code, now
         if self.over or self.stopping:
             return []
@@ -346,10 +446,7 @@ class Job:
         how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
         why = f": {state.error}" if state.error else (f"; last output: {state.output[-1]}" if state.output else "")
         kind = FailureKind.RANK_ERROR if state.error else FailureKind.RANK_EXITED
-        self.fail(
-            kind, f"rank {state.spec.rank} on {state.spec.host} {how}{why}", rank=state.spec.rank, host=state.spec.host, rank_code=code
-        )
-        return []
+        return self._restart_or_fail(state, kind, f"rank {state.spec.rank} on {state.spec.host} {how}{why}", code, now)
 
     def _closed(self, index: int, event: LinkClosed, now: float) -> list[Action]:
         host = self.hosts[index]
@@ -411,8 +508,11 @@ class Job:
 
     @property
     def all_ended(self) -> bool:
-        """Every started agent gone and every rank ended (or never started)."""
-        return all(h.gone for h in self.hosts if h.opened) and self.all_in(Phase.EXITED, Phase.LOST, Phase.PENDING)
+        """Every started agent gone and every rank ended (or never started, or stopped for a restart that a stop
+        overtook: its agent starts nothing once told to stop)."""
+        between = all(r.phase is not Phase.RESTARTING or not r.exit_due for r in self.ranks.values())
+        ended = self.all_in(Phase.EXITED, Phase.LOST, Phase.PENDING, Phase.RESTARTING)
+        return all(h.gone for h in self.hosts if h.opened) and between and ended
 
     # --- judgments at the end of a phase -------------------------------------------------------
 
@@ -486,4 +586,6 @@ class Job:
             )
             for s in sorted(self.ranks.values(), key=lambda s: s.spec.rank)
         )
-        return LaunchResult(ranks, self.failure, self.matrix, duration, self.transfers, job_id=self.plan.job_id)
+        return LaunchResult(
+            ranks, self.failure, self.matrix, duration, self.transfers, job_id=self.plan.job_id, restarts=tuple(self.restarts)
+        )

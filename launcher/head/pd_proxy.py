@@ -111,6 +111,7 @@ class PdProxy:
     ):
         self.prefill, self.decode, self.note, self.limits = list(prefill), list(decode), note, limits
         self._next = {"prefill": itertools.cycle(self.prefill), "decode": itertools.cycle(self.decode)}
+        self._down: dict[str, str] = {}  # upstream -> why it takes no requests now (its instance is restarting)
         self._lock = threading.Lock()
         self._errors = 0
         self._body_bytes = 0
@@ -135,9 +136,42 @@ class PdProxy:
             self.server.shutdown()
         self.server.server_close()
 
-    def pick(self, role: str) -> str:
+    def pick(self, role: str) -> str | None:
+        """The next instance of ``role`` round-robin, skipping those down; None when every one is down."""
         with self._lock:
-            return next(self._next[role])
+            for _ in range(len(self.prefill if role == "prefill" else self.decode)):
+                upstream = next(self._next[role])
+                if upstream not in self._down:
+                    return upstream
+            return None
+
+    def set_down(self, upstreams: Sequence[str], why: str) -> None:
+        """Route nothing to these until ``set_up``: a request that would need one is answered 503 with ``why``."""
+        with self._lock:
+            self._down.update(dict.fromkeys(upstreams, why))
+
+    def set_up(self, upstreams: Sequence[str]) -> None:
+        with self._lock:
+            for upstream in upstreams:
+                self._down.pop(upstream, None)
+
+    def health(self) -> tuple[int, dict]:
+        """200 while each role has an instance to route to, else 503; with the instances down and why."""
+        with self._lock:
+            down = dict(self._down)
+        routable = all(any(u not in down for u in upstreams) for upstreams in (self.prefill, self.decode))
+        document = {
+            "status": "ok" if routable else "unavailable",
+            "prefill_instances": len(self.prefill),
+            "decode_instances": len(self.decode),
+            "down": down,
+        }
+        return (200 if routable else 503), document
+
+    def why_down(self, role: str) -> str:
+        with self._lock:
+            reasons = [f"{u}: {why}" for u, why in self._down.items() if u in (self.prefill if role == "prefill" else self.decode)]
+        return f"no {role} instance takes requests now ({'; '.join(reasons)}); try again"
 
     @property
     def failures(self) -> int:
@@ -174,7 +208,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/health":
-            self._reply(200, {"status": "ok", "prefill_instances": len(self.proxy.prefill), "decode_instances": len(self.proxy.decode)})
+            self._reply(*self.proxy.health())
         else:
             self._reply(404, _error(f"no route {self.path}; the proxy serves POST {' and '.join(sorted(ROUTES))}"))
 
@@ -200,6 +234,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         headers = {name: self.headers[name] for name in _FORWARDED if self.headers.get(name)}
         headers.setdefault("X-Request-Id", str(uuid.uuid4()))
         prefill = self.proxy.pick("prefill")
+        if prefill is None:
+            return self._reply(503, _error(self.proxy.why_down("prefill")), retry=True)
         try:
             status, answer = _post_json(prefill, self.path, disagg.prefill_request(body), headers)
         except _UPSTREAM_ERRORS as exc:
@@ -207,6 +243,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if status != 200 or not isinstance(answer, dict):
             return self._upstream_failed(f"prefill instance {prefill} answered {status}", status, answer)
         decode = self.proxy.pick("decode")
+        if decode is None:
+            return self._reply(503, _error(self.proxy.why_down("decode")), retry=True)
         try:
             self._relay(decode, disagg.decode_request(body, answer), headers)
         except _ClientGone:

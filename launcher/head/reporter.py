@@ -23,3 +23,6 @@ class Reporter:
     def ready(self, ranks: list[RankState]) -> None: ...
 
     def checked(self, matrix: CheckMatrix) -> None: ...
+
+    def new_attempt(self, rank: RankState, attempt: int) -> None:
+        """A rank restarted (--restart): its output from now on is its attempt ``attempt``'s."""

@@ -51,6 +51,9 @@ class Supervisor:
         self.links = [HostLink(i, hp, transport, self._events) for i, hp in enumerate(plan.hosts)]
         self._t0 = time.monotonic()
         self._head_ip_known = threading.Event()  # {head_ip}: the first host's address, from its agent
+        # Who else must know that a failure group went down for a restart and came back (the P/D proxy).
+        self.on_hosts_down: Callable[[tuple[int, ...], str], None] = lambda hosts, why: None
+        self.on_hosts_up: Callable[[tuple[int, ...]], None] = lambda hosts: None
         self._heart_stop = threading.Event()
 
     @property
@@ -271,6 +274,14 @@ class Supervisor:
                     self.links[index].sweep(self.plan.job_id, self.reporter.progress)
                 case jobs.HeadAddress():
                     self._head_ip_known.set()
+                case jobs.RestartHosts(hosts, attempt, delay, why):
+                    self.on_hosts_down(hosts, why)
+                    for index in hosts:
+                        self._send(self.links[index], protocol.Restart(attempt=attempt, delay=delay))
+                case jobs.UnitReady(hosts):
+                    self.on_hosts_up(hosts)
+                case jobs.NewAttempt(rank, attempt):
+                    self.reporter.new_attempt(rank, attempt)
 
     # --- I/O the job cannot do itself ---------------------------------------------------------
 

@@ -180,6 +180,22 @@ class ConsoleReporter(Reporter):
             log.write(line + "\n")
             log.flush()
 
+    def new_attempt(self, rank: RankState, attempt: int) -> None:
+        """Keep the earlier attempts' logs: rank-N.log is the current one's, rank-N.K.log attempt K's (0: the
+        first start), so the first failure is never hidden by a retry."""
+        number = rank.spec.rank
+        log = self._logs.pop(number, None)
+        if log is not None:
+            log.close()
+        if self.log_dir:
+            current = os.path.join(self.log_dir, f"rank-{number}.log")
+            try:
+                os.rename(current, os.path.join(self.log_dir, f"rank-{number}.{attempt - 1}.log"))
+            except FileNotFoundError:
+                pass  # it printed nothing
+            except OSError as exc:
+                self.progress(f"could not keep {current} of the attempt before restart {attempt}: {exc.strerror or exc}")
+
     def ready(self, ranks: list[RankState]) -> None:
         rows = [("RANK", "HOST", "ADDRESS", "PORT", "PID", "STATE", "ADDRESS RULE")]
         for r in sorted(ranks, key=lambda r: r.spec.rank):

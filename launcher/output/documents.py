@@ -97,6 +97,17 @@ def result_document(result: LaunchResult) -> dict[str, Any]:
             }
             for r in result.ranks
         ],
+        "restarts": [
+            {
+                "unit": r.unit,
+                "attempt": r.attempt,
+                "cause": r.cause,
+                "at": round(r.at, 3),
+                "backoff": r.backoff,
+                "ready_after": None if r.ready_after is None else round(r.ready_after, 3),
+            }
+            for r in result.restarts
+        ],
         "check": matrix_document(result.check),
         "transfer": matrix_document(result.transfer),
     }
