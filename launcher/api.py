@@ -29,7 +29,7 @@ def plan_job(
     return planmod.build(hosts, options, os.environ if env is None else env, job_id)
 
 
-def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int]) -> None:
+def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int], ops=None) -> None:
     """Serve; a P/D job behind its proxy, which lives exactly as long."""
     if not any(plan.roles):
         return supervisor.serve()
@@ -48,6 +48,8 @@ def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int]) -> 
         return
     supervisor.on_hosts_down = lambda hosts, why: server.set_down([upstream_of[h] for h in hosts], why)
     supervisor.on_hosts_up = lambda hosts: server.set_up([upstream_of[h] for h in hosts])
+    if ops is not None:
+        ops.proxy = server  # its requests by instance go into /metrics
     server.start()
     supervisor.reporter.progress(
         f"P/D proxy on http://{server.address}: prefill on {', '.join(upstreams['prefill'])}, decode on {', '.join(upstreams['decode'])}"
@@ -69,6 +71,7 @@ def launch(
     preflight: bool = False,
     hurry: threading.Event | None = None,
     proxy: tuple[str, int] = ("127.0.0.1", 8000),
+    metrics: tuple[str, int] | None = None,
 ) -> LaunchResult:
     """Start every rank, wait until all are ready, then check and/or serve, then stop.
 
@@ -85,6 +88,8 @@ def launch(
     (``plan.preflight_plan``); if that fails, its result is returned and the
     command never starts. A P/D plan (hosts with roles) serves behind a proxy
     on ``proxy`` (address, port) that routes each request prefill, then decode.
+    ``metrics`` (address, port): serve /health, /metrics and /targets there
+    while the job runs (``head.ops``).
     """
     transport = transport or transports.get(transports.choose([h.host for h in plan.hosts], os.environ))
     if preflight:
@@ -96,6 +101,17 @@ def launch(
         if reporter is not None:
             reporter.progress("preflight passed")
     supervisor = Supervisor(plan, transport, reporter, stop, hurry)
+    ops = None
+    if metrics is not None:
+        from .head.ops import OpsEndpoint, OpsError
+
+        try:
+            ops = OpsEndpoint(supervisor.job, *metrics)
+        except OpsError as exc:
+            supervisor.job.fail(FailureKind.PROXY, str(exc))
+            return supervisor.result()
+        ops.start()
+        supervisor.reporter.progress(f"health, metrics and targets on http://{ops.address}/health /metrics /targets")
     try:
         supervisor.start()
         if plan.options.to_completion:
@@ -106,9 +122,11 @@ def launch(
                 if plan.options.transfer_bytes and plan.builtin and supervisor.failure is None:
                     supervisor.transfer_check(check)
             if serve and supervisor.failure is None:
-                _serve(supervisor, plan, proxy)
+                _serve(supervisor, plan, proxy, ops)
     except BaseException:
         supervisor.stop("interrupted")
+        if ops is not None:
+            ops.close()
         raise
     if supervisor.failure is not None:
         reason = supervisor.failure.message
@@ -118,4 +136,7 @@ def launch(
         reason = "every rank exited 0"
     else:
         reason = "check complete" if check is not None else "every rank was ready"
-    return supervisor.stop(reason)
+    result = supervisor.stop(reason)
+    if ops is not None:
+        ops.close()
+    return result

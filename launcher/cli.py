@@ -242,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="P/D: once a replaced prefill is ready again, also restart the decode instances (they hold its old NIXL metadata)",
     )
+    ops = run.add_argument_group("operations")
+    ops.add_argument(
+        "--metrics-port",
+        type=argtypes.port,
+        metavar="PORT",
+        help="serve /health (200 only while every rank is ready), /metrics (Prometheus) and /targets (Prometheus HTTP "
+        "service discovery of every vLLM API server of the job) on this port of the head",
+    )
+    ops.add_argument("--metrics-address", default="127.0.0.1", help="the address --metrics-port listens on (default 127.0.0.1)")
     run.set_defaults(handler=_launch_command)
     return parser
 
@@ -491,6 +500,7 @@ def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
             preflight=args.preflight,
             hurry=requests.hurry,
             proxy=(args.proxy_address, args.proxy_port),
+            metrics=(args.metrics_address, args.metrics_port) if getattr(args, "metrics_port", None) else None,
         )
         if args.plot:
             _plot(result, args.plot, reporter)

@@ -18,9 +18,11 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import RunningLauncher, wait_for, write_hostfile
+from conftest import RunningLauncher, free_port_base, wait_for, write_hostfile
 from launcher import envpolicy, plan
 from support.netns import NET
 
@@ -37,6 +39,7 @@ LEAKED = {
 }
 API = f"{NET}.11:8000"  # h1, the DP job's API server
 DECODER = f"{NET}.13:8200"  # h3
+HEAD_OPS = f"127.0.0.1:{free_port_base(1)}"  # the DP job's head: /health, /metrics, /targets
 
 
 # --- vLLM's own facts --------------------------------------------------------------
@@ -147,7 +150,18 @@ def deployments(cluster, real_vllm, tmp_path_factory):
         cluster,
         real_vllm,
         write_hostfile(tmp, "h1\nh2\n"),
-        ["--vllm-dp", "--check", "--", *real_vllm.serve("--kv-transfer-config", kv("kv_both"))],
+        [
+            "--vllm-dp",
+            "--check",
+            "--restart",
+            "on-failure",
+            "--restart-backoff",
+            "1,2",
+            "--metrics-port",
+            HEAD_OPS.rpartition(":")[2],
+            "--",
+            *real_vllm.serve("--kv-transfer-config", kv("kv_both")),
+        ],  # fmt: skip
     )
     decode_hosts = tmp / "decode"
     decode_hosts.mkdir()
@@ -286,6 +300,60 @@ def test_decode_pulls_the_prefilled_kv_over_nixl_from_the_prefillers_own_address
     assert after["vllm:nixl_bytes_transferred_sum"] > before.get("vllm:nixl_bytes_transferred_sum", 0)
     assert after["vllm:prompt_tokens_by_source_total[external_kv_transfer]"] >= 2 * 50
     assert after["vllm:nixl_num_failed_transfers_total"] == 0
+
+
+def test_the_heads_targets_lead_prometheus_to_vllms_own_metrics(deployments):
+    prefill, _ = deployments
+    with urllib.request.urlopen(f"http://{HEAD_OPS}/targets", timeout=10) as reply:
+        targets = json.load(reply)
+    job_id = re.search(r"job ([0-9a-f]{16}): starting", "\n".join(prefill.run.stderr)).group(1)
+    assert targets == [{"targets": [API], "labels": {"job_id": job_id, "host": "h1", "rank": "0"}}]  # h2 is headless: no API
+    assert metrics(API)["vllm:request_success_total"] >= 1  # what Prometheus then scrapes there: vLLM's own series
+    with urllib.request.urlopen(f"http://{HEAD_OPS}/metrics", timeout=10) as reply:
+        families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+    ranks = {s.labels["state"]: s.value for s in families["launcher_ranks"].samples}
+    assert ranks["ready"] == 2 and families["launcher_healthy"].samples[0].value == 1
+    latency = {s.labels["stat"]: s.value for s in families["launcher_check_handshake_latency_seconds"].samples}
+    assert 0 < latency["min"] <= latency["max"] < 5  # --check ran with vLLM's own listeners
+
+
+def _vllm_pids(cluster, host):
+    """{pid: process title} of vLLM's processes in a namespace host (the API server or headless front, its engine cores)."""
+    found = {}
+    for pid in cluster.host(host).pids():
+        try:
+            process = psutil.Process(pid)
+            title = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if "vllm" in title.lower() or process.name().startswith("VLLM"):
+            found[pid] = f"{process.name()} {title}"
+    return found
+
+
+def test_a_killed_engine_core_brings_the_whole_dp_group_back_on_the_same_ports(deployments, cluster, real_vllm):
+    prefill, _ = deployments
+    before = {host: _vllm_pids(cluster, host) for host in ("h1", "h2")}
+    cores = [pid for pid, title in before["h2"].items() if "EngineCore" in title]
+    assert cores, before["h2"]
+    os.kill(cores[0], signal.SIGKILL)
+    said = lambda text: any(text in line for line in prefill.run.stderr)
+    assert wait_for(lambda: said("restarting the job in"), timeout=120), ended_by(prefill)
+    assert wait_for(lambda: said("the job is ready again after restart 1") or prefill.run.proc.poll() is not None, timeout=400)
+    assert said("the job is ready again after restart 1"), ended_by(prefill)
+    assert wait_for(lambda: _healthy(HEAD_OPS) and _healthy(API), timeout=120), "the head's /health or vLLM's did not come back"
+    after = {host: _vllm_pids(cluster, host) for host in ("h1", "h2")}
+    for host in ("h1", "h2"):  # both hosts' vLLM replaced: the group restarts together
+        assert after[host] and not set(after[host]) & set(before[host]), (host, before[host], after[host])
+    done = served((prefill,), f"http://{API}/v1/completions", {"model": real_vllm.model, "prompt": "hello again", "max_tokens": 3})
+    assert done["usage"]["completion_tokens"] == 3
+    with urllib.request.urlopen(f"http://{HEAD_OPS}/metrics", timeout=10) as reply:
+        families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+    (restart,) = families["launcher_restarts"].samples
+    assert restart.labels["unit"] == "the job" and restart.value == 1
+    for host, port in (("h1", 5600), ("h2", 5601)):  # the side channels on their own hosts' addresses again
+        listening = cluster.host(host).run("ss", "-ltnH", f"sport = :{port}").stdout.split()
+        assert f"{cluster.host(host).address}:{port}" in listening, (host, listening)
 
 
 def test_ctrl_c_stops_every_vllm_process_on_every_host(deployments, cluster):

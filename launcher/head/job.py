@@ -173,6 +173,7 @@ class Job:
         self.ever_ready = [False] * len(self.units)
         self.restarting: list[int | None] = [None] * len(self.units)  # index into restarts, while one is under way
         self.restarts: list[restart.RestartRecord] = []
+        self.first_ready_at: float | None = None  # every rank ready for the first time, seconds since the launch
         self._draws = random.Random(plan.job_id)  # the backoff's jitter: seeded, so a job's decisions replay
 
     # --- the one first-failure rule --------------------------------------------------
@@ -371,6 +372,8 @@ class Job:
         actions: list[Action] = [
             Progress(f"{what} ready {ready}/{len(self.ranks)} (rank {event.rank} on {state.spec.host} at {event.address}:{event.port})")
         ]
+        if self.first_ready_at is None and ready == len(self.ranks):
+            self.first_ready_at = now
         unit = self.unit_of[state.spec.host_index]
         if all(self.ranks[r.rank].phase is Phase.READY for h in self.units[unit].hosts for r in self.plan.hosts[h].ranks):
             actions += self._unit_ready(unit, now)

@@ -19,12 +19,12 @@ own would have the decoder pull KV from an address the client chose.
 
 from __future__ import annotations
 
+import collections
 import http.client
 import http.server
 import itertools
 import json
 import re
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from ..vllm import disagg
+from .httpserve import BoundedServer
 
 MAX_BODY = 16 << 20  # a prompt of millions of tokens still fits; a client cannot make the head buffer more
 ROUTES = {"/v1/completions", "/v1/chat/completions"}
@@ -67,36 +68,6 @@ class ProxyError(Exception):
     """The proxy cannot listen; the message names the address and the fix."""
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    """The standard library's threaded server, with a deep accept queue and a cap on live connections."""
-
-    daemon_threads = True
-    proxy: PdProxy
-
-    def server_bind(self) -> None:
-        self.request_queue_size = self.proxy.limits.backlog
-        super().server_bind()
-
-    def process_request(self, request, client_address) -> None:
-        if not self.proxy.slots.acquire(blocking=False):
-            _refuse(request, self.proxy.limits.connections)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.proxy.slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.proxy.slots.release()
-
-    def handle_error(self, request, client_address) -> None:  # never a traceback on the head's terminal
-        pass
-
-
 class PdProxy:
     """Listens on ``address:port`` and routes to ``prefill`` and ``decode`` ("host:port" each)."""
 
@@ -112,15 +83,14 @@ class PdProxy:
         self.prefill, self.decode, self.note, self.limits = list(prefill), list(decode), note, limits
         self._next = {"prefill": itertools.cycle(self.prefill), "decode": itertools.cycle(self.decode)}
         self._down: dict[str, str] = {}  # upstream -> why it takes no requests now (its instance is restarting)
+        self.requests: collections.Counter[tuple[str, str, bool]] = collections.Counter()  # (role, upstream, ok) -> requests
         self._lock = threading.Lock()
         self._errors = 0
         self._body_bytes = 0
-        self.slots = threading.BoundedSemaphore(limits.connections)
         self._serving: threading.Thread | None = None
         handler = type("Handler", (_Handler,), {"proxy": self, "timeout": limits.idle})
-        server = type("Server", (_Server,), {"proxy": self})
         try:
-            self.server = server((address, port), handler)
+            self.server = BoundedServer((address, port), handler, backlog=limits.backlog, connections=limits.connections, who="the proxy")
         except OSError as exc:
             raise ProxyError(
                 f"the P/D proxy cannot listen on {address}:{port}: {exc.strerror or exc}; give --proxy-port (or --proxy-address)"
@@ -128,8 +98,7 @@ class PdProxy:
         self.address = f"{address}:{self.server.server_address[1]}"
 
     def start(self) -> None:
-        self._serving = threading.Thread(target=self.server.serve_forever, daemon=True, name="pd-proxy")
-        self._serving.start()
+        self._serving = self.server.serve_in_background("pd-proxy")
 
     def close(self) -> None:
         if self._serving is not None:  # shutdown() waits for a serve_forever that has started
@@ -144,6 +113,10 @@ class PdProxy:
                 if upstream not in self._down:
                     return upstream
             return None
+
+    def count(self, role: str, upstream: str, ok: bool) -> None:
+        with self._lock:
+            self.requests[(role, upstream, ok)] += 1
 
     def set_down(self, upstreams: Sequence[str], why: str) -> None:
         """Route nothing to these until ``set_up``: a request that would need one is answered 503 with ``why``."""
@@ -239,17 +212,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             status, answer = _post_json(prefill, self.path, disagg.prefill_request(body), headers)
         except _UPSTREAM_ERRORS as exc:
+            self.proxy.count("prefill", prefill, False)
             return self._upstream_failed(f"prefill instance {prefill}: {exc}")
-        if status != 200 or not isinstance(answer, dict):
+        ok = status == 200 and isinstance(answer, dict)
+        self.proxy.count("prefill", prefill, ok)
+        if not ok:
             return self._upstream_failed(f"prefill instance {prefill} answered {status}", status, answer)
         decode = self.proxy.pick("decode")
         if decode is None:
             return self._reply(503, _error(self.proxy.why_down("decode")), retry=True)
         try:
             self._relay(decode, disagg.decode_request(body, answer), headers)
+            self.proxy.count("decode", decode, True)
         except _ClientGone:
             self.close_connection = True  # not the decoder's failure: nobody is left to tell
         except _UPSTREAM_ERRORS as exc:
+            self.proxy.count("decode", decode, False)
             if self._status_sent:  # a status line is out: end the connection, the client sees a cut stream
                 self.close_connection = True
                 self.proxy.failed(f"decode instance {decode}: {exc} (mid-answer)")
@@ -377,21 +355,6 @@ def json_shape_problem(raw: bytes, limits: ProxyLimits) -> str | None:
         else:
             depth -= 1
     return None
-
-
-def _refuse(request: socket.socket, cap: int) -> None:
-    """Over the connection cap: a 503 now (never blocking the accept loop), then close."""
-    data = json.dumps(_error(f"the proxy serves {cap} connections at once; try again")).encode()
-    try:
-        request.setblocking(False)
-        request.send(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
-        )
-    except OSError:
-        pass
-    finally:
-        request.close()
 
 
 def _connection(upstream: str) -> http.client.HTTPConnection:
