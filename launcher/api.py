@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from . import plan as planmod
 from . import transports
@@ -72,6 +72,7 @@ def launch(
     hurry: threading.Event | None = None,
     proxy: tuple[str, int] = ("127.0.0.1", 8000),
     metrics: tuple[str, int] | None = None,
+    on_supervisor: Callable[[Supervisor], None] | None = None,
 ) -> LaunchResult:
     """Start every rank, wait until all are ready, then check and/or serve, then stop.
 
@@ -89,7 +90,8 @@ def launch(
     command never starts. A P/D plan (hosts with roles) serves behind a proxy
     on ``proxy`` (address, port) that routes each request prefill, then decode.
     ``metrics`` (address, port): serve /health, /metrics and /targets there
-    while the job runs (``head.ops``).
+    while the job runs (``head.ops``). ``on_supervisor`` is handed the job's
+    supervisor before it starts (the control socket of a detached head reads it).
     """
     transport = transport or transports.get(transports.choose([h.host for h in plan.hosts], os.environ))
     if preflight:
@@ -101,6 +103,8 @@ def launch(
         if reporter is not None:
             reporter.progress("preflight passed")
     supervisor = Supervisor(plan, transport, reporter, stop, hurry)
+    if on_supervisor is not None:
+        on_supervisor(supervisor)
     ops = None
     if metrics is not None:
         from .head.ops import OpsEndpoint, OpsError

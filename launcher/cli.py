@@ -10,7 +10,9 @@ import signal
 import sys
 import threading
 
-from . import argtypes, hostfile, readiness, restart, transports
+import msgspec
+
+from . import argtypes, hostfile, operate, readiness, restart, transports
 from .api import launch, plan_job
 from .check import WIRE_CHOICES, CheckOptions
 from .command import PLACEHOLDERS
@@ -251,7 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
         "service discovery of every vLLM API server of the job) on this port of the head",
     )
     ops.add_argument("--metrics-address", default="127.0.0.1", help="the address --metrics-port listens on (default 127.0.0.1)")
+    ops.add_argument(
+        "--detach",
+        action="store_true",
+        help="return once every rank is ready, printing the job id; the head lives on in its own session "
+        "(launcher ps, status, logs, stop operate it)",
+    )
     run.set_defaults(handler=_launch_command)
+    operate.add_parsers(sub, _Parser)
     return parser
 
 
@@ -309,7 +318,38 @@ def _launch_command(args, ignored: frozenset[int]) -> int:
         report.prepare_log_dir(args.log_dir)
     _check_probing(args)
     transport = _transport(args, plan)
+    if getattr(args, "detach", False):
+        return _detach(args, plan, transport, ignored)
     return _launch(args, plan, transport, ignored)
+
+
+def _detach(args, plan, transport, ignored: frozenset[int]) -> int:
+    """Fork the head before anything starts (no thread exists yet); the parent waits for the job's first word."""
+    import time
+
+    from .head import jobdir
+
+    if args.to_completion or args.json:
+        raise PlanError("--detach serves a job until launcher stop: drop --to-completion and --json (launcher status --json reads it)")
+    job = jobdir.JobDir(jobdir.state_root(), plan.job_id)
+    record = jobdir.JobRecord(plan.job_id, os.getpid(), time.time(), list(sys.argv), len(plan.hosts), len(plan.ranks))
+    try:
+        job.create(record)
+    except OSError as exc:
+        raise PlanError(
+            f"cannot create the job's directory {job.path}: {exc.strerror or exc}; set XDG_STATE_HOME to a writable one"
+        ) from None
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        return operate.await_detached(read_end, job, pid)
+    os.close(read_end)
+    operate.become_detached(job)
+    job.write_record(msgspec.structs.replace(record, pid=os.getpid()))
+    args.log_dir = args.log_dir or job.rank_logs
+    code = _launch(args, plan, transport, ignored, detached=operate.Detached(write_end, job))
+    os._exit(code)
 
 
 def launch_options(args) -> LaunchOptions:
@@ -467,6 +507,12 @@ class StopRequests:
         self.closed = self.closed or stream
         self.stop.set()
 
+    def ask(self, signum: int, now: bool = False) -> None:
+        """``launcher stop``: what the signal would do (``now``: as the second one, no grace)."""
+        self._on_signal(signum, None)
+        if now:
+            self._on_signal(signum, None)
+
     def _on_signal(self, signum, _frame) -> None:
         self.received.append(signum)
         if self.stop.is_set():
@@ -481,12 +527,17 @@ class StopRequests:
         return self.received[0] if self.received else None
 
 
-def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
+def _launch(args, plan, transport, ignored: frozenset[int], detached: operate.Detached | None = None) -> int:
     requests = StopRequests()
     # With --json, stdout carries the document alone: tables and rank output go to stderr.
     out = sys.stderr if args.json else sys.stdout
-    reporter = report.ConsoleReporter(out=out, quiet_output=args.quiet, log_dir=args.log_dir, on_closed=requests.stream_closed)
+    on_ready = (lambda: detached.ready(len(plan.ranks), len(plan.hosts))) if detached else None
+    reporter = report.ConsoleReporter(
+        out=out, quiet_output=args.quiet, log_dir=args.log_dir, on_closed=requests.stream_closed, on_ready=on_ready
+    )
     requests.install(ignored, reporter.progress)
+    supervisors: list = []  # the job's, once launch made it: what the control socket reads
+    control = _control_socket(detached, supervisors, requests) if detached else None
     for warning in plan.warnings:
         reporter.progress(f"warning: {warning}")
     try:
@@ -501,24 +552,51 @@ def _launch(args, plan, transport, ignored: frozenset[int]) -> int:
             hurry=requests.hurry,
             proxy=(args.proxy_address, args.proxy_port),
             metrics=(args.metrics_address, args.metrics_port) if getattr(args, "metrics_port", None) else None,
+            on_supervisor=supervisors.append,
         )
         if args.plot:
             _plot(result, args.plot, reporter)
         code = report.verdict(result, plan, reporter, stopped_by=requests.signal, closed=requests.closed)
     finally:
         drained = reporter.close()
+        if control is not None:
+            control.close()
+    # This process's verdict: a signal or a closed stdout decides it too, and a job stopped before its
+    # check ran is no passed check.
+    document = documents.result_document(result)
+    stopped_by = signal.Signals(requests.signal).name if requests.signal else None
+    document.update(ok=code == 0, exit_code=code, stopped_by=stopped_by)
+    if detached is not None:
+        detached.job.write_result(document)
+        word = "stopped" if result.failure is not None and result.failure.kind == "signal" else "FAILED"
+        detached.ended(code, f"launcher: {word}: {result.failure.message}" if result.failure else f"launcher: ended, exit {code}")
     if args.json and requests.closed is None:
-        document = documents.result_document(result)
-        # This process's verdict: a signal or a closed stdout decides it too, and a job stopped before its
-        # check ran is no passed check.
-        stopped_by = signal.Signals(requests.signal).name if requests.signal else None
-        document.update(ok=code == 0, exit_code=code, stopped_by=stopped_by)
         print(_json(document), flush=True)
     if requests.closed == "stdout":
         _silence_stdout()
     if not drained:
         os._exit(code)  # the terminal never read the last lines; an exit-time flush would wait for it too
     return code
+
+
+def _control_socket(detached: operate.Detached, supervisors: list, requests: StopRequests):
+    """The detached head's control socket: status from the job's state, stop as Ctrl-C stops a foreground job."""
+    from .head.control_socket import ControlServer
+
+    def answer(request: dict) -> dict:
+        if request["op"] == "status":
+            if not supervisors:
+                return {"ok": True, "status": {"schema": documents.STATUS_SCHEMA, "job_id": detached.job.job_id, "state": "starting"}}
+            supervisor = supervisors[-1]
+            job = supervisor.job
+            status = documents.status_document(supervisor.result(), state="running", health=job.health(), time_to_ready=job.first_ready_at)
+            return {"ok": True, "status": status}
+        if request["op"] == "stop":
+            requests.ask(signal.SIGINT, now=bool(request.get("now")))
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown op {str(request['op'])[:40]!r}; the ops are status and stop"}
+
+    return ControlServer(detached.job.socket_path, answer, detached.job.touch_alive)
 
 
 def _json(document: dict) -> str:

@@ -25,9 +25,17 @@ def main() -> NoReturn:
     for s in stops:
         if s not in ignored:
             signal.signal(s, lambda signum, _frame: held.append(signum))
-    from launcher import cli  # everything heavy loads here, with the signals held
+    if sys.argv[1:2] and sys.argv[1] in ("ps", "status", "logs", "stop") and not held:
+        from launcher import operate  # a job's operations: nothing of the head needs loading
 
-    code = cli.main(held=held, ignored=ignored)
+        for s in stops:
+            if s not in ignored:
+                signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+        code = operate.main(sys.argv[1:])
+    else:
+        from launcher import cli  # everything heavy loads here, with the signals held
+
+        code = cli.main(held=held, ignored=ignored)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -50,11 +50,11 @@ def folder(name: str) -> str:
 
 # The head's process, by folder, plus the top-level modules that only the head runs.
 HEAD_FOLDERS = ("head", "output", "transports")
-HEAD_TOP = {"cli", "api", "entry", "hostfile"}
+HEAD_TOP = {"cli", "api", "entry", "hostfile", "operate"}
 # What runs on every host: the agent's folder, plus the rank side at the top level.
 HOST_TOP = {"engine_core", "bootstrap", "control", "forked", "exitwatch", "transfer"}
 # Modules that do I/O (sockets, processes, files, threads) when used; every other module is pure.
-IO_TOP = {"probe", "engine_core", "bootstrap", "api", "cli", "entry", "transfer", "forked", "exitwatch", "control"}
+IO_TOP = {"probe", "engine_core", "bootstrap", "api", "cli", "entry", "operate", "transfer", "forked", "exitwatch", "control"}
 PURE_IN_IO_FOLDERS = {"agent.watch", "head.job", "output.documents", "head.reporter"}
 
 

@@ -199,6 +199,21 @@ class Job:
         """Nothing more to wait for but the teardown."""
         return self.failure is not None or self.interrupted
 
+    def health(self) -> str | None:
+        """None while every rank is ready, no failure group restarts and the job is not ending; else why not."""
+        ranks = list(self.ranks.values())
+        ready = sum(r.phase is Phase.READY for r in ranks)
+        restarting = [self.units[i].name for i, open_restart in enumerate(list(self.restarting)) if open_restart is not None]
+        if self.failure is not None:
+            return f"the job is ending: {self.failure.message}"
+        if self.stopping or self.interrupted:
+            return "the job is stopping"
+        if restarting:
+            return f"restarting: {', '.join(restarting)}"
+        if ready < len(ranks):
+            return f"ranks ready {ready}/{len(ranks)}"
+        return None
+
     # --- transitions the supervisor asks for -------------------------------------------------
 
     def interrupt(self) -> None:

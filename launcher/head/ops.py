@@ -69,16 +69,9 @@ class OpsEndpoint:
 
     def health(self) -> tuple[int, dict]:
         job = self.job
-        ranks = list(job.ranks.values())
-        ready = sum(r.phase is Phase.READY for r in ranks)
-        restarting = [job.units[i].name for i, open_restart in enumerate(list(job.restarting)) if open_restart is not None]
-        if job.failure is not None or job.stopping or job.interrupted:
-            reason = f"the job is ending: {job.failure.message}" if job.failure else "the job is stopping"
-        elif restarting:
-            reason = f"restarting: {', '.join(restarting)}"
-        elif ready < len(ranks):
-            reason = f"ranks ready {ready}/{len(ranks)}"
-        else:
+        ready = sum(r.phase is Phase.READY for r in list(job.ranks.values()))
+        reason = job.health()
+        if reason is None:
             return 200, {"status": "ok", "job_id": job.plan.job_id, "ranks_ready": ready}
         return 503, {"status": "unavailable", "reason": reason, "job_id": job.plan.job_id, "ranks_ready": ready}
 

@@ -20,6 +20,7 @@ from ..head.reporter import Reporter
 from ..plan import Host, LaunchPlan, RankSpec
 from ..results import EXIT_STDOUT_CLOSED, LaunchResult
 from .documents import plan_document
+from .table import format_table
 
 
 def rank_span(spec: RankSpec) -> tuple[str, str]:
@@ -28,12 +29,6 @@ def rank_span(spec: RankSpec) -> tuple[str, str]:
     if len(ports) == 1:
         return str(spec.rank), str(ports[0])
     return f"{spec.rank}-{spec.rank + len(ports) - 1}", f"{ports[0]}-{ports[-1]}"
-
-
-def format_table(rows: Sequence[Sequence[str]], right: bool = False) -> str:
-    """Columns two spaces apart, each as wide as its widest cell; ``right`` aligns numbers."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if right else c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 class LogDirError(ValueError):
@@ -141,6 +136,7 @@ class ConsoleReporter(Reporter):
         log_dir: str | None = None,
         capacity: int = 10000,
         on_closed=None,
+        on_ready=None,
     ):
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -148,6 +144,7 @@ class ConsoleReporter(Reporter):
         self.log_dir = log_dir
         self.capacity = capacity
         self._logs: dict[int, TextIO | None] = {}  # None: that rank's log could not be opened
+        self._on_ready = on_ready  # called once, after the ready table: every rank is ready (run --detach returns)
         closed = on_closed or (lambda stream: None)
         self._printers = {
             id(self.out): _Printer(self.out, "stdout", capacity, closed),
@@ -202,6 +199,9 @@ class ConsoleReporter(Reporter):
             rank, ports = rank_span(r.spec)
             rows.append((rank, r.spec.host, r.address or "-", ports, str(r.pid or "-"), r.state, r.rule or "-"))
         self._put(self.out, format_table(rows))
+        if self._on_ready is not None:
+            self._on_ready()
+            self._on_ready = None
 
     def checked(self, matrix: CheckMatrix) -> None:
         self._put(self.out, render_matrix(matrix, color=self.out.isatty()))

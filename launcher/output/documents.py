@@ -17,6 +17,7 @@ from ..results import Failure, LaunchResult
 
 PLAN_SCHEMA = "launcher.plan/1"
 RESULT_SCHEMA = "launcher.result/1"
+STATUS_SCHEMA = "launcher.status/1"
 
 
 def plan_document(plan: LaunchPlan, python: str = "python") -> dict[str, Any]:
@@ -155,3 +156,17 @@ def matrix_document(matrix: CheckMatrix | None) -> dict[str, Any] | None:
         "pairs": pairs,
         "problems": list(matrix.problems),
     }
+
+
+def status_document(result: LaunchResult, *, state: str, health: str | None, time_to_ready: float | None) -> dict[str, Any]:
+    """A running job as ``launcher status --json`` shows it: the result document of the job so far (``duration``
+    is its uptime), with its ``state``, ``health`` (null while healthy, else why not) and ``time_to_ready``."""
+    document = result_document(result)
+    document.update(
+        schema=STATUS_SCHEMA,
+        state=state,
+        uptime=document.pop("duration"),
+        health=health,
+        time_to_ready=None if time_to_ready is None else round(time_to_ready, 3),
+    )
+    return document
