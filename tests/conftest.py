@@ -133,6 +133,13 @@ def _require(what, missing):
         pytest.skip(message)
 
 
+def _described(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline()) or f"pid {pid}"
+    except psutil.Error:
+        return f"pid {pid} (gone, or a zombie)"
+
+
 @pytest.fixture
 def hosts(cluster, no_leaks):
     """The cluster, checked after the test: every host holds nothing but its sshd."""
@@ -147,5 +154,5 @@ def hosts(cluster, no_leaks):
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
-    described = {h: [" ".join(psutil.Process(p).cmdline()) for p in pids if psutil.pid_exists(p)] for h, pids in stray.items()}
+    described = {h: [_described(p) for p in pids] for h, pids in stray.items()}
     pytest.fail(f"processes left on hosts: {described}")

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 
 import psutil
@@ -30,12 +31,12 @@ def job_pids(job_id):
     for p in psutil.process_iter():
         try:
             env = p.environ()
+            if env.get("LAUNCHER_JOB_ID") != job_id or "LAUNCHER_RANK" not in env or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if "launcher.agent" in " ".join(psutil.Process(p.ppid()).cmdline()):  # the rank itself, not a child of it
+                found[int(env["LAUNCHER_RANK"])] = p.pid
         except psutil.Error:
             continue
-        if env.get("LAUNCHER_JOB_ID") == job_id and "LAUNCHER_RANK" in env and p.ppid() != 1:
-            parent = psutil.Process(p.ppid())
-            if "launcher.agent" in " ".join(parent.cmdline()):  # the rank itself, not a child of it
-                found[int(env["LAUNCHER_RANK"])] = p.pid
     return found
 
 
@@ -160,3 +161,48 @@ def test_a_killed_prefill_restarts_alone_or_with_its_decoders_and_the_proxy_rout
     finally:
         run.proc.send_signal(signal.SIGINT)
         run.finish()
+
+
+def test_a_host_slow_to_become_ready_causes_no_restart_storm(tmp_path, no_leaks):
+    hf = write_hostfile(tmp_path, "127.0.0.1\n127.0.0.2\n")
+    slow = 'if [ "$LAUNCHER_HOST_INDEX" = 1 ]; then sleep 3; fi; echo up; sleep 100'
+    args = [
+        "-H",
+        hf,
+        "--port-base",
+        str(free_port_base(2)),
+        "--ready-log",
+        "^up",
+        "--restart",
+        "on-failure",
+        "--restart-backoff",
+        "0.2,0.5",
+    ]
+    run = RunningLauncher([*args, "--ready-timeout", "20", "--json", "--", "sh", "-c", slow])
+    said(run, "ranks ready 2/2")
+    job_id = job_id_of(run)
+    os.kill(job_pids(job_id)[0], signal.SIGKILL)
+    said(run, "the job is ready again after restart 1")
+    time.sleep(1)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 143
+    (record,) = document(run)["restarts"]  # one failure, one restart: the slow host's 3 s were waited for, twice
+    assert record["ready_after"] >= 3.0
+
+
+def test_under_slurm_a_failure_group_restarts_inside_the_allocation_and_scancel_leaves_nothing(slurm, hosts, tmp_path, vllm_standin):
+    from test_e2e_slurm import Job
+
+    restart = "--restart on-failure --restart-backoff 0.5,1"
+    env = {"VLLM": vllm_standin, "MODEL": "m", "DP_LOCAL": "2", "READY_TIMEOUT": "30", "EXTRA_ARGS": restart}
+    job = Job(slurm, tmp_path, "slurm_vllm_dp.sbatch", "--nodes=3", env=env)
+    job.wait_for_output("processes ready 3/3")
+    launcher_job = re.findall(r"job ([0-9a-f]{16}): starting", job.text())[-1]  # after the preflight's
+    before = wait_for(lambda: len(job_pids(launcher_job)) == 3 and job_pids(launcher_job), 10)
+    os.kill(before[2], signal.SIGKILL)  # h2's vllm serve (DP ranks 2-3)
+    job.wait_for_output("the job is ready again after restart 1", timeout=60)
+    after = job_pids(launcher_job)
+    assert sorted(after) == [0, 2, 4] and not set(after.values()) & set(before.values())
+    subprocess.run(["scancel", job.id], env={**os.environ, **slurm.env}, check=True)
+    assert job.wait()["JobState"] == "CANCELLED"
+    # The hosts fixture then checks every node holds nothing but its sshd and slurmd.

@@ -155,3 +155,16 @@ def test_a_stop_overtaking_a_restart_counts_its_ranks_as_ended():
     for i in (0, 1):
         job.hosts[i].gone = True
     assert job.all_ended
+
+
+def test_a_restart_that_never_gets_ready_is_a_failed_attempt_after_the_ready_timeout_not_before():
+    job = Job(planning.build([Host("a"), Host("b")], LaunchOptions(restart=ON, ready_timeout=30.0), {}, "j"))
+    all_ready(job)
+    (order,) = restart_orders(job.apply(1, protocol.Exited(rank=1, returncode=1), 10.0))
+    job.apply(0, protocol.Exited(rank=0, returncode=-15), 10.1)
+    for index in (0, 1):
+        job.apply(index, protocol.Started(rank=index, pid=500 + index), 12.0)
+    assert job.tick(10.0 + order.delay + 29.0, frozenset({0, 1})) == []  # slow, not failed: no restart storm
+    (again,) = restart_orders(job.tick(10.0 + order.delay + 31.0, frozenset({0, 1})))
+    assert again.attempt == 2 and job.restarts[-1].cause == "restart 1 of the job not ready after 30s"
+    assert [job.ranks[r].exit_due for r in (0, 1)] == [True, True]  # both were started: their exits are ours

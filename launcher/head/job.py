@@ -322,7 +322,7 @@ class Job:
         has bytes waiting to be read (a starved head reads late; those bytes
         are the agent's word), and they are not silent, however late.
         """
-        actions: list[Action] = []
+        actions: list[Action] = self._restarts_overdue(now)
         timeout = self.plan.options.heartbeat_timeout
         for index, host in enumerate(self.hosts):
             silent = now - host.last_seen
@@ -417,6 +417,31 @@ class Job:
                     actions += self._restart(other, f"{name} was replaced (--restart-peers)", now)
         return actions
 
+    def _restarts_overdue(self, now: float) -> list[Action]:
+        """A restarted group not ready --ready-timeout after its backoff: that attempt failed (the next restart, or
+        giving up, follows the same rules; a slow start is never cut short before its ready timeout)."""
+        actions: list[Action] = []
+        if self.over or self.stopping:
+            return actions
+        for unit, open_restart in enumerate(self.restarting):
+            if open_restart is None:
+                continue
+            record = self.restarts[open_restart]
+            if now - record.at - record.backoff <= self.plan.options.ready_timeout:
+                continue
+            waiting = [
+                self.ranks[r.rank]
+                for h in self.units[unit].hosts
+                for r in self.plan.hosts[h].ranks
+                if self.ranks[r.rank].phase is not Phase.READY
+            ]
+            state = waiting[0] if waiting else self.ranks[self.plan.hosts[self.units[unit].hosts[0]].ranks[0].rank]
+            cause = f"restart {record.attempt} of {self.units[unit].name} not ready after {self.plan.options.ready_timeout:g}s"
+            for state_ in waiting:
+                state_.exit_due = state_.phase is not Phase.EXITED and state_.phase is not Phase.RESTARTING
+            actions += self._restart_or_fail(state, FailureKind.NOT_READY, cause, exit_code_for(FailureKind.NOT_READY), now)
+        return actions
+
     def _restart_or_fail(self, state: RankState, kind: FailureKind, cause: str, code: int, now: float) -> list[Action]:
         """A rank failed: restart its unit if the policy allows it, else end the job with ``cause``."""
         unit = self.unit_of[state.spec.host_index]
@@ -444,7 +469,7 @@ class Job:
         for host in target.hosts:
             for spec in self.plan.hosts[host].ranks:
                 state = self.ranks[spec.rank]
-                state.exit_due = state.phase is not Phase.EXITED  # still running: stopping it is ours
+                state.exit_due = state.phase in (Phase.STARTED, Phase.READY)  # a live process: stopping it is ours
                 state.phase = Phase.RESTARTING
         return [
             Progress(f"restarting {target.name} in {delay:.1f}s (restart {attempt}): {cause}"),
