@@ -10,8 +10,6 @@ import signal
 import sys
 import threading
 
-import msgspec
-
 from . import argtypes, hostfile, operate, readiness, restart, transports
 from .api import launch, plan_job
 from .check import WIRE_CHOICES, CheckOptions
@@ -346,7 +344,7 @@ def _detach(args, plan, transport, ignored: frozenset[int]) -> int:
         return operate.await_detached(read_end, job, pid)
     os.close(read_end)
     operate.become_detached(job)
-    job.write_record(msgspec.structs.replace(record, pid=os.getpid()))
+    job.write_record(record._replace(pid=os.getpid()))
     args.log_dir = args.log_dir or job.rank_logs
     code = _launch(args, plan, transport, ignored, detached=operate.Detached(write_end, job))
     os._exit(code)

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 _PR_SET_MM = 35
@@ -196,7 +197,10 @@ def spawn(
     writing end is the result's ``stdin``), only ``pass_fds`` besides its
     standard streams, the signal handling of a fresh interpreter, and ``env``
     as its environment; ``in_child`` runs first (e.g. to die with the
-    parent). Call it from a process with no other thread.
+    parent). Call it from a process with no other thread, or whose other
+    threads hold no lock the child needs: the child makes its own standard
+    streams and (pyzmq, after a fork) its own ZMQ context, and the agent's
+    threads, when it restarts ranks, wait in reads and writes of their own.
     """
     pass_fds = tuple(pass_fds)
     out_r, out_w = os.pipe()
@@ -205,7 +209,9 @@ def spawn(
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # nothing buffered here is written twice
     try:
-        pid = os.fork()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12 warns of any fork with threads about
+            pid = os.fork()
     except OSError:
         for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
             if fd is not None:

@@ -82,8 +82,8 @@ class Listener(NamedTuple):
     inode: int
 
 
-def listeners(port: int) -> list[Listener]:
-    """Every socket listening on ``port`` here, with its owner's uid and its inode (no privilege needed)."""
+def listeners(port: int | None = None) -> list[Listener]:
+    """Every socket listening on ``port`` here (any port: None), with its owner's uid and its inode (no privilege needed)."""
     found = []
     for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
         try:
@@ -96,13 +96,13 @@ def listeners(port: int) -> list[Listener]:
             if len(fields) < 10 or fields[3] != "0A":  # 0A: LISTEN
                 continue
             hex_address, _, hex_port = fields[1].partition(":")
-            if int(hex_port, 16) != port:
+            if port is not None and int(hex_port, 16) != port:
                 continue
             raw = bytes.fromhex(hex_address)
             # The kernel prints each 32-bit word in host order (little-endian here).
             packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             address = socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6, packed)
-            found.append(Listener(address, port, int(fields[7]), int(fields[9])))
+            found.append(Listener(address, int(hex_port, 16), int(fields[7]), int(fields[9])))
     return found
 
 

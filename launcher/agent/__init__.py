@@ -33,7 +33,7 @@ from .. import bootstrap, envpolicy, exitcodes, gpus, netif, protocol, rankenv
 from ..check import PROBE_CONCURRENCY
 from ..command import BOOTSTRAP
 from ..exitwatch import ExitWatch
-from ..probe import foreign_listener, port_holder
+from ..probe import foreign_listener, listeners, port_holder, socket_inodes
 from ..version import __version__
 from ..vllm.flags import vllm_interpreter_hint
 from .events import LINE_LIMIT, OUTPUT_BUDGET, EventWriter, read_lines
@@ -97,14 +97,15 @@ class Agent:
 
     # --- start -----------------------------------------------------------
 
-    def start_ranks(self, fork: bool = True) -> None:
-        """Spawn every rank from the main thread, before any other thread exists (or, for a restart, while
-        they do: then every rank is exec'd, none forked).
+    def start_ranks(self) -> None:
+        """Spawn every rank from the main thread, before any other thread exists (for a restart: while the
+        agent's own threads wait in reads and writes, holding nothing a child needs).
 
         PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so
         the forking thread must live as long as the agent; and a preexec_fn is
-        only safe while no other thread can hold a lock (the restart's one,
-        prctl through ctypes, takes none).
+        only safe while no other thread can hold a lock it takes (prctl through
+        ctypes takes none). A built-in core forked at a restart starts in a
+        fifth of the time an exec'd one does (scripts/bench_restart.py).
         """
         parent = os.getpid()
         try:
@@ -138,7 +139,7 @@ class Agent:
                 argv, env = prepared.argv, prepared.env
             pass_fds = () if prepared else tuple(fd for fd in (write_fd, command_read) if fd is not None)
             try:
-                process = spawn_rank(launch, argv, env, pass_fds, lambda: die_with_parent(parent), fork=fork)
+                process = spawn_rank(launch, argv, env, pass_fds, lambda: die_with_parent(parent))
             except OSError as exc:
                 close_fds(read_fd, write_fd, command_read, command_write)
                 if prepared:
@@ -419,39 +420,38 @@ class Agent:
             self.request_stop(problem)
             return
         self.ranks = []
-        self.start_ranks(fork=False)  # threads exist now: exec'd, never forked
+        self.start_ranks()
         self._start_rank_threads()
         for rp in self.ranks:
             self.watch.watch(rp.process.pid)
 
     def _listening_ports(self) -> set[tuple[str, int]]:
+        """The addresses and ports the ranks' process trees listen on (from /proc: no process table scan)."""
         tree = set()
         for rp in self.ranks:
             try:
                 tree |= {rp.process.pid, *(c.pid for c in psutil.Process(rp.process.pid).children(recursive=True))}
             except psutil.Error:
                 continue
-        try:
-            listening = psutil.net_connections(kind="tcp")
-            return {(c.laddr.ip, c.laddr.port) for c in listening if c.status == psutil.CONN_LISTEN and c.pid in tree}
-        except psutil.Error:
-            return set()
+        mine = socket_inodes(tree)
+        return {(item.address, item.port) for item in listeners() if item.inode in mine}
 
     def _await_ports(self, ports: set[tuple[str, int]], seconds: float) -> str | None:
         """None once nobody listens on ``ports`` (the old processes' addresses and ports); else who still holds one.
         By address: on a host with several addresses, another job's rank may hold the same port on another."""
         deadline = time.monotonic() + seconds
         while True:
-            held = {port: holder for address, port in sorted(ports) if (holder := port_holder(port, address))}
+            held = [(address, port) for address, port in sorted(ports) if _held(address, port)]
             if not held or self._stop.is_set():
                 return None
             if time.monotonic() >= deadline:
-                port, holder = next(iter(held.items()))
+                address, port = held[0]
+                holder = port_holder(port, address) or "a process this agent cannot name"
                 return (
                     f"cannot restart on {self.spec.host}: port {port}, which the stopped rank held, is still held by {holder} "
                     f"after {seconds:g}s; stop it, or move the job's ports"
                 )
-            self._idle(0.2)
+            self._idle(0.05)
 
     def _report_exits(self) -> None:
         for rp in self.ranks:
@@ -468,6 +468,12 @@ class Agent:
         """SIGTERM every rank's group and descendant, SIGKILL after the grace period."""
         terminate_tree([rp.process for rp in self.ranks], self.spec.grace, hurry=self._kill_now, pause=self.watch.wait)
         self._report_exits()
+
+
+def _held(address: str, port: int) -> bool:
+    """Whether something listens on ``port`` where a listener at ``address`` would collide with it."""
+    wildcards = ("0.0.0.0", "::")
+    return any(item.address == address or item.address in wildcards or address in wildcards for item in listeners(port))
 
 
 def _readable(stream) -> bool:

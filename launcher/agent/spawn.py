@@ -47,10 +47,9 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def spawn_rank(launch: protocol.RankLaunch, argv: list[str], env: dict[str, str], pass_fds, in_child, fork: bool = True):
-    """A built-in core is forked from this process (its code is loaded once, here), unless ``fork`` is off
-    (other threads exist: a fork would copy their locks held); anything else is exec'd."""
-    if fork and tuple(launch.argv) == BUILTIN_ENGINE and forked.same_code(os.environ, env) and forked.supported():
+def spawn_rank(launch: protocol.RankLaunch, argv: list[str], env: dict[str, str], pass_fds, in_child):
+    """A built-in core is forked from this process (its code is loaded once, here); anything else is exec'd."""
+    if tuple(launch.argv) == BUILTIN_ENGINE and forked.same_code(os.environ, env) and forked.supported():
         from .. import engine_core
 
         return forked.spawn(engine_core.main, argv, env, pass_fds, in_child)

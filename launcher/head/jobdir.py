@@ -17,8 +17,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
-
-import msgspec
+from typing import NamedTuple
 
 ALIVE_EVERY = 2.0  # seconds between the running head's touches of ``alive``
 
@@ -27,8 +26,9 @@ class JobDirError(Exception):
     """No such job, an ambiguous prefix, a state directory that is not ours; str() is one line with the fix."""
 
 
-class JobRecord(msgspec.Struct, frozen=True):
-    """What was started: enough for ``ps`` without asking the head."""
+class JobRecord(NamedTuple):
+    """What was started: enough for ``ps`` without asking the head. (A NamedTuple and json, not msgspec: ``status``
+    loads this module alone, and msgspec's import was a third of its time.)"""
 
     job_id: str
     pid: int  # the head's
@@ -67,7 +67,7 @@ class JobDir:
         self.write_record(record)
 
     def write_record(self, record: JobRecord) -> None:
-        _write_private(self.record_path, msgspec.json.encode(record))
+        _write_private(self.record_path, json.dumps(record._asdict()).encode())
 
     def write_result(self, document: dict) -> None:
         _write_private(self.result_path, json.dumps(document).encode())
@@ -81,9 +81,9 @@ class JobDir:
 
     def record(self) -> JobRecord | None:
         try:
-            with open(self.record_path, "rb") as f:
-                return msgspec.json.decode(f.read(), type=JobRecord)
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            with open(self.record_path) as f:
+                return JobRecord(**json.load(f))
+        except (OSError, ValueError, TypeError):
             return None
 
     def result(self) -> dict | None:
