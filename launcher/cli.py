@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="bytes per NIXL read with --transfer: 4096, 64K, 1M (default), up to 1G",
     )
+    p.add_argument(
+        "--transfer-memory",
+        choices=("auto", "host", "gpu"),
+        default="auto",
+        help="where --transfer's buffers live: host (DRAM), gpu (each rank's own CUDA device, as vLLM's KV cache; "
+        "needs torch or cupy and a NIXL built with CUDA), auto (default: gpu where the rank has a CUDA device)",
+    )
     p.add_argument("--plot", metavar="FILE.png", help="also draw the matrix (the transfer matrix with --transfer) as a heatmap PNG")
     check = sub.add_parser("check", parents=[run_common, probing], help="launch, probe every rank pair, print the matrix, stop")
     check.set_defaults(handler=_launch_command, check=True, to_completion=False, preflight=False)
@@ -373,6 +380,7 @@ def launch_options(args) -> LaunchOptions:
         cidr=args.cidr,
         rpc_port=args.rpc_port,
         transfer_bytes=args.transfer_bytes if getattr(args, "transfer", False) else None,
+        transfer_memory=getattr(args, "transfer_memory", "auto"),
         gpus_per_rank=args.gpus_per_rank,
         vllm_dp=args.vllm_dp,
         **launching,

@@ -71,7 +71,8 @@ def main() -> int:
         from .transfer import NixlMissing, TransferEndpoint
 
         try:
-            endpoint = TransferEndpoint(engine_id, rank, me.transfer_bytes, netif.interface_of(choice.address), env)
+            interface = netif.interface_of(choice.address)
+            endpoint = TransferEndpoint(engine_id, rank, me.transfer_bytes, interface, env, memory=me.transfer_memory or "host")
         except NixlMissing as exc:
             return control.rank_failed(rank, str(exc), exitcodes.RANK_NO_NIXL)
     metadata = endpoint.metadata() if endpoint else None

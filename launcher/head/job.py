@@ -14,7 +14,6 @@ processes. No threads, no sockets, no clock: time comes in as ``now``
 from __future__ import annotations
 
 import collections
-import random
 import signal
 from typing import Union
 
@@ -174,7 +173,7 @@ class Job:
         self.restarting: list[int | None] = [None] * len(self.units)  # index into restarts, while one is under way
         self.restarts: list[restart.RestartRecord] = []
         self.first_ready_at: float | None = None  # every rank ready for the first time, seconds since the launch
-        self._draws = random.Random(plan.job_id)  # the backoff's jitter: seeded, so a job's decisions replay
+        self._draws = None  # the backoff's jitter (random.Random seeded by the job id: a job's decisions replay), once needed
 
     # --- the one first-failure rule --------------------------------------------------
 
@@ -463,6 +462,10 @@ class Job:
     def _restart(self, unit: int, cause: str, now: float) -> list[Action]:
         target = self.units[unit]
         attempt = 1 + sum(1 for r in self.restarts if r.unit == target.name)
+        if self._draws is None:
+            import random  # here: a job that never restarts does not load it
+
+            self._draws = random.Random(self.plan.job_id)
         delay = restart.backoff(attempt, self.policy, self._draws.random())
         self.restarting[unit] = len(self.restarts)
         self.restarts.append(restart.RestartRecord(target.name, attempt, cause, now, round(delay, 3)))
