@@ -6,10 +6,11 @@
 
 Two ranks on one GPU: launcher's check, each rank READing the other's buffer
 (best of two warm reads, as the check reports); the raw script: two
-processes, one serving a registered VRAM buffer, the other READing it with
-NIXL the same way (UCX_TLS as launcher sets it); the copy: torch's
-device-to-device copy of a buffer of that size on the same GPU, bytes counted
-once, as a read counts them.
+processes that each serve a registered VRAM buffer and READ the other's with
+NIXL the same way and at the same time (UCX_TLS as launcher sets it), and
+once with one reader alone; the copy: torch's device-to-device copy of a
+buffer of that size on the same GPU, bytes counted once, as a read counts
+them.
 """
 
 from __future__ import annotations
@@ -52,61 +53,72 @@ def launcher_check(nbytes: int) -> tuple[float, str]:
     return max(p["mbps"] for p in pairs), pairs[0]["used"]
 
 
-def _serve(nbytes: int, out, stop) -> None:
+def _rank(me: int, nbytes: int, mine, theirs, start, done, out, reads: bool) -> None:
+    """One of two processes: serve a VRAM buffer, and READ the other's, at the same moments as the other reads
+    this one's (launcher's check runs every rank's reads at once, each rank its peers in turn)."""
     import torch
     from nixl._api import nixl_agent, nixl_agent_config
 
-    agent = nixl_agent("raw-server", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
-    buffer = torch.full((nbytes,), 7, dtype=torch.uint8, device="cuda")
-    agent.register_memory(agent.get_reg_descs([(buffer.data_ptr(), nbytes, 0, "")], "VRAM"))
-    out.send((agent.get_agent_metadata(), buffer.data_ptr()))
-    while not stop.is_set():
-        agent.get_new_notifs()
-        time.sleep(0.0005)
-
-
-def _read(nbytes: int, metadata: bytes, address: int, out) -> None:
-    import torch
-    from nixl._api import nixl_agent, nixl_agent_config
-
-    agent = nixl_agent("raw-client", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    agent = nixl_agent(f"raw-{me}", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    served = torch.full((nbytes,), 7 + me, dtype=torch.uint8, device="cuda")
     scratch = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
-    agent.register_memory(agent.get_reg_descs([(scratch.data_ptr(), nbytes, 0, "")], "VRAM"))
+    for tensor in (served, scratch):
+        agent.register_memory(agent.get_reg_descs([(tensor.data_ptr(), nbytes, 0, "")], "VRAM"))
+    mine.send((agent.get_agent_metadata(), served.data_ptr()))
+    metadata, address = theirs.recv()
     name = agent.add_remote_agent(metadata)
     local = agent.get_xfer_descs([(scratch.data_ptr(), nbytes, 0)], "VRAM")
     remote = agent.get_xfer_descs([(address, nbytes, 0)], "VRAM")
+    start.wait()
+    if not reads:  # serve: UCX's connection set-up needs this side's progress too
+        while not done.is_set():
+            agent.get_new_notifs()
+            time.sleep(0.0002)
+        return
     times = []
     for _ in range(3):
         scratch.zero_()
         torch.cuda.synchronize()
-        start = time.perf_counter()
+        begin = time.perf_counter()
         handle = agent.initialize_xfer("READ", local, remote, name)
         state = agent.transfer(handle)
         while state not in ("DONE", "ERR"):
             state = agent.check_xfer_state(handle)
-        times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - begin)
         agent.release_xfer_handle(handle)
-        if state != "DONE" or not bool((scratch == 7).all()):
+        if state != "DONE" or not bool((scratch == 8 - me).all()):
             raise RuntimeError(f"raw read {state}")
     out.send(nbytes / min(times[1:]) / 1e6)
+    while not done.is_set():  # serve until the other has read too
+        agent.get_new_notifs()
+        time.sleep(0.0002)
 
 
-def raw_nixl(nbytes: int) -> float:
-    """MB/s of the best of two warm raw NIXL READs between two processes on this GPU."""
+def raw_nixl(nbytes: int, both: bool = True) -> float:
+    """MB/s (the better of the two readers) of raw NIXL READs between two processes on this GPU: both reading at
+    once, as in launcher's check, or (``both`` off) one reading while the other only serves."""
     os.environ.setdefault("UCX_TLS", UCX_TLS)
     ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    served, wanted = ctx.Pipe()
-    server = ctx.Process(target=_serve, args=(nbytes, wanted, stop))
-    server.start()
-    metadata, address = served.recv()
-    got, sent = ctx.Pipe()
-    client = ctx.Process(target=_read, args=(nbytes, metadata, address, sent))
-    client.start()
-    mbps = got.recv()
-    client.join()
-    stop.set()
-    server.join()
+    start, done = ctx.Event(), ctx.Event()
+    a_out, b_in = ctx.Pipe()
+    b_out, a_in = ctx.Pipe()
+    results = [ctx.Pipe() for _ in range(2)]
+    procs = [
+        ctx.Process(target=_rank, args=(0, nbytes, a_out, a_in, start, done, results[0][1], True)),
+        ctx.Process(target=_rank, args=(1, nbytes, b_out, b_in, start, done, results[1][1], both)),
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)
+    start.set()
+    if not both:
+        mbps = results[0][0].recv()
+        done.set()
+    else:
+        mbps = max(results[0][0].recv(), results[1][0].recv())
+        done.set()
+    for p in procs:
+        p.join(30)
     return mbps
 
 
@@ -130,17 +142,21 @@ def main() -> int:
     parser.add_argument("--bytes", type=size, default=64 << 20)
     parser.add_argument("--rounds", type=int, default=5, help="alternating runs of each; the medians are shown")
     args = parser.parse_args()
-    runs = [(launcher_check(args.bytes), raw_nixl(args.bytes), device_copy(args.bytes)) for _ in range(args.rounds)]
+    runs = [
+        (launcher_check(args.bytes), raw_nixl(args.bytes), raw_nixl(args.bytes, both=False), device_copy(args.bytes))
+        for _ in range(args.rounds)
+    ]
     import statistics
 
     ours, used = statistics.median(r[0][0] for r in runs), runs[-1][0][1]
-    raw, copy = statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
+    raw, alone, copy = (statistics.median(r[i] for r in runs) for i in (1, 2, 3))
     print(f"medians of {args.rounds} alternating runs", file=sys.stderr)
     print(f"{args.bytes >> 20} MiB, one GPU, two ranks; UCX used: {used}")
     print(format_table([
         ("WHAT", "GB/s", "vs raw NIXL", "vs device copy"),
         ("launcher check --transfer", f"{ours / 1000:.1f}", f"{ours / raw:.2f}x", f"{ours / copy:.2f}x"),
-        ("raw NIXL READ", f"{raw / 1000:.1f}", "1.00x", f"{raw / copy:.2f}x"),
+        ("raw NIXL READ, both ranks at once", f"{raw / 1000:.1f}", "1.00x", f"{raw / copy:.2f}x"),
+        ("raw NIXL READ, one reader", f"{alone / 1000:.1f}", f"{alone / raw:.2f}x", f"{alone / copy:.2f}x"),
         ("torch device-to-device copy", f"{copy / 1000:.1f}", f"{copy / raw:.2f}x", "1.00x"),
     ]))  # fmt: skip
     return 0

@@ -4,9 +4,11 @@ Its own module, so that the shared deployments of test_real_vllm.py are gone
 before it starts (two CPU vLLMs at a time on this machine).
 """
 
+import os
 import signal
 import urllib.error
 
+import psutil
 import pytest
 from test_real_vllm import SLOW_MACHINE, ended_by, head_env, metrics, post
 
@@ -16,11 +18,22 @@ from support.netns import NET
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.real_vllm]
 
 
+def _title(pid: int) -> str:
+    try:
+        process = psutil.Process(pid)
+        return f"{process.name()} {' '.join(process.cmdline())}"
+    except psutil.Error:
+        return ""
+
+
 def test_one_command_serves_prefill_then_decode_and_the_decoder_pulls_kv_over_nixl(cluster, real_vllm, tmp_path):
+    """And, once it served: the prefill's EngineCore killed, the prefill restarts alone, then (--restart-peers) the
+    decoder that held its old NIXL metadata, and a request through the proxy is served from the new prefill."""
     proxy = free_port_base(2)
     run = RunningLauncher(
         ["-H", write_hostfile(tmp_path, "h1\nh2\n"), *cluster.ssh_args(), "--prefill", "h1", "--decode", "h2",
-         "--proxy-port", str(proxy), "--check", *SLOW_MACHINE, "--", *real_vllm.serve("--port", "8100")],
+         "--proxy-port", str(proxy), "--check", *SLOW_MACHINE, "--restart", "on-failure", "--restart-peers",
+         "--restart-backoff", "1,2", "--", *real_vllm.serve("--port", "8100")],
         env=head_env(real_vllm),
     )  # fmt: skip
     try:
@@ -46,6 +59,19 @@ def test_one_command_serves_prefill_then_decode_and_the_decoder_pulls_kv_over_ni
         assert after["vllm:nixl_bytes_transferred_sum"] > before.get("vllm:nixl_bytes_transferred_sum", 0)
         assert after["vllm:prompt_tokens_by_source_total[external_kv_transfer]"] >= 2 * 50
         assert after["vllm:nixl_num_failed_transfers_total"] == 0
+
+        core = next(pid for pid in cluster.host("h1").pids() if "EngineCore" in _title(pid))
+        os.kill(core, signal.SIGKILL)
+        said = lambda text: any(text in line for line in run.stderr)
+        assert wait_for(lambda: said("restarting prefill instance h1"), timeout=120), ended_by(run)
+        assert wait_for(lambda: said("decode instance h2 is ready again after restart 1") or run.proc.poll() is not None, timeout=600)
+        assert said("prefill instance h1 is ready again after restart 1"), ended_by(run)
+        assert said("restarting decode instance h2") and said("(--restart-peers)"), run.stderr[-10:]
+        assert said("decode instance h2 is ready again after restart 1"), ended_by(run)
+        done = post(f"http://127.0.0.1:{proxy}/v1/completions", {"model": real_vllm.model, "prompt": prompt, "max_tokens": 4})
+        assert done["usage"]["completion_tokens"] == 4
+        fresh = metrics(f"{NET}.12:8100")  # the new decoder's own counters: it pulled from the new prefill
+        assert fresh["vllm:nixl_bytes_transferred_sum"] > 0 and fresh["vllm:nixl_num_failed_transfers_total"] == 0
     finally:
         run.proc.send_signal(signal.SIGINT)
     assert run.finish(timeout=90) == 130

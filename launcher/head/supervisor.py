@@ -170,8 +170,9 @@ class Supervisor:
         for link in self.links:
             link.released.set()  # a reader still holding an event drops it: nobody will read the queue again
         self._drain()
-        # A sweep of a host that is cut off waits for its connect timeout: give up on it.
-        deadline = time.monotonic() + 5.0
+        # A sweep of a host that is cut off waits for its connect timeout: give up on it. Not sooner than 10 s: a
+        # fresh agent's start and its scan of the process table took over 5 s on a loaded 2-CPU CI machine.
+        deadline = time.monotonic() + 10.0
         for link in self.links:
             if link.sweeper is not None:
                 link.sweeper.join(timeout=max(0.0, deadline - time.monotonic()))
