@@ -67,7 +67,10 @@ class Upstream:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # A deep accept queue, as a real vLLM's uvicorn has: the standard library's 5 dropped the SYNs of 64 clients
+        # at once on a loaded machine, and the test then timed the kernel's SYN retries, not the proxy.
+        server = type("Server", (http.server.ThreadingHTTPServer,), {"request_queue_size": 1024})
+        self.server = server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.address = f"127.0.0.1:{self.server.server_address[1]}"
