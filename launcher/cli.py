@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or external (a process and an API server per rank, on --port + its local index; vLLM: MoE models only)",
     )
     c.add_argument(
+        "--vllm-nodes",
+        action="store_true",
+        help="for -- vllm serve MODEL ... whose tensor/pipeline parallel workers span the hosts (one node per host, "
+        "slots=1 each): write --nnodes, --node-rank, --master-addr and --master-port ({rpc_port}) per host, and "
+        "--headless on every host but the first, for vLLM's multiprocessing executor (no Ray)",
+    )
+    c.add_argument(
         "--prefill",
         metavar="HOSTS",
         help="prefill/decode in one job: these hosts (names of the hostfile, a hostlist such as gpu[1-2]) run prefill "
@@ -383,6 +390,7 @@ def launch_options(args) -> LaunchOptions:
         transfer_memory=getattr(args, "transfer_memory", "auto"),
         gpus_per_rank=args.gpus_per_rank,
         vllm_dp=args.vllm_dp,
+        vllm_nodes=args.vllm_nodes,
         **launching,
     )
 

@@ -31,6 +31,7 @@ from .readiness import Log, Ports, Readiness, Report, Url, WithHead
 from .restart import RestartPolicy
 from .vllm import disagg
 from .vllm import dp as vllm_dp
+from .vllm import nodes as vllm_nodes
 from .vllm.flags import is_vllm_serve, kv_transfer_engine_id, uses_nixl, vllm_dp_ranks
 
 DEFAULT_PORT_BASE = 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default
@@ -64,6 +65,7 @@ class LaunchOptions(msgspec.Struct, frozen=True):
     transfer_memory: str = "auto"  # where: host (DRAM), gpu (the rank's CUDA device), auto (gpu where one is usable)
     gpus_per_rank: int | None = None  # each rank its own CUDA_VISIBLE_DEVICES slice of its host's devices (gpus.py)
     vllm_dp: str | None = None  # --vllm-dp MODE: write vllm serve's data-parallel flags per host (vllm_dp.py)
+    vllm_nodes: bool = False  # --vllm-nodes: one instance whose TP/PP workers span the hosts (vllm/nodes.py)
     restart: RestartPolicy = RestartPolicy()  # --restart on-failure: failure groups come back (restart.py)
 
 
@@ -167,6 +169,8 @@ def build(
                 raise PlanError(str(exc)) from None
     if options.vllm_dp:
         options = _with_vllm_dp(options, hosts)
+    if options.vllm_nodes:
+        options = _with_vllm_nodes(options, hosts)
     if any(h.role for h in hosts):
         options = _with_roles(options, hosts)
     port_base = _port_base(options, head_env)
@@ -234,6 +238,13 @@ def build(
     if options.vllm_dp and options.readiness is None:
         host_plans = _vllm_dp_readiness(options, host_plans)
         readiness = host_plans[0].readiness
+    if options.vllm_nodes and options.readiness is None:
+        # The instance answers on the first node's API server once every node's workers have joined; a headless
+        # node opens no port of its own (the side channel is the first node's): it is ready with the first.
+        api = _api_port(options.command)
+        first = Url(url=f"http://{{host_ip}}:{api}/health", ports=uses_nixl(options.command))
+        host_plans = [replace(hp, readiness=first if hp.index == 0 else WithHead()) for hp in host_plans]
+        readiness = first
     if any(h.role for h in hosts) and options.readiness is None:
         api = _api_port(options.command)  # every instance: its API server and its side channels
         readiness = Url(url=f"http://{{host_ip}}:{api}/health", ports=True)
@@ -241,7 +252,13 @@ def build(
         raise PlanError(
             "a user command cannot report readiness itself; use the side-channel ports (default), --ready-port, --ready-url or --ready-log"
         )
-    if isinstance(readiness, Ports) and options.command and not options.vllm_dp and not any(h.role for h in hosts):
+    if (
+        isinstance(readiness, Ports)
+        and options.command
+        and not options.vllm_dp
+        and not options.vllm_nodes
+        and not any(h.role for h in hosts)
+    ):
         _check_side_channel_opens(processes)
     return LaunchPlan(
         job_id=job_id,
@@ -272,6 +289,25 @@ def _with_vllm_dp(options: LaunchOptions, hosts: Sequence[Host]) -> LaunchOption
     except CommandError as exc:
         raise PlanError(f"--vllm-dp: {exc}") from None
     return replace(options, command=rest, head_command=head, per_host=True)
+
+
+def _with_vllm_nodes(options: LaunchOptions, hosts: Sequence[Host]) -> LaunchOptions:
+    """The options with vllm serve's multi-node flags written per host (vllm/nodes.py): one process per host."""
+    if not options.command:
+        raise PlanError("--vllm-nodes writes the multi-node flags of a vllm serve command: give -- vllm serve MODEL ...")
+    if options.vllm_dp or options.head_command or any(h.role for h in hosts):
+        raise PlanError("--vllm-nodes writes every host's command itself: drop --vllm-dp, --head-command and roles")
+    many = next((h for h in hosts if h.slots != 1), None)
+    if many is not None:
+        raise PlanError(
+            f"{many.label}: --vllm-nodes runs one process per host (a node of one vLLM instance; its GPUs are vLLM's "
+            f"world size / nodes): give every host slots=1"
+        )
+    try:
+        head, rest = vllm_nodes.nodes_commands(options.command, len(hosts))
+    except CommandError as exc:
+        raise PlanError(f"--vllm-nodes: {exc}") from None
+    return replace(options, command=rest, head_command=head)
 
 
 def _with_roles(options: LaunchOptions, hosts: Sequence[Host]) -> LaunchOptions:

@@ -61,6 +61,13 @@ def parse(argv):
     p.add_argument("--headless", action="store_true")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--kv-transfer-config")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--data-parallel-backend", "-dpb", default="mp")
+    p.add_argument("--nnodes", "-n", type=int, default=1)
+    p.add_argument("--node-rank", "-r", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, default=29501)
     p.add_argument("--tag", action="append", default=[], help="free text, echoed back (quoting tests)")
     return p.parse_args(argv)
 
@@ -118,6 +125,39 @@ def coordinate(args, mode: str, first_rank: int) -> None:
                     time.sleep(0.1)
 
         threading.Thread(target=hello, daemon=True).start()
+
+
+def check_nodes(args) -> str | None:
+    """vLLM 0.32's checks of multi-node flags (EngineArgs.create_engine_config), its words; None when they pass."""
+    world = (args.data_parallel_size or 1) * args.pipeline_parallel_size * args.tensor_parallel_size
+    if args.nnodes > 1 and args.data_parallel_backend != "mp":
+        return f"`--nnodes {args.nnodes}` requires `--data-parallel-backend mp`"
+    if args.nnodes > 1 and world % args.nnodes:
+        return f"`--nnodes {args.nnodes}` must evenly divide the total world size ({world})"
+    if not 0 <= args.node_rank < args.nnodes:
+        return f"`--node-rank` must be between 0 and {args.nnodes - 1}; got `--node-rank {args.node_rank}`"
+    return None
+
+
+def join_nodes(args) -> None:
+    """The multiprocessing executor's rendezvous, reduced: node 0 listens on the master port, the others connect."""
+    if args.nnodes <= 1:
+        return
+    if args.node_rank == 0:
+        server = socket.create_server((args.master_addr, args.master_port))
+        threading.Thread(target=lambda: [server.accept() for _ in range(args.nnodes - 1)], daemon=True).start()
+        return
+
+    def hello():
+        for _ in range(600):
+            try:
+                with socket.create_connection((args.master_addr, args.master_port), timeout=1):
+                    print(f"standin: node {args.node_rank} joined {args.master_addr}:{args.master_port}", flush=True)
+                    return
+            except OSError:
+                time.sleep(0.1)
+
+    threading.Thread(target=hello, daemon=True).start()
 
 
 def payload(engine_id: str) -> bytes:
@@ -236,6 +276,10 @@ def main(argv=None) -> int:
     if mode == "external" and size > 1 and "moe" not in args.model.lower():
         print("ValueError: Non-MoE models do not support external data parallel mode.", file=sys.stderr, flush=True)
         return 1
+    refused = check_nodes(args)
+    if refused:
+        print(f"ValueError: Invalid data-parallel launch options: {refused}", file=sys.stderr, flush=True)
+        return 1
     host = env.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "localhost")
     base = int(env.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600"))
     config = json.loads(args.kv_transfer_config) if args.kv_transfer_config else {}
@@ -249,6 +293,7 @@ def main(argv=None) -> int:
         "side_channel_port": base,
         "vllm_host_ip": env.get("VLLM_HOST_IP"),
         "headless": args.headless,
+        "nodes": {"nnodes": args.nnodes, "node_rank": args.node_rank, "master": f"{args.master_addr}:{args.master_port}"},
         "tags": args.tag,
         "launcher_vars": sorted(k for k in env if k.startswith("LAUNCHER_")),
         "env": {k: v for k, v in env.items() if k.startswith(("VLLM_", "STANDIN_", "HF_", "CUDA_"))},
@@ -256,8 +301,9 @@ def main(argv=None) -> int:
     print("standin: " + json.dumps(seen), flush=True)
     time.sleep(float(env.get("STANDIN_DELAY", "0")))
 
+    join_nodes(args)
     ctx = zmq.Context()
-    for dp in ranks:
+    for dp in [] if args.nnodes > 1 and args.headless else ranks:  # a headless node's workers serve no side channel
         sock = ctx.socket(zmq.ROUTER)
         endpoint = f"tcp://{host}:{base + dp}"
         try:
