@@ -20,6 +20,7 @@ import random
 from collections.abc import Mapping, Sequence
 
 import msgspec
+from msgspec.structs import replace
 
 from .protocol import CheckResult, Peer
 from .vllm import wire
@@ -129,10 +130,13 @@ class CheckMatrix(msgspec.Struct):
         return self._expected
 
     def add(self, result: CheckResult) -> None:
-        """Keep a result for an expected pair; anything else (a rank of another job, a pair not asked) is dropped."""
+        """Keep a result for each expected pair it answers (its rank's, and those of the ranks ``also`` on its path);
+        anything else (a rank of another job, a pair not asked) is dropped. The pairs of one path share the object:
+        its ``rank`` is the first's, the key says whose."""
         self.expected()
-        if (result.rank, result.peer) in self._expected_set:
-            self.results[(result.rank, result.peer)] = result
+        for rank in (result.rank, *result.also):
+            if (rank, result.peer) in self._expected_set:
+                self.results[(rank, result.peer)] = result
 
     @property
     def complete(self) -> bool:
@@ -145,7 +149,8 @@ class CheckMatrix(msgspec.Struct):
             for a, b in self.expected()
             if (a, b) not in self.results
         ]
-        return [r for r in self.results.values() if not r.ok] + missing
+        failed = [r if r.rank == a else replace(r, rank=a, also=[]) for (a, _), r in self.results.items() if not r.ok]
+        return failed + missing
 
     @property
     def handshakes(self) -> bool:

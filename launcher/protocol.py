@@ -172,6 +172,9 @@ class CheckResult(_Msg):
     latency_ms: float = 0.0
     error: str = ""
     engines: list[EngineSeen] = []
+    # More ranks of the probing host whose address is ``rank``'s: one network path, probed once, reported once
+    # for all of them (a job's results grow as rank pairs; its messages, as paths).
+    also: list[int] = []
 
 
 class TransferResult(CheckResult):

@@ -112,3 +112,16 @@ def test_a_large_matrix_is_shown_host_by_host():
     assert lines[3].split() == ["host1", "1.0", "1.0", "1.0", "2.0"]  # the slowest pair of the cell
     shown = "\n".join(lines)
     assert "FAIL100" in shown and "100 of 1600 handshakes failed:" in shown and len(shown.splitlines()) < 30
+
+
+def test_one_result_per_network_path_fills_every_rank_pair_on_it_and_a_failure_names_each_rank():
+    """An agent probes a path (its address, a peer) once and reports it once, listing the ranks on it: the head's
+    messages grow as paths, its matrix still has every rank pair."""
+    from launcher.protocol import CheckResult
+
+    matrix = CheckMatrix((0, 1, 2, 3), {r: "v2" for r in range(4)}, {0: "a", 1: "a", 2: "b", 3: "b"})
+    for peer in range(4):
+        matrix.add(CheckResult(rank=0, peer=peer, ok=True, latency_ms=1.0, also=[1]))
+        matrix.add(CheckResult(rank=2, peer=peer, ok=peer != 0, error="" if peer else "refused", also=[3, 9]))  # 9: not this job's
+    assert matrix.complete and len(matrix.results) == 16
+    assert sorted((f.rank, f.peer, f.error) for f in matrix.failures) == [(2, 0, "refused"), (3, 0, "refused")]

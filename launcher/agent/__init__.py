@@ -347,8 +347,8 @@ class Agent:
         with ThreadPoolExecutor(max_workers=PROBE_CONCURRENCY) as pool:
             probed = pool.map(lambda path: probe_peer(paths[path][0], peers[path[1]], check.timeout), list(paths))
             for path, result in zip(list(paths), probed, strict=True):
-                for mine in paths[path]:
-                    self.events.send(msgspec.structs.replace(result, rank=mine.rank))
+                first, *rest = paths[path]
+                self.events.send(msgspec.structs.replace(result, rank=first.rank, also=[m.rank for m in rest]))
 
     def _pass_on(self, command: protocol.TransferCheck) -> None:
         """To every ready built-in core of this host: it reads its peers itself (its NIXL agent does)."""
