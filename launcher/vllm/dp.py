@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..command import CommandError
-from .flags import API_PORT, HEADLESS, flag_value, given, is_vllm_serve, without
+from .flags import API_PORT, HEADLESS, flag_value, given, is_vllm_serve, refuse_written, without
 from .flags import DP_ADDRESS as ADDRESS
 from .flags import DP_EXTERNAL as EXTERNAL
 from .flags import DP_HYBRID as HYBRID
@@ -101,15 +101,14 @@ def _check(command: tuple[str, ...], mode: str, slots: Sequence[int]) -> None:
         raise CommandError(f"--vllm-dp writes the flags of 'vllm serve'; the command is {' '.join(command[:2])!r} ...")
     if mode not in MODES:
         raise CommandError(f"--vllm-dp {mode}: the modes are {', '.join(MODES)}")
-    for names, why in (
+    written = (
         (START, "launcher gives each host its start rank"),
         (RANK, "launcher gives each process its DP rank (external mode)"),
         (HEADLESS, "launcher makes every host but the first headless (internal mode)"),
         (MULTI_PORT, "multi-port external load balancing is not written by --vllm-dp"),
         (EXTERNAL, "use --vllm-dp external"),
-    ):
-        if given(command, names):
-            raise CommandError(f"{names[0]} in the command: {why}; drop it, or drop --vllm-dp and write every DP flag yourself")
+    )
+    refuse_written(command, written, "--vllm-dp")
     if given(command, HYBRID) and mode != "hybrid":
         raise CommandError(f"{HYBRID[0]} in the command asks for hybrid load balancing: use --vllm-dp hybrid")
 

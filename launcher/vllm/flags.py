@@ -40,6 +40,14 @@ def given(args: Sequence[str], names: Sequence[str]) -> bool:
     return any(flag_name(arg) in names for arg in args)
 
 
+def refuse_written(args: Sequence[str], rules, option: str) -> None:
+    """A CommandError for the first of ``rules`` ((flag spellings, why launcher writes it)) that ``args`` already
+    gives: ``option`` (--vllm-dp, --vllm-nodes) writes those flags itself."""
+    for names, why in rules:
+        if given(args, names):
+            raise CommandError(f"{names[0]} in the command: {why}; drop it, or drop {option} and write every flag yourself")
+
+
 def flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
     """The value of the last of ``names`` in ``args`` (``--flag V``, ``--flag=V``)."""
     found = None

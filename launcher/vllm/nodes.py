@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..command import CommandError
-from .flags import HEADLESS, flag_value, given, is_vllm_serve
+from .flags import HEADLESS, flag_value, given, is_vllm_serve, refuse_written
 
 NNODES = ("--nnodes", "-n")
 NODE_RANK = ("--node-rank", "-r")
@@ -39,14 +39,13 @@ def nodes_commands(command: Sequence[str], nodes: int) -> tuple[tuple[str, ...],
     command = tuple(command)
     if not is_vllm_serve(command):
         raise CommandError(f"--vllm-nodes writes the multi-node flags of 'vllm serve'; the command is {' '.join(command[:2])!r} ...")
-    for names, why in (
+    written = (
         (NNODES, "launcher counts the hosts"),
         (NODE_RANK, "launcher gives each host its node rank"),
         (MASTER_ADDR, "launcher gives the first host's own address"),
         (HEADLESS, "launcher makes every host but the first headless"),
-    ):
-        if given(command, names):
-            raise CommandError(f"{names[0]} in the command: {why}; drop it, or drop --vllm-nodes and write every flag yourself")
+    )
+    refuse_written(command, written, "--vllm-nodes")
     backend = flag_value(command, DP_BACKEND)
     if nodes > 1 and backend not in (None, "mp"):
         raise CommandError(
