@@ -389,11 +389,15 @@ class Job:
         if self.first_ready_at is None and ready == len(self.ranks):
             self.first_ready_at = now
         unit = self.unit_of[state.spec.host_index]
-        if all(self.ranks[r.rank].phase is Phase.READY for h in self.units[unit].hosts for r in self.plan.hosts[h].ranks):
+        if all(m.phase is Phase.READY for m in self._members(unit)):
             actions += self._unit_ready(unit, now)
         return actions
 
     # --- restart by failure group (--restart on-failure) --------------------------------------
+
+    def _members(self, unit: int) -> list[RankState]:
+        """Every rank of a failure group."""
+        return [self.ranks[spec.rank] for host in self.units[unit].hosts for spec in self.plan.hosts[host].ranks]
 
     def _unit_ready(self, unit: int, now: float) -> list[Action]:
         self.ever_ready[unit] = True
@@ -428,16 +432,9 @@ class Job:
             record = self.restarts[open_restart]
             if now - record.at - record.backoff <= self.plan.options.ready_timeout:
                 continue
-            waiting = [
-                self.ranks[r.rank]
-                for h in self.units[unit].hosts
-                for r in self.plan.hosts[h].ranks
-                if self.ranks[r.rank].phase is not Phase.READY
-            ]
-            state = waiting[0] if waiting else self.ranks[self.plan.hosts[self.units[unit].hosts[0]].ranks[0].rank]
+            members = self._members(unit)
+            state = next((m for m in members if m.phase is not Phase.READY), members[0])
             cause = f"restart {record.attempt} of {self.units[unit].name} not ready after {self.plan.options.ready_timeout:g}s"
-            for state_ in waiting:
-                state_.exit_due = state_.phase is not Phase.EXITED and state_.phase is not Phase.RESTARTING
             actions += self._restart_or_fail(state, FailureKind.NOT_READY, cause, exit_code_for(FailureKind.NOT_READY), now)
         return actions
 
@@ -469,11 +466,9 @@ class Job:
         delay = restart.backoff(attempt, self.policy, self._draws.random())
         self.restarting[unit] = len(self.restarts)
         self.restarts.append(restart.RestartRecord(target.name, attempt, cause, now, round(delay, 3)))
-        for host in target.hosts:
-            for spec in self.plan.hosts[host].ranks:
-                state = self.ranks[spec.rank]
-                state.exit_due = state.phase in (Phase.STARTED, Phase.READY)  # a live process: stopping it is ours
-                state.phase = Phase.RESTARTING
+        for state in self._members(unit):
+            state.exit_due = state.phase in (Phase.STARTED, Phase.READY)  # a live process: stopping it is ours
+            state.phase = Phase.RESTARTING
         return [
             Progress(f"restarting {target.name} in {delay:.1f}s (restart {attempt}): {cause}"),
             RestartHosts(target.hosts, attempt, delay, f"{target.name} is restarting ({cause})"),
