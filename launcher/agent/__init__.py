@@ -269,9 +269,8 @@ class Agent:
         ready. The rank's tree must hold the listening socket itself; a port
         whose holder cannot be proven (another user's) is not the rank's.
         """
-        try:
-            tree = {rp.process.pid, *(c.pid for c in psutil.Process(rp.process.pid).children(recursive=True))}
-        except psutil.Error:
+        tree = _tree(rp.process.pid)
+        if not tree:
             return None  # the rank is gone: its exit tells
         problem = foreign_listener(rp.watch.resolved.address, rp.spec.ports, tree)
         if problem is None:
@@ -427,13 +426,7 @@ class Agent:
 
     def _listening_ports(self) -> set[tuple[str, int]]:
         """The addresses and ports the ranks' process trees listen on (from /proc: no process table scan)."""
-        tree = set()
-        for rp in self.ranks:
-            try:
-                tree |= {rp.process.pid, *(c.pid for c in psutil.Process(rp.process.pid).children(recursive=True))}
-            except psutil.Error:
-                continue
-        mine = socket_inodes(tree)
+        mine = socket_inodes(set().union(*(_tree(rp.process.pid) for rp in self.ranks)))
         return {(item.address, item.port) for item in listeners() if item.inode in mine}
 
     def _await_ports(self, ports: set[tuple[str, int]], seconds: float) -> str | None:
@@ -441,7 +434,8 @@ class Agent:
         By address: on a host with several addresses, another job's rank may hold the same port on another."""
         deadline = time.monotonic() + seconds
         while True:
-            held = [(address, port) for address, port in sorted(ports) if _held(address, port)]
+            listening = listeners()  # one read of /proc/net/tcp a look, for every port
+            held = [(address, port) for address, port in sorted(ports) if _held(address, port, listening)]
             if not held or self._stop.is_set():
                 return None
             if time.monotonic() >= deadline:
@@ -470,10 +464,18 @@ class Agent:
         self._report_exits()
 
 
-def _held(address: str, port: int) -> bool:
-    """Whether something listens on ``port`` where a listener at ``address`` would collide with it."""
+def _tree(pid: int) -> set[int]:
+    """A rank and every descendant of it; empty once it is gone."""
+    try:
+        return {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
+    except psutil.Error:
+        return set()
+
+
+def _held(address: str, port: int, listening) -> bool:
+    """Whether one of ``listening`` is on ``port`` where a listener at ``address`` would collide with it."""
     wildcards = ("0.0.0.0", "::")
-    return any(item.address == address or item.address in wildcards or address in wildcards for item in listeners(port))
+    return any(item.port == port and (item.address in (address, *wildcards) or address in wildcards) for item in listening)
 
 
 def _readable(stream) -> bool:
