@@ -359,6 +359,14 @@ def address_literal(text: str) -> str | None:
         return None
 
 
+def host_port(text: str) -> tuple[str, int] | None:
+    """``ADDR:PORT`` (``[v6]:PORT`` too) -> (address, port), or None when it is not one."""
+    address, sep, port = text.rpartition(":")
+    if not sep or not address.strip("[]") or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return None
+    return address.strip("[]"), int(port)
+
+
 def url_host(address: str) -> str:
     """An address as the host part of a URL or ZMQ endpoint: IPv6 in brackets."""
     bare = address.strip("[]")

@@ -198,3 +198,12 @@ def test_after_the_fuzz_the_rightful_agent_still_joins(join_port):
         conn.send(b"hello agent\n")
         assert sock.makefile("rb").readline() == b"hello agent\n"  # the connection is now the agent's stdin
     assert wait_for(lambda: threading.active_count() <= pending, timeout=5)  # no handshake thread left behind
+
+
+@pytest.mark.parametrize("where", ["127.0.0.1:99999", "127.0.0.1", ":80", "[::1]:x"])
+def test_an_agent_given_a_bad_join_address_says_so_in_one_line(where):
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher.agent", "--join", where, "--host", "a"],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "LAUNCHER_JOIN_TOKEN": "0123456789abcdef"},
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr == f"launcher agent: --join {where!r}: give the head's ADDRESS:PORT (its --join-listen)\n"

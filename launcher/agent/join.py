@@ -15,6 +15,7 @@ import sys
 import time
 
 from .. import protocol
+from ..netif import host_port
 
 TOKEN_VAR = "LAUNCHER_JOIN_TOKEN"
 RETRY_SECONDS = 0.5
@@ -26,14 +27,14 @@ class JoinError(Exception):
 
 def dial(where: str, host: str, token: str, timeout: float) -> socket.socket:
     """Connect to the head at ``where`` (retrying until it listens, up to ``timeout``) and answer its challenge."""
-    address, sep, port = where.rpartition(":")
-    if not sep or not port.isdigit():
+    head = host_port(where)
+    if head is None:
         raise JoinError(f"--join {where!r}: give the head's ADDRESS:PORT (its --join-listen)")
     deadline = time.monotonic() + timeout
     last = ""
     while True:
         try:
-            sock = socket.create_connection((address.strip("[]"), int(port)), timeout=5.0)
+            sock = socket.create_connection(head, timeout=5.0)
             break
         except OSError as exc:
             last = exc.strerror or str(exc)

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 
 from .. import protocol
 from ..host import Host
+from ..netif import host_port, url_host
 from .base import AgentConnection, Capabilities, Transport, TransportError
 
 TOKEN_VAR = "LAUNCHER_JOIN_TOKEN"
@@ -34,14 +35,6 @@ MIN_TOKEN = 16  # characters: a token a person could guess is no proof
 HANDSHAKE_SECONDS = 5.0  # for a peer to answer the challenge: a silent one holds nothing longer
 MAX_LINE = 4096  # a Join line is ~120 bytes; a peer that sends more is not an agent
 MAX_PENDING = 64  # handshakes at once: a flood of connections holds threads up to this
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``ADDR:PORT`` (``[v6]:PORT`` too) -> (address, port); ValueError naming the fix."""
-    address, sep, port = text.rpartition(":")
-    if not sep or not address or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--join-listen {text!r}: give ADDRESS:PORT, an address of this machine the hosts reach, such as 10.0.0.1:29500")
-    return address.strip("[]"), int(port)
 
 
 class JoinConnection(AgentConnection):
@@ -108,10 +101,12 @@ class JoinTransport(Transport):
                 f"--transport join needs {TOKEN_VAR} (at least {MIN_TOKEN} characters) here and on every host, the proof an agent "
                 f"gives when it joins: export {TOKEN_VAR}=$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
             )
-        try:
-            self.address, self.port = parse_listen(listen)
-        except ValueError as exc:
-            raise TransportError(str(exc)) from None
+        where = host_port(listen)
+        if where is None:
+            raise TransportError(
+                f"--join-listen {listen!r}: give ADDRESS:PORT, an address of this machine the hosts reach, such as 10.0.0.1:29500"
+            )
+        self.address, self.port = where
         self._token, self.timeout = token, timeout
         try:
             self._listener = socket.create_server((self.address, self.port), family=_family(self.address), backlog=256)
@@ -120,7 +115,7 @@ class JoinTransport(Transport):
                 f"--join-listen {listen}: cannot listen there ({exc.strerror or exc}); give an address of this machine and a free port"
             ) from None
         self.port = self._listener.getsockname()[1]
-        self.where = f"{'[' + self.address + ']' if ':' in self.address else self.address}:{self.port}"
+        self.where = f"{url_host(self.address)}:{self.port}"
         self._announced = False
         self._waiting: dict[str, queue.Queue] = {}
         self._joined: dict[str, JoinConnection] = {}
