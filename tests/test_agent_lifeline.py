@@ -5,12 +5,12 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from conftest import wait_for
 from launcher import protocol
 from launcher.rankenv import RankIdentity
+from support.processes import dead
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -73,7 +73,7 @@ def started_pids(events):
 
 
 def gone(pids):
-    return all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
+    return all(dead(p) for p in pids)
 
 
 def grandchild_of(events):

@@ -25,6 +25,7 @@ from launcher import agent, envpolicy, probe, protocol, transports
 from launcher.plan import Host, LaunchOptions
 from launcher.rankenv import RankIdentity
 from launcher.readiness import Log
+from support.processes import dead
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -521,14 +522,6 @@ def detached_pid(path) -> int:
     """The pid that a rank's detached process (``setsid sh -c 'echo $$ > path; ...'``) wrote, once written."""
     assert wait_for(path.exists, 10)
     return int(path.read_text())
-
-
-def dead(pid: int) -> bool:
-    """Gone, or a zombie waiting for a parent that is not ours to wait for."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.mark.e2e

@@ -13,11 +13,11 @@ import stat
 import subprocess
 import time
 
-import psutil
 import pytest
 
 from conftest import free_port_base, launcher_cmd, run_launcher, wait_for, write_hostfile
 from launcher.head.control_socket import socket_address
+from support.processes import dead
 
 pytestmark = pytest.mark.e2e
 
@@ -35,13 +35,6 @@ def launcher(*args, env, timeout=60):
 
 def head_pid(job_id, env):
     return json.loads(open(os.path.join(env["XDG_STATE_HOME"], "launcher", "jobs", job_id, "job.json")).read())["pid"]
-
-
-def gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def detach(state, hostfile, *extra, cluster=None):
@@ -75,7 +68,7 @@ def test_detach_returns_once_ready_and_ps_status_logs_and_stop_operate_the_job(t
     followed, _ = follower.communicate(timeout=30)  # -f ends with the job
     assert "ranks ready 2/2" in followed and "is ready again after restart 1" in followed and "stopped by SIGINT" in followed
     assert launcher("status", short, env=state).stdout.startswith(f"job {job_id}: ended, exit 130 (stopped by SIGINT)")
-    assert wait_for(lambda: gone(head_pid(job_id, state)), 10)
+    assert wait_for(lambda: dead(head_pid(job_id, state)), 10)
 
 
 def test_a_detached_job_that_cannot_start_says_what_a_foreground_run_says_with_its_exit_code(tmp_path, state, no_leaks):
@@ -95,7 +88,7 @@ def test_a_sigkilled_detached_head_leaves_nothing_and_status_says_lost_and_when(
     pid = head_pid(job_id, state)
     killed_at = time.time()
     os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: gone(pid), 10)
+    assert wait_for(lambda: dead(pid), 10)
     said = launcher("status", job_id, env=state).stdout
     assert said.startswith(f"job {job_id}: lost: its head (pid {pid}) stopped answering at ") and "without ending the job" in said
     lost_at = json.loads(launcher("status", job_id, "--json", env=state).stdout)["lost_at"]
@@ -111,7 +104,7 @@ def test_over_ssh_a_detached_job_is_operated_and_stopped_leaving_nothing(hosts, 
     status = json.loads(launcher("status", job_id[:4], "--json", env=state).stdout)
     assert [(r["host"], r["state"]) for r in status["ranks"]] == [("h1", "ready"), ("h2", "ready"), ("h3", "ready")]
     assert launcher("stop", job_id[:4], env=state).returncode == 0
-    assert wait_for(lambda: gone(head_pid(job_id, state)), 10)
+    assert wait_for(lambda: dead(head_pid(job_id, state)), 10)
     # hosts: every host holds nothing but its sshd
 
 
@@ -163,3 +156,14 @@ def test_operating_a_job_that_is_not_there_is_a_one_line_error(tmp_path, state):
         done = launcher(*command, env=state)
         assert done.returncode == 2 and done.stderr.startswith("launcher: error: no jobs in ") and "\n" == done.stderr[-1:]
     assert launcher("ps", env=state).stdout.startswith("no jobs in ")
+
+
+def test_the_console_scripts_fast_path_takes_exactly_the_operate_subcommands():
+    import argparse
+
+    from launcher import entry, operate
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    operate.add_parsers(sub, argparse.ArgumentParser)
+    assert set(entry.OPERATE) == set(sub.choices)

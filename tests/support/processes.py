@@ -73,3 +73,11 @@ def _alive(p) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def dead(pid: int) -> bool:
+    """Gone, or a zombie waiting for a parent that is not ours to wait for."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
