@@ -91,7 +91,9 @@ def launch(
     on ``proxy`` (address, port) that routes each request prefill, then decode.
     ``metrics`` (address, port): serve /health, /metrics and /targets there
     while the job runs (``head.ops``). ``on_supervisor`` is handed the job's
-    supervisor before it starts (the control socket of a detached head reads it).
+    supervisor once its agents are starting (the control socket of a detached
+    head reads it). Both serve from threads started only then: before, the
+    head must stay single-threaded for the local transport to fork its agents.
     """
     transport = transport or transports.get(transports.choose([h.host for h in plan.hosts], os.environ))
     if preflight:
@@ -103,21 +105,22 @@ def launch(
         if reporter is not None:
             reporter.progress("preflight passed")
     supervisor = Supervisor(plan, transport, reporter, stop, hurry)
-    if on_supervisor is not None:
-        on_supervisor(supervisor)
     ops = None
     if metrics is not None:
         from .head.ops import OpsEndpoint, OpsError
 
         try:
-            ops = OpsEndpoint(supervisor.job, *metrics)
+            ops = OpsEndpoint(supervisor.job, *metrics)  # bound now: a taken port fails before anything starts
         except OpsError as exc:
             supervisor.job.fail(FailureKind.PROXY, str(exc))
             return supervisor.result()
-        ops.start()
-        supervisor.reporter.progress(f"health, metrics and targets on http://{ops.address}/health /metrics /targets")
     try:
         supervisor.start()
+        if ops is not None:
+            ops.start()
+            supervisor.reporter.progress(f"health, metrics and targets on http://{ops.address}/health /metrics /targets")
+        if on_supervisor is not None:
+            on_supervisor(supervisor)
         if plan.options.to_completion:
             supervisor.wait_exited()
         elif supervisor.wait_ready():

@@ -294,19 +294,12 @@ def main(argv: list[str] | None = None, held: list[int] | None = None, ignored: 
         print(f"launcher: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # stdout's reader went away (`launcher plan | head -1`): end quietly, as Unix tools do
-        _silence_stdout()
+        operate.silence_stdout()
         return EXIT_STDOUT_CLOSED
 
 
 # A user's mistake in a hostfile, an allocation, the options or a log directory: one line, exit 2.
 _INPUT_ERRORS = (hostfile.HostfileError, transports.AllocationError, PlanError, transports.TransportError, report.LogDirError)
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so that the interpreter's last flush cannot fail again on a closed pipe."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 # --- one handler per subcommand ------------------------------------------------------------------
@@ -550,8 +543,14 @@ def _launch(args, plan, transport, ignored: frozenset[int], detached: operate.De
         out=out, quiet_output=args.quiet, log_dir=args.log_dir, on_closed=requests.stream_closed, on_ready=on_ready
     )
     requests.install(ignored, reporter.progress)
-    supervisors: list = []  # the job's, once launch made it: what the control socket reads
+    supervisors: list = []  # the job's, once its agents are starting: what the control socket reads
     control = _control_socket(detached, supervisors, requests) if detached else None
+
+    def started(supervisor) -> None:
+        supervisors.append(supervisor)
+        if control is not None:
+            control.start()
+
     for warning in plan.warnings:
         reporter.progress(f"warning: {warning}")
     try:
@@ -566,7 +565,7 @@ def _launch(args, plan, transport, ignored: frozenset[int], detached: operate.De
             hurry=requests.hurry,
             proxy=(args.proxy_address, args.proxy_port),
             metrics=(args.metrics_address, args.metrics_port) if getattr(args, "metrics_port", None) else None,
-            on_supervisor=supervisors.append,
+            on_supervisor=started,
         )
         if args.plot:
             _plot(result, args.plot, reporter)
@@ -582,12 +581,11 @@ def _launch(args, plan, transport, ignored: frozenset[int], detached: operate.De
     document.update(ok=code == 0, exit_code=code, stopped_by=stopped_by)
     if detached is not None:
         detached.job.write_result(document)
-        word = "stopped" if result.failure is not None and result.failure.kind == "signal" else "FAILED"
-        detached.ended(code, f"launcher: {word}: {result.failure.message}" if result.failure else f"launcher: ended, exit {code}")
+        detached.ended(code, report.failure_line(result) if result.failure else f"launcher: ended, exit {code}")
     if args.json and requests.closed is None:
         print(_json(document), flush=True)
     if requests.closed == "stdout":
-        _silence_stdout()
+        operate.silence_stdout()
     if not drained:
         os._exit(code)  # the terminal never read the last lines; an exit-time flush would wait for it too
     return code

@@ -17,6 +17,8 @@ import signal
 import sys
 from typing import NoReturn
 
+OPERATE = ("ps", "status", "logs", "stop")  # the subcommands of launcher.operate.add_parsers: they need no head
+
 
 def main() -> NoReturn:
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -25,7 +27,7 @@ def main() -> NoReturn:
     for s in stops:
         if s not in ignored:
             signal.signal(s, lambda signum, _frame: held.append(signum))
-    if sys.argv[1:2] and sys.argv[1] in ("ps", "status", "logs", "stop") and not held:
+    if sys.argv[1:2] and sys.argv[1] in OPERATE and not held:
         from launcher import operate  # a job's operations: nothing of the head needs loading
 
         for s in stops:

@@ -20,6 +20,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from .exitcodes import STDOUT_CLOSED
+
 if TYPE_CHECKING:  # the modules below load when a command runs: the head's parser only names these commands
     from .head.jobdir import JobDir
 
@@ -302,9 +304,6 @@ def _find(prefix: str | None) -> JobDir | None:
         return None
 
 
-COMMANDS = ("ps", "status", "logs", "stop")
-
-
 def main(argv: list[str]) -> int:
     """``launcher ps|status|logs|stop ...`` without loading the head (the console script's fast path): a status
     answers in a few tens of milliseconds."""
@@ -315,9 +314,16 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args, frozenset())
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+    except BrokenPipeError:  # `launcher ps | head -1`: end quietly, as Unix tools do
+        silence_stdout()
+        return STDOUT_CLOSED
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush cannot fail again on a closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def add_parsers(sub, parser_class) -> None:

@@ -41,8 +41,11 @@ class ControlServer:
         self._listener.listen(64)
         self._slots = threading.BoundedSemaphore(AT_ONCE)
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="control-socket")
-        self._thread.start()
+
+    def start(self) -> None:
+        """Serve, from a thread: called once the agents are started (a thread before that keeps the local transport
+        from forking its agents); until then an asker waits in the socket's backlog."""
+        threading.Thread(target=self._serve, daemon=True, name="control-socket").start()
 
     def close(self) -> None:
         self._closed.set()

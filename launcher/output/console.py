@@ -313,13 +313,18 @@ def _seconds(t: float | None) -> str:
     return "-" if t is None else f"{t:.2f}s"
 
 
+def failure_line(result: LaunchResult) -> str:
+    """The first line of a job's end that was not ok: a signal is an order ("stopped"), anything else "FAILED"."""
+    word = "stopped" if result.failure.kind == "signal" else "FAILED"
+    return f"launcher: {word}: {result.failure.message}"
+
+
 def verdict(result: LaunchResult, plan, reporter: ConsoleReporter, stopped_by: int | None, closed: str | None) -> int:
     """Say how the job ended, last, and return the process's exit code: a failure's (a signal is an order,
     not a fault: "stopped", not "FAILED"), 141 when the reader of ``closed`` stdout went away, 128+N for
     the signal ``stopped_by``, else 0."""
     if result.failure is not None:
-        word = "stopped" if result.failure.kind == "signal" else "FAILED"
-        reporter.final(f"launcher: {word}: {result.failure.message}\n{render_summary(result)}")
+        reporter.final(f"{failure_line(result)}\n{render_summary(result)}")
         return result.exit_code
     if closed is not None:
         if closed == "stdout":
