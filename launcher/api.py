@@ -37,17 +37,19 @@ def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int], ops
 
     api = vllm_dp.api_port(plan.options.command)
     upstreams: dict[str, list[str]] = {role: [] for role in disagg.ROLES}
-    upstream_of: dict[int, str] = {}  # host index -> its instance's API server
-    for state in sorted(supervisor.ranks.values(), key=lambda s: s.spec.rank):
-        upstream_of[state.spec.host_index] = f"{url_host(state.address)}:{api}"
-        upstreams[plan.hosts[state.spec.host_index].host.role].append(upstream_of[state.spec.host_index])
+    upstreams_of: dict[int, list[str]] = {}  # host index -> its instance's API servers (a headless host has none)
+    address = {state.spec.host_index: state.address for state in supervisor.ranks.values()}
+    for instance in plan.instances:
+        found = [f"{url_host(address[i])}:{api}" for i in plan.api_hosts(instance)]
+        upstreams[instance.role] += found
+        upstreams_of.update(dict.fromkeys(instance.hosts, found))
     try:
         server = PdProxy(upstreams["prefill"], upstreams["decode"], *proxy, note=supervisor.reporter.progress)
     except ProxyError as exc:
         supervisor.job.fail(FailureKind.PROXY, str(exc))
         return
-    supervisor.on_hosts_down = lambda hosts, why: server.set_down([upstream_of[h] for h in hosts], why)
-    supervisor.on_hosts_up = lambda hosts: server.set_up([upstream_of[h] for h in hosts])
+    supervisor.on_hosts_down = lambda hosts, why: server.set_down([u for h in hosts for u in upstreams_of[h]], why)
+    supervisor.on_hosts_up = lambda hosts: server.set_up([u for h in hosts for u in upstreams_of[h]])
     if ops is not None:
         ops.proxy = server  # its requests by instance go into /metrics
     server.start()

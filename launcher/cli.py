@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill",
         metavar="HOSTS",
         help="prefill/decode in one job: these hosts (names of the hostfile, a hostlist such as gpu[1-2]) run prefill "
-        "instances of -- vllm serve MODEL ...; with --decode; or role= in the hostfile",
+        "instances of -- vllm serve MODEL ..., one a host; hosts joined by + are one instance (h1+h2: DP over both); "
+        "with --decode; or role= and group= in the hostfile",
     )
     c.add_argument("--decode", metavar="HOSTS", help="... and these run decode instances; run serves both behind a proxy")
     c.add_argument("--proxy-port", type=argtypes.port, default=8000, help="where the P/D proxy listens on this machine (default 8000)")
@@ -413,7 +414,7 @@ def _hosts(args) -> list:
     hosts = _listed_hosts(args)
     if getattr(args, "prefill", None) or getattr(args, "decode", None):
         try:
-            hosts = disagg.assign_roles(hosts, _names(args.prefill), _names(args.decode))
+            hosts = disagg.assign_roles(hosts, _instances(args.prefill), _instances(args.decode))
         except disagg.RoleError as exc:
             raise PlanError(str(exc)) from None
     return hosts
@@ -429,16 +430,34 @@ def _listed_hosts(args) -> list:
     return hostfile.read(args.hostfile or DEFAULT_HOSTFILE)
 
 
-def _names(text: str | None) -> list[str]:
-    """--prefill/--decode: comma-separated names, each possibly a Slurm hostlist (gpu[1-4])."""
+def _instances(text: str | None) -> list[list[str]]:
+    """--prefill/--decode: instances separated by commas, each one host (or a Slurm hostlist, gpu[1-4]: one
+    instance a host) or hosts joined by + (h1+h2, gpu[1-2]+gpu[3-4]: one instance over all of them)."""
     import hostlist
 
-    if not text:
-        return []
-    try:
-        return hostlist.expand_hostlist(text)
-    except hostlist.BadHostlist as exc:
-        raise PlanError(f"{text!r} is not a host list like gpu1,gpu2 or gpu[1-2] ({exc})") from None
+    found: list[list[str]] = []
+    for item in _top_level_items(text or ""):
+        try:
+            parts = [hostlist.expand_hostlist(part) for part in item.split("+")]
+        except hostlist.BadHostlist as exc:
+            raise PlanError(f"{item!r} is not a host list like gpu1,gpu2, gpu[1-2] or h1+h2 ({exc})") from None
+        if any(not part for part in parts):
+            raise PlanError(f"{item!r} has an empty host name; join the hosts of one instance with + (h1+h2)")
+        names = [name for part in parts for name in part]
+        found += [names] if "+" in item else [[name] for name in names]
+    return found
+
+
+def _top_level_items(text: str) -> list[str]:
+    """``text`` split at the commas outside a hostlist's brackets: "a[1,3]+b,c" -> ["a[1,3]+b", "c"]."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in items if item]
 
 
 def _head_command(text: str | None) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ class Host(msgspec.Struct, frozen=True):
     cwd: str | None = None
     gpus: str | None = None  # the devices --gpus-per-rank slices: a count or ids (gpus.parse_device_list)
     role: str | None = None  # prefill or decode: a P/D job (disagg.py)
+    group: str | None = None  # P/D: hosts of one role sharing a group are one instance (disagg.instances)
     origin: str = ""  # "path:line", for error messages
 
     @property

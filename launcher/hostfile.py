@@ -8,6 +8,7 @@ One host (or Slurm hostlist) per line, then options::
     alice@gpu-node[02-04] slots=8    # Slurm hostlist, expanded in Slurm's order
     gpu-node5 slots=8 ifname=^docker,lo cidr=10.1.0.0/16 env:NCCL_SOCKET_IFNAME=ib0
     [fd00::5]:4 port=2222 python=/opt/venv/bin/python cwd="/srv/my work#1"
+    pf[1-2] slots=4 role=prefill group=p0   # P/D: one prefill instance (DP 8) over two hosts
 
 Words are separated by whitespace; ``#`` starts a comment at the start of a
 line or after whitespace (``cwd=/tmp/run#1`` keeps its ``#1``); a value with
@@ -29,9 +30,10 @@ from .gpus import parse_device_list
 from .host import Host
 from .vllm.disagg import ROLES
 
-OPTIONS = ("slots", "port", "ifname", "cidr", "python", "cwd", "gpus", "role")
+OPTIONS = ("slots", "port", "ifname", "cidr", "python", "cwd", "gpus", "role", "group")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _HOST_CHARS = re.compile(r"[A-Za-z0-9._\-\[\],:]+\Z")
+_GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _SCOPE_ID = re.compile(r"[0-9A-Za-z._-]+\Z")  # an IPv6 zone: an interface name or index, nothing a shell would read
 # An env: word as an error may echo it, its value masked when the name looks secret: a valid name or not
 # (env:HF-TOKEN=...), the value quoted or the whole word ("env:HF_TOKEN=a b").
@@ -211,6 +213,10 @@ def _convert(key: str, value: str, fail):
     if key == "role":
         if value not in ROLES:
             raise fail(f"role={value!r}: a host's role is {' or '.join(ROLES)} (a P/D job)")
+        return value
+    if key == "group":
+        if not _GROUP.match(value):
+            raise fail(f"group={value!r}: a group is a name of letters, digits, '.', '_' and '-' (at most 64), such as group=p0")
         return value
     if key == "gpus":
         try:

@@ -97,6 +97,8 @@ class HostPlan(msgspec.Struct, frozen=True):
     index: int
     ranks: tuple[RankSpec, ...]
     readiness: Readiness | None = None  # None: the plan's; --vllm-dp gives API and headless hosts their own
+    leader: int = 0  # the host whose address fills this host's {head_ip}: the first, or its P/D instance's first
+    rpc_port: int | None = None  # the DP RPC port this host's command binds ({rpc_port}): checked free before it starts
 
     def bind_request(self) -> netif.BindRequest:
         """What its ranks will know when they pick their address, as far as the plan knows it."""
@@ -139,14 +141,28 @@ class LaunchPlan(msgspec.Struct, frozen=True):
         return any("{head_ip}" in a for r in self.ranks for a in r.argv)
 
     @property
+    def leaders(self) -> frozenset[int]:
+        """Hosts whose address another host's command waits for ({head_ip})."""
+        return frozenset(hp.leader for hp in self.hosts if self.waits_for_leader(hp.index))
+
+    @property
     def roles(self) -> tuple[str | None, ...]:
         """Each host's role in a P/D job (all None otherwise)."""
         return tuple(hp.host.role for hp in self.hosts)
 
     @property
-    def uses_rpc_port(self) -> bool:
-        """The command names {rpc_port}: vLLM's DP front end listens on it on the first host."""
-        return any("{rpc_port}" in a for a in (*self.options.command, *self.options.head_command))
+    def instances(self) -> tuple[disagg.Instance, ...]:
+        """A P/D job's vLLM instances (none otherwise)."""
+        return disagg.instances([hp.host for hp in self.hosts]) if any(self.roles) else ()
+
+    def api_hosts(self, instance: disagg.Instance) -> tuple[int, ...]:
+        """The hosts of a P/D instance that run its API server: its first, or each one (--vllm-dp hybrid)."""
+        return instance.hosts if self.options.vllm_dp == "hybrid" else instance.hosts[:1]
+
+    def waits_for_leader(self, index: int) -> bool:
+        """Whether host ``index``'s command needs another host's address ({head_ip}): its spec waits for that agent."""
+        hp = self.hosts[index]
+        return hp.leader != index and any("{head_ip}" in a for r in hp.ranks for a in r.argv)
 
 
 def build(
@@ -167,12 +183,16 @@ def build(
                 check_hostfile_gpus(host.gpus, host.slots, options.gpus_per_rank, host.label)
             except GpuError as exc:
                 raise PlanError(str(exc)) from None
-    if options.vllm_dp:
+    pd_job = any(h.role for h in hosts)
+    if options.vllm_dp and not pd_job:
         options = _with_vllm_dp(options, hosts)
     if options.vllm_nodes:
         options = _with_vllm_nodes(options, hosts)
-    if any(h.role for h in hosts):
-        options = _with_roles(options, hosts)
+    instances: tuple[disagg.Instance, ...] = ()
+    commands: list[tuple[str, ...]] = []
+    instance_values: list[dict[str, str]] = []
+    if pd_job:
+        options, instances, commands, instance_values = _with_roles(options, hosts)
     port_base = _port_base(options, head_env)
     world_size = sum(h.slots for h in hosts)
     last_port = port_base + world_size - 1
@@ -213,6 +233,8 @@ def build(
                 host_gpus=host.gpus if options.gpus_per_rank else None,
             )
             values = {**placeholders(identity), "rpc_port": str(options.rpc_port)}
+            if pd_job:
+                values.update(instance_values[index])
             report = envpolicy.rank_environment(
                 head_env,
                 policy,
@@ -221,13 +243,14 @@ def build(
                 rank_env=identity.to_env(),
             )
             _check_text(report, host)
-            argv = _argv(options, host, index, values)
+            argv = _argv(options, host, index, values, commands[index] if pd_job else None)
             # A vLLM command binds where its own DP flags say (base + each DP index it serves), whatever our rank count.
             vllm_ranks = vllm_dp_ranks(user_command(argv)) if options.command else None
             ports = tuple(port_base + r for r in (vllm_ranks if vllm_ranks is not None else served))
             ranks.append(RankSpec(identity=identity, argv=argv, ports=ports, env=report.env, env_report=report))
             rank += per_process
         host_plans.append(HostPlan(host=host, index=index, ranks=tuple(ranks)))
+    host_plans = _leaders(host_plans, options, instances, commands if pd_job else None)
 
     processes = [r for h in host_plans for r in h.ranks]
     _check_port_overlap(host_plans)
@@ -235,7 +258,7 @@ def build(
         _check_engine_ids(processes)
         _check_side_channel_hosts(hosts)
     readiness = options.readiness or (Ports() if options.command else Report())
-    if options.vllm_dp and options.readiness is None:
+    if options.vllm_dp and not pd_job and options.readiness is None:
         host_plans = _vllm_dp_readiness(options, host_plans)
         readiness = host_plans[0].readiness
     if options.vllm_nodes and options.readiness is None:
@@ -245,20 +268,17 @@ def build(
         first = Url(url=f"http://{{host_ip}}:{api}/health", ports=uses_nixl(options.command))
         host_plans = [replace(hp, readiness=first if hp.index == 0 else WithHead()) for hp in host_plans]
         readiness = first
-    if any(h.role for h in hosts) and options.readiness is None:
-        api = _api_port(options.command)  # every instance: its API server and its side channels
-        readiness = Url(url=f"http://{{host_ip}}:{api}/health", ports=True)
+    if pd_job and options.readiness is None:
+        # Every instance: its API server and its side channels; a headless host of one: its side channels.
+        api = Url(url=f"http://{{host_ip}}:{_api_port(options.command)}/health", ports=True)
+        serving = {i for inst in instances for i in (inst.hosts if options.vllm_dp == "hybrid" else inst.hosts[:1])}  # api_hosts
+        host_plans = [replace(hp, readiness=api if hp.index in serving else Ports()) for hp in host_plans]
+        readiness = api
     if isinstance(readiness, Report) and options.command:
         raise PlanError(
             "a user command cannot report readiness itself; use the side-channel ports (default), --ready-port, --ready-url or --ready-log"
         )
-    if (
-        isinstance(readiness, Ports)
-        and options.command
-        and not options.vllm_dp
-        and not options.vllm_nodes
-        and not any(h.role for h in hosts)
-    ):
+    if isinstance(readiness, Ports) and options.command and not options.vllm_dp and not options.vllm_nodes and not pd_job:
         _check_side_channel_opens(processes)
     return LaunchPlan(
         job_id=job_id,
@@ -310,17 +330,55 @@ def _with_vllm_nodes(options: LaunchOptions, hosts: Sequence[Host]) -> LaunchOpt
     return replace(options, command=rest, head_command=head)
 
 
-def _with_roles(options: LaunchOptions, hosts: Sequence[Host]) -> LaunchOptions:
-    """A P/D job: every host a role, one vllm serve a host (its command is written per role in _argv)."""
+def _with_roles(options: LaunchOptions, hosts: Sequence[Host]):
+    """A P/D job: (its options, its instances, each host's command, each host's instance placeholders).
+
+    One vllm serve a host. An instance over several hosts is one DP group: ``{world_size}`` and
+    ``{host_first_rank}`` are the instance's, ``{rpc_port}`` is ``--rpc-port`` + the instance's index (two
+    instances never share one), and ``{head_ip}`` is the instance's first host's address."""
     try:
         disagg.check_roles(hosts)
+        instances = disagg.instances(hosts)
     except disagg.RoleError as exc:
         raise PlanError(str(exc)) from None
     if not options.command:
         raise PlanError("--prefill/--decode start vLLM instances: give -- vllm serve MODEL ...")
-    if options.vllm_dp or options.head_command:
-        raise PlanError("a P/D job writes every host's command itself: drop --vllm-dp and --head-command")
-    return replace(options, per_host=True)
+    if options.head_command:
+        raise PlanError("a P/D job writes every host's command itself: drop --head-command")
+    if options.vllm_dp not in (None, *disagg.INSTANCE_MODES):
+        raise PlanError(f"--vllm-dp {options.vllm_dp} in a P/D job: an instance over several hosts balances internal (default) or hybrid")
+    last = options.rpc_port + len(instances) - 1
+    if last > 65535:
+        raise PlanError(f"DP RPC ports {options.rpc_port}..{last} run past 65535 for {len(instances)} instances; choose a lower --rpc-port")
+    commands: list[tuple[str, ...]] = [()] * len(hosts)
+    values: list[dict[str, str]] = [{} for _ in hosts]
+    for number, instance in enumerate(instances):
+        slots = [hosts[i].slots for i in instance.hosts]
+        try:
+            written = disagg.instance_commands(options.command, slots, options.vllm_dp or "internal")
+        except CommandError as exc:
+            raise PlanError(f"{instance.role} instance {instance.name}: {exc}") from None
+        first = 0
+        for index, command, count in zip(instance.hosts, written, slots, strict=True):
+            commands[index] = command
+            if len(instance.hosts) > 1:
+                values[index] = {"world_size": str(sum(slots)), "host_first_rank": str(first), "rpc_port": str(options.rpc_port + number)}
+            first += count
+    return replace(options, per_host=True), instances, commands, values
+
+
+def _leaders(host_plans: list[HostPlan], options: LaunchOptions, instances, commands) -> list[HostPlan]:
+    """Each host's leader (whose address is its {head_ip}) and the DP RPC port it binds, if any."""
+    if not instances:
+        binds = any("{rpc_port}" in a for a in (*options.command, *options.head_command))
+        return [replace(hp, rpc_port=options.rpc_port) if binds and hp.index == 0 else hp for hp in host_plans]
+    found = list(host_plans)
+    for number, instance in enumerate(instances):
+        binds = len(instance.hosts) > 1 and any("{rpc_port}" in a for a in commands[instance.leader])
+        for index in instance.hosts:
+            rpc = options.rpc_port + number if binds and index == instance.leader else None
+            found[index] = replace(found[index], leader=instance.leader, rpc_port=rpc)
+    return found
 
 
 def _api_port(command: Sequence[str]) -> int:
@@ -406,13 +464,15 @@ def preflight_plan(plan: LaunchPlan) -> LaunchPlan:
     return build([replace(h.host, role=None) for h in plan.hosts], options, {}, f"{plan.job_id}-preflight")  # cores, not instances
 
 
-def _argv(options: LaunchOptions, host: Host, host_index: int, values: Mapping[str, str]) -> tuple[str, ...]:
+def _argv(
+    options: LaunchOptions, host: Host, host_index: int, values: Mapping[str, str], written: tuple[str, ...] | None
+) -> tuple[str, ...]:
     if not options.command:
         return BUILTIN_ENGINE
     command = options.head_command if options.head_command and host_index == 0 else options.command
     try:
-        if host.role:
-            command = disagg.role_command(command, host.slots)
+        if written is not None:  # a P/D host: its instance's command
+            command = written
         elif options.vllm_dp == "external":
             command = vllm_dp.external_command(command, [int(values["world_size"])], int(values["local_rank"]))
         return BOOTSTRAP + render_template(command, values, leave=RUNTIME_PLACEHOLDERS)

@@ -52,8 +52,8 @@ class AgentSpec(_Msg):
     heartbeat_timeout: float
     reached_address: str | None = None  # None: the agent reads SSH_CONNECTION
     readiness: Readiness = msgspec.field(default_factory=Report)
-    head_ip: str | None = None  # the first host's address, for {head_ip}
-    rpc_port: int | None = None  # the DP RPC port its command binds ({rpc_port}, first host only): checked free first
+    head_ip: str | None = None  # its leader's address, for {head_ip}: the first host's, or its P/D instance's first
+    rpc_port: int | None = None  # the DP RPC port its command binds ({rpc_port}, a leader only): checked free first
 
 
 class Heartbeat(_Msg):

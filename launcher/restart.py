@@ -54,14 +54,12 @@ class RestartRecord(msgspec.Struct, frozen=True):
     ready_after: float | None = None  # seconds from the failure to every rank of the unit ready again
 
 
-def units_of(roles: Sequence[str | None], names: Sequence[str]) -> tuple[Unit, ...]:
-    """Hosts (their P/D roles and names, in hostfile order) -> failure groups.
-
-    P/D: each host is its own instance, so its own unit. Anything else: the
-    whole job is one DP group, one unit."""
-    if any(roles):
-        return tuple(Unit(f"{role} instance {name}", (i,), role) for i, (role, name) in enumerate(zip(roles, names, strict=True)))
-    return (Unit("the job", tuple(range(len(names)))),)
+def units_of(instances: Sequence, host_count: int) -> tuple[Unit, ...]:
+    """A job's failure groups: each P/D instance (``disagg.Instance``: one host, or a group of hosts whose
+    engines are one DP group) is its own; any other job is one DP group, one unit."""
+    if instances:
+        return tuple(Unit(f"{i.role} instance {i.name}", i.hosts, i.role) for i in instances)
+    return (Unit("the job", tuple(range(host_count))),)
 
 
 def backoff(attempt: int, policy: RestartPolicy, draw: float) -> float:

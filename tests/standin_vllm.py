@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import itertools
 import json
 import os
 import signal
@@ -94,8 +95,9 @@ def lb_mode(args) -> str:
     return "internal"
 
 
-def coordinate(args, mode: str, first_rank: int) -> None:
-    """The DP handshake on the RPC port, reduced to the rule that refuses mixed modes."""
+def coordinate(args, mode: str, first_rank: int, engines: list) -> None:
+    """The DP handshake on the RPC port, reduced to the rule that refuses mixed modes. Headless engines tell
+    the API server where their side channels are: in the internal mode it balances requests over them too."""
     address, port = args.data_parallel_address or "127.0.0.1", args.data_parallel_rpc_port
     if not args.headless and first_rank == 0:
         server = socket.create_server((address, port), reuse_port=False)
@@ -110,6 +112,8 @@ def coordinate(args, mode: str, first_rank: int) -> None:
                     why = "in external or hybrid dp lb mode" if headless else "unless in external or hybrid dp lb mode"
                     print(f"RuntimeError: Remote engine {hello.get('rank')} {need} --headless {why}", file=sys.stderr, flush=True)
                     os._exit(1)
+                if headless:
+                    Health.engines.extend(tuple(e) for e in hello.get("engines", ()))
                 conn.close()
 
         threading.Thread(target=accept, daemon=True).start()
@@ -119,7 +123,8 @@ def coordinate(args, mode: str, first_rank: int) -> None:
             for _ in range(600):
                 try:
                     with socket.create_connection((address, port), timeout=1) as conn:
-                        conn.sendall(json.dumps({"rank": first_rank, "headless": args.headless}).encode() + b"\n")
+                        said = {"rank": first_rank, "headless": args.headless, "engines": engines}
+                        conn.sendall(json.dumps(said).encode() + b"\n")
                         return
                 except OSError:
                     time.sleep(0.1)
@@ -173,7 +178,8 @@ def payload(engine_id: str) -> bytes:
             "block_size": 16,
         }
     )
-    return msgspec.msgpack.encode({"compatibility_hash": "standin", "agent_metadata_bytes": metadata})
+    compat = os.environ.get("STANDIN_COMPAT_HASH", "standin")  # vLLM: a hash of its version, model and config
+    return msgspec.msgpack.encode({"compatibility_hash": compat, "agent_metadata_bytes": metadata})
 
 
 def serve_side_channel(sock, engine_id: str) -> None:
@@ -201,9 +207,9 @@ class Health(http.server.BaseHTTPRequestHandler):
     """The API server: /health, and completions that speak vLLM's P/D protocol with the NixlConnector."""
 
     protocol_version = "HTTP/1.1"  # as uvicorn: a streamed answer is chunked
-    engine = ""  # this instance's first engine id, host and side-channel port: what a prefill hands its decoder
+    engines: list = []  # (engine id, side-channel host, port) of every engine of the DP group, the headless ones' too
+    turn = itertools.count()
     host = ""
-    port = 0
 
     def do_GET(self):
         self.send_response(200 if self.path == "/health" else 404)
@@ -214,10 +220,11 @@ class Health(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         kv = body.get("kv_transfer_params") or {}
         answer = {"id": "standin", "choices": [{"index": 0, "text": "x" * body.get("max_tokens", 16)}]}
-        if kv.get("do_remote_decode"):  # a prefill: keep the KV, tell the decoder where to pull it
+        if kv.get("do_remote_decode"):  # a prefill: keep the KV on the engine that ran it, tell the decoder where
+            engine, host, port = self.engines[next(self.turn) % len(self.engines)]
             answer["kv_transfer_params"] = {
                 "do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [1, 2],
-                "remote_engine_id": self.engine, "remote_host": self.host, "remote_port": self.port,
+                "remote_engine_id": engine, "remote_host": host, "remote_port": port,
             }  # fmt: skip
         elif kv.get("remote_host"):  # a decode: pull from the prefill engine, over its side channel
             try:
@@ -314,10 +321,11 @@ def main(argv=None) -> int:
             threading.Event().wait()  # vLLM: ready_event.wait() with no timeout
         threading.Thread(target=serve_side_channel, args=(sock, f"{engine}_dp{dp}"), daemon=True).start()
         print(f"standin: side channel for DP rank {dp} at {endpoint}", flush=True)
+    engines = [(f"{engine}_dp{dp}", host, base + dp) for dp in ranks]
+    Health.engines, Health.host = list(engines), host
     if size > 1:
-        coordinate(args, mode, ranks[0])
+        coordinate(args, mode, ranks[0], engines)
     if not args.headless:
-        Health.engine, Health.host, Health.port = f"{engine}_dp{ranks[0]}", host, base + ranks[0]
         server = UvicornLikeServer((host, args.port), Health)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         print(f"standin: API server at http://{host}:{args.port}", flush=True)

@@ -7,9 +7,10 @@ import signal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from conftest import RunningLauncher, failed_line, free_port_base, port_taken, run_launcher, standin_reports, wait_for, write_hostfile
-from launcher import hostfile, plan
+from launcher import cli, hostfile, plan
 from launcher.command import user_command
 from launcher.plan import Host, LaunchOptions, PlanError
 from launcher.readiness import Url
@@ -21,11 +22,13 @@ NIXL = disagg.NIXL_BOTH
 
 def test_roles_come_from_the_command_line_over_the_hostfile_and_every_host_needs_one():
     hosts = hostfile.parse("a role=decode\nb\nc\n")
-    assert [h.role for h in disagg.assign_roles(hosts, ["a", "b"], ["c"])] == ["prefill", "prefill", "decode"]
+    assert [h.role for h in disagg.assign_roles(hosts, [["a"], ["b"]], [["c"]])] == ["prefill", "prefill", "decode"]
     with pytest.raises(disagg.RoleError, match="host a is in both --prefill and --decode"):
-        disagg.assign_roles(hosts, ["a"], ["a"])
+        disagg.assign_roles(hosts, [["a"]], [["a"]])
+    with pytest.raises(disagg.RoleError, match="host a is in two --prefill instances"):
+        disagg.assign_roles(hosts, [["a", "b"], ["a"]], [["c"]])
     with pytest.raises(disagg.RoleError, match="--prefill/--decode name z, which the hostfile does not list"):
-        disagg.assign_roles(hosts, ["z"], [])
+        disagg.assign_roles(hosts, [["z"]], [])
     with pytest.raises(PlanError, match=r"b \(hostfile:2\) has no role: give it role=prefill or role=decode"):
         plan.build(hostfile.parse("a role=decode\nb\n", source="hostfile"), LaunchOptions(command=("vllm", "serve", "m")), {}, "j")
     with pytest.raises(PlanError, match="no prefill host"):
@@ -44,10 +47,100 @@ def test_each_role_host_runs_its_own_instance_with_nixl_and_its_slots_as_dp():
     assert built.readiness == Url(url="http://{host_ip}:8100/health", ports=True) and built.roles == ("prefill", "decode")
 
 
+def test_plan_json_shows_every_hosts_argv_for_two_dp2_prefills_and_one_dp2_decode_on_six_hosts(tmp_path):
+    hf = write_hostfile(
+        tmp_path, "".join(f"{h} role=prefill group=p{i // 2}\n" for i, h in enumerate(["p1", "p2", "p3", "p4"])) + "d1\nd2\n"
+    )
+    done = run_launcher(
+        "plan", "-H", hf, "--decode", "d1+d2", "--rpc-port", "13000", "--json", "--", "vllm", "serve", "M", "--port", "8100"
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    common = [
+        "vllm",
+        "serve",
+        "M",
+        "--port",
+        "8100",
+        "--kv-transfer-config",
+        NIXL,
+        "--data-parallel-size",
+        "2",
+        "--data-parallel-size-local",
+        "1",
+    ]
+    leader = lambda rpc: [*common, "--data-parallel-address", "{head_ip}", "--data-parallel-rpc-port", str(rpc)]
+    argv = {h["name"]: h["processes"][0]["argv"] for h in doc["hosts"]}
+    assert argv == {
+        "p1": leader(13000), "p2": [*leader(13000), "--data-parallel-start-rank", "1", "--headless"],
+        "p3": leader(13001), "p4": [*leader(13001), "--data-parallel-start-rank", "1", "--headless"],
+        "d1": leader(13002), "d2": [*leader(13002), "--data-parallel-start-rank", "1", "--headless"],
+    }  # fmt: skip
+    assert [(i["role"], i["name"], i["hosts"], i["api_hosts"], i["rpc_port"]) for i in doc["instances"]] == [
+        ("prefill", "p0", ["p1", "p2"], ["p1"], 13000),
+        ("prefill", "p1", ["p3", "p4"], ["p3"], 13001),
+        ("decode", "d1+d2", ["d1", "d2"], ["d1"], 13002),
+    ]
+    ports = {h["name"]: h["processes"][0]["ports"] for h in doc["hosts"]}
+    assert ports == {"p1": [5600], "p2": [5601], "p3": [5600], "p4": [5601], "d1": [5600], "d2": [5601]}  # base + DP index
+    headless = {h["name"]: h["readiness"] for h in doc["hosts"]}
+    assert headless["p2"] == "its side-channel ports accept TCP connections" and "8100/health" in headless["p1"]
+    text = run_launcher("plan", "-H", hf, "--decode", "d1+d2", "--", "vllm", "serve", "M").stdout
+    assert "prefill instance p0: DP 2 over p1, p2; API server on p1, DP RPC port 13345, {head_ip} = p1's address" in text
+
+
+def test_an_instance_over_hosts_takes_the_hybrid_mode_and_refuses_what_vllm_would():
+    hosts = [Host("p1", slots=2, role="prefill", group="p"), Host("p2", slots=2, role="prefill", group="p"), Host("d", role="decode")]
+    hybrid = plan.build(hosts, LaunchOptions(command=("vllm", "serve", "m"), vllm_dp="hybrid"), {}, "j")
+    second = list(user_command(hybrid.hosts[1].ranks[0].argv))
+    assert "--headless" not in second and second[second.index("--data-parallel-start-rank") + 1] == "2"
+    assert [plan_host.readiness for plan_host in hybrid.hosts][:2] == [Url(url="http://{host_ip}:8000/health", ports=True)] * 2
+    assert [hybrid.hosts[i].host.name for i in hybrid.api_hosts(hybrid.instances[0])] == ["p1", "p2"]
+    serve = ("vllm", "serve", "m")
+    refused = {
+        "external": (LaunchOptions(command=serve, vllm_dp="external"), "--vllm-dp external in a P/D job"),
+        "hybrid, one slot": (LaunchOptions(command=serve, vllm_dp="hybrid"), "prefill instance p: --vllm-dp hybrid needs at least 2 slots"),
+        "size": (
+            LaunchOptions(command=(*serve, "-dp", "3")),
+            "instance p: --data-parallel-size 3 in the command, but the hostfile's slots add up to 4",
+        ),
+        "rpc ports": (LaunchOptions(command=serve, rpc_port=65535), "DP RPC ports 65535..65536 run past 65535 for 2 instances"),
+    }
+    for what, (options, message) in refused.items():
+        tried = hosts if what != "hybrid, one slot" else [replace(h, slots=1) for h in hosts]
+        with pytest.raises(PlanError) as info:
+            plan.build(tried, options, {}, "j")
+        assert message in str(info.value), what
+    mixed = hostfile.parse("a role=prefill group=g\nb role=decode group=g\n", source="hf")
+    with pytest.raises(
+        PlanError, match=r"b \(hf:2\) is in group g with role=decode, but a \(hf:1\) has role=prefill: one instance has one role"
+    ):
+        plan.build(mixed, LaunchOptions(command=("vllm", "serve", "m")), {}, "j")
+    with pytest.raises(hostfile.HostfileError, match="group='p 0'"):
+        hostfile.parse("a role=prefill 'group=p 0'\n")
+
+
+@pytest.mark.parametrize(
+    "text, instances",
+    [
+        ("h1,h2", [["h1"], ["h2"]]),  # one instance a host, as before groups
+        ("h[1-2]", [["h1"], ["h2"]]),
+        ("h1+h2", [["h1", "h2"]]),
+        ("h[1-2]+h[3-4],h5", [["h1", "h2", "h3", "h4"], ["h5"]]),
+        ("a[1,3]+b,c", [["a1", "a3", "b"], ["c"]]),
+    ],
+)
+def test_prefill_and_decode_host_lists_join_hosts_with_plus(text, instances):
+    assert cli._instances(text) == instances
+
+
 @pytest.mark.parametrize(
     "command, message",
     [
-        (("vllm", "serve", "m", "--headless"), "--headless in the command: in a P/D job each host is its own vLLM instance"),
+        (
+            ("vllm", "serve", "m", "--headless"),
+            "prefill instance p: --headless in the command: launcher writes it per host of each instance",
+        ),
         (("vllm", "serve", "m", "--kv-transfer-config", '{"kv_connector":"LMCacheConnectorV1"}'), "the P/D proxy speaks the NixlConnector"),
         (("vllm", "serve", "m", "-dp", "4"), "--data-parallel-size 4 in the command, but a host's slots are its instance's DP size (1)"),
         (("python", "x.py"), "--prefill/--decode run 'vllm serve'"),
@@ -142,6 +235,20 @@ def test_a_taken_proxy_port_fails_the_job_naming_it(tmp_path, no_leaks, vllm_sta
                             vllm_standin, "serve", "m", "--port", str(base + 8), timeout=60)  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert failed_line(done.stderr).startswith(f"the P/D proxy cannot listen on 127.0.0.1:{base + 10}: Address already in use")
+
+
+@pytest.mark.e2e
+def test_run_check_refuses_prefill_and_decode_engines_whose_compatibility_hashes_differ(tmp_path, no_leaks, vllm_standin):
+    base = free_port_base(12)
+    hf = write_hostfile(tmp_path, "127.0.0.1 role=prefill\n127.0.0.2 role=decode env:STANDIN_COMPAT_HASH=another-model\n")
+    done = run_launcher("run", "-H", hf, "--check", "--wire", "v2", "--port-base", str(base), "--proxy-port", str(base + 10),
+                        "--", vllm_standin, "serve", "m", "--port", str(base + 8), timeout=60)  # fmt: skip
+    assert done.returncode == 5, done.stderr  # before the proxy serves a request that NIXL would fail
+    assert failed_line(done.stderr).startswith(
+        f"compatibility hash mismatch: rank 0 on 127.0.0.1 (port {base}) reports standin…, "
+        f"rank 1 on 127.0.0.2 (port {base}) reports another-mode…"
+    )
+    assert "P/D proxy on" not in done.stderr
 
 
 def test_over_ssh_decoders_take_turns_and_pull_from_the_prefill_host(hosts, tmp_path, vllm_standin):

@@ -11,7 +11,8 @@ import time
 import psutil
 import pytest
 
-from conftest import RunningLauncher, free_port_base, vllm_handshake, wait_for, write_hostfile
+from conftest import RunningLauncher, free_port_base, standin_reports, vllm_handshake, wait_for, write_hostfile
+from support.netns import NET
 
 pytestmark = pytest.mark.e2e
 
@@ -161,6 +162,39 @@ def test_a_killed_prefill_restarts_alone_or_with_its_decoders_and_the_proxy_rout
     finally:
         run.proc.send_signal(signal.SIGINT)
         run.finish()
+
+
+def test_a_prefill_instance_over_two_hosts_balances_over_both_engines_and_restarts_as_one(hosts, tmp_path, vllm_standin):
+    """--prefill h1+h2: one DP group, h2 headless; the decoder pulls from each engine's own address; a dead host
+    takes the whole instance down and back, never the decoder."""
+    proxy = free_port_base(2)
+    hf = write_hostfile(tmp_path, "h1\nh2\nh3 slots=2\n")
+    args = ["-H", hf, *hosts.ssh_args(), "--prefill", "h1+h2", "--decode", "h3", "--proxy-port", str(proxy)]
+    run = RunningLauncher(
+        [*args, "--restart", "on-failure", "--restart-backoff", "1,1", "--", vllm_standin, "serve", "m", "--port", "8100"]
+    )
+    try:
+        said(run, f"P/D proxy on http://127.0.0.1:{proxy}: prefill on {NET}.11:8100, decode on {NET}.13:8100")
+        seen = {host: s for (_, host), s in standin_reports(run.stdout).items()}
+        h2 = seen["h2"]["argv"]
+        assert "--headless" in h2 and h2[h2.index("--data-parallel-address") + 1] == f"{NET}.11"  # its instance's leader
+        assert (seen["h1"]["dp_ranks"], seen["h2"]["dp_ranks"], seen["h3"]["dp_ranks"]) == ([0], [1], [0, 1])
+        assert {seen[h]["lb_mode"] for h in seen} == {"internal"}
+        pulled = {post(proxy, {"prompt": "x", "max_tokens": 2})[1]["pulled_from"] for _ in range(4)}
+        assert pulled == {f"{NET}.11:5600", f"{NET}.12:5601"}  # each prefill engine bound its own host's address
+
+        job_id = job_id_of(run)
+        before = wait_for(lambda: len(job_pids(job_id)) == 3 and job_pids(job_id), 10)
+        os.kill(before[1], signal.SIGKILL)  # h2: the headless half of the prefill instance
+        said(run, "restarting prefill instance h1+h2 in ")
+        said(run, "prefill instance h1+h2 is ready again after restart 1")
+        after = job_pids(job_id)
+        assert after[0] != before[0] and after[1] != before[1] and after[2] == before[2]  # the unit is the instance
+        status, answer = post(proxy, {"prompt": "x", "max_tokens": 2})
+        assert status == 200 and answer["pulled_from"] in pulled, answer
+    finally:
+        run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 130
 
 
 def test_a_host_slow_to_become_ready_causes_no_restart_storm(tmp_path, no_leaks):

@@ -186,9 +186,9 @@ def test_versions_differ_a_warning_or_in_a_preflight_a_failure():
 
 def test_head_ip_comes_from_the_first_hosts_agent_or_the_job_fails():
     job = make(LaunchOptions(command=("x", "{head_ip}")))
-    assert jobs.HeadAddress("10.0.0.1") in job.apply(0, hello("10.0.0.1"), 0.0) and job.head_ip == "10.0.0.1"
+    assert jobs.HeadAddress(0, "10.0.0.1") in job.apply(0, hello("10.0.0.1"), 0.0) and job.leader_ips == {0: "10.0.0.1"}
     bad = make(LaunchOptions(command=("x", "{head_ip}")))
-    assert jobs.HeadAddress(None) in bad.apply(0, hello("", address_error="no interface matches ifname=ib"), 0.0)
+    assert jobs.HeadAddress(0, None) in bad.apply(0, hello("", address_error="no interface matches ifname=ib"), 0.0)
     assert bad.failure.message == "host a has no address for {head_ip}: no interface matches ifname=ib"
 
 

@@ -14,6 +14,7 @@ from launcher.plan import Host, LaunchOptions
 from launcher.restart import RestartPolicy
 from launcher.results import FailureKind, Phase
 from launcher.version import __version__
+from launcher.vllm import disagg
 
 ON = RestartPolicy(mode="on-failure", max_restarts=2, window=600.0, backoff_min=1.0, backoff_max=8.0)
 
@@ -28,12 +29,18 @@ def test_backoff_doubles_from_the_minimum_never_under_it_and_never_over_the_maxi
 
 
 def test_units_are_the_whole_dp_job_or_each_pd_instance():
-    assert restart.units_of([None, None, None], ["a", "b", "c"]) == (restart.Unit("the job", (0, 1, 2)),)
-    units = restart.units_of(["prefill", "decode", "decode"], ["p", "d1", "d2"])
+    assert restart.units_of((), 3) == (restart.Unit("the job", (0, 1, 2)),)
+    hosts = [
+        Host("p1", role="prefill", group="p0"),
+        Host("d1", role="decode"),
+        Host("p2", role="prefill", group="p0"),
+        Host("d2", role="decode"),
+    ]
+    units = restart.units_of(disagg.instances(hosts), len(hosts))
     assert [(u.name, u.hosts, u.role) for u in units] == [
-        ("prefill instance p", (0,), "prefill"),
+        ("prefill instance p0", (0, 2), "prefill"),  # one DP group over two hosts: they fail and come back together
         ("decode instance d1", (1,), "decode"),
-        ("decode instance d2", (2,), "decode"),
+        ("decode instance d2", (3,), "decode"),
     ]
 
 

@@ -62,7 +62,7 @@ def test_flags_the_user_gave_win_when_they_agree():
     command = ("vllm", "serve", "m", "-dp", "6", "--data-parallel-address=10.0.0.1", "--data-parallel-rpc-port", "2345")
     built, argv = commands(LaunchOptions(command=command, vllm_dp="internal"))
     assert argv[0] == [*command, "--data-parallel-size-local", "2"]
-    assert built.uses_rpc_port is False  # their port: launcher does not claim {rpc_port}
+    assert built.hosts[0].rpc_port is None  # their port: launcher does not claim {rpc_port}
 
 
 @pytest.mark.parametrize(

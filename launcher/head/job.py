@@ -97,8 +97,9 @@ class NewAttempt(msgspec.Struct, frozen=True):
 
 
 class HeadAddress(msgspec.Struct, frozen=True):
-    """The first host's address is known (or will never be: None): release the specs that wait for it."""
+    """A leader's address is known (or will never be: None): release the specs that wait for it ({head_ip})."""
 
+    leader: int
     address: str | None
 
 
@@ -162,12 +163,12 @@ class Job:
         self.failure: Failure | None = None
         self.stopping = False  # the job is being stopped: exits from now on are consequences
         self.interrupted = False  # the user asked to stop (Ctrl-C, SIGTERM at the head)
-        self.head_ip: str | None = None
+        self.leader_ips: dict[int, str] = {}  # {head_ip} of the hosts that wait for a leader, by the leader's index
         self.matrix: CheckMatrix | None = None
         self.transfers: CheckMatrix | None = None  # check --transfer: NIXL reads, after the probes
         # --restart: failure groups, whether each was ever ready (no restart before that), the open restart of each
         self.policy = plan.options.restart
-        self.units = restart.units_of([h.host.role for h in plan.hosts], [h.host.name for h in plan.hosts])
+        self.units = restart.units_of(plan.instances, len(plan.hosts))
         self.unit_of = {host: i for i, unit in enumerate(self.units) for host in unit.hosts}
         self.ever_ready = [False] * len(self.units)
         self.restarting: list[int | None] = [None] * len(self.units)  # index into restarts, while one is under way
@@ -343,16 +344,16 @@ class Job:
                 f"agents connected {connected}/{len(self.hosts)} ({host.host.name}: {hello.address or 'address unknown'}, pid {hello.pid})"
             )
         ]
-        if index == 0 and self.plan.uses_head_ip:
+        if index in self.plan.leaders:
             if hello.address:
-                self.head_ip = hello.address
+                self.leader_ips[index] = hello.address
             else:
                 self.fail(
                     FailureKind.TRANSPORT,
                     f"host {host.host.label} has no address for {{head_ip}}: {hello.address_error}",
                     host=host.host.name,
                 )
-            actions.append(HeadAddress(self.head_ip))
+            actions.append(HeadAddress(index, self.leader_ips.get(index)))
         if connected == len(self.hosts):
             actions += self._compare_versions()
         return actions

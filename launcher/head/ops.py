@@ -87,6 +87,8 @@ class OpsEndpoint:
                 labels = {"job_id": self.job.plan.job_id, "host": spec.host, "rank": str(spec.rank)}
                 if hp.host.role:
                     labels["role"] = hp.host.role
+                if hp.host.group:
+                    labels["instance"] = hp.host.group
                 found.append({"targets": [f"{url_host(state.address)}:{vllm_dp.api_port(argv)}"], "labels": labels})
         return found
 

@@ -50,7 +50,8 @@ class Supervisor:
         self._events: queue.Queue = queue.Queue(maxsize=EVENT_BACKLOG)
         self.links = [HostLink(i, hp, transport, self._events) for i, hp in enumerate(plan.hosts)]
         self._t0 = time.monotonic()
-        self._head_ip_known = threading.Event()  # {head_ip}: the first host's address, from its agent
+        # {head_ip}: a leader's address (the first host's, or a P/D instance's first), from its agent
+        self._leader_known = {index: threading.Event() for index in plan.leaders}
         # Who else must know that a failure group went down for a restart and came back (the P/D proxy).
         self.on_hosts_down: Callable[[tuple[int, ...], str], None] = lambda hosts, why: None
         self.on_hosts_up: Callable[[tuple[int, ...]], None] = lambda hosts: None
@@ -145,7 +146,7 @@ class Supervisor:
     def stop(self, reason: str = "job finished") -> LaunchResult:
         """Stop every rank on every host; wait for their ends; return the result."""
         self.job.begin_stopping()
-        self._head_ip_known.set()  # specs still held for {head_ip} are never sent now
+        self._release_held_specs()  # specs still held for {head_ip} are never sent now
         self.reporter.progress(f"stopping: {reason}")
         for link in self.links:
             self._send(link, protocol.Stop(reason=reason))
@@ -184,13 +185,19 @@ class Supervisor:
 
     # --- a host's spec, held for {head_ip} when its command needs it ----------------------
 
+    def _release_held_specs(self) -> None:
+        for known in self._leader_known.values():
+            known.set()
+
     def _spec_for(self, link: HostLink) -> protocol.AgentSpec | None:
-        if self.plan.uses_head_ip and link.index > 0:
-            while not self._head_ip_known.wait(0.1):
-                pass
-            if self.job.head_ip is None or self.job.over or self.job.stopping:
-                return None
         hp, options = link.plan, self.plan.options
+        head_ip = None
+        if self.plan.waits_for_leader(link.index):
+            while not self._leader_known[hp.leader].wait(0.1):
+                pass
+            head_ip = self.job.leader_ips.get(hp.leader)
+            if head_ip is None or self.job.over or self.job.stopping:
+                return None
         identity_names = set(rankenv.RankIdentity.NAMES.values())  # sent as the identity itself
         return protocol.AgentSpec(
             job_id=self.plan.job_id,
@@ -208,8 +215,8 @@ class Supervisor:
                 for r in hp.ranks
             ],
             readiness=self.plan.readiness_of(hp.index),
-            head_ip=self.job.head_ip,
-            rpc_port=self.plan.options.rpc_port if self.plan.uses_rpc_port and hp.index == 0 else None,
+            head_ip=head_ip,
+            rpc_port=hp.rpc_port,
             grace=options.grace,
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
@@ -235,7 +242,7 @@ class Supervisor:
             if self.stop_requested.is_set():
                 self.job.interrupt()
             if not self.job.stopping and self.job.over:
-                self._head_ip_known.set()
+                self._release_held_specs()
                 return
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -273,8 +280,8 @@ class Supervisor:
                     self.reporter.output(rank, stream, line)
                 case jobs.Sweep(index):
                     self.links[index].sweep(self.plan.job_id, self.reporter.progress)
-                case jobs.HeadAddress():
-                    self._head_ip_known.set()
+                case jobs.HeadAddress(leader):
+                    self._leader_known[leader].set()
                 case jobs.RestartHosts(hosts, attempt, delay, why):
                     self.on_hosts_down(hosts, why)
                     for index in hosts:

@@ -235,7 +235,7 @@ def render_hosts(hosts: Iterable[Host]) -> str:
 def render_plan(plan: LaunchPlan, python: str = "python") -> str:
     """The dry run: per rank, where, which port, which command, which env and why (the plan document, as text)."""
     doc = plan_document(plan, python)
-    last_port = doc["port_base"] + doc["world_size"] - 1
+    last_port = max(p for host in doc["hosts"] for process in host["processes"] for p in process["ports"])
     lines = [
         f"job {doc['job_id']}: {doc['world_size']} ranks on {len(doc['hosts'])} hosts, side-channel ports {doc['port_base']}..{last_port}"
     ]
@@ -248,8 +248,13 @@ def render_plan(plan: LaunchPlan, python: str = "python") -> str:
     layers = " < ".join(f"{layer['name']} ({layer['applied_by']})" for layer in doc["env_layers"])
     lines.append(f"each rank's environment, in layers (later wins; a host option is never overwritten): {layers}")
     lines += [f"warning: {w}" for w in doc["warnings"]]
+    for instance in doc["instances"]:
+        hosts = instance["hosts"]
+        over = f"DP {instance['dp_size']} over {', '.join(hosts)}" if len(hosts) > 1 else f"on {hosts[0]}"
+        rpc = f", DP RPC port {instance['rpc_port']}, {{head_ip}} = {instance['hosts'][0]}'s address" if instance["rpc_port"] else ""
+        lines.append(f"{instance['role']} instance {instance['name']}: {over}; API server on {', '.join(instance['api_hosts'])}{rpc}")
     for hp, host in zip(plan.hosts, doc["hosts"], strict=True):
-        role = f", {host['role']} instance" if host["role"] else ""
+        role = f", {host['role']} instance {host['instance']}" if host["role"] else ""
         lines += [
             "",
             f"host {host['name']} ({host['origin'] or 'given'}): {host['slots']} ranks{role}; bind address: {host['bind_address']}",

@@ -22,7 +22,8 @@ STATUS_SCHEMA = "launcher.status/1"
 
 def plan_document(plan: LaunchPlan, python: str = "python") -> dict[str, Any]:
     """Per host its bind rule, per process its ranks, ports, command and environment (with each variable's source);
-    ``python``: the interpreter a host without ``python=`` runs."""
+    a P/D job's instances; ``python``: the interpreter a host without ``python=`` runs."""
+    instance_of = {i: instance for instance in plan.instances for i in instance.hosts}
     return {
         "schema": PLAN_SCHEMA,
         "job_id": plan.job_id,
@@ -32,12 +33,24 @@ def plan_document(plan: LaunchPlan, python: str = "python") -> dict[str, Any]:
         "readiness": plan.readiness.describe(),  # the first host's; each host's below
         "warnings": list(plan.warnings),
         "env_layers": [{"name": layer.name, "applied_by": layer.applied_by} for layer in envpolicy.LAYERS],
+        "instances": [
+            {
+                "role": instance.role,
+                "name": instance.name,
+                "hosts": [plan.hosts[i].host.name for i in instance.hosts],
+                "api_hosts": [plan.hosts[i].host.name for i in plan.api_hosts(instance)],
+                "dp_size": sum(plan.hosts[i].host.slots for i in instance.hosts),
+                "rpc_port": plan.hosts[instance.leader].rpc_port,
+            }
+            for instance in plan.instances
+        ],
         "hosts": [
             {
                 "name": hp.host.name,
                 "origin": hp.host.origin,
                 "slots": hp.host.slots,
                 "role": hp.host.role,
+                "instance": instance_of[hp.index].name if hp.index in instance_of else None,
                 "bind_address": netif.describe(hp.bind_request()),
                 "readiness": plan.readiness_of(hp.index).describe(),
                 "processes": [

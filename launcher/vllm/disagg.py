@@ -1,7 +1,11 @@
 """Prefill/decode disaggregation in one job (``--prefill HOSTS --decode HOSTS``): roles, commands, requests.
 
-Each host of a role runs one ``vllm serve`` (its slots as that instance's
-local data parallelism) with a NixlConnector, and the head runs a proxy
+An instance is one ``vllm serve`` deployment of one role: a host by itself
+(its slots as the instance's data parallelism), or the hosts that share a
+``group`` (hostfile ``group=p0``, or ``--prefill h1+h2``), whose engines form
+one DP group with vLLM's flags written per host as ``--vllm-dp`` writes them
+(``dp.dp_commands``: the first host runs the API server, the others are
+headless in the internal mode). Every engine gets a NixlConnector, and the head runs a proxy
 (``launcher.head.pd_proxy``) that sends each request first to a prefill instance,
 with ``max_tokens`` 1 and ``kv_transfer_params.do_remote_decode``, then to a
 decode instance with the ``kv_transfer_params`` the prefill returned: the
@@ -20,9 +24,11 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
 from msgspec.structs import replace
 
 from ..command import CommandError
+from . import dp as vllm_dp
 from .flags import DP_ADDRESS, DP_LOCAL, DP_RANK, DP_SIZE, DP_START, HEADLESS, flag_name, flag_value, is_vllm_serve, kv_transfer_config
 
 ROLES = ("prefill", "decode")
@@ -30,54 +36,114 @@ NIXL_BOTH = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"}, 
 _CROSS_HOST = (*DP_START, *DP_RANK, *DP_ADDRESS, *HEADLESS)
 
 
+INSTANCE_MODES = ("internal", "hybrid")  # how a multi-host instance balances over its engines (--vllm-dp)
+
+
 class RoleError(ValueError):
     """Roles that cannot make a P/D job; the message names the host and the fix."""
 
 
-def assign_roles(hosts: Sequence, prefill: Sequence[str], decode: Sequence[str]):
-    """Hosts with their role from --prefill/--decode (names of the hostfile), else their hostfile role=."""
-    chosen = {name: "prefill" for name in prefill}
-    for name in decode:
-        if chosen.get(name) == "prefill":
-            raise RoleError(f"host {name} is in both --prefill and --decode; give each host one role")
-        chosen[name] = "decode"
+class Instance(msgspec.Struct, frozen=True):
+    """One vLLM instance of a P/D job: its role, its name (the group's, or its one host's), its hosts
+    (indices in hostfile order; the first is its leader: the API server, the DP address)."""
+
+    role: str
+    name: str
+    hosts: tuple[int, ...]
+
+    @property
+    def leader(self) -> int:
+        return self.hosts[0]
+
+
+def assign_roles(hosts: Sequence, prefill: Sequence[Sequence[str]], decode: Sequence[Sequence[str]]):
+    """Hosts with their role (and group) from --prefill/--decode, else their hostfile role= and group=.
+
+    Each of ``prefill`` and ``decode`` lists instances, each the names of its hosts: one name, one host of its
+    own; several (``--prefill h1+h2``), one instance over them, grouped under the name ``h1+h2``."""
+    chosen: dict[str, tuple[str, str | None]] = {}
+    for role, instances_ in (("prefill", prefill), ("decode", decode)):
+        for names in instances_:
+            group = "+".join(names) if len(names) > 1 else None
+            for name in names:
+                if name in chosen:
+                    again = "both --prefill and --decode" if chosen[name][0] != role else f"two --{role} instances"
+                    raise RoleError(f"host {name} is in {again}; give each host one instance")
+                chosen[name] = (role, group)
     known = {h.name for h in hosts}
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise RoleError(f"--prefill/--decode name {unknown[0]}, which the hostfile does not list (hosts: {', '.join(sorted(known))})")
-    return [replace(h, role=chosen.get(h.name, h.role)) for h in hosts]
+    return [replace(h, role=chosen[h.name][0], group=chosen[h.name][1]) if h.name in chosen else h for h in hosts]
 
 
 def check_roles(hosts: Sequence) -> None:
-    """Every host has a role, and both roles have a host."""
+    """Every host has a role, both roles have a host, and a group's hosts share one role."""
     missing = [h for h in hosts if not h.role]
     if missing:
         raise RoleError(f"{missing[0].label} has no role: give it role=prefill or role=decode, or name it in --prefill/--decode")
     for role in ROLES:
         if not any(h.role == role for h in hosts):
             raise RoleError(f"no {role} host: a P/D job needs at least one host of each role (--prefill HOSTS --decode HOSTS)")
+    instances(hosts)
 
 
-def role_command(command: Sequence[str], slots: int) -> tuple[str, ...]:
-    """One host's ``vllm serve``: a NixlConnector unless the command names one, its slots as local DP."""
-    command = tuple(command)
+def instances(hosts: Sequence) -> tuple[Instance, ...]:
+    """The P/D job's instances, in the order their first hosts appear: a host with no group is one by itself."""
+    members: dict[object, list[int]] = {}
+    for index, host in enumerate(hosts):
+        members.setdefault(("group", host.group) if host.group else ("host", index), []).append(index)
+    found = []
+    for indices in members.values():
+        first = hosts[indices[0]]
+        other = next((hosts[i] for i in indices if hosts[i].role != first.role), None)
+        if other is not None:
+            raise RoleError(
+                f"{other.label} is in group {first.group} with role={other.role}, but {first.label} has role={first.role}: "
+                f"one instance has one role; give the group's hosts the same role or another group"
+            )
+        found.append(Instance(role=first.role, name=first.group or first.name, hosts=tuple(indices)))
+    return tuple(found)
+
+
+def instance_commands(command: Sequence[str], slots: Sequence[int], mode: str = "internal") -> list[tuple[str, ...]]:
+    """Each host's ``vllm serve`` for one instance over hosts with ``slots`` DP ranks each, in order.
+
+    A NixlConnector unless the command names one. One host: its slots as the instance's DP size. Several: one
+    DP group, its flags written per host as ``--vllm-dp MODE`` writes them, with ``{world_size}``,
+    ``{host_first_rank}``, ``{head_ip}`` and ``{rpc_port}`` standing for the instance's (the plan fills them so)."""
+    command = _with_connector(tuple(command))
+    if mode not in INSTANCE_MODES:
+        raise CommandError(f"--vllm-dp {mode} in a P/D job: an instance over several hosts balances internal or hybrid")
+    if len(slots) > 1:
+        head, rest = vllm_dp.dp_commands(command, mode, slots)
+        return [head, *[rest] * (len(slots) - 1)]
+    (count,) = slots
+    size = flag_value(command, DP_SIZE)
+    extra: list[str] = []
+    if count > 1 and size is None:
+        extra += ["--data-parallel-size", "{local_size}"]  # one instance: every engine of the host behind its API server
+    elif size is not None and size not in (str(count), "{local_size}"):
+        raise CommandError(f"--data-parallel-size {size} in the command, but a host's slots are its instance's DP size ({count})")
+    if flag_value(command, DP_LOCAL) not in (None, str(count), "{local_size}"):
+        raise CommandError("--data-parallel-size-local in the command disagrees with a host's slots; drop it")
+    return [(*command, *extra)]
+
+
+def _with_connector(command: tuple[str, ...]) -> tuple[str, ...]:
+    """The command with a NixlConnector (unless it names one); refused when it is no vllm serve, names another
+    connector, or writes flags that tie hosts together (the plan writes those per instance)."""
     if not is_vllm_serve(command):
         raise CommandError(f"--prefill/--decode run 'vllm serve'; the command is {' '.join(command[:2])!r} ...")
     for name in map(flag_name, command):
         if name in _CROSS_HOST:
-            raise CommandError(f"{name} in the command: in a P/D job each host is its own vLLM instance; drop it")
+            raise CommandError(
+                f"{name} in the command: launcher writes it per host of each instance (hostfile group= joins hosts into one); drop it"
+            )
     config = kv_transfer_config(command)
     if config is not None and "Nixl" not in str(config.get("kv_connector", "")):
         raise CommandError(f"--kv-transfer-config names {config.get('kv_connector')!r}: the P/D proxy speaks the NixlConnector's protocol")
-    extra: list[str] = [] if config is not None else ["--kv-transfer-config", NIXL_BOTH]
-    size = flag_value(command, DP_SIZE)
-    if slots > 1 and size is None:
-        extra += ["--data-parallel-size", "{local_size}"]  # one instance: every engine of the host behind its API server
-    elif size is not None and size not in (str(slots), "{local_size}"):
-        raise CommandError(f"--data-parallel-size {size} in the command, but a host's slots are its instance's DP size ({slots})")
-    if flag_value(command, DP_LOCAL) not in (None, str(slots), "{local_size}"):
-        raise CommandError("--data-parallel-size-local in the command disagrees with a host's slots; drop it")
-    return (*command, *extra)
+    return command if config is not None else (*command, "--kv-transfer-config", NIXL_BOTH)
 
 
 def prefill_request(body: Mapping[str, Any]) -> dict[str, Any]:
