@@ -29,12 +29,10 @@ def plan_job(
     return planmod.build(hosts, options, os.environ if env is None else env, job_id)
 
 
-def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int], ops=None) -> None:
-    """Serve; a P/D job behind its proxy, which lives exactly as long."""
+def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int], ops=None, router=None, log_dir=None) -> None:
+    """Serve; a P/D job behind its proxy (or ``router``, an argv template), which lives exactly as long."""
     if not any(plan.roles):
         return supervisor.serve()
-    from .head.pd_proxy import PdProxy, ProxyError
-
     api = vllm_dp.api_port(plan.options.command)
     upstreams: dict[str, list[str]] = {role: [] for role in disagg.ROLES}
     upstreams_of: dict[int, list[str]] = {}  # host index -> its instance's API servers (a headless host has none)
@@ -43,6 +41,10 @@ def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int], ops
         found = [f"{url_host(address[i])}:{api}" for i in plan.api_hosts(instance)]
         upstreams[instance.role] += found
         upstreams_of.update(dict.fromkeys(instance.hosts, found))
+    if router is not None:
+        return _serve_behind_router(supervisor, plan, upstreams, proxy, router, log_dir)
+    from .head.pd_proxy import PdProxy, ProxyError
+
     try:
         server = PdProxy(upstreams["prefill"], upstreams["decode"], *proxy, note=supervisor.reporter.progress)
     except ProxyError as exc:
@@ -62,6 +64,34 @@ def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int], ops
         server.close()
 
 
+def _serve_behind_router(supervisor: Supervisor, plan: LaunchPlan, upstreams, proxy, template, log_dir) -> None:
+    """The router is started with every instance's URL and is a part of the job: its exit fails it."""
+    from .head.router_process import RouterProcess, free_port
+    from .vllm import router as routers
+
+    urls = {role: [f"http://{u}" for u in found] for role, found in upstreams.items()}
+    metrics_port = free_port(proxy[0]) if tuple(template) == (routers.VLLM_ROUTER,) else 0
+    argv = routers.router_argv(template, urls["prefill"], urls["decode"], *proxy, metrics_port=metrics_port)
+    process = RouterProcess(argv, *proxy, log_path=os.path.join(log_dir, "router.log") if log_dir else None)
+    supervisor.reporter.progress(f"starting the router: {' '.join(argv)}")
+    process.start()
+    try:
+        failure = process.wait_serving(plan.options.ready_timeout, lambda: supervisor.stop_requested.is_set() or supervisor.job.over)
+        if failure is not None:
+            code = process.poll()
+            supervisor.job.fail(FailureKind.ROUTER if code is not None else FailureKind.NOT_READY, failure, rank_code=code)
+            return
+        process.watch(lambda message, code: supervisor.fail_later(FailureKind.ROUTER, message, code))
+        supervisor.reporter.progress(
+            f"router {argv[0]} on http://{url_host(proxy[0])}:{proxy[1]} (pid {process.pid}): "
+            f"prefill on {', '.join(upstreams['prefill'])}, decode on {', '.join(upstreams['decode'])}"
+            + (f"; its metrics on http://{url_host(proxy[0])}:{metrics_port}/metrics" if metrics_port else "")
+        )
+        supervisor.serve()
+    finally:
+        process.close(plan.options.grace)
+
+
 def launch(
     plan: LaunchPlan,
     transport: transports.Transport | None = None,
@@ -75,6 +105,8 @@ def launch(
     proxy: tuple[str, int] = ("127.0.0.1", 8000),
     metrics: tuple[str, int] | None = None,
     on_supervisor: Callable[[Supervisor], None] | None = None,
+    router: Sequence[str] | None = None,
+    log_dir: str | None = None,
 ) -> LaunchResult:
     """Start every rank, wait until all are ready, then check and/or serve, then stop.
 
@@ -90,7 +122,9 @@ def launch(
     built-in engine core on the same hosts and ports with the all-pairs check
     (``plan.preflight_plan``); if that fails, its result is returned and the
     command never starts. A P/D plan (hosts with roles) serves behind a proxy
-    on ``proxy`` (address, port) that routes each request prefill, then decode.
+    on ``proxy`` (address, port) that routes each request prefill, then decode; with ``router`` (an argv
+    template, ``vllm.router.parse``) that router runs there instead, a part of the job, its output in
+    ``log_dir``/router.log.
     ``metrics`` (address, port): serve /health, /metrics and /targets there
     while the job runs (``head.ops``). ``on_supervisor`` is handed the job's
     supervisor once its agents are starting (the control socket of a detached
@@ -131,7 +165,7 @@ def launch(
                 if plan.options.transfer_bytes and plan.builtin and supervisor.failure is None:
                     supervisor.transfer_check(check)
             if serve and supervisor.failure is None:
-                _serve(supervisor, plan, proxy, ops)
+                _serve(supervisor, plan, proxy, ops, router, log_dir)
     except BaseException:
         supervisor.stop("interrupted")
         if ops is not None:

@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decode", metavar="HOSTS", help="... and these run decode instances; run serves both behind a proxy")
     c.add_argument("--proxy-port", type=argtypes.port, default=8000, help="where the P/D proxy listens on this machine (default 8000)")
     c.add_argument("--proxy-address", default="127.0.0.1", help="the P/D proxy's address (default 127.0.0.1; 0.0.0.0 for every interface)")
+    c.add_argument(
+        "--router",
+        metavar="ROUTER",
+        help="P/D: front the instances with a real router instead of launcher's proxy, on --proxy-address:--proxy-port: "
+        "vllm-router (vllm-project's, from this environment's PATH), or a command whose words take {prefill_urls} "
+        "{decode_urls} {address} {port}; it is part of the job: its exit ends the job",
+    )
     c.add_argument("--rpc-port", type=argtypes.port, default=13345, help="value of {rpc_port} (default 13345)")
     c.add_argument("command_argv", nargs="*", metavar="-- CMD", help="the command each process runs, with placeholders")
 
@@ -320,6 +328,7 @@ def _plan_command(args, _ignored: frozenset[int]) -> int:
 def _launch_command(args, ignored: frozenset[int]) -> int:
     """check and run: plan, launch, serve or check, and the verdict."""
     plan = plan_job(_hosts(args), launch_options(args))
+    args.router_argv = _router(args, plan)
     if args.log_dir:
         report.prepare_log_dir(args.log_dir)
     _check_probing(args)
@@ -460,6 +469,25 @@ def _top_level_items(text: str) -> list[str]:
     return [item for item in items if item]
 
 
+def _router(args, plan) -> tuple[str, ...] | None:
+    """--router: its argv template, checked before anything starts (a P/D job, a command this machine has)."""
+    text = getattr(args, "router", None)
+    if text is None:
+        return None
+    from .vllm import router as routers
+
+    try:
+        template = routers.parse(text)
+    except routers.RouterError as exc:
+        raise PlanError(str(exc)) from None
+    if not any(plan.roles) or args.command != "run":
+        raise PlanError("--router fronts a P/D job: launcher run --prefill HOSTS --decode HOSTS --router ... -- vllm serve MODEL")
+    if shutil.which(template[0]) is None:
+        hint = "pip install vllm-router in this environment" if template == (routers.VLLM_ROUTER,) else "give its path"
+        raise PlanError(f"--router: {template[0]} is not an executable on this machine's PATH; {hint}")
+    return template
+
+
 def _head_command(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
@@ -585,6 +613,8 @@ def _launch(args, plan, transport, ignored: frozenset[int], detached: operate.De
             proxy=(args.proxy_address, args.proxy_port),
             metrics=(args.metrics_address, args.metrics_port) if getattr(args, "metrics_port", None) else None,
             on_supervisor=started,
+            router=getattr(args, "router_argv", None),
+            log_dir=args.log_dir,
         )
         if args.plot:
             _plot(result, args.plot, reporter)

@@ -52,6 +52,7 @@ class FailureKind(str, enum.Enum):
     VERSIONS = "versions"  # hosts run different software (preflight)
     SIGNAL = "signal"  # a signal on a host's side (scancel): a stop, not a fault
     PROXY = "proxy"  # the P/D proxy cannot listen (its port is taken)
+    ROUTER = "router"  # the P/D router (--router) exited: its code is passed through, as a rank's
 
     def __str__(self) -> str:
         return self.value
@@ -61,7 +62,7 @@ def exit_code_for(kind: FailureKind, rank_code: int | None = None, signum: int |
     """The launcher's exit code: a rank's own (128+N if killed by signal N), 128+N for a signal, else by kind."""
     if kind is FailureKind.SIGNAL:
         return 128 + (signum or 15)
-    if kind in (FailureKind.RANK_EXITED, FailureKind.RANK_ERROR) and rank_code is not None:
+    if kind in (FailureKind.RANK_EXITED, FailureKind.RANK_ERROR, FailureKind.ROUTER) and rank_code is not None:
         return rank_code if rank_code > 0 else (128 - rank_code if rank_code < 0 else 1)
     return {
         FailureKind.NOT_READY: EXIT_NOT_READY,

@@ -24,3 +24,10 @@ python3 -m pip install -q -e ".[test]"
 bash "$(dirname "$0")/install-nixl-cpu.sh" python3
 # Real vLLM (CPU build) and a tiny model, in a venv of their own: scripts/setup-real-vllm.sh.
 bash "$(dirname "$0")/setup-real-vllm.sh"
+# vllm-project's router (Rust, a wheel from PyPI) for run --router, in a venv of its own: its FastAPI and
+# uvicorn pins must not move vLLM's. LAUNCHER_VLLM_HOME as in setup-real-vllm.sh.
+router=${LAUNCHER_VLLM_HOME:-/opt/launcher-test}/router
+if [ ! -x "$router/bin/vllm-router" ]; then
+    python3 -m venv "$router"
+    "$router/bin/python" -m pip install -q --disable-pip-version-check vllm-router==0.1.17
+fi

@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from .. import check as checking
 from .. import protocol, rankenv
 from ..check import CheckMatrix, CheckOptions
@@ -268,7 +270,14 @@ class Supervisor:
                 return
             self._apply(index, event)
 
+    def fail_later(self, kind, message: str, code: int | None = None) -> None:
+        """From any thread: the job fails (the pump records it, as it records a rank's exit)."""
+        self._events.put((-1, _HeadFailure(kind, message, code)))
+
     def _apply(self, index: int, event) -> None:
+        if isinstance(event, _HeadFailure):
+            self.job.fail(event.kind, event.message, rank_code=event.code)
+            return
         self._perform(self.job.apply(index, event, time.monotonic() - self._t0))
 
     def _perform(self, actions: list[jobs.Action]) -> None:
@@ -323,3 +332,11 @@ def _room_for_links(hosts: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < 4 * hosts + 256 and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class _HeadFailure(msgspec.Struct, frozen=True):
+    """A failure found on the head, outside the links (the router's exit)."""
+
+    kind: object
+    message: str
+    code: int | None = None

@@ -22,12 +22,15 @@ tempfile.tempdir = None
 
 
 def launcher_processes():
-    """This run's agents, engine cores and stand-in vLLMs still alive on this machine (any namespace)."""
+    """This run's agents, engine cores, stand-in vLLMs and routers still alive on this machine (any namespace)."""
     ours = this_run()
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if any(name in cmd for name in ("launcher.agent", "launcher.engine_core", "launcher.bootstrap", "standin_vllm.py")) and ours(p):
+        if any(
+            name in cmd
+            for name in ("launcher.agent", "launcher.engine_core", "launcher.bootstrap", "standin_vllm.py", "vllm-router", "vllm::router")
+        ) and ours(p):
             found.append(p)
     return found
 

@@ -9,6 +9,7 @@ from support.processes import RUN_TMPDIR
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VLLM_HOME = os.environ.get("LAUNCHER_VLLM_HOME", "/opt/launcher-test")
+ROUTER_BIN = os.path.join(VLLM_HOME, "router", "bin")  # vllm-project's vllm-router (scripts/setup-test-host.sh)
 
 
 class RealVllm:

@@ -1,0 +1,135 @@
+"""run --router: vllm-project's vllm-router (or any router command) fronts a P/D job, as a part of it."""
+
+import json
+import os
+import re
+import signal
+
+import psutil
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import RunningLauncher, failed_line, free_port_base, run_launcher, wait_for, write_hostfile
+from launcher.vllm import router
+from support.real_vllm import ROUTER_BIN
+
+WITH_ROUTER = {"PATH": f"{ROUTER_BIN}:{os.environ['PATH']}"}
+
+
+def test_vllm_router_gets_its_own_pd_flags_and_a_command_its_placeholders():
+    prefill, decode = ["http://10.0.0.1:8100", "http://10.0.0.2:8100"], ["http://10.0.0.3:8100"]
+    assert router.router_argv(router.parse("vllm-router"), prefill, decode, "127.0.0.1", 9000) == [
+        "vllm-router", "--vllm-pd-disaggregation",
+        "--prefill", "http://10.0.0.1:8100", "--prefill", "http://10.0.0.2:8100", "--decode", "http://10.0.0.3:8100",
+        "--host", "127.0.0.1", "--port", "9000",
+    ]  # fmt: skip
+    metrics = router.router_argv(router.parse("vllm-router"), prefill, decode, "127.0.0.1", 9000, metrics_port=9001)
+    assert metrics[-4:] == ["--prometheus-host", "127.0.0.1", "--prometheus-port", "9001"]  # never its default, one per machine
+    mine = router.parse("my-router --listen {address}:{port} --prefill {prefill_urls} --decode-list={decode_urls}")
+    assert router.router_argv(mine, prefill, decode, "0.0.0.0", 9000) == [
+        "my-router", "--listen", "0.0.0.0:9000", "--prefill", *prefill, "--decode-list=http://10.0.0.3:8100",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "--router is empty"),
+        ("'vllm-router", "--router is not one shell-quoted command"),
+        ("r --p {prefil_urls} --d {decode_urls}", "--router: {prefil_urls} in '{prefil_urls}' is no placeholder"),
+        ("r --p {prefill_urls}", "--router r ...: the command never names {decode_urls}"),
+    ],
+)
+def test_a_router_that_could_not_route_is_refused_with_the_word_at_fault(text, message):
+    with pytest.raises(router.RouterError) as info:
+        router.parse(text)
+    assert str(info.value).startswith(message)
+
+
+@given(text=st.text(max_size=60), urls=st.lists(st.text(alphabet="abc:/{}0123456789", max_size=12), max_size=3))
+def test_any_router_text_is_refused_in_one_line_or_gives_an_argv_without_placeholders(text, urls):
+    try:
+        template = router.parse(text)
+    except router.RouterError as exc:
+        assert "\n" not in str(exc) or "\n" in text
+        return
+    argv = router.router_argv(template, urls, urls, "127.0.0.1", 1)
+    produced = "".join(argv).replace("".join(urls), "")
+    assert not {"{prefill_urls}", "{decode_urls}", "{address}", "{port}"} & {w for w in argv if w not in urls}, produced
+
+
+def pd_args(tmp_path, proxy, api, vllm_standin, router_text, *more):
+    hf = write_hostfile(tmp_path, "127.0.0.1 role=prefill\n127.0.0.2 role=decode\n")
+    return ["-H", hf, "--port-base", str(proxy - 12), "--proxy-port", str(proxy), "--router", router_text, *more,
+            "--", vllm_standin, "serve", "m", "--port", str(api)]  # fmt: skip
+
+
+def post(port):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(
+        "POST", "/v1/completions", json.dumps({"model": "m", "prompt": "hi", "max_tokens": 3}), {"Content-Type": "application/json"}
+    )
+    reply = conn.getresponse()
+    return reply.status, json.loads(reply.read())
+
+
+@pytest.mark.e2e
+def test_vllm_router_fronts_the_job_and_its_death_ends_the_job_with_its_code(tmp_path, no_leaks, vllm_standin):
+    base = free_port_base(16)
+    proxy, api = base + 12, base + 14
+    run = RunningLauncher(pd_args(tmp_path, proxy, api, vllm_standin, "vllm-router"), env=WITH_ROUTER)
+    try:
+        line = wait_for(lambda: next((x for x in run.stderr if "router vllm-router on http://" in x), None), 60)
+        assert line, run.stderr[-8:]
+        assert f"prefill on 127.0.0.1:{api}, decode on 127.0.0.2:{api}" in line
+        status, answer = post(proxy)
+        assert status == 200 and answer["pulled_from"] == f"127.0.0.1:{base}" and answer["served_by"] == "127.0.0.2", answer
+        pid = int(re.search(r"\(pid (\d+)\)", line).group(1))
+        os.kill(pid, signal.SIGKILL)
+        assert run.finish() == 137  # its code, as a rank's: killed by signal 9
+        assert failed_line("\n".join(run.stderr)).startswith("the router (vllm-router) was killed by signal 9")
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+
+
+@pytest.mark.e2e
+def test_a_router_command_of_ones_own_gets_the_urls_and_dies_with_a_killed_head(tmp_path, no_leaks, vllm_standin):
+    base = free_port_base(16)
+    proxy, api = base + 12, base + 14
+    mine = "vllm-router --vllm-pd-disaggregation --prefill {prefill_urls} --decode {decode_urls} --host {address} --port {port}"
+    mine += f" --prometheus-port {base + 13} --policy round_robin"  # its default port is one per machine
+    args = pd_args(tmp_path, proxy, api, vllm_standin, mine, "--log-dir", str(tmp_path / "logs"))
+    run = RunningLauncher(args, env=WITH_ROUTER)
+    line = wait_for(lambda: next((x for x in run.stderr if "router vllm-router on http://" in x), None), 60)
+    assert line, run.stderr[-8:]
+    assert post(proxy)[0] == 200
+    router_pid = int(re.search(r"\(pid (\d+)\)", line).group(1))
+    started = next(x for x in run.stderr if "starting the router: " in x)
+    assert started.endswith(
+        f"--decode http://127.0.0.2:{api} --host 127.0.0.1 --port {proxy} --prometheus-port {base + 13} --policy round_robin"
+    )
+    run.proc.kill()  # SIGKILL: no teardown of the head's; the router follows by PR_SET_PDEATHSIG, the ranks by their agents
+    run.finish()
+    assert wait_for(lambda: not psutil.pid_exists(router_pid) or psutil.Process(router_pid).status() == psutil.STATUS_ZOMBIE, 10)
+    assert "Router ready" in (tmp_path / "logs" / "router.log").read_text()
+
+
+@pytest.mark.e2e
+def test_a_router_missing_or_failing_is_a_clear_error(tmp_path, no_leaks, vllm_standin):
+    base = free_port_base(16)
+    proxy, api = base + 12, base + 14
+    missing = run_launcher("run", *pd_args(tmp_path, proxy, api, vllm_standin, "vllm-router"), env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode == 2 and missing.stderr.startswith(
+        "launcher: error: --router: vllm-router is not an executable on this machine's PATH; pip install vllm-router"
+    ), missing.stderr
+    failing = run_launcher(
+        "run", *pd_args(tmp_path, proxy, api, vllm_standin, "sh -c 'echo no route; exit 3' {prefill_urls} {decode_urls}")
+    )
+    assert failing.returncode == 3, failing.stderr
+    assert failed_line(failing.stderr) == "the router (sh) exited with code 3; last output: no route"
+    no_pd = run_launcher("run", "-H", write_hostfile(tmp_path, "localhost\n"), "--router", "vllm-router", env=WITH_ROUTER)
+    assert no_pd.returncode == 2 and "--router fronts a P/D job" in no_pd.stderr
