@@ -175,7 +175,8 @@ LAYERS: tuple[EnvLayer, ...] = (
     ),
     EnvLayer(
         "address",
-        "on the host, before the command runs: VLLM_NIXL_SIDE_CHANNEL_HOST and VLLM_HOST_IP setdefault to the address the rank binds",
+        "on the host, before the command runs: VLLM_NIXL_SIDE_CHANNEL_HOST and VLLM_HOST_IP setdefault to the address the rank binds, "
+        "GLOO_SOCKET_IFNAME to its interface",
         "bootstrap.prepare",
     ),
 )

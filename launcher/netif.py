@@ -319,12 +319,19 @@ def resolve_bind_address(request: BindRequest) -> BindChoice:
 def claim_bind_address(env) -> BindChoice:
     """What a rank does first, as vLLM's engine core after PR #41806: resolve
     this host's address from the rank's environment, then ``setdefault`` it
-    into ``VLLM_NIXL_SIDE_CHANNEL_HOST`` and ``VLLM_HOST_IP`` (a value set for
-    the host wins). Raises BindAddressError (or RankEnvError)."""
+    into ``VLLM_NIXL_SIDE_CHANNEL_HOST`` and ``VLLM_HOST_IP``, and its
+    interface into ``GLOO_SOCKET_IFNAME`` (a value set for the host wins).
+    Gloo otherwise binds the address the host name resolves to, often
+    loopback: a multi-node CPU or TP job's peers then dial 127.0.0.1 ("Gloo
+    connectFullMesh failed ... remote=[127.0.0.1]"). Raises BindAddressError
+    (or RankEnvError)."""
     request = bind_request(RankIdentity.from_env(env), HostFacts.from_env(env), env.get(EXPLICIT_VAR))
     choice = resolve_bind_address(request)
     env.setdefault(EXPLICIT_VAR, choice.address)
     env.setdefault("VLLM_HOST_IP", choice.address)
+    interface = interface_of(choice.address)
+    if interface is not None:
+        env.setdefault("GLOO_SOCKET_IFNAME", interface)
     return choice
 
 

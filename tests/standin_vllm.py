@@ -303,7 +303,7 @@ def main(argv=None) -> int:
         "nodes": {"nnodes": args.nnodes, "node_rank": args.node_rank, "master": f"{args.master_addr}:{args.master_port}"},
         "tags": args.tag,
         "launcher_vars": sorted(k for k in env if k.startswith("LAUNCHER_")),
-        "env": {k: v for k, v in env.items() if k.startswith(("VLLM_", "STANDIN_", "HF_", "CUDA_"))},
+        "env": {k: v for k, v in env.items() if k.startswith(("VLLM_", "STANDIN_", "HF_", "CUDA_", "GLOO_"))},
     }
     print("standin: " + json.dumps(seen), flush=True)
     time.sleep(float(env.get("STANDIN_DELAY", "0")))

@@ -314,6 +314,7 @@ def test_vllm_multi_node_dp_with_the_heads_variables_leaking_binds_every_host_it
     for (_, host), got in seen.items():
         own = hosts.host(host).address
         assert (got["side_channel_host"], got["vllm_host_ip"]) == (own, own), host  # never the head's NET.1
+        assert got["env"]["GLOO_SOCKET_IFNAME"] == "eth0"  # gloo (torch.distributed on CPU) binds the same interface
         argv = got["argv"]
         assert argv[argv.index("--data-parallel-address") + 1] == f"{NET}.11"  # {head_ip}: h1's own address
         assert got["tags"] == [f"it's {host}"] and got["headless"] == (host != "h1")

@@ -242,8 +242,8 @@ def render_plan(plan: LaunchPlan, python: str = "python") -> str:
     if not doc["builtin"]:
         lines.append(
             "each process runs its command through launcher.bootstrap, which sets VLLM_NIXL_SIDE_CHANNEL_HOST and "
-            "VLLM_HOST_IP to its host's own address (unless set for that host) and fills in {host_ip} {head_ip}"
-            + ("" if any(hp.readiness for hp in plan.hosts) else f"; ready when {doc['readiness']}")
+            "VLLM_HOST_IP to its host's own address and GLOO_SOCKET_IFNAME to its interface (unless set for that host) "
+            "and fills in {host_ip} {head_ip}" + ("" if any(hp.readiness for hp in plan.hosts) else f"; ready when {doc['readiness']}")
         )
     layers = " < ".join(f"{layer['name']} ({layer['applied_by']})" for layer in doc["env_layers"])
     lines.append(f"each rank's environment, in layers (later wins; a host option is never overwritten): {layers}")

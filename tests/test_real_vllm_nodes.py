@@ -1,0 +1,33 @@
+"""Multi-node tensor parallel without Ray on real vLLM: --vllm-nodes over two namespace hosts, gloo over TCP.
+
+Its own module, so that the deployments of test_real_vllm.py are gone before it starts.
+"""
+
+import signal
+
+import pytest
+from test_real_vllm import SLOW_MACHINE, ended_by, head_env, served
+
+from conftest import RunningLauncher, wait_for, write_hostfile
+from support.netns import NET
+
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.real_vllm]
+
+
+def test_tensor_parallel_over_two_hosts_serves_a_completion(cluster, real_vllm, tmp_path):
+    """vLLM's multiprocessing executor over gloo: each node's workers must bind their own interface
+    (GLOO_SOCKET_IFNAME, set by launcher), or h2's dial h1's 127.0.0.1 ("Gloo connectFullMesh failed")."""
+    run = RunningLauncher(
+        ["-H", write_hostfile(tmp_path, "h1\nh2\n"), *cluster.ssh_args(), "--vllm-nodes", *SLOW_MACHINE,
+         "--", *real_vllm.serve("--tensor-parallel-size", "2", "--port", "8300")],
+        env=head_env(real_vllm),
+    )  # fmt: skip
+    try:
+        rows = run.ready_rows(2, timeout=400)
+        assert [r[:3] for r in rows] == [(0, "h1", f"{NET}.11"), (1, "h2", f"{NET}.12")]
+        done = served((run,), f"http://{NET}.11:8300/v1/completions", {"model": real_vllm.model, "prompt": "hello", "max_tokens": 3})
+        assert done["usage"]["completion_tokens"] == 3
+    finally:
+        run.proc.send_signal(signal.SIGINT)
+    assert run.finish(timeout=90) == 130, ended_by(run)
+    assert wait_for(lambda: not cluster.stray_pids(), timeout=20), f"left on hosts: {cluster.stray_pids()}"
