@@ -2,11 +2,13 @@
 
 Every claim launcher makes about vLLM is shown here on vLLM's own code:
 its environment names and compile-cache hash, both directions of the
-side-channel wire, multi-node data parallel with the README's recipe,
-prefill/decode over NIXL from the prefiller's own address, the all-pairs
-check against vLLM's real listeners, and teardown. vLLM processes are
-expensive here (about 3 GB and 25-45 s each on 2 cores), so one DP
-deployment and one decoder serve several assertions.
+side-channel wire, and one wide P/D job (a prefill instance of DP 2 over
+h1 and h2, launcher writing vLLM's DP flags per host; a decode instance on
+h3; vllm-project's vllm-router in front): multi-node data parallel,
+prefill/decode over NIXL from each prefill engine's own address, the
+all-pairs check against vLLM's real listeners, a failed host restarting its
+instance alone, and teardown. vLLM processes are expensive here (about 3 GB
+and 25-45 s each on 2 cores), so the one job serves every assertion.
 """
 
 import json
@@ -24,7 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import RunningLauncher, free_port_base, wait_for, write_hostfile
 from launcher import envpolicy, plan
+from launcher.head.pd_proxy import PdProxy
 from support.netns import NET
+from support.real_vllm import ROUTER_BIN
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.real_vllm]
 
@@ -37,9 +41,11 @@ LEAKED = {
     "VLLM_DP_MASTER_IP": f"{NET}.1",
     "CUDA_VISIBLE_DEVICES": "0",
 }
-API = f"{NET}.11:8000"  # h1, the DP job's API server
-DECODER = f"{NET}.13:8200"  # h3
-HEAD_OPS = f"127.0.0.1:{free_port_base(1)}"  # the DP job's head: /health, /metrics, /targets
+API = f"{NET}.11:8000"  # h1: the prefill instance's API server (h2 is headless)
+DECODER = f"{NET}.13:8000"  # h3: the decode instance
+_HEAD_PORTS = free_port_base(2)
+HEAD_OPS = f"127.0.0.1:{_HEAD_PORTS}"  # the job's head: /health, /metrics, /targets
+ROUTER = f"127.0.0.1:{_HEAD_PORTS + 1}"  # vllm-router, started by the head
 
 
 # --- vLLM's own facts --------------------------------------------------------------
@@ -132,7 +138,8 @@ class Deployment:
     """`launcher run` of a vLLM deployment in the background."""
 
     def __init__(self, cluster, real_vllm, hostfile, args):
-        self.run = RunningLauncher(["-H", hostfile, *cluster.ssh_args(), *SLOW_MACHINE, *args], env=head_env(real_vllm))
+        env = {**head_env(real_vllm), "PATH": f"{ROUTER_BIN}:{os.environ['PATH']}"}  # vllm-router, as a user's venv has it
+        self.run = RunningLauncher(["-H", hostfile, *cluster.ssh_args(), *SLOW_MACHINE, *args], env=env)
 
     def stop(self):
         if self.run.proc.poll() is None:
@@ -141,48 +148,40 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployments(cluster, real_vllm, tmp_path_factory):
-    """DP 2 over h1 and h2 in one line (--vllm-dp: launcher writes vLLM's DP flags per host), with the
-    NixlConnector, checked all-pairs with vLLM's own side channels once ready; and a decoder on h3. Both
-    stopped (and checked) at the end."""
-    tmp = tmp_path_factory.mktemp("vllm")
-    prefill = Deployment(
+def deployment(cluster, real_vllm, tmp_path_factory):
+    """One P/D job: prefill DP 2 over h1 and h2 (--prefill h1+h2: launcher writes vLLM's DP flags per host), a
+    decoder on h3, the NixlConnector, checked all-pairs with vLLM's own side channels once ready, vllm-router
+    in front. Stopped (and checked) at the end.
+
+    DP 2 + DP 1 rather than DP 2 + DP 2 over four hosts: four CPU vLLMs on this machine's two cores (three
+    already starve heads and agents past the default heartbeat timeout: SLOW_MACHINE) for one more engine
+    that shows nothing the headless prefill host does not."""
+    job = Deployment(
         cluster,
         real_vllm,
-        write_hostfile(tmp, "h1\nh2\n"),
+        write_hostfile(tmp_path_factory.mktemp("vllm"), "h1\nh2\nh3\n"),
         [
-            "--vllm-dp",
+            "--prefill", "h1+h2", "--decode", "h3",
+            "--router", "vllm-router", "--proxy-port", ROUTER.rpartition(":")[2],
             "--check",
-            "--restart",
-            "on-failure",
-            "--restart-backoff",
-            "1,2",
-            "--metrics-port",
-            HEAD_OPS.rpartition(":")[2],
+            "--restart", "on-failure", "--restart-backoff", "1,2",
+            "--metrics-port", HEAD_OPS.rpartition(":")[2],
             "--",
             *real_vllm.serve("--kv-transfer-config", kv("kv_both")),
-        ],  # fmt: skip
-    )
-    decode_hosts = tmp / "decode"
-    decode_hosts.mkdir()
-    decode = Deployment(
-        cluster,
-        real_vllm,
-        write_hostfile(decode_hosts, "h3\n"),
-        ["--", *real_vllm.serve("--port", "8200", "--kv-transfer-config", kv("kv_both"))],
-    )
+        ],
+    )  # fmt: skip
     started = time.monotonic()
     try:
-        prefill.rows = prefill.run.ready_rows(2, timeout=400)
-        decode.rows = decode.run.ready_rows(1, timeout=400)
+        job.rows = job.run.ready_rows(3, timeout=400)
         assert wait_for(lambda: _healthy(API) and _healthy(DECODER), timeout=120), "API servers did not answer /health"
-        prefill.ready_after = time.monotonic() - started
-        yield prefill, decode
+        job.router = wait_for(lambda: next((x for x in job.run.stderr if "router vllm-router on http://" in x), None), 120)
+        assert job.router, ended_by(job)
+        job.ready_after = time.monotonic() - started
+        yield job
     finally:
-        for d in (prefill, decode):
-            if d.run.proc.poll() is None:
-                d.run.proc.kill()
-                d.run.finish()
+        if job.run.proc.poll() is None:
+            job.run.proc.kill()
+            job.run.finish()
         wait_for(lambda: not cluster.stray_pids(), timeout=30)
 
 
@@ -241,36 +240,36 @@ def _healthy(address):
         return False
 
 
-def test_multi_node_dp_binds_each_engines_side_channel_on_its_own_host(deployments, cluster):
-    prefill, _ = deployments
-    assert [r[:4] for r in prefill.rows] == [(0, "h1", f"{NET}.11", 5600), (1, "h2", f"{NET}.12", 5601)]
-    # The head's NET.1 leaked into its environment; each engine core listens on its own host at base + DP rank.
-    for host, port in (("h1", 5600), ("h2", 5601)):
+def test_multi_node_dp_binds_each_engines_side_channel_on_its_own_host(deployment, cluster):
+    rows = [r[:4] for r in deployment.rows]
+    assert rows == [(0, "h1", f"{NET}.11", 5600), (1, "h2", f"{NET}.12", 5601), (2, "h3", f"{NET}.13", 5600)]
+    # The head's NET.1 leaked into its environment; each engine core listens on its own host at base + its DP index.
+    for host, port in (("h1", 5600), ("h2", 5601), ("h3", 5600)):
         listening = cluster.host(host).run("ss", "-ltnH", f"sport = :{port}").stdout.split()
         assert f"{cluster.host(host).address}:{port}" in listening, (host, listening)
-    # --check: every engine handshaken from every engine's address with vLLM 0.32's wire, one hash, distinct engine ids.
-    # (The check runs once every rank is ready: its table may follow the ready table by a moment.)
+    # --check: every engine handshaken from every engine's address with vLLM 0.32's wire, one compatibility hash
+    # across prefill and decode (P/D peers must share it), distinct engine ids. (It follows the ready table.)
     checked = ("handshakes ok", "failed the check")
-    wait_for(lambda: any(word in line for line in prefill.run.stdout + prefill.run.stderr for word in checked), timeout=60)
-    out = "\n".join(prefill.run.stdout)
-    assert "handshake latency in ms (v2 wire;" in out and "all 4 handshakes ok" in out and "problem:" not in out, out[-2000:]
+    wait_for(lambda: any(word in line for line in deployment.run.stdout + deployment.run.stderr for word in checked), timeout=60)
+    out = "\n".join(deployment.run.stdout)
+    assert "handshake latency in ms (v2 wire;" in out and "all 9 handshakes ok" in out and "problem:" not in out, out[-2000:]
 
 
-def test_the_api_server_answers_and_both_engines_serve(deployments, real_vllm):
+def test_the_api_server_answers_and_both_engines_serve(deployment, real_vllm):
     for _ in range(4):
-        done = served(deployments, f"http://{API}/v1/completions", {"model": real_vllm.model, "prompt": "hello world", "max_tokens": 3})
+        done = served((deployment,), f"http://{API}/v1/completions", {"model": real_vllm.model, "prompt": "hello world", "max_tokens": 3})
         assert done["usage"]["completion_tokens"] == 3
     assert metrics(API)["vllm:request_success_total"] >= 4
 
 
-def test_decode_pulls_the_prefilled_kv_over_nixl_from_the_prefillers_own_address(deployments, real_vllm):
+def test_decode_pulls_the_prefilled_kv_over_nixl_from_each_prefill_engines_own_address(deployment, real_vllm):
     # As vLLM's toy proxy does: prefill with do_remote_decode, then decode with the returned params.
-    prefill, decode = deployments
     prompt = "the quick brown fox jumps over the lazy dog " * 6
     before = metrics(DECODER)
-    for _ in range(2):  # the DP API server balances: both engines become prefillers
+    engines = set()
+    for _ in range(4):  # the instance's API server balances: both engines, on both hosts, become prefillers
         prefilled = served(
-            deployments,
+            (deployment,),
             f"http://{API}/v1/completions",
             {
                 "model": real_vllm.model,
@@ -282,19 +281,16 @@ def test_decode_pulls_the_prefilled_kv_over_nixl_from_the_prefillers_own_address
         params = prefilled["kv_transfer_params"]
         engine = int(params["remote_engine_id"].rsplit("_dp", 1)[1])
         assert (params["remote_host"], params["remote_port"]) == (f"{NET}.1{engine + 1}", 5600 + engine)
+        engines.add(engine)
         try:
             decoded = post(
                 f"http://{DECODER}/v1/completions",
                 {"model": real_vllm.model, "prompt": prompt, "max_tokens": 4, "kv_transfer_params": params},
             )
         except OSError as exc:
-            pytest.fail(f"decode failed ({exc}); decoder's last output: {decode.run.stdout[-15:]} {decode.run.stderr[-15:]}")
-        assert decoded["usage"]["completion_tokens"] == 4, (
-            ended_by(prefill, decode),
-            decoded,
-            decode.run.stdout[-10:],
-            prefill.run.stdout[-10:],
-        )
+            pytest.fail(f"decode failed ({exc}); the job's last output: {deployment.run.stdout[-15:]} {deployment.run.stderr[-15:]}")
+        assert decoded["usage"]["completion_tokens"] == 4, (ended_by(deployment), decoded, deployment.run.stdout[-10:])
+    assert engines == {0, 1}, engines  # h2's headless engine prefilled from h2's own address
     after = metrics(DECODER)
     # vLLM's own evidence that KV blocks moved: bytes read over NIXL, tokens sourced from the transfer, no failure.
     assert after["vllm:nixl_bytes_transferred_sum"] > before.get("vllm:nixl_bytes_transferred_sum", 0)
@@ -302,17 +298,39 @@ def test_decode_pulls_the_prefilled_kv_over_nixl_from_the_prefillers_own_address
     assert after["vllm:nixl_num_failed_transfers_total"] == 0
 
 
-def test_the_heads_targets_lead_prometheus_to_vllms_own_metrics(deployments):
-    prefill, _ = deployments
+def test_a_request_through_vllm_router_and_one_through_launchers_proxy_pull_kv_over_nixl(deployment, real_vllm):
+    """--router vllm-router: the head started vllm-project's router with the instances' URLs; launcher's own
+    proxy, pointed at the same instances, serves too."""
+    assert f"prefill on {API}, decode on {DECODER}" in deployment.router, deployment.router
+    prompt = "a long prompt whose blocks the decoder reads over NIXL " * 4
+    body = {"model": real_vllm.model, "prompt": prompt, "max_tokens": 4}
+    proxy = PdProxy([API], [DECODER], "127.0.0.1", 0, note=lambda text: None)
+    proxy.start()
+    try:
+        for front in (ROUTER, proxy.address):
+            before = metrics(DECODER)
+            done = served((deployment,), f"http://{front}/v1/completions", body)
+            assert done["usage"]["completion_tokens"] == 4, done
+            after = metrics(DECODER)
+            assert after["vllm:nixl_bytes_transferred_sum"] > before.get("vllm:nixl_bytes_transferred_sum", 0), front
+            assert after["vllm:nixl_num_failed_transfers_total"] == 0
+    finally:
+        proxy.close()
+
+
+def test_the_heads_targets_lead_prometheus_to_vllms_own_metrics(deployment):
     with urllib.request.urlopen(f"http://{HEAD_OPS}/targets", timeout=10) as reply:
         targets = json.load(reply)
-    job_id = re.search(r"job ([0-9a-f]{16}): starting", "\n".join(prefill.run.stderr)).group(1)
-    assert targets == [{"targets": [API], "labels": {"job_id": job_id, "host": "h1", "rank": "0"}}]  # h2 is headless: no API
+    job_id = re.search(r"job ([0-9a-f]{16}): starting", "\n".join(deployment.run.stderr)).group(1)
+    assert targets == [  # h2 is headless: no API server
+        {"targets": [API], "labels": {"job_id": job_id, "host": "h1", "rank": "0", "role": "prefill", "instance": "h1+h2"}},
+        {"targets": [DECODER], "labels": {"job_id": job_id, "host": "h3", "rank": "2", "role": "decode"}},
+    ]
     assert metrics(API)["vllm:request_success_total"] >= 1  # what Prometheus then scrapes there: vLLM's own series
     with urllib.request.urlopen(f"http://{HEAD_OPS}/metrics", timeout=10) as reply:
         families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
     ranks = {s.labels["state"]: s.value for s in families["launcher_ranks"].samples}
-    assert ranks["ready"] == 2 and families["launcher_healthy"].samples[0].value == 1
+    assert ranks["ready"] == 3 and families["launcher_healthy"].samples[0].value == 1
     latency = {s.labels["stat"]: s.value for s in families["launcher_check_handshake_latency_seconds"].samples}
     assert 0 < latency["min"] <= latency["max"] < 5  # --check ran with vLLM's own listeners
 
@@ -331,38 +349,38 @@ def _vllm_pids(cluster, host):
     return found
 
 
-def test_a_killed_engine_core_brings_the_whole_dp_group_back_on_the_same_ports(deployments, cluster, real_vllm):
-    prefill, _ = deployments
-    before = {host: _vllm_pids(cluster, host) for host in ("h1", "h2")}
+def test_a_killed_engine_core_brings_its_whole_instance_back_on_the_same_ports_and_nothing_else(deployment, cluster, real_vllm):
+    before = {host: _vllm_pids(cluster, host) for host in ("h1", "h2", "h3")}
     cores = [pid for pid, title in before["h2"].items() if "EngineCore" in title]
     assert cores, before["h2"]
-    os.kill(cores[0], signal.SIGKILL)
-    said = lambda text: any(text in line for line in prefill.run.stderr)
-    assert wait_for(lambda: said("restarting the job in"), timeout=120), ended_by(prefill)
-    assert wait_for(lambda: said("the job is ready again after restart 1") or prefill.run.proc.poll() is not None, timeout=400)
-    assert said("the job is ready again after restart 1"), ended_by(prefill)
+    os.kill(cores[0], signal.SIGKILL)  # the headless half of the prefill instance
+    said = lambda text: any(text in line for line in deployment.run.stderr)
+    assert wait_for(lambda: said("restarting prefill instance h1+h2 in"), timeout=120), ended_by(deployment)
+    done = lambda: said("prefill instance h1+h2 is ready again after restart 1") or deployment.run.proc.poll() is not None
+    assert wait_for(done, timeout=400)
+    assert said("prefill instance h1+h2 is ready again after restart 1"), ended_by(deployment)
     assert wait_for(lambda: _healthy(HEAD_OPS) and _healthy(API), timeout=120), "the head's /health or vLLM's did not come back"
-    after = {host: _vllm_pids(cluster, host) for host in ("h1", "h2")}
-    for host in ("h1", "h2"):  # both hosts' vLLM replaced: the group restarts together
+    after = {host: _vllm_pids(cluster, host) for host in ("h1", "h2", "h3")}
+    for host in ("h1", "h2"):  # both hosts' vLLM replaced: vLLM cannot rejoin a DP group piecemeal
         assert after[host] and not set(after[host]) & set(before[host]), (host, before[host], after[host])
-    done = served((prefill,), f"http://{API}/v1/completions", {"model": real_vllm.model, "prompt": "hello again", "max_tokens": 3})
+    assert after["h3"] == before["h3"]  # the decode instance is another failure group: untouched
+    done = served((deployment,), f"http://{API}/v1/completions", {"model": real_vllm.model, "prompt": "hello again", "max_tokens": 3})
     assert done["usage"]["completion_tokens"] == 3
     with urllib.request.urlopen(f"http://{HEAD_OPS}/metrics", timeout=10) as reply:
         families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
     (restart,) = families["launcher_restarts"].samples
-    assert restart.labels["unit"] == "the job" and restart.value == 1
+    assert restart.labels["unit"] == "prefill instance h1+h2" and restart.value == 1
     for host, port in (("h1", 5600), ("h2", 5601)):  # the side channels on their own hosts' addresses again
         listening = cluster.host(host).run("ss", "-ltnH", f"sport = :{port}").stdout.split()
         assert f"{cluster.host(host).address}:{port}" in listening, (host, listening)
 
 
-def test_ctrl_c_stops_every_vllm_process_on_every_host(deployments, cluster):
-    prefill, decode = deployments
-    ended = [d.run.stderr[-5:] for d in (prefill, decode) if d.run.proc.poll() is not None]
-    assert not ended, f"a deployment ended early: {ended}"
+def test_ctrl_c_stops_every_vllm_process_and_the_router(deployment, cluster):
+    assert deployment.run.proc.poll() is None, f"the job ended early: {deployment.run.stderr[-5:]}"
+    router = int(re.search(r"\(pid (\d+)\)", deployment.router).group(1))
     started = time.monotonic()
-    codes = prefill.stop(), decode.stop()
-    assert codes == (130, 130), ended_by(prefill, decode)
+    assert deployment.stop() == 130, ended_by(deployment)
     assert wait_for(lambda: not cluster.stray_pids(), timeout=20), f"left on hosts: {cluster.stray_pids()}"
+    assert not psutil.pid_exists(router) or psutil.Process(router).status() == psutil.STATUS_ZOMBIE
     assert time.monotonic() - started < 30
-    assert any("stopped by SIGINT; all 2 ranks stopped" in line for line in prefill.run.stderr)
+    assert any("stopped by SIGINT; all 3 ranks stopped" in line for line in deployment.run.stderr)
