@@ -42,7 +42,7 @@ def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int], ops
         upstreams[instance.role] += found
         upstreams_of.update(dict.fromkeys(instance.hosts, found))
     if router is not None:
-        return _serve_behind_router(supervisor, plan, upstreams, proxy, router, log_dir)
+        return _serve_behind_router(supervisor, plan, upstreams, proxy, router, log_dir, ops)
     from .head.pd_proxy import PdProxy, ProxyError
 
     try:
@@ -64,7 +64,7 @@ def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int], ops
         server.close()
 
 
-def _serve_behind_router(supervisor: Supervisor, plan: LaunchPlan, upstreams, proxy, template, log_dir) -> None:
+def _serve_behind_router(supervisor: Supervisor, plan: LaunchPlan, upstreams, proxy, template, log_dir, ops) -> None:
     """The router is started with every instance's URL and is a part of the job: its exit fails it."""
     from .head.router_process import RouterProcess, free_port
     from .vllm import router as routers
@@ -82,6 +82,8 @@ def _serve_behind_router(supervisor: Supervisor, plan: LaunchPlan, upstreams, pr
             supervisor.job.fail(FailureKind.ROUTER if code is not None else FailureKind.NOT_READY, failure, rank_code=code)
             return
         process.watch(lambda message, code: supervisor.fail_later(FailureKind.ROUTER, message, code))
+        if ops is not None and metrics_port:
+            ops.router_metrics = f"{url_host(proxy[0])}:{metrics_port}"  # /targets leads Prometheus to it
         supervisor.reporter.progress(
             f"router {argv[0]} on http://{url_host(proxy[0])}:{proxy[1]} (pid {process.pid}): "
             f"prefill on {', '.join(upstreams['prefill'])}, decode on {', '.join(upstreams['decode'])}"

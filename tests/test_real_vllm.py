@@ -322,10 +322,14 @@ def test_the_heads_targets_lead_prometheus_to_vllms_own_metrics(deployment):
     with urllib.request.urlopen(f"http://{HEAD_OPS}/targets", timeout=10) as reply:
         targets = json.load(reply)
     job_id = re.search(r"job ([0-9a-f]{16}): starting", "\n".join(deployment.run.stderr)).group(1)
+    router_metrics = re.search(r"its metrics on http://(\S+)/metrics", deployment.router).group(1)
     assert targets == [  # h2 is headless: no API server
         {"targets": [API], "labels": {"job_id": job_id, "host": "h1", "rank": "0", "role": "prefill", "instance": "h1+h2"}},
         {"targets": [DECODER], "labels": {"job_id": job_id, "host": "h3", "rank": "2", "role": "decode"}},
+        {"targets": [router_metrics], "labels": {"job_id": job_id, "role": "router"}},
     ]
+    with urllib.request.urlopen(f"http://{router_metrics}/metrics", timeout=10) as reply:  # vllm-router's own series
+        assert reply.status == 200 and b"vllm_router_pd_prefill_requests_total" in reply.read()
     assert metrics(API)["vllm:request_success_total"] >= 1  # what Prometheus then scrapes there: vLLM's own series
     with urllib.request.urlopen(f"http://{HEAD_OPS}/metrics", timeout=10) as reply:
         families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}

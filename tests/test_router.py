@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import urllib.request
 
 import psutil
 import pytest
@@ -86,13 +87,17 @@ def post(port):
 def test_vllm_router_fronts_the_job_and_its_death_ends_the_job_with_its_code(tmp_path, no_leaks, vllm_standin):
     base = free_port_base(16)
     proxy, api = base + 12, base + 14
-    run = RunningLauncher(pd_args(tmp_path, proxy, api, vllm_standin, "vllm-router"), env=WITH_ROUTER)
+    run = RunningLauncher(pd_args(tmp_path, proxy, api, vllm_standin, "vllm-router", "--metrics-port", str(base + 15)), env=WITH_ROUTER)
     try:
         line = wait_for(lambda: next((x for x in run.stderr if "router vllm-router on http://" in x), None), 60)
         assert line, run.stderr[-8:]
         assert f"prefill on 127.0.0.1:{api}, decode on 127.0.0.2:{api}" in line
         status, answer = post(proxy)
         assert status == 200 and answer["pulled_from"] == f"127.0.0.1:{base}" and answer["served_by"] == "127.0.0.2", answer
+        with urllib.request.urlopen(f"http://127.0.0.1:{base + 15}/targets", timeout=10) as reply:
+            (router_target,) = [t for t in json.load(reply) if t["labels"].get("role") == "router"]
+        with urllib.request.urlopen(f"http://{router_target['targets'][0]}/metrics", timeout=10) as reply:
+            assert b"vllm_router_pd_prefill_requests_total" in reply.read()  # Prometheus finds the router's own series
         pid = int(re.search(r"\(pid (\d+)\)", line).group(1))
         os.kill(pid, signal.SIGKILL)
         assert run.finish() == 137  # its code, as a rank's: killed by signal 9

@@ -11,7 +11,8 @@ Prometheus, ``/targets`` so that Prometheus finds every vLLM API server of the j
   process that runs a vLLM API server (``vllm serve`` without
   ``--headless``) at its host's address and ``--port``, labelled with the
   job, host, rank and role: an existing Prometheus scrapes vLLM's own
-  ``/metrics`` there.
+  ``/metrics`` there; and vllm-router's own endpoint (``--router
+  vllm-router``), labelled ``role=router``.
 
 It reads the job from the handler threads while the supervisor's pump
 changes it: each answer is built from copies, and a torn read costs at
@@ -45,6 +46,7 @@ class OpsError(Exception):
 class OpsEndpoint:
     def __init__(self, job: Job, address: str, port: int, proxy=None):
         self.job, self.proxy, self.started = job, proxy, time.monotonic()
+        self.router_metrics: str | None = None  # "host:port" of a --router's own Prometheus endpoint, once it serves
         handler = type("Handler", (_Handler,), {"ops": self, "timeout": IDLE})
         try:
             self.server = BoundedServer((address, port), handler, backlog=256, connections=CONNECTIONS, who="the metrics endpoint")
@@ -90,6 +92,8 @@ class OpsEndpoint:
                 if hp.host.group:
                     labels["instance"] = hp.host.group
                 found.append({"targets": [f"{url_host(state.address)}:{vllm_dp.api_port(argv)}"], "labels": labels})
+        if self.router_metrics is not None:
+            found.append({"targets": [self.router_metrics], "labels": {"job_id": self.job.plan.job_id, "role": "router"}})
         return found
 
     def metrics(self) -> bytes:
