@@ -134,6 +134,24 @@ def test_prefill_and_decode_host_lists_join_hosts_with_plus(text, instances):
     assert cli._instances(text) == instances
 
 
+@settings(max_examples=400, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from("h1[]-,+ab \\x00é"), max_size=24))
+def test_any_prefill_text_is_instances_of_host_names_or_a_one_line_error(text):
+    try:
+        found = cli._instances(text)
+    except PlanError as exc:
+        assert "\n" not in str(exc) and str(exc)
+        return
+    assert all(names and all(names) for names in found)
+    hosts = [Host(name) for name in ("h1", "h2", "a", "b")]
+    try:
+        assigned = disagg.assign_roles(hosts, found, [])
+    except disagg.RoleError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert {h.name for h in assigned if h.role == "prefill"} == {n for names in found for n in names}
+
+
 @pytest.mark.parametrize(
     "command, message",
     [
