@@ -28,6 +28,7 @@ from .vllm import wire
 WIRE_CHOICES = ("auto", *wire.BY_NAME, wire.TCP)
 PROBE_CONCURRENCY = 16  # probes an agent runs at once
 FULL_MATRIX_RANKS = 32  # above this many ranks the matrix is shown host by host
+UNPROVEN = "its listener failed where it was probed"  # a cell a path's probe stood for (CheckMatrix.settle)
 
 
 class CheckOptions(msgspec.Struct, frozen=True):
@@ -89,6 +90,34 @@ def choose_pairs(targets: Sequence[Target], sample: int | None, seed: str) -> li
     return sorted(chosen)
 
 
+def path_probes(peers: Sequence[Peer], sources: Sequence[str]) -> dict[tuple[str, str], tuple[list[int], list[int]]]:
+    """For each of this host's ``sources`` (its ranks' addresses) and each destination address: (the ranks there
+    to probe, the ranks that path's probe then stands for).
+
+    A network path (source address -> destination address) needs one probe, and every listener one probe
+    from somewhere; probing every rank from every address repeats both (32 hosts x 8 ranks: 65,536 cells,
+    8,192 handshakes, where 1,024 prove the same). The job's sources are the peers' own addresses in rank
+    order; the i-th probes the destination's ranks j with j = i (mod sources), and at least its i-th (mod
+    ranks there): every rank is probed from one address at least, every path at least once. A source whose
+    probes of a destination do not all answer probes the rest of it too (the agent: ``probes.probe_path``),
+    so a broken path or listener is reported cell by cell, as the full check would."""
+    everyone = {address: i for i, address in enumerate(dict.fromkeys(p.address for p in peers))}
+    at: dict[str, list[int]] = collections.defaultdict(list)
+    for peer in sorted(peers, key=lambda p: p.rank):
+        at[peer.address].append(peer.rank)
+    chosen: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    for source in sources:
+        index = everyone.get(source)
+        for destination, ranks in at.items():
+            if index is None:  # an address no peer has (cannot happen for a ready rank): probe everything
+                chosen[(source, destination)] = (list(ranks), [])
+                continue
+            mine = {ranks[j] for j in range(len(ranks)) if j % len(everyone) == index % len(everyone)}
+            mine.add(ranks[index % len(ranks)])
+            chosen[(source, destination)] = ([r for r in ranks if r in mine], [r for r in ranks if r not in mine])
+    return chosen
+
+
 def transfer_deadline(targets: Sequence[Target], pairs: list[tuple[int, int]] | None, timeout: float) -> float:
     """Seconds the transfer check may take: a rank reads its peers one after another (a handshake, then a
     read, each up to ``timeout``), all ranks at once; the busiest rank decides."""
@@ -120,6 +149,7 @@ class CheckMatrix(msgspec.Struct):
     # The shape, computed once: the head asks after every one of N^2 results whether the matrix is complete.
     _expected: list[tuple[int, int]] | None = None
     _expected_set: frozenset[tuple[int, int]] = frozenset()
+    _covered: set[tuple[int, int]] = msgspec.field(default_factory=set)  # cells a path probe stands for, until settle
 
     def expected(self) -> list[tuple[int, int]]:
         """The pairs that get a result, in order."""
@@ -130,13 +160,37 @@ class CheckMatrix(msgspec.Struct):
         return self._expected
 
     def add(self, result: CheckResult) -> None:
-        """Keep a result for each expected pair it answers (its rank's, and those of the ranks ``also`` on its path);
-        anything else (a rank of another job, a pair not asked) is dropped. The pairs of one path share the object:
-        its ``rank`` is the first's, the key says whose."""
+        """Keep a result for each expected pair it answers (its rank's, and those of the ranks ``also`` on its path;
+        with each of them, the ranks it ``covers``, until ``settle``); anything else (a rank of another job, a pair
+        not asked) is dropped. The pairs of one path share the object: its ``rank`` is the first's, the key says whose."""
         self.expected()
         for rank in (result.rank, *result.also):
             if (rank, result.peer) in self._expected_set:
                 self.results[(rank, result.peer)] = result
+                self._covered.discard((rank, result.peer))
+            for other in result.covers:
+                if (rank, other) in self._expected_set and (rank, other) not in self.results:
+                    self.results[(rank, other)] = result
+                    self._covered.add((rank, other))
+
+    def settle(self) -> None:
+        """Judge the covered cells: the path answered, so the cell is its listener's verdict from elsewhere; a
+        listener no probe reached alive fails every cell it was covered in, with the reason it failed where probed."""
+        if not self._covered:
+            return
+        alive, why = set(), {}
+        for (a, b), result in self.results.items():
+            if (a, b) in self._covered:
+                continue
+            if result.ok:
+                alive.add(b)
+            else:
+                why.setdefault(b, f"from rank {a}: {result.error}")
+        for a, b in self._covered:
+            if b not in alive:
+                error = why.get(b, "no probe of it answered")
+                self.results[(a, b)] = CheckResult(rank=a, peer=b, ok=False, error=f"{UNPROVEN} ({error})")
+        self._covered = set()
 
     @property
     def complete(self) -> bool:
@@ -150,6 +204,7 @@ class CheckMatrix(msgspec.Struct):
             if (a, b) not in self.results
         ]
         failed = [r if r.rank == a else replace(r, rank=a, also=[]) for (a, _), r in self.results.items() if not r.ok]
+        failed.sort(key=lambda r: r.error.startswith(UNPROVEN))  # what a probe saw first, then what follows from it
         return failed + missing
 
     @property

@@ -175,6 +175,9 @@ class CheckResult(_Msg):
     # More ranks of the probing host whose address is ``rank``'s: one network path, probed once, reported once
     # for all of them (a job's results grow as rank pairs; its messages, as paths).
     also: list[int] = []
+    # Ranks on ``peer``'s address that this path's probe stands for: not probed from here (their listeners are,
+    # from other addresses: check.path_probes); the head judges those cells in CheckMatrix.settle.
+    covers: list[int] = []
 
 
 class TransferResult(CheckResult):

@@ -1,7 +1,11 @@
 """The all-pairs check's decisions, without processes: what each probe speaks, and the verdict."""
 
-from launcher.check import CheckMatrix, CheckOptions, Target, choose_pairs, deadline_for, plan_probes, render_matrix
-from launcher.protocol import CheckResult, EngineSeen
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from msgspec.structs import replace
+
+from launcher.check import CheckMatrix, CheckOptions, Target, choose_pairs, deadline_for, path_probes, plan_probes, render_matrix
+from launcher.protocol import CheckResult, EngineSeen, Peer
 from launcher.vllm import wire
 
 TARGETS = [
@@ -125,3 +129,61 @@ def test_one_result_per_network_path_fills_every_rank_pair_on_it_and_a_failure_n
         matrix.add(CheckResult(rank=2, peer=peer, ok=peer != 0, error="" if peer else "refused", also=[3, 9]))  # 9: not this job's
     assert matrix.complete and len(matrix.results) == 16
     assert sorted((f.rank, f.peer, f.error) for f in matrix.failures) == [(2, 0, "refused"), (3, 0, "refused")]
+
+
+# --- a full check probes each network path and each listener once (check.path_probes) -------------------
+
+
+def simulate(layout, broken, dead):
+    """A full check by path probes over a model network: ``layout`` is ranks per host (host i at 10.0.0.i),
+    ``broken`` the (from, to) host paths that drop everything, ``dead`` the ranks whose listener never answers.
+    Returns (the matrix as launcher judges it, the cells a probe of every pair from every rank would fail)."""
+    host_of = [h for h, count in enumerate(layout) for _ in range(count)]
+    address = lambda r: f"10.0.0.{host_of[r]}"
+    peers = [Peer(rank=r, address=address(r), ports=[5600 + r], wire="tcp") for r in range(len(host_of))]
+    answers = lambda a, b: (host_of[a], host_of[b]) not in broken and b not in dead
+    matrix = CheckMatrix(tuple(range(len(host_of))), {}, {r: f"h{host_of[r]}" for r in range(len(host_of))})
+    handshakes = 0
+    for host in range(len(layout)):
+        mine = [r for r in range(len(host_of)) if host_of[r] == host]
+        if not mine:
+            continue
+
+        def probe(b, a=mine[0]):
+            return CheckResult(rank=a, peer=b, ok=answers(a, b), error="" if answers(a, b) else "timed out")
+
+        for first, rest in path_probes(peers, [address(mine[0])]).values():
+            results = [probe(b) for b in first]
+            if all(r.ok for r in results):
+                results[0] = replace(results[0], covers=rest) if rest else results[0]
+            else:
+                results += [probe(b) for b in rest]
+            handshakes += len(results)
+            for result in results:
+                matrix.add(replace(result, also=mine[1:]))
+    matrix.settle()
+    full = {(a, b) for a in range(len(host_of)) for b in range(len(host_of)) if not answers(a, b)}
+    return matrix, full, handshakes
+
+
+def test_a_full_check_of_32_hosts_of_8_ranks_probes_each_path_and_listener_once():
+    matrix, full, handshakes = simulate([8] * 32, set(), set())
+    assert matrix.complete and matrix.ok and not full
+    assert handshakes == 32 * 32  # one per network path, each of the 256 listeners probed from 4 addresses; was 8,192
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    layout=st.lists(st.integers(1, 5), min_size=1, max_size=6),
+    broken=st.sets(st.tuples(st.integers(0, 5), st.integers(0, 5)), max_size=4),
+    dead=st.sets(st.integers(0, 29), max_size=3),
+)
+def test_path_probes_give_the_full_checks_verdict_and_its_failed_cells(layout, broken, dead):
+    matrix, full, _ = simulate(layout, broken, dead)
+    failed = {(f.rank, f.peer) for f in matrix.failures}
+    assert matrix.complete and matrix.ok == (not full)  # the same verdict, always
+    assert full <= failed  # every cell the full check fails fails here, named
+    if not broken:
+        assert failed == full  # a dead listener: exactly its column, as the full check says
+    for f in matrix.failures:  # a cell failed here only for a listener its one probe could not reach
+        assert (f.rank, f.peer) in full or "its listener failed where it was probed" in f.error

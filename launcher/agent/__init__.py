@@ -30,14 +30,14 @@ import msgspec
 import psutil
 
 from .. import bootstrap, envpolicy, exitcodes, gpus, netif, protocol, rankenv
-from ..check import PROBE_CONCURRENCY
+from ..check import PROBE_CONCURRENCY, path_probes
 from ..command import BOOTSTRAP
 from ..exitwatch import ExitWatch
 from ..probe import foreign_listener, listeners, port_holder, socket_inodes
 from ..version import __version__
 from ..vllm.flags import vllm_interpreter_hint
 from .events import LINE_LIMIT, OUTPUT_BUDGET, EventWriter, read_lines
-from .probes import probe_peer
+from .probes import probe_path, probe_peer
 from .spawn import PortTaken, RankProcess, close_fds, die_with_parent, spawn_rank
 from .teardown import sweep_job, terminate_tree
 from .threads import Worker
@@ -332,22 +332,32 @@ class Agent:
 
     def _run_check(self, check: protocol.Check) -> None:
         """Probe the peers from my ranks' addresses: each network path once (ranks that share an address
-        share their paths), the result reported for every rank on it."""
-        wanted = set(check.pairs) if check.pairs is not None else None
-        paths: dict[tuple[str, int], list[protocol.Ready]] = collections.defaultdict(list)
-        for rp in self.ranks:
-            for peer in check.peers:
-                ready = rp.watch.ready
-                if ready and (wanted is None or (rp.spec.rank, peer.rank) in wanted):
-                    paths[(ready.address, peer.rank)].append(ready)
-        peers = {p.rank: p for p in check.peers}
+        share their paths), the result reported for every rank on it. A full check probes each destination's
+        listeners from one address at least, not from every address (``check.path_probes``); a sampled one,
+        the pairs it names."""
         from concurrent.futures import ThreadPoolExecutor  # here: it loads logging, ~2 ms of every agent's start
 
+        sources: dict[str, list[protocol.Ready]] = collections.defaultdict(list)
+        for rp in self.ranks:
+            if rp.watch.ready:
+                sources[rp.watch.ready.address].append(rp.watch.ready)
+        peers = {p.rank: p for p in check.peers}
+        if check.pairs is None:
+            plan = path_probes(check.peers, list(sources))
+            tasks = [(sources[s], [peers[r] for r in first], [peers[r] for r in rest]) for (s, _), (first, rest) in plan.items()]
+        else:
+            wanted = set(check.pairs)
+            tasks = []
+            for ready_on in sources.values():
+                for peer in check.peers:
+                    mine = [m for m in ready_on if (m.rank, peer.rank) in wanted]
+                    if mine:
+                        tasks.append((mine, [peer], []))
         with ThreadPoolExecutor(max_workers=PROBE_CONCURRENCY) as pool:
-            probed = pool.map(lambda path: probe_peer(paths[path][0], peers[path[1]], check.timeout), list(paths))
-            for path, result in zip(list(paths), probed, strict=True):
-                first, *rest = paths[path]
-                self.events.send(msgspec.structs.replace(result, rank=first.rank, also=[m.rank for m in rest]))
+            done = pool.map(lambda task: probe_path(task[0][0], task[1], task[2], check.timeout), tasks)
+            for (mine, _, _), results in zip(tasks, done, strict=True):
+                for result in results:
+                    self.events.send(msgspec.structs.replace(result, rank=mine[0].rank, also=[m.rank for m in mine[1:]]))
 
     def _pass_on(self, command: protocol.TransferCheck) -> None:
         """To every ready built-in core of this host: it reads its peers itself (its NIXL agent does)."""

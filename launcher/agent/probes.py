@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from .. import protocol
 from ..probe import ProbeError, tcp_connect
 from ..vllm import wire
@@ -29,3 +31,15 @@ def probe_peer(mine: protocol.Ready, peer: protocol.Peer, timeout: float) -> pro
     except (HandshakeError, ProbeError, wire.WireError) as exc:
         return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=False, error=str(exc))
     return protocol.CheckResult(rank=mine.rank, peer=peer.rank, ok=True, latency_ms=round(max(latencies), 3), engines=engines)
+
+
+def probe_path(mine: protocol.Ready, first: list[protocol.Peer], rest: list[protocol.Peer], timeout: float) -> list[protocol.CheckResult]:
+    """One network path from ``mine``'s address to one destination address: probe ``first``; when all answer,
+    the path stands for ``rest`` (``covers``); when one does not, probe ``rest`` too, so that every cell of a
+    broken path or listener is reported as the full check would (``check.path_probes``)."""
+    results = [probe_peer(mine, peer, timeout) for peer in first]
+    if all(r.ok for r in results):
+        if rest:
+            results[0] = msgspec.structs.replace(results[0], covers=[p.rank for p in rest])
+        return results
+    return results + [probe_peer(mine, peer, timeout) for peer in rest]

@@ -105,7 +105,8 @@ class Supervisor:
         kinds = sorted({p.wire for p in peers})
         how = ", ".join("TCP connects" if k == "tcp" else f"handshakes, {k} wire" for k in kinds)
         which = f"all {len(targets) ** 2}" if pairs is None else f"{len(pairs)} sampled (every pair of hosts) of {len(targets) ** 2}"
-        self.reporter.progress(f"checking {which} pairs ({how})")
+        probes = "" if pairs is not None else "; each network path and each listener probed once"
+        self.reporter.progress(f"checking {which} pairs ({how}{probes})")
         matrix = self.job.begin_check(targets, pairs, {p.rank: p.wire for p in peers})
         deadline = checking.deadline_for(targets, pairs, options.timeout)
         return self._probe_all(matrix, protocol.Check(peers=peers, timeout=options.timeout, pairs=pairs), deadline)
@@ -132,6 +133,7 @@ class Supervisor:
         for link in self.links:
             self._send(link, order)
         self._pump(lambda: matrix.complete, time.monotonic() + seconds)
+        matrix.settle()  # the cells a path's probe stood for: their listeners' verdicts from elsewhere
         if not self.job.interrupted:
             self.job.judge_check(matrix)
             self.reporter.checked(matrix)
