@@ -76,9 +76,19 @@ def _serve_behind_router(supervisor: Supervisor, plan: LaunchPlan, upstreams, pr
     supervisor.reporter.progress(f"starting the router: {' '.join(argv)}")
     process.start()
     try:
-        failure = process.wait_serving(plan.options.ready_timeout, lambda: supervisor.stop_requested.is_set() or supervisor.job.over)
-        if failure is not None:
+        # The job's events are pumped meanwhile: a rank that fails while the router starts ends the job now.
+        state: dict[str, bool | str] = {"serving": False}
+
+        def answered() -> bool:
+            state["serving"] = process.serving()
+            return state["serving"] is not False
+
+        supervisor.pump_until(answered, plan.options.ready_timeout)
+        if supervisor.stop_requested.is_set() or supervisor.job.over:
+            return  # stopped (a Ctrl-C, a rank's failure) before the router served
+        if state["serving"] is not True:
             code = process.poll()
+            failure = str(state["serving"]) if code is not None else process.not_serving(plan.options.ready_timeout)
             supervisor.job.fail(FailureKind.ROUTER if code is not None else FailureKind.NOT_READY, failure, rank_code=code)
             return
         process.watch(lambda message, code: supervisor.fail_later(FailureKind.ROUTER, message, code))

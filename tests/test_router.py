@@ -142,5 +142,10 @@ def test_a_router_missing_or_failing_is_a_clear_error(tmp_path, no_leaks, vllm_s
     )
     assert failing.returncode == 3, failing.stderr
     assert failed_line(failing.stderr) == "the router (sh) exited with code 3; last output: no route"
+    silent = run_launcher(
+        "run", *pd_args(tmp_path, proxy, api, vllm_standin, "sh -c 'exec sleep 300' {prefill_urls} {decode_urls}", "--ready-timeout", "3")
+    )
+    assert silent.returncode == 4, silent.stderr  # not ready in time, as a rank that never listens
+    assert failed_line(silent.stderr) == f"the router (sh) did not listen on 127.0.0.1:{proxy} within 3s (--ready-timeout)"
     no_pd = run_launcher("run", "-H", write_hostfile(tmp_path, "localhost\n"), "--router", "vllm-router", env=WITH_ROUTER)
     assert no_pd.returncode == 2 and "--router fronts a P/D job" in no_pd.stderr

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 from ..netif import url_host
@@ -85,21 +84,20 @@ class RouterProcess:
             if log is not None:
                 log.close()
 
-    def wait_serving(self, timeout: float, stop: Callable[[], bool]) -> str | None:
-        """Until its port accepts connections: None, or why it never will (its exit, the timeout)."""
-        deadline = time.monotonic() + timeout
+    def serving(self) -> bool | str:
+        """Whether its port accepts connections now; or, once it has exited, why it never will."""
+        code = self._process.poll()
+        if code is not None:
+            return self.exit_message(code)
         target = ("127.0.0.1" if self.address in ("0.0.0.0", "") else "::1" if self.address == "::" else self.address, self.port)
-        while time.monotonic() < deadline and not stop():
-            code = self._process.poll()
-            if code is not None:
-                return self.exit_message(code)
-            try:
-                with socket.create_connection(target, timeout=0.5):
-                    return None
-            except OSError:
-                time.sleep(0.1)
-        if stop():
-            return None
+        try:
+            with socket.create_connection(target, timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def not_serving(self, timeout: float) -> str:
+        """Why it is not serving after ``timeout`` seconds."""
         where = f"{url_host(self.address)}:{self.port}"
         return f"the router ({self.argv[0]}) did not listen on {where} within {timeout:g}s (--ready-timeout){self._last()}"
 

@@ -139,6 +139,10 @@ class Supervisor:
             self.reporter.checked(matrix)
         return matrix
 
+    def pump_until(self, done: Callable[[], bool], seconds: float) -> None:
+        """Pump events until ``done()`` (asked between events), a stop is requested, the job fails, or ``seconds`` pass."""
+        self._pump(done, time.monotonic() + seconds)
+
     def serve(self) -> None:
         """Pump events until a stop is requested or the job fails."""
         self._pump(lambda: False, None)
