@@ -28,6 +28,11 @@ class _Rule(msgspec.Struct, frozen=True, tag_field="kind", kw_only=True):
         """The rule connects to the rank's side-channel ports: the agent then checks they are the rank's own."""
         return False
 
+    @property
+    def opens_side_channel(self) -> bool:
+        """Whether the rank may serve a side channel once ready: a check probes it (a headless vLLM node opens none)."""
+        return True
+
     def describe(self) -> str:
         raise NotImplementedError
 
@@ -129,6 +134,10 @@ class WithHead(_Rule, tag="with-head"):
     API server on the first host answers, which vLLM's front end does only when every engine has joined."""
 
     polled: ClassVar[bool] = True
+
+    @property
+    def opens_side_channel(self) -> bool:
+        return False
 
     def describe(self) -> str:
         return "it runs (a headless host: the first host's API server answers only once every engine has joined)"

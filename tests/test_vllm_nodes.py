@@ -79,6 +79,9 @@ def test_over_ssh_one_line_starts_a_two_node_tensor_parallel_instance(hosts, tmp
             "--vllm-nodes",
             "--rpc-port",
             str(rpc),
+            "--check",
+            "--wire",
+            "v2",
             "--",
             vllm_standin,
             "serve",
@@ -87,6 +90,8 @@ def test_over_ssh_one_line_starts_a_two_node_tensor_parallel_instance(hosts, tmp
             "2",
             "--port",
             "8300",
+            "--kv-transfer-config",
+            '{"kv_connector":"NixlConnector","kv_role":"kv_both"}',
         ]
     )
     try:
@@ -99,6 +104,9 @@ def test_over_ssh_one_line_starts_a_two_node_tensor_parallel_instance(hosts, tmp
         }
         with urllib.request.urlopen(f"http://{NET}.11:8300/health", timeout=10) as reply:
             assert reply.status == 200  # the instance's API server, on the first node
+        # --check: the instance's one side channel, on the first node (its engine core); h2 runs workers only.
+        assert wait_for(lambda: any("all 1 handshakes ok" in line for line in run.stdout), 20), run.stdout[-10:]
+        assert any("rank 1 on h2: a headless node serves no side channel of its own; not probed" in x for x in run.stderr)
     finally:
         run.proc.terminate()
     assert run.finish() == 143

@@ -100,6 +100,12 @@ class Supervisor:
         """All-pairs probe from every rank's address to every rank (handshakes where the wire is known)."""
         targets, pairs = self._targets(options)
         peers, notes = checking.plan_probes(targets, options, builtin=self.plan.builtin, job_id=self.plan.job_id)
+        probed = {t.rank for t in targets}
+        notes += [
+            f"rank {r.spec.rank} on {r.spec.host}: a headless node serves no side channel of its own; not probed"
+            for r in sorted(self.job.ranks.values(), key=lambda r: r.spec.rank)
+            if r.spec.rank not in probed
+        ]
         for note in notes:
             self.reporter.progress(note)
         kinds = sorted({p.wire for p in peers})
@@ -123,8 +129,10 @@ class Supervisor:
         return self._probe_all(matrix, protocol.TransferCheck(peers=peers, timeout=options.timeout, pairs=pairs), deadline)
 
     def _targets(self, options: CheckOptions) -> tuple[list[checking.Target], list | None]:
-        """Every rank as a probe target, and the pairs to probe (None: all)."""
+        """Every rank that serves a side channel as a probe target (a headless vLLM node serves none: its
+        engine core, and so its listener, runs on the first node), and the pairs to probe (None: all)."""
         ranks = sorted(self.job.ranks.values(), key=lambda r: r.spec.rank)
+        ranks = [r for r in ranks if self.plan.readiness_of(r.spec.host_index).opens_side_channel]
         targets = [checking.Target(r.spec.rank, r.spec.host, r.address, r.spec.ports, r.spec.engine_id, r.vllm_version) for r in ranks]
         return targets, checking.choose_pairs(targets, options.sample, self.plan.job_id)
 
