@@ -186,7 +186,7 @@ def build(
     pd_job = any(h.role for h in hosts)
     if options.vllm_dp and not pd_job:
         options = _with_vllm_dp(options, hosts)
-    if options.vllm_nodes:
+    if options.vllm_nodes and not pd_job:
         options = _with_vllm_nodes(options, hosts)
     instances: tuple[disagg.Instance, ...] = ()
     commands: list[tuple[str, ...]] = []
@@ -261,7 +261,7 @@ def build(
     if options.vllm_dp and not pd_job and options.readiness is None:
         host_plans = _vllm_dp_readiness(options, host_plans)
         readiness = host_plans[0].readiness
-    if options.vllm_nodes and options.readiness is None:
+    if options.vllm_nodes and not pd_job and options.readiness is None:
         # The instance answers on the first node's API server once every node's workers have joined; a headless
         # node opens no port of its own (the side channel is the first node's): it is ready with the first.
         api = _api_port(options.command)
@@ -272,7 +272,8 @@ def build(
         # Every instance: its API server and its side channels; a headless host of one: its side channels.
         api = Url(url=f"http://{{host_ip}}:{_api_port(options.command)}/health", ports=True)
         serving = {i for inst in instances for i in (inst.hosts if options.vllm_dp == "hybrid" else inst.hosts[:1])}  # api_hosts
-        host_plans = [replace(hp, readiness=api if hp.index in serving else Ports()) for hp in host_plans]
+        others = WithHead() if options.vllm_nodes else Ports()  # a headless node: workers only, no side channel
+        host_plans = [replace(hp, readiness=api if hp.index in serving else others) for hp in host_plans]
         readiness = api
     if isinstance(readiness, Report) and options.command:
         raise PlanError(
@@ -315,8 +316,8 @@ def _with_vllm_nodes(options: LaunchOptions, hosts: Sequence[Host]) -> LaunchOpt
     """The options with vllm serve's multi-node flags written per host (vllm/nodes.py): one process per host."""
     if not options.command:
         raise PlanError("--vllm-nodes writes the multi-node flags of a vllm serve command: give -- vllm serve MODEL ...")
-    if options.vllm_dp or options.head_command or any(h.role for h in hosts):
-        raise PlanError("--vllm-nodes writes every host's command itself: drop --vllm-dp, --head-command and roles")
+    if options.vllm_dp or options.head_command:
+        raise PlanError("--vllm-nodes writes every host's command itself: drop --vllm-dp and --head-command")
     many = next((h for h in hosts if h.slots != 1), None)
     if many is not None:
         raise PlanError(
@@ -345,6 +346,8 @@ def _with_roles(options: LaunchOptions, hosts: Sequence[Host]):
         raise PlanError("--prefill/--decode start vLLM instances: give -- vllm serve MODEL ...")
     if options.head_command:
         raise PlanError("a P/D job writes every host's command itself: drop --head-command")
+    if options.vllm_nodes and options.vllm_dp:
+        raise PlanError("--vllm-nodes with --vllm-dp: an instance's hosts are either its nodes or its DP group; give one")
     if options.vllm_dp not in (None, *disagg.INSTANCE_MODES):
         raise PlanError(f"--vllm-dp {options.vllm_dp} in a P/D job: an instance over several hosts balances internal (default) or hybrid")
     last = options.rpc_port + len(instances) - 1
@@ -355,14 +358,16 @@ def _with_roles(options: LaunchOptions, hosts: Sequence[Host]):
     for number, instance in enumerate(instances):
         slots = [hosts[i].slots for i in instance.hosts]
         try:
-            written = disagg.instance_commands(options.command, slots, options.vllm_dp or "internal")
+            written = disagg.instance_commands(options.command, slots, options.vllm_dp or "internal", nodes=options.vllm_nodes)
         except CommandError as exc:
             raise PlanError(f"{instance.role} instance {instance.name}: {exc}") from None
         first = 0
         for index, command, count in zip(instance.hosts, written, slots, strict=True):
             commands[index] = command
             if len(instance.hosts) > 1:
-                values[index] = {"world_size": str(sum(slots)), "host_first_rank": str(first), "rpc_port": str(options.rpc_port + number)}
+                values[index] = {"rpc_port": str(options.rpc_port + number)}  # its DP RPC port, or its nodes' master port
+                if not options.vllm_nodes:
+                    values[index] |= {"world_size": str(sum(slots)), "host_first_rank": str(first)}
             first += count
     return replace(options, per_host=True), instances, commands, values
 

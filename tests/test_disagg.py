@@ -13,7 +13,7 @@ from conftest import RunningLauncher, failed_line, free_port_base, port_taken, r
 from launcher import cli, hostfile, plan
 from launcher.command import user_command
 from launcher.plan import Host, LaunchOptions, PlanError
-from launcher.readiness import Url
+from launcher.readiness import Url, WithHead
 from launcher.vllm import disagg
 from support.netns import NET
 
@@ -132,6 +132,43 @@ def test_an_instance_over_hosts_takes_the_hybrid_mode_and_refuses_what_vllm_woul
 )
 def test_prefill_and_decode_host_lists_join_hosts_with_plus(text, instances):
     assert cli._instances(text) == instances
+
+
+def test_with_vllm_nodes_an_instances_hosts_are_its_tensor_parallel_nodes():
+    hosts = [Host("p1", role="prefill", group="p"), Host("p2", role="prefill", group="p"), Host("d", role="decode")]
+    built = plan.build(hosts, LaunchOptions(command=("vllm", "serve", "m", "-tp", "2"), vllm_nodes=True, rpc_port=29500), {}, "j")
+    argv = [list(user_command(r.argv)) for r in built.ranks]
+    common = ["vllm", "serve", "m", "-tp", "2", "--kv-transfer-config", NIXL]
+    assert argv == [
+        [*common, "--nnodes", "2", "--node-rank", "0", "--master-addr", "{head_ip}", "--master-port", "29500"],
+        [*common, "--nnodes", "2", "--node-rank", "1", "--master-addr", "{head_ip}", "--master-port", "29500", "--headless"],
+        common,  # the decode instance is one host: no node flags
+    ]
+    assert [hp.readiness for hp in built.hosts][1] == WithHead()  # workers only: no side channel, no API
+    assert [hp.leader for hp in built.hosts] == [0, 0, 2] and built.hosts[0].rpc_port == 29500
+    with pytest.raises(PlanError, match="prefill instance p: --vllm-nodes: each host of an instance is one node"):
+        plan.build([replace(h, slots=2) for h in hosts], LaunchOptions(command=("vllm", "serve", "m"), vllm_nodes=True), {}, "j")
+    with pytest.raises(PlanError, match="--vllm-nodes with --vllm-dp"):
+        plan.build(hosts, LaunchOptions(command=("vllm", "serve", "m"), vllm_nodes=True, vllm_dp="internal"), {}, "j")
+
+
+def test_over_ssh_a_prefill_instance_of_two_tensor_parallel_nodes_serves_the_decoder(hosts, tmp_path, vllm_standin):
+    proxy = free_port_base(4)
+    hf = write_hostfile(tmp_path, "h1\nh2\nh3\n")
+    args = ["-H", hf, *hosts.ssh_args(), "--prefill", "h1+h2", "--decode", "h3", "--vllm-nodes", "--rpc-port", str(proxy + 2)]
+    args += ["--proxy-port", str(proxy), "--check", "--wire", "v2", "--", vllm_standin, "serve", "m", "-tp", "2", "--port", "8100"]
+    run = RunningLauncher(args)
+    try:
+        assert wait_for(lambda: any("P/D proxy on http://" in line for line in run.stderr), 30), run.stderr[-5:]
+        answer = json.loads(post(proxy, "/v1/completions", {"prompt": "x", "max_tokens": 2})[2])
+        assert answer["pulled_from"] == f"{NET}.11:5600"  # the instance's engine core, on its first node
+        seen = {host: s["nodes"] | {"headless": s["headless"]} for (_, host), s in standin_reports(run.stdout).items()}
+        assert seen["h2"] == {"nnodes": 2, "node_rank": 1, "master": f"{NET}.11:{proxy + 2}", "headless": True}
+        assert seen["h3"]["nnodes"] == 1  # the decoder: one host, no node flags
+        assert any("all 4 handshakes ok" in line for line in run.stdout), run.stdout[-8:]  # h1 and h3's engines
+    finally:
+        run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 130
 
 
 @settings(max_examples=400, deadline=None)

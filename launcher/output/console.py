@@ -250,8 +250,11 @@ def render_plan(plan: LaunchPlan, python: str = "python") -> str:
     lines += [f"warning: {w}" for w in doc["warnings"]]
     for instance in doc["instances"]:
         hosts = instance["hosts"]
-        over = f"DP {instance['dp_size']} over {', '.join(hosts)}" if len(hosts) > 1 else f"on {hosts[0]}"
-        rpc = f", DP RPC port {instance['rpc_port']}, {{head_ip}} = {instance['hosts'][0]}'s address" if instance["rpc_port"] else ""
+        nodes = instance["hosts_are"] == "nodes"
+        spread = f"{len(hosts)} nodes" if nodes else f"DP {instance['dp_size']}"
+        over = f"{spread} over {', '.join(hosts)}" if len(hosts) > 1 else f"on {hosts[0]}"
+        port = "master port" if nodes else "DP RPC port"
+        rpc = f", {port} {instance['rpc_port']}, {{head_ip}} = {hosts[0]}'s address" if instance["rpc_port"] else ""
         lines.append(f"{instance['role']} instance {instance['name']}: {over}; API server on {', '.join(instance['api_hosts'])}{rpc}")
     for hp, host in zip(plan.hosts, doc["hosts"], strict=True):
         role = f", {host['role']} instance {host['instance']}" if host["role"] else ""

@@ -40,6 +40,7 @@ def plan_document(plan: LaunchPlan, python: str = "python") -> dict[str, Any]:
                 "hosts": [plan.hosts[i].host.name for i in instance.hosts],
                 "api_hosts": [plan.hosts[i].host.name for i in plan.api_hosts(instance)],
                 "dp_size": sum(plan.hosts[i].host.slots for i in instance.hosts),
+                "hosts_are": "nodes" if plan.options.vllm_nodes and len(instance.hosts) > 1 else "dp ranks",  # --vllm-nodes
                 "rpc_port": plan.hosts[instance.leader].rpc_port,
             }
             for instance in plan.instances

@@ -29,6 +29,7 @@ from msgspec.structs import replace
 
 from ..command import CommandError
 from . import dp as vllm_dp
+from . import nodes as vllm_nodes
 from .flags import DP_ADDRESS, DP_LOCAL, DP_RANK, DP_SIZE, DP_START, HEADLESS, flag_name, flag_value, is_vllm_serve, kv_transfer_config
 
 ROLES = ("prefill", "decode")
@@ -106,15 +107,22 @@ def instances(hosts: Sequence) -> tuple[Instance, ...]:
     return tuple(found)
 
 
-def instance_commands(command: Sequence[str], slots: Sequence[int], mode: str = "internal") -> list[tuple[str, ...]]:
+def instance_commands(command: Sequence[str], slots: Sequence[int], mode: str = "internal", nodes: bool = False) -> list[tuple[str, ...]]:
     """Each host's ``vllm serve`` for one instance over hosts with ``slots`` DP ranks each, in order.
 
     A NixlConnector unless the command names one. One host: its slots as the instance's DP size. Several: one
     DP group, its flags written per host as ``--vllm-dp MODE`` writes them, with ``{world_size}``,
-    ``{host_first_rank}``, ``{head_ip}`` and ``{rpc_port}`` standing for the instance's (the plan fills them so)."""
+    ``{host_first_rank}``, ``{head_ip}`` and ``{rpc_port}`` standing for the instance's (the plan fills them so);
+    or, with ``nodes`` (``--vllm-nodes``), one model-parallel instance whose hosts are its nodes, its flags as
+    ``nodes.nodes_commands`` writes them with each host's node rank within the instance."""
     command = _with_connector(tuple(command))
     if mode not in INSTANCE_MODES:
         raise CommandError(f"--vllm-dp {mode} in a P/D job: an instance over several hosts balances internal or hybrid")
+    if nodes and len(slots) > 1:
+        if any(count != 1 for count in slots):
+            raise CommandError("--vllm-nodes: each host of an instance is one node of it (its GPUs are vLLM's); give each slots=1")
+        head, rest = vllm_nodes.nodes_commands(command, len(slots))
+        return [_node_rank(head if i == 0 else rest, i) for i in range(len(slots))]
     if len(slots) > 1:
         head, rest = vllm_dp.dp_commands(command, mode, slots)
         return [head, *[rest] * (len(slots) - 1)]
@@ -128,6 +136,12 @@ def instance_commands(command: Sequence[str], slots: Sequence[int], mode: str = 
     if flag_value(command, DP_LOCAL) not in (None, str(count), "{local_size}"):
         raise CommandError("--data-parallel-size-local in the command disagrees with a host's slots; drop it")
     return [(*command, *extra)]
+
+
+def _node_rank(command: tuple[str, ...], rank: int) -> tuple[str, ...]:
+    """``--node-rank {host_index}`` as written for a job, with the host's rank within its instance instead."""
+    i = command.index("--node-rank")
+    return (*command[: i + 1], str(rank), *command[i + 2 :])
 
 
 def _with_connector(command: tuple[str, ...]) -> tuple[str, ...]:
