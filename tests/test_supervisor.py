@@ -151,8 +151,11 @@ def test_a_sweep_is_a_fresh_agent_told_the_job_id_and_its_report_names_the_pids(
     told, transport = [], ScriptedTransport(script)
     link = HostLink(0, make_plan(hosts=1).hosts[0], transport, queue.Queue())
     link.sweep("j", told.append)
+    first = link.sweeper
+    link.sweep("j", told.append)  # the job's loss and the stop's kill both ask: one sweep, whose report is waited for
+    assert link.sweeper is first
     link.sweeper.join(5.0)
-    assert told == ["swept 2 processes this job left on h0 (pids 4242 4243)"]
+    assert told == ["swept 2 processes this job left on h0 (pids 4242 4243)"] and len(transport.agents("h0")) == 1
 
 
 # --- Supervisor ----------------------------------------------------------------------------------------

@@ -141,7 +141,11 @@ class HostLink:
             t.join(timeout)
 
     def sweep(self, job_id: str, report: Callable[[str], None]) -> None:
-        """In the background: a fresh agent connection kills what this job left on the host."""
+        """In the background: a fresh agent connection kills what this job left on the host. Once per host: the
+        job's loss of the agent and the stop's kill of it both ask, and a second sweep, finding nothing left, could
+        end before the first had said what it killed (the head waits for ``sweeper`` alone)."""
+        if self.sweeper is not None:
+            return
 
         def run() -> None:
             try:
