@@ -264,6 +264,9 @@ def test_a_starved_host_flooding_output_is_not_declared_lost_and_a_partition_sti
         assert any(line.startswith("launcher: FAILED: host h2 lost: no word from its agent") for line in run.stderr)
     finally:
         subprocess.run(["ip", "link", "set", f"{PREFIX}-v2", "up"], check=True)
+    # Cut off from its head, h2's agent stops the flood and leaves on its own: its heartbeat timeout, then its
+    # ranks' grace, then its output's last write to a dead SSH channel (seconds more when two suites share 2 CPUs).
+    assert wait_for(lambda: not hosts.stray_pids(), timeout=30), hosts.stray_pids()
 
 
 # --- user commands: `launcher run -- vllm serve ...` with the stand-in vLLM ------------
