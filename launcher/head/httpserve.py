@@ -35,10 +35,15 @@ class BoundedServer(http.server.ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        # The standard library's, with the slot given back before the close: a client that sees its connection
+        # closed (an idle one dropped) may connect again at once, and must not meet a cap its old slot still fills.
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
             self.slots.release()
+            self.shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:  # never a traceback on the head's terminal
         pass
