@@ -15,12 +15,11 @@ files closed, its agents gone.
 import os
 import signal
 import sys
-from typing import NoReturn
 
 OPERATE = ("ps", "status", "logs", "stop")  # the subcommands of launcher.operate.add_parsers: they need no head
 
 
-def main() -> NoReturn:
+def main():  # never returns (os._exit); no typing import for the annotation: a Ctrl-C during it is a traceback
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     ignored = frozenset(s for s in stops if signal.getsignal(s) == signal.SIG_IGN)
     held: list[int] = []
