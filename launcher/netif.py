@@ -302,10 +302,11 @@ def bind_request(identity: RankIdentity, facts: HostFacts, explicit: str | None)
     )
 
 
-def interface_of(address: str) -> str | None:
-    """The interface that holds ``address`` here (for UCX_NET_DEVICES); None for a loopback-range alias."""
+def interface_of(address: str, interfaces: Sequence[InterfaceAddress] | None = None) -> str | None:
+    """The interface that holds ``address`` here (for UCX_NET_DEVICES); None for a loopback-range alias.
+    ``interfaces``: this host's, when already probed."""
     ip = address_literal(address)
-    for entry in local_interfaces():
+    for entry in local_interfaces() if interfaces is None else interfaces:
         if str(entry.address) == ip:
             return entry.interface
     return "lo" if ip and ipaddress.ip_address(ip).is_loopback else None
@@ -326,10 +327,11 @@ def claim_bind_address(env) -> BindChoice:
     connectFullMesh failed ... remote=[127.0.0.1]"). Raises BindAddressError
     (or RankEnvError)."""
     request = bind_request(RankIdentity.from_env(env), HostFacts.from_env(env), env.get(EXPLICIT_VAR))
-    choice = resolve_bind_address(request)
+    interfaces = local_interfaces()  # one probe, for the choice and its interface
+    choice = select_bind_address(request, interfaces, default_route_interface())
     env.setdefault(EXPLICIT_VAR, choice.address)
     env.setdefault("VLLM_HOST_IP", choice.address)
-    interface = interface_of(choice.address)
+    interface = interface_of(choice.address, interfaces)
     if interface is not None:
         env.setdefault("GLOO_SOCKET_IFNAME", interface)
     return choice
