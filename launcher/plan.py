@@ -137,10 +137,6 @@ class LaunchPlan(msgspec.Struct, frozen=True):
         return self.hosts[host_index].readiness or self.readiness
 
     @property
-    def uses_head_ip(self) -> bool:
-        return any("{head_ip}" in a for r in self.ranks for a in r.argv)
-
-    @property
     def leaders(self) -> frozenset[int]:
         """Hosts whose address another host's command waits for ({head_ip})."""
         return frozenset(hp.leader for hp in self.hosts if self.waits_for_leader(hp.index))
@@ -157,7 +153,7 @@ class LaunchPlan(msgspec.Struct, frozen=True):
 
     def api_hosts(self, instance: disagg.Instance) -> tuple[int, ...]:
         """The hosts of a P/D instance that run its API server: its first, or each one (--vllm-dp hybrid)."""
-        return instance.hosts if self.options.vllm_dp == "hybrid" else instance.hosts[:1]
+        return _api_hosts(instance, self.options)
 
     def waits_for_leader(self, index: int) -> bool:
         """Whether host ``index``'s command needs another host's address ({head_ip}): its spec waits for that agent."""
@@ -271,7 +267,7 @@ def build(
     if pd_job and options.readiness is None:
         # Every instance: its API server and its side channels; a headless host of one: its side channels.
         api = Url(url=f"http://{{host_ip}}:{_api_port(options.command)}/health", ports=True)
-        serving = {i for inst in instances for i in (inst.hosts if options.vllm_dp == "hybrid" else inst.hosts[:1])}  # api_hosts
+        serving = {i for instance in instances for i in _api_hosts(instance, options)}
         others = WithHead() if options.vllm_nodes else Ports()  # a headless node: workers only, no side channel
         host_plans = [replace(hp, readiness=api if hp.index in serving else others) for hp in host_plans]
         readiness = api
@@ -370,6 +366,10 @@ def _with_roles(options: LaunchOptions, hosts: Sequence[Host]):
                     values[index] |= {"world_size": str(sum(slots)), "host_first_rank": str(first)}
             first += count
     return replace(options, per_host=True), instances, commands, values
+
+
+def _api_hosts(instance: disagg.Instance, options: LaunchOptions) -> tuple[int, ...]:
+    return instance.hosts if options.vllm_dp == "hybrid" else instance.hosts[:1]
 
 
 def _leaders(host_plans: list[HostPlan], options: LaunchOptions, instances, commands) -> list[HostPlan]:

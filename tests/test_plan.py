@@ -81,7 +81,7 @@ def test_per_host_mode_starts_one_process_per_host_with_its_dp_slice():
     assert [c[4:10:2] for c in commands] == [("6", "2", "0"), ("6", "3", "2"), ("6", "1", "5")]
     # {head_ip} waits for the hosts; everything else is filled in by the plan.
     assert {c[10] for c in commands} == {"{head_ip}"} and {c[12] for c in commands} == {"9000"}
-    assert p.uses_head_ip and p.world_size == 6 and p.readiness == Ports()
+    assert p.leaders == {0} and p.world_size == 6 and p.readiness == Ports()
     # Per rank (the default), every rank is its own process with its own port.
     per_rank = plan.build(
         HOSTS, LaunchOptions(command=("x", "{rank}", "{local_rank}", "{port}")), {"VLLM_NIXL_SIDE_CHANNEL_PORT": "7000"}, "j"

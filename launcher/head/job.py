@@ -164,6 +164,7 @@ class Job:
         self.stopping = False  # the job is being stopped: exits from now on are consequences
         self.interrupted = False  # the user asked to stop (Ctrl-C, SIGTERM at the head)
         self.leader_ips: dict[int, str] = {}  # {head_ip} of the hosts that wait for a leader, by the leader's index
+        self._leaders = plan.leaders  # read at every hello: computed once, not per agent
         self.matrix: CheckMatrix | None = None
         self.transfers: CheckMatrix | None = None  # check --transfer: NIXL reads, after the probes
         # --restart: failure groups, whether each was ever ready (no restart before that), the open restart of each
@@ -344,7 +345,7 @@ class Job:
                 f"agents connected {connected}/{len(self.hosts)} ({host.host.name}: {hello.address or 'address unknown'}, pid {hello.pid})"
             )
         ]
-        if index in self.plan.leaders:
+        if index in self._leaders:
             if hello.address:
                 self.leader_ips[index] = hello.address
             else:
