@@ -39,7 +39,7 @@ def parse(text: str) -> tuple[str, ...]:
     except ValueError as exc:
         raise RouterError(f"--router is not one shell-quoted command ({exc}): {text!r}") from None
     if not words:
-        raise RouterError("--router is empty: give vllm-router, or a command with {prefill_urls} and {decode_urls}")
+        raise RouterError("--router is empty: give vllm-router, or a command with {prefill_url} and {decode_url}")
     if words == (VLLM_ROUTER,):
         return words
     for word in words:
