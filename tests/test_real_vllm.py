@@ -19,6 +19,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import warnings
 
 import psutil
 import pytest
@@ -218,8 +219,52 @@ def served(deployments, url, body):
     try:
         return post(url, body)
     except OSError as exc:
-        detail = exc.read().decode("utf-8", "replace")[-500:] if isinstance(exc, urllib.error.HTTPError) else ""
-        pytest.fail(f"{url}: {exc} {detail}; {ended_by(*deployments)}")
+        failed(deployments, url, exc)
+
+
+def failed(deployments, url, exc):
+    """Fail the test for a request ``url`` could not serve, with what the launchers and the engines said."""
+    detail = exc.read().decode("utf-8", "replace")[-500:] if isinstance(exc, urllib.error.HTTPError) else ""
+    pytest.fail(f"{url}: {exc} {detail}; {ended_by(*deployments)}; the engines said: {engine_errors(*deployments)}")
+
+
+def engine_errors(*deployments, last=12):
+    """The engines' last error lines (a NIXL handshake or transfer that failed, a traceback's end): vLLM answers
+    a request whose KV did not arrive with a bare 500, and says why only in its log."""
+    runs = [getattr(d, "run", d) for d in deployments]
+    said = [line for run in runs for line in run.stdout if _ENGINE_ERROR.search(line) and "Found ulimit" not in line]
+    return said[-last:]
+
+
+_ENGINE_ERROR = re.compile(r"\bERROR\b|Traceback|Error:|failed|handshake")
+
+
+def pulled_over_nixl(deployments, url, body, decoder):
+    """A P/D request through ``url``, and the decoder's vLLM counters just before and after the attempt that served.
+
+    vLLM answers a request whose KV blocks did not arrive with a bare 500 (kv_load_failure_policy "fail") and
+    logs "NIXL transfer failure: <why>"; its next request handshakes afresh. CI saw that bare 500 once on this
+    starved 2-core VM, on the first request of a fresh P/D pair, so a KV load failure is tried once more and
+    reported as a warning in vLLM's words; any other failure, or a second one, fails the test."""
+    runs = [getattr(d, "run", d) for d in deployments]
+    for may_retry in (True, False):
+        before, seen = metrics(decoder), [len(run.stdout) for run in runs]
+        try:
+            return post(url, body), before, metrics(decoder)
+        except OSError as exc:
+            transient = (
+                may_retry
+                and getattr(exc, "code", None) == 500
+                and wait_for(lambda seen=seen: _said_since(runs, seen, "NIXL transfer failure"), timeout=10)
+            )
+            if not transient:
+                failed(deployments, url, exc)
+            warnings.warn(f"{url}: a KV load failed, tried once more: {transient[-2:]}", stacklevel=2)
+
+
+def _said_since(runs, seen, text):
+    """The output lines with ``text`` that each run printed after its first ``seen`` lines."""
+    return [line for run, n in zip(runs, seen, strict=True) for line in run.stdout[n:] if text in line]
 
 
 def _kernel_log() -> list[str]:
@@ -308,12 +353,10 @@ def test_a_request_through_vllm_router_and_one_through_launchers_proxy_pull_kv_o
     proxy.start()
     try:
         for front in (ROUTER, proxy.address):
-            before = metrics(DECODER)
-            done = served((deployment,), f"http://{front}/v1/completions", body)
+            done, before, after = pulled_over_nixl((deployment,), f"http://{front}/v1/completions", body, DECODER)
             assert done["usage"]["completion_tokens"] == 4, done
-            after = metrics(DECODER)
             assert after["vllm:nixl_bytes_transferred_sum"] > before.get("vllm:nixl_bytes_transferred_sum", 0), front
-            assert after["vllm:nixl_num_failed_transfers_total"] == 0
+            assert after["vllm:nixl_num_failed_transfers_total"] == before.get("vllm:nixl_num_failed_transfers_total", 0)
     finally:
         proxy.close()
 
