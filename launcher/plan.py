@@ -354,7 +354,9 @@ def _with_roles(options: LaunchOptions, hosts: Sequence[Host]):
     for number, instance in enumerate(instances):
         slots = [hosts[i].slots for i in instance.hosts]
         try:
-            written = disagg.instance_commands(options.command, slots, options.vllm_dp or "internal", nodes=options.vllm_nodes)
+            written = disagg.instance_commands(
+                options.command, instance.role, slots, options.vllm_dp or "internal", nodes=options.vllm_nodes
+            )
         except CommandError as exc:
             raise PlanError(f"{instance.role} instance {instance.name}: {exc}") from None
         first = 0

@@ -17,7 +17,8 @@ from launcher.readiness import Url, WithHead
 from launcher.vllm import disagg
 from support.netns import NET
 
-NIXL = disagg.NIXL_BOTH
+PRODUCER = '{"kv_connector":"NixlConnector","kv_role":"kv_producer"}'
+CONSUMER = '{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}'
 
 
 def test_roles_come_from_the_command_line_over_the_hostfile_and_every_host_needs_one():
@@ -37,14 +38,21 @@ def test_roles_come_from_the_command_line_over_the_hostfile_and_every_host_needs
         hostfile.parse("a role=prefil\n")
 
 
-def test_each_role_host_runs_its_own_instance_with_nixl_and_its_slots_as_dp():
+def test_each_role_host_runs_its_own_instance_with_nixl_in_its_role_and_its_slots_as_dp():
     hosts = [Host("p", role="prefill"), Host("d", slots=2, role="decode")]
     built = plan.build(hosts, LaunchOptions(command=("vllm", "serve", "m", "--port", "8100")), {}, "j")
     argv = [list(user_command(r.argv)) for r in built.ranks]
-    assert argv[0] == ["vllm", "serve", "m", "--port", "8100", "--kv-transfer-config", NIXL]
-    assert argv[1] == [*argv[0], "--data-parallel-size", "2"]
+    assert argv[0] == ["vllm", "serve", "m", "--port", "8100", "--kv-transfer-config", PRODUCER]
+    assert argv[1] == ["vllm", "serve", "m", "--port", "8100", "--kv-transfer-config", CONSUMER, "--data-parallel-size", "2"]
     assert [r.ports for r in built.ranks] == [(5600,), (5600, 5601)]  # each instance its own DP indexes
     assert built.readiness == Url(url="http://{host_ip}:8100/health", ports=True) and built.roles == ("prefill", "decode")
+
+
+def test_a_connector_the_command_names_reaches_both_roles_verbatim():
+    own = '{"kv_connector": "NixlConnector", "kv_role": "kv_both", "engine_id": "{host}"}'
+    hosts = [Host("p", role="prefill"), Host("d", role="decode")]
+    built = plan.build(hosts, LaunchOptions(command=("vllm", "serve", "m", "--kv-transfer-config", own)), {}, "j")
+    assert [list(user_command(r.argv))[-1] for r in built.ranks] == [own.replace("{host}", "p"), own.replace("{host}", "d")]
 
 
 def test_plan_json_shows_every_hosts_argv_for_two_dp2_prefills_and_one_dp2_decode_on_six_hosts(tmp_path):
@@ -56,25 +64,13 @@ def test_plan_json_shows_every_hosts_argv_for_two_dp2_prefills_and_one_dp2_decod
     )
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
-    common = [
-        "vllm",
-        "serve",
-        "M",
-        "--port",
-        "8100",
-        "--kv-transfer-config",
-        NIXL,
-        "--data-parallel-size",
-        "2",
-        "--data-parallel-size-local",
-        "1",
-    ]
-    leader = lambda rpc: [*common, "--data-parallel-address", "{head_ip}", "--data-parallel-rpc-port", str(rpc)]
+    dp = ["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-address", "{head_ip}"]
+    leader = lambda kv, rpc: ["vllm", "serve", "M", "--port", "8100", "--kv-transfer-config", kv, *dp, "--data-parallel-rpc-port", str(rpc)]
     argv = {h["name"]: h["processes"][0]["argv"] for h in doc["hosts"]}
     assert argv == {
-        "p1": leader(13000), "p2": [*leader(13000), "--data-parallel-start-rank", "1", "--headless"],
-        "p3": leader(13001), "p4": [*leader(13001), "--data-parallel-start-rank", "1", "--headless"],
-        "d1": leader(13002), "d2": [*leader(13002), "--data-parallel-start-rank", "1", "--headless"],
+        "p1": leader(PRODUCER, 13000), "p2": [*leader(PRODUCER, 13000), "--data-parallel-start-rank", "1", "--headless"],
+        "p3": leader(PRODUCER, 13001), "p4": [*leader(PRODUCER, 13001), "--data-parallel-start-rank", "1", "--headless"],
+        "d1": leader(CONSUMER, 13002), "d2": [*leader(CONSUMER, 13002), "--data-parallel-start-rank", "1", "--headless"],
     }  # fmt: skip
     assert [(i["role"], i["name"], i["hosts"], i["api_hosts"], i["rpc_port"]) for i in doc["instances"]] == [
         ("prefill", "p0", ["p1", "p2"], ["p1"], 13000),
@@ -138,11 +134,11 @@ def test_with_vllm_nodes_an_instances_hosts_are_its_tensor_parallel_nodes():
     hosts = [Host("p1", role="prefill", group="p"), Host("p2", role="prefill", group="p"), Host("d", role="decode")]
     built = plan.build(hosts, LaunchOptions(command=("vllm", "serve", "m", "-tp", "2"), vllm_nodes=True, rpc_port=29500), {}, "j")
     argv = [list(user_command(r.argv)) for r in built.ranks]
-    common = ["vllm", "serve", "m", "-tp", "2", "--kv-transfer-config", NIXL]
+    common = ["vllm", "serve", "m", "-tp", "2", "--kv-transfer-config"]
     assert argv == [
-        [*common, "--nnodes", "2", "--node-rank", "0", "--master-addr", "{head_ip}", "--master-port", "29500"],
-        [*common, "--nnodes", "2", "--node-rank", "1", "--master-addr", "{head_ip}", "--master-port", "29500", "--headless"],
-        common,  # the decode instance is one host: no node flags
+        [*common, PRODUCER, "--nnodes", "2", "--node-rank", "0", "--master-addr", "{head_ip}", "--master-port", "29500"],
+        [*common, PRODUCER, "--nnodes", "2", "--node-rank", "1", "--master-addr", "{head_ip}", "--master-port", "29500", "--headless"],
+        [*common, CONSUMER],  # the decode instance is one host: no node flags
     ]
     assert [hp.readiness for hp in built.hosts][1] == WithHead()  # workers only: no side channel, no API
     assert [hp.leader for hp in built.hosts] == [0, 0, 2] and built.hosts[0].rpc_port == 29500

@@ -168,7 +168,7 @@ def deployment(cluster, real_vllm, tmp_path_factory):
             "--restart", "on-failure", "--restart-backoff", "1,2",
             "--metrics-port", HEAD_OPS.rpartition(":")[2],
             "--",
-            *real_vllm.serve("--kv-transfer-config", kv("kv_both")),
+            *real_vllm.serve(),  # launcher adds the NixlConnector, kv_producer or kv_consumer by role
         ],
     )  # fmt: skip
     started = time.monotonic()
@@ -298,6 +298,19 @@ def test_multi_node_dp_binds_each_engines_side_channel_on_its_own_host(deploymen
     wait_for(lambda: any(word in line for line in deployment.run.stdout + deployment.run.stderr for word in checked), timeout=60)
     out = "\n".join(deployment.run.stdout)
     assert "handshake latency in ms (v2 wire;" in out and "all 9 handshakes ok" in out and "problem:" not in out, out[-2000:]
+
+
+def test_each_role_runs_the_nixl_kv_role_vllm_asks_for(deployment):
+    """vLLM 0.32 deprecates kv_both for the NixlConnector: a prefill instance is a kv_producer, a decode one a
+    kv_consumer. vLLM's own log of its config says which each API server runs."""
+    said = {
+        line[:8]: re.search(r"kv_role='(\w+)'", line).group(1)
+        for line in deployment.run.stdout
+        if "non-default args" in line and "kv_role=" in line
+    }
+    roles = {"[r0 h1] ": "kv_producer", "[r1 h2] ": "kv_producer", "[r2 h3] ": "kv_consumer"}  # h2: if it logs its args
+    assert {"[r0 h1] ", "[r2 h3] "} <= said.keys() and all(roles[tag] == role for tag, role in said.items()), said
+    assert not [line for line in deployment.run.stdout if "kv_both' with NixlConnector is deprecated" in line]
 
 
 def test_the_api_server_answers_and_both_engines_serve(deployment, real_vllm):

@@ -33,7 +33,16 @@ from . import nodes as vllm_nodes
 from .flags import DP_ADDRESS, DP_LOCAL, DP_RANK, DP_SIZE, DP_START, HEADLESS, flag_name, flag_value, is_vllm_serve, kv_transfer_config
 
 ROLES = ("prefill", "decode")
-NIXL_BOTH = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"}, separators=(",", ":"))
+# vLLM 0.32 deprecates kv_both for the NixlConnector ("set kv_role='kv_producer' for prefill instances and
+# kv_role='kv_consumer' for decode instances"); each role's instances get their own.
+KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+def nixl_config(role: str) -> str:
+    """The ``--kv-transfer-config`` a P/D job gives a ``role`` instance whose command names none."""
+    return json.dumps({"kv_connector": "NixlConnector", "kv_role": KV_ROLES[role]}, separators=(",", ":"))
+
+
 _CROSS_HOST = (*DP_START, *DP_RANK, *DP_ADDRESS, *HEADLESS)
 
 
@@ -107,15 +116,17 @@ def instances(hosts: Sequence) -> tuple[Instance, ...]:
     return tuple(found)
 
 
-def instance_commands(command: Sequence[str], slots: Sequence[int], mode: str = "internal", nodes: bool = False) -> list[tuple[str, ...]]:
-    """Each host's ``vllm serve`` for one instance over hosts with ``slots`` DP ranks each, in order.
+def instance_commands(
+    command: Sequence[str], role: str, slots: Sequence[int], mode: str = "internal", nodes: bool = False
+) -> list[tuple[str, ...]]:
+    """Each host's ``vllm serve`` for one ``role`` instance over hosts with ``slots`` DP ranks each, in order.
 
-    A NixlConnector unless the command names one. One host: its slots as the instance's DP size. Several: one
+    A NixlConnector in the role's kv_role unless the command names a connector. One host: its slots as the instance's DP size. Several: one
     DP group, its flags written per host as ``--vllm-dp MODE`` writes them, with ``{world_size}``,
     ``{host_first_rank}``, ``{head_ip}`` and ``{rpc_port}`` standing for the instance's (the plan fills them so);
     or, with ``nodes`` (``--vllm-nodes``), one model-parallel instance whose hosts are its nodes, its flags as
     ``nodes.nodes_commands`` writes them with each host's node rank within the instance."""
-    command = _with_connector(tuple(command))
+    command = _with_connector(tuple(command), role)
     if mode not in INSTANCE_MODES:
         raise CommandError(f"--vllm-dp {mode} in a P/D job: an instance over several hosts balances internal or hybrid")
     if nodes and len(slots) > 1:
@@ -144,8 +155,8 @@ def _node_rank(command: tuple[str, ...], rank: int) -> tuple[str, ...]:
     return (*command[: i + 1], str(rank), *command[i + 2 :])
 
 
-def _with_connector(command: tuple[str, ...]) -> tuple[str, ...]:
-    """The command with a NixlConnector (unless it names one); refused when it is no vllm serve, names another
+def _with_connector(command: tuple[str, ...], role: str) -> tuple[str, ...]:
+    """The command with a NixlConnector for ``role`` (unless it names a connector); refused when it is no vllm serve, names another
     connector, or writes flags that tie hosts together (the plan writes those per instance)."""
     if not is_vllm_serve(command):
         raise CommandError(f"--prefill/--decode run 'vllm serve'; the command is {' '.join(command[:2])!r} ...")
@@ -157,7 +168,7 @@ def _with_connector(command: tuple[str, ...]) -> tuple[str, ...]:
     config = kv_transfer_config(command)
     if config is not None and "Nixl" not in str(config.get("kv_connector", "")):
         raise CommandError(f"--kv-transfer-config names {config.get('kv_connector')!r}: the P/D proxy speaks the NixlConnector's protocol")
-    return command if config is not None else (*command, "--kv-transfer-config", NIXL_BOTH)
+    return command if config is not None else (*command, "--kv-transfer-config", nixl_config(role))
 
 
 def prefill_request(body: Mapping[str, Any]) -> dict[str, Any]:
