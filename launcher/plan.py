@@ -346,7 +346,7 @@ def _with_roles(options: LaunchOptions, hosts: Sequence[Host]):
         raise PlanError("--vllm-nodes with --vllm-dp: an instance's hosts are either its nodes or its DP group; give one")
     if options.vllm_dp not in (None, *disagg.INSTANCE_MODES):
         raise PlanError(f"--vllm-dp {options.vllm_dp} in a P/D job: an instance over several hosts balances internal (default) or hybrid")
-    last = options.rpc_port + len(instances) - 1
+    last = _instance_rpc_port(options, len(instances) - 1)
     if last > 65535:
         raise PlanError(f"DP RPC ports {options.rpc_port}..{last} run past 65535 for {len(instances)} instances; choose a lower --rpc-port")
     commands: list[tuple[str, ...]] = [()] * len(hosts)
@@ -363,7 +363,7 @@ def _with_roles(options: LaunchOptions, hosts: Sequence[Host]):
         for index, command, count in zip(instance.hosts, written, slots, strict=True):
             commands[index] = command
             if len(instance.hosts) > 1:
-                values[index] = {"rpc_port": str(options.rpc_port + number)}  # its DP RPC port, or its nodes' master port
+                values[index] = {"rpc_port": str(_instance_rpc_port(options, number))}
                 if not options.vllm_nodes:
                     values[index] |= {"world_size": str(sum(slots)), "host_first_rank": str(first)}
             first += count
@@ -372,6 +372,11 @@ def _with_roles(options: LaunchOptions, hosts: Sequence[Host]):
 
 def _api_hosts(instance: disagg.Instance, options: LaunchOptions) -> tuple[int, ...]:
     return instance.hosts if options.vllm_dp == "hybrid" else instance.hosts[:1]
+
+
+def _instance_rpc_port(options: LaunchOptions, number: int) -> int:
+    """The DP RPC port (with --vllm-nodes: the master port) of a P/D job's ``number``-th instance."""
+    return options.rpc_port + number
 
 
 def _leaders(host_plans: list[HostPlan], options: LaunchOptions, instances, commands) -> list[HostPlan]:
@@ -383,7 +388,7 @@ def _leaders(host_plans: list[HostPlan], options: LaunchOptions, instances, comm
     for number, instance in enumerate(instances):
         binds = len(instance.hosts) > 1 and any("{rpc_port}" in a for a in commands[instance.leader])
         for index in instance.hosts:
-            rpc = options.rpc_port + number if binds and index == instance.leader else None
+            rpc = _instance_rpc_port(options, number) if binds and index == instance.leader else None
             found[index] = replace(found[index], leader=instance.leader, rpc_port=rpc)
     return found
 
