@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 from . import plan as planmod
@@ -65,16 +66,51 @@ def _serve(supervisor: Supervisor, plan: LaunchPlan, proxy: tuple[str, int], ops
 
 
 def _serve_behind_router(supervisor: Supervisor, plan: LaunchPlan, upstreams, proxy, template, log_dir, ops) -> None:
-    """The router is started with every instance's URL and is a part of the job: its exit fails it."""
+    """The router is started with every instance's URL and is a part of the job: its exit restarts it (--restart
+    on-failure, after a backoff, the instances untouched) or fails the job."""
     from .head.router_process import RouterProcess, free_port
     from .vllm import router as routers
 
     urls = {role: [f"http://{u}" for u in found] for role, found in upstreams.items()}
     metrics_port = free_port(proxy[0]) if tuple(template) == (routers.VLLM_ROUTER,) else 0
     argv = routers.router_argv(template, urls["prefill"], urls["decode"], *proxy, metrics_port=metrics_port)
-    process = RouterProcess(argv, *proxy, log_path=os.path.join(log_dir, "router.log") if log_dir else None)
+    log_path = os.path.join(log_dir, "router.log") if log_dir else None
+    timeout = plan.options.ready_timeout
+    current: list[RouterProcess] = []
+
+    def start() -> RouterProcess:  # on the head's main thread: the router's PR_SET_PDEATHSIG follows it
+        current[:] = [RouterProcess(argv, *proxy, log_path=log_path)]
+        current[0].start()
+        return current[0]
+
+    def serving(process: RouterProcess) -> None:
+        supervisor.reporter.progress(
+            f"router {argv[0]} on http://{url_host(proxy[0])}:{proxy[1]} (pid {process.pid}): "
+            f"prefill on {', '.join(upstreams['prefill'])}, decode on {', '.join(upstreams['decode'])}"
+            + (f"; its metrics on http://{url_host(proxy[0])}:{metrics_port}/metrics" if metrics_port else "")
+        )
+        process.watch(lambda message, code: ended(process, message, code))
+
+    def ended(process: RouterProcess, message: str, code: int | None) -> None:
+        process.close(plan.options.grace)  # what it left in its process group goes with it
+        supervisor.router_exited_later(message, code)
+
+    def restart(attempt: int) -> None:
+        supervisor.reporter.progress(f"starting the router again (restart {attempt})")
+        threading.Thread(target=await_serving, args=(start(),), name="router-start", daemon=True).start()
+
+    def await_serving(process: RouterProcess) -> None:
+        deadline = time.monotonic() + timeout
+        while (state := process.serving()) is False and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if state is True:
+            serving(process)
+            supervisor.router_ready_later()
+        else:
+            ended(process, process.not_serving(timeout) if state is False else state, process.poll())
+
     supervisor.reporter.progress(f"starting the router: {' '.join(argv)}")
-    process.start()
+    process = start()
     try:
         # The job's events are pumped meanwhile: a rank that fails while the router starts ends the job now.
         state: dict[str, bool | str] = {"serving": False}
@@ -83,25 +119,21 @@ def _serve_behind_router(supervisor: Supervisor, plan: LaunchPlan, upstreams, pr
             state["serving"] = process.serving()
             return state["serving"] is not False
 
-        supervisor.pump_until(answered, plan.options.ready_timeout)
+        supervisor.pump_until(answered, timeout)
         if supervisor.stop_requested.is_set() or supervisor.job.over:
             return  # stopped (a Ctrl-C, a rank's failure) before the router served
         if state["serving"] is not True:
             code = process.poll()
-            failure = str(state["serving"]) if code is not None else process.not_serving(plan.options.ready_timeout)
+            failure = str(state["serving"]) if code is not None else process.not_serving(timeout)
             supervisor.job.fail(FailureKind.ROUTER if code is not None else FailureKind.NOT_READY, failure, rank_code=code)
             return
-        process.watch(lambda message, code: supervisor.fail_later(FailureKind.ROUTER, message, code))
         if ops is not None and metrics_port:
             ops.router_metrics = f"{url_host(proxy[0])}:{metrics_port}"  # /targets leads Prometheus to it
-        supervisor.reporter.progress(
-            f"router {argv[0]} on http://{url_host(proxy[0])}:{proxy[1]} (pid {process.pid}): "
-            f"prefill on {', '.join(upstreams['prefill'])}, decode on {', '.join(upstreams['decode'])}"
-            + (f"; its metrics on http://{url_host(proxy[0])}:{metrics_port}/metrics" if metrics_port else "")
-        )
+        supervisor.start_router = restart
+        serving(process)
         supervisor.serve()
     finally:
-        process.close(plan.options.grace)
+        current[0].close(plan.options.grace)
 
 
 def launch(

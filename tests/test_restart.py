@@ -175,3 +175,47 @@ def test_a_restart_that_never_gets_ready_is_a_failed_attempt_after_the_ready_tim
     (again,) = restart_orders(job.tick(10.0 + order.delay + 31.0, frozenset({0, 1})))
     assert again.attempt == 2 and job.restarts[-1].cause == "restart 1 of the job not ready after 30s"
     assert [job.ranks[r].exit_due for r in (0, 1)] == [True, True]  # both were started: their exits are ours
+
+
+def test_a_router_that_dies_restarts_alone_after_its_backoff_and_counts_against_max_restarts():
+    job = make()
+    all_ready(job)
+    said = job.router_exited("the router (vllm-router) was killed by signal 9", -9, 10.0)
+    (record,) = job.restarts
+    assert said == [
+        jobs.Progress(f"restarting the router in {record.backoff:.1f}s (restart 1): the router (vllm-router) was killed by signal 9")
+    ]
+    assert job.failure is None and job.health() == "restarting: the router"
+    assert all(r.phase is Phase.READY for r in job.ranks.values())  # the instances keep serving
+    assert not [a for a in job.tick(10.0 + record.backoff - 0.1) if isinstance(a, jobs.StartRouter)]  # not before its backoff
+    assert jobs.StartRouter(1) in job.tick(10.0 + record.backoff)
+    assert jobs.StartRouter(1) not in job.tick(10.0 + record.backoff + 1)  # once
+    assert job.router_ready(13.5) == [jobs.Progress("the router is ready again after restart 1 (3.5s)")]
+    assert job.health() is None and job.result(14.0).restarts[0].ready_after == 3.5
+    job.router_exited("the router (vllm-router) exited with code 3", 3, 20.0)
+    assert job.failure is None
+    job.router_exited("the router (vllm-router) exited with code 3", 3, 30.0)  # a third within the window: ON allows 2
+    assert job.failure.kind is FailureKind.ROUTER and job.failure.exit_code == 3
+    assert (
+        job.failure.message
+        == "gave up restarting the router after 2 restarts in 10m (--max-restarts); last: the router (vllm-router) exited with code 3"
+    )
+
+
+def test_without_restart_the_routers_exit_ends_the_job_with_its_code_and_one_that_never_serves_is_not_ready():
+    job = make(policy=RestartPolicy())
+    all_ready(job)
+    assert job.router_exited("the router (r) was killed by signal 9", -9, 5.0) == []
+    assert (job.failure.kind, job.failure.exit_code, job.failure.message) == (
+        FailureKind.ROUTER,
+        137,
+        "the router (r) was killed by signal 9",
+    )
+    late = make(policy=RestartPolicy())
+    all_ready(late)
+    late.router_exited("the router (r) did not listen on 127.0.0.1:8000 within 60s (--ready-timeout)", None, 5.0)
+    assert late.failure.kind is FailureKind.NOT_READY
+    stopping = make()
+    all_ready(stopping)
+    stopping.begin_stopping()
+    assert stopping.router_exited("the router (r) was killed by signal 15", -15, 5.0) == [] and stopping.restarts == []

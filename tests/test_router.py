@@ -1,9 +1,12 @@
 """run --router: vllm-project's vllm-router (or any router command) fronts a P/D job, as a part of it."""
 
+import contextlib
 import json
 import os
 import re
+import shlex
 import signal
+import sys
 import urllib.request
 
 import psutil
@@ -11,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import RunningLauncher, failed_line, free_port_base, run_launcher, wait_for, write_hostfile
+from conftest import RunningLauncher, failed_line, free_port_base, launcher_processes, run_launcher, wait_for, write_hostfile
 from launcher.vllm import router
 from support.real_vllm import ROUTER_BIN
 
@@ -105,6 +108,71 @@ def test_vllm_router_fronts_the_job_and_its_death_ends_the_job_with_its_code(tmp
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
+
+
+def standin_engines():
+    """The pids of this test run's stand-in vLLM engines."""
+    found = set()
+    for p in launcher_processes():
+        with contextlib.suppress(psutil.Error):
+            if "standin_vllm.py" in " ".join(p.cmdline()):
+                found.add(p.pid)
+    return found
+
+
+@pytest.mark.e2e
+def test_with_restart_a_killed_router_comes_back_alone_and_serves_again(tmp_path, no_leaks, vllm_standin):
+    """--restart on-failure: the router is stateless, so it restarts on its own (after its backoff); the instances'
+    engines, which take minutes to start in earnest, keep running."""
+    base = free_port_base(16)
+    proxy, api = base + 12, base + 14
+    more = ("--restart", "on-failure", "--restart-backoff", "0.2,1", "--metrics-port", str(base + 15), "--log-dir", str(tmp_path / "logs"))
+    run = RunningLauncher(pd_args(tmp_path, proxy, api, vllm_standin, "vllm-router", *more), env=WITH_ROUTER)
+    try:
+        routers = lambda: [int(p) for x in run.stderr for p in re.findall(r"router vllm-router on http://\S+ \(pid (\d+)\)", x)]
+        assert wait_for(lambda: len(routers()) == 1, 60), run.stderr[-8:]
+        assert post(proxy)[0] == 200
+        engines = standin_engines()
+        assert len(engines) == 2, engines
+        os.kill(routers()[0], signal.SIGKILL)
+        assert wait_for(lambda: len(routers()) == 2, 60), run.stderr[-8:]
+        assert run.proc.poll() is None and routers()[1] != routers()[0]
+        said = "\n".join(run.stderr)
+        assert re.search(r"restarting the router in [0-9.]+s \(restart 1\): the router \(vllm-router\) was killed by signal 9", said)
+        assert wait_for(lambda: any("the router is ready again after restart 1" in x for x in run.stderr), 10), said
+        assert post(proxy)[0] == 200  # the new router serves the same instances
+        assert standin_engines() == engines  # untouched
+        with urllib.request.urlopen(f"http://127.0.0.1:{base + 15}/health", timeout=10) as reply:
+            assert reply.status == 200
+        log = tmp_path / "logs" / "router.log"
+        assert wait_for(lambda: log.read_text().count("Router ready") == 2, 10), log.read_text()[-500:]  # both lives, one log
+    finally:
+        run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 130, run.stderr[-8:]
+
+
+@pytest.mark.e2e
+def test_a_restarted_router_that_never_serves_is_a_failed_restart_and_max_restarts_ends_the_job(tmp_path, no_leaks, vllm_standin):
+    base = free_port_base(16)
+    proxy, api = base + 12, base + 14
+    once = tmp_path / "served-once"  # its first life serves; the next one never listens
+    script = f"[ -e {once} ] && exec sleep 300; touch {once}; exec {sys.executable} -m http.server --bind 127.0.0.1 {proxy}"
+    mine = f"sh -c {shlex.quote(script)} {{prefill_urls}} {{decode_urls}}"
+    more = ("--restart", "on-failure", "--restart-backoff", "0.2,1", "--max-restarts", "1", "--ready-timeout", "5")
+    run = RunningLauncher(pd_args(tmp_path, proxy, api, vllm_standin, mine, *more))
+    try:
+        line = wait_for(lambda: next((x for x in run.stderr if "router sh on http://" in x), None), 60)
+        assert line, run.stderr[-8:]
+        os.kill(int(re.search(r"\(pid (\d+)\)", line).group(1)), signal.SIGKILL)
+        assert run.finish(timeout=60) == 4, run.stderr[-8:]  # not ready in time, as a rank's restart that never listens
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+    assert failed_line("\n".join(run.stderr)) == (
+        "gave up restarting the router after 1 restarts in 1h (--max-restarts); "
+        f"last: the router (sh) did not listen on 127.0.0.1:{proxy} within 5s (--ready-timeout)"
+    )
+    assert any("starting the router again (restart 1)" in x for x in run.stderr)
 
 
 @pytest.mark.e2e

@@ -103,7 +103,16 @@ class HeadAddress(msgspec.Struct, frozen=True):
     address: str | None
 
 
-Action = Union[Progress, ShowOutput, Sweep, HeadAddress, RestartHosts, NewAttempt, UnitReady]
+ROUTER = "the router"  # run --router's process, in restart records and health
+
+
+class StartRouter(msgspec.Struct, frozen=True):
+    """Start the router again (restart ``attempt``): its backoff is over."""
+
+    attempt: int
+
+
+Action = Union[Progress, ShowOutput, Sweep, HeadAddress, RestartHosts, NewAttempt, UnitReady, StartRouter]
 
 
 # --- state -----------------------------------------------------------------------------------
@@ -174,6 +183,9 @@ class Job:
         self.ever_ready = [False] * len(self.units)
         self.restarting: list[int | None] = [None] * len(self.units)  # index into restarts, while one is under way
         self.restarts: list[restart.RestartRecord] = []
+        # --router: the router is a failure group of its own, of no host; its open restart and when it starts again
+        self.router_restarting: int | None = None
+        self.router_due: float | None = None
         self.first_ready_at: float | None = None  # every rank ready for the first time, seconds since the launch
         self._draws = None  # the backoff's jitter (random.Random seeded by the job id: a job's decisions replay), once needed
 
@@ -205,6 +217,7 @@ class Job:
         ranks = list(self.ranks.values())
         ready = sum(r.phase is Phase.READY for r in ranks)
         restarting = [self.units[i].name for i, open_restart in enumerate(list(self.restarting)) if open_restart is not None]
+        restarting += [ROUTER] if self.router_restarting is not None else []
         if self.failure is not None:
             return f"the job is ending: {self.failure.message}"
         if self.stopping or self.interrupted:
@@ -324,6 +337,9 @@ class Job:
         are the agent's word), and they are not silent, however late.
         """
         actions: list[Action] = self._restarts_overdue(now)
+        if self.router_due is not None and now >= self.router_due and not (self.over or self.stopping):
+            self.router_due = None
+            actions.append(StartRouter(self.restarts[self.router_restarting].attempt))
         timeout = self.plan.options.heartbeat_timeout
         for index, host in enumerate(self.hosts):
             silent = now - host.last_seen
@@ -451,30 +467,70 @@ class Job:
         if not self.ever_ready[unit]:
             fail(f"{cause}; not restarted: {name} never became ready (a failure group restarts only once its first start succeeded)")
             return []
-        recent = restart.within_window(self.restarts, name, now, self.policy.window)
-        if recent >= self.policy.max_restarts:
-            window = restart.describe_seconds(self.policy.window)
-            fail(f"gave up restarting {name} after {recent} restarts in {window} (--max-restarts); last: {cause}")
+        refused = self._restart_refused(name, cause, now)
+        if refused is not None:
+            fail(refused)
             return []
         return self._restart(unit, cause, now)
 
-    def _restart(self, unit: int, cause: str, now: float) -> list[Action]:
-        target = self.units[unit]
-        attempt = 1 + sum(1 for r in self.restarts if r.unit == target.name)
+    def _restart_refused(self, name: str, cause: str, now: float) -> str | None:
+        """Why failure group ``name`` may not restart now (no --restart, or --max-restarts reached); None if it may."""
+        if not self.policy.on:
+            return cause
+        recent = restart.within_window(self.restarts, name, now, self.policy.window)
+        if recent >= self.policy.max_restarts:
+            window = restart.describe_seconds(self.policy.window)
+            return f"gave up restarting {name} after {recent} restarts in {window} (--max-restarts); last: {cause}"
+        return None
+
+    def _open_restart(self, name: str, cause: str, now: float) -> restart.RestartRecord:
+        """Record the next restart of failure group ``name``, its backoff drawn."""
+        attempt = 1 + sum(1 for r in self.restarts if r.unit == name)
         if self._draws is None:
             import random  # here: a job that never restarts does not load it
 
             self._draws = random.Random(self.plan.job_id)
         delay = restart.backoff(attempt, self.policy, self._draws.random())
+        self.restarts.append(restart.RestartRecord(name, attempt, cause, now, round(delay, 3)))
+        return self.restarts[-1]
+
+    def _restart(self, unit: int, cause: str, now: float) -> list[Action]:
+        target = self.units[unit]
         self.restarting[unit] = len(self.restarts)
-        self.restarts.append(restart.RestartRecord(target.name, attempt, cause, now, round(delay, 3)))
+        record = self._open_restart(target.name, cause, now)
         for state in self._members(unit):
             state.exit_due = state.phase in (Phase.STARTED, Phase.READY)  # a live process: stopping it is ours
             state.phase = Phase.RESTARTING
         return [
-            Progress(f"restarting {target.name} in {delay:.1f}s (restart {attempt}): {cause}"),
-            RestartHosts(target.hosts, attempt, delay, f"{target.name} is restarting ({cause})"),
+            Progress(f"restarting {target.name} in {record.backoff:.1f}s (restart {record.attempt}): {cause}"),
+            RestartHosts(target.hosts, record.attempt, record.backoff, f"{target.name} is restarting ({cause})"),
         ]
+
+    # --- the router (run --router): a failure group of its own ----------------------------------
+
+    def router_exited(self, cause: str, code: int | None, now: float) -> list[Action]:
+        """The router ended, or a restarted one did not serve in time: start it again after its backoff if
+        --restart allows (its restarts count against --max-restarts as a group's do), else the job fails with
+        its code. Stateless, it restarts alone: the instances keep serving."""
+        if self.over or self.stopping:
+            return []
+        refused = self._restart_refused(ROUTER, cause, now)
+        if refused is not None:
+            self.fail(FailureKind.ROUTER if code is not None else FailureKind.NOT_READY, refused, rank_code=code)
+            return []
+        self.router_restarting = len(self.restarts)
+        record = self._open_restart(ROUTER, cause, now)
+        self.router_due = now + record.backoff
+        return [Progress(f"restarting {ROUTER} in {record.backoff:.1f}s (restart {record.attempt}): {cause}")]
+
+    def router_ready(self, now: float) -> list[Action]:
+        """A restarted router serves again."""
+        if self.router_restarting is None:
+            return []
+        record = self.restarts[self.router_restarting]
+        self.restarts[self.router_restarting] = msgspec.structs.replace(record, ready_after=now - record.at)
+        self.router_restarting = None
+        return [Progress(f"{ROUTER} is ready again after restart {record.attempt} ({now - record.at:.1f}s)")]
 
     def _exited(self, state: RankState, code: int, now: float) -> list[Action]:
         if state.exit_due and not self.stopping:  # stopped by its unit's restart: it starts again

@@ -2,7 +2,8 @@
 
 It starts once every instance is ready (it is handed their URLs), counts as
 serving once its port accepts connections, and its exit while the job
-serves fails the job with its exit code, as a rank's would. It dies with
+serves fails the job with its exit code, as a rank's would, or with
+``--restart`` starts a new one (``api`` decides how, ``Job`` whether). It dies with
 the head: through a small exec shim it gets ``PR_SET_PDEATHSIG`` (SIGTERM)
 tied to the head's main thread, which spawns it, so even a SIGKILLed head
 leaves no router behind; at the end it is stopped by process group, SIGTERM

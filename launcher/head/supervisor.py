@@ -57,6 +57,8 @@ class Supervisor:
         # Who else must know that a failure group went down for a restart and came back (the P/D proxy).
         self.on_hosts_down: Callable[[tuple[int, ...], str], None] = lambda hosts, why: None
         self.on_hosts_up: Callable[[tuple[int, ...]], None] = lambda hosts: None
+        # Starts the router again (--router with --restart); called on the pump's thread, the head's main one.
+        self.start_router: Callable[[int], None] = lambda attempt: None
         self._heart_stop = threading.Event()
 
     @property
@@ -284,15 +286,23 @@ class Supervisor:
                 return
             self._apply(index, event)
 
-    def fail_later(self, kind, message: str, code: int | None = None) -> None:
-        """From any thread: the job fails (the pump records it, as it records a rank's exit)."""
-        self._events.put((-1, _HeadFailure(kind, message, code)))
+    def router_exited_later(self, message: str, code: int | None) -> None:
+        """From any thread: the router ended, or did not serve in time (the pump judges it, as a rank's exit)."""
+        self._events.put((-1, _RouterExited(message, code)))
+
+    def router_ready_later(self) -> None:
+        """From any thread: a restarted router serves again."""
+        self._events.put((-1, _RouterReady()))
 
     def _apply(self, index: int, event) -> None:
-        if isinstance(event, _HeadFailure):
-            self.job.fail(event.kind, event.message, rank_code=event.code)
-            return
-        self._perform(self.job.apply(index, event, time.monotonic() - self._t0))
+        now = time.monotonic() - self._t0
+        match event:
+            case _RouterExited(message, code):
+                self._perform(self.job.router_exited(message, code, now))
+            case _RouterReady():
+                self._perform(self.job.router_ready(now))
+            case _:
+                self._perform(self.job.apply(index, event, now))
 
     def _perform(self, actions: list[jobs.Action]) -> None:
         for action in actions:
@@ -313,6 +323,8 @@ class Supervisor:
                     self.on_hosts_up(hosts)
                 case jobs.NewAttempt(rank, attempt):
                     self.reporter.new_attempt(rank, attempt)
+                case jobs.StartRouter(attempt):
+                    self.start_router(attempt)
 
     # --- I/O the job cannot do itself ---------------------------------------------------------
 
@@ -348,9 +360,12 @@ def _room_for_links(hosts: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-class _HeadFailure(msgspec.Struct, frozen=True):
-    """A failure found on the head, outside the links (the router's exit)."""
+class _RouterExited(msgspec.Struct, frozen=True):
+    """The router's exit (code None: it did not serve in time), found on the head, outside the links."""
 
-    kind: object
     message: str
     code: int | None = None
+
+
+class _RouterReady(msgspec.Struct, frozen=True):
+    """A restarted router serves again."""
