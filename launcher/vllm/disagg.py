@@ -121,8 +121,8 @@ def instance_commands(
 ) -> list[tuple[str, ...]]:
     """Each host's ``vllm serve`` for one ``role`` instance over hosts with ``slots`` DP ranks each, in order.
 
-    A NixlConnector in the role's kv_role unless the command names a connector. One host: its slots as the instance's DP size. Several: one
-    DP group, its flags written per host as ``--vllm-dp MODE`` writes them, with ``{world_size}``,
+    A NixlConnector in the role's kv_role unless the command names a connector. One host: its slots as the
+    instance's DP size. Several: one DP group, its flags written per host as ``--vllm-dp MODE`` writes them, with ``{world_size}``,
     ``{host_first_rank}``, ``{head_ip}`` and ``{rpc_port}`` standing for the instance's (the plan fills them so);
     or, with ``nodes`` (``--vllm-nodes``), one model-parallel instance whose hosts are its nodes, its flags as
     ``nodes.nodes_commands`` writes them with each host's node rank within the instance."""
