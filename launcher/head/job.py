@@ -654,7 +654,6 @@ class Job:
     def judge_check(self, matrix: CheckMatrix | None = None) -> None:
         """After the all-pairs check (or the transfer check): a failing pair, or what vLLM's peers would refuse, ends the job."""
         matrix = matrix or self.matrix
-        matrix.settle()
         bad = matrix.failures
         if bad:
             first, hosts, pairs = bad[0], matrix.hosts, len(matrix.expected())
