@@ -83,7 +83,7 @@ def _serve_behind_router(supervisor: Supervisor, plan: LaunchPlan, upstreams, pr
         current[0].start()
         return current[0]
 
-    def serving(process: RouterProcess) -> None:
+    def now_serving(process: RouterProcess) -> None:
         supervisor.reporter.progress(
             f"router {argv[0]} on http://{url_host(proxy[0])}:{proxy[1]} (pid {process.pid}): "
             f"prefill on {', '.join(upstreams['prefill'])}, decode on {', '.join(upstreams['decode'])}"
@@ -104,7 +104,7 @@ def _serve_behind_router(supervisor: Supervisor, plan: LaunchPlan, upstreams, pr
         while (state := process.serving()) is False and time.monotonic() < deadline:
             time.sleep(0.2)
         if state is True:
-            serving(process)
+            now_serving(process)
             supervisor.router_ready_later()
         else:
             ended(process, process.not_serving(timeout) if state is False else state, process.poll())
@@ -130,7 +130,7 @@ def _serve_behind_router(supervisor: Supervisor, plan: LaunchPlan, upstreams, pr
         if ops is not None and metrics_port:
             ops.router_metrics = f"{url_host(proxy[0])}:{metrics_port}"  # /targets leads Prometheus to it
         supervisor.start_router = restart
-        serving(process)
+        now_serving(process)
         supervisor.serve()
     finally:
         current[0].close(plan.options.grace)

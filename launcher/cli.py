@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="P/D: front the instances with a real router instead of launcher's proxy, on --proxy-address:--proxy-port: "
         "vllm-router (vllm-project's, from this environment's PATH), or a command whose words take {prefill_url} "
         "{decode_url} (the word and its option, once per URL), {prefill_urls} {decode_urls} {address} {port}; it is part "
-        "of the job: its exit ends the job",
+        "of the job: its exit ends the job, or with --restart on-failure starts it again alone",
     )
     c.add_argument("--rpc-port", type=argtypes.port, default=13345, help="value of {rpc_port} (default 13345)")
     c.add_argument("command_argv", nargs="*", metavar="-- CMD", help="the command each process runs, with placeholders")
