@@ -121,9 +121,11 @@ def standin_engines():
 
 
 @pytest.mark.e2e
-def test_with_restart_a_killed_router_comes_back_alone_and_serves_again(tmp_path, no_leaks, vllm_standin):
+@pytest.mark.parametrize("head_ends_by", ["SIGINT", "SIGKILL"])
+def test_with_restart_a_killed_router_comes_back_alone_and_serves_again(tmp_path, no_leaks, vllm_standin, head_ends_by):
     """--restart on-failure: the router is stateless, so it restarts on its own (after its backoff); the instances'
-    engines, which take minutes to start in earnest, keep running."""
+    engines, which take minutes to start in earnest, keep running. The new router is stopped with the job, and
+    dies with a SIGKILLed head as the first did (the head's main thread spawned it: PR_SET_PDEATHSIG)."""
     base = free_port_base(16)
     proxy, api = base + 12, base + 14
     more = ("--restart", "on-failure", "--restart-backoff", "0.2,1", "--metrics-port", str(base + 15), "--log-dir", str(tmp_path / "logs"))
@@ -147,8 +149,10 @@ def test_with_restart_a_killed_router_comes_back_alone_and_serves_again(tmp_path
         log = tmp_path / "logs" / "router.log"
         assert wait_for(lambda: log.read_text().count("Router ready") == 2, 10), log.read_text()[-500:]  # both lives, one log
     finally:
-        run.proc.send_signal(signal.SIGINT)
-    assert run.finish() == 130, run.stderr[-8:]
+        run.proc.send_signal(getattr(signal, head_ends_by))
+    assert run.finish() == {"SIGINT": 130, "SIGKILL": -9}[head_ends_by], run.stderr[-8:]
+    second = routers()[1]
+    assert wait_for(lambda: not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE, 10)
 
 
 @pytest.mark.e2e
