@@ -18,14 +18,11 @@ front of ``vllm serve`` imports ``launcher.agent`` (or ``.engine_core``,
 ``.bootstrap``) without loading the head's modules (supervisor, SSH, Slurm).
 """
 
-from __future__ import annotations
-
-import importlib
-
-from .version import __version__  # noqa: F401  (re-exported)
-
-# public name -> the module that defines it
+# public name -> the module that defines it. This module imports nothing, not even __future__ (importlib loads
+# on first use): the console script holds Ctrl-C only once this package has loaded, and a Ctrl-C inside an
+# import here was a traceback through launcher's code.
 _EXPORTS = {
+    "__version__": "version",
     "launch": "api",
     "plan_job": "api",
     "CheckOptions": "check",
@@ -37,10 +34,12 @@ _EXPORTS = {
     "RankResult": "results",
     "Failure": "results",
 }
-__all__ = sorted([*_EXPORTS, "hostfile", "readiness", "__version__"])
+__all__ = sorted([*_EXPORTS, "hostfile", "readiness"])
 
 
 def __getattr__(name: str):
+    import importlib
+
     if name in ("hostfile", "readiness"):
         return importlib.import_module(f".{name}", __name__)
     if name in _EXPORTS:

@@ -12,8 +12,10 @@ of a short loopback job; the head's threads are daemons by then, its log
 files closed, its agents gone.
 """
 
+# _signal, the C module, not signal: it is loaded with the interpreter, while importing signal.py reads a file,
+# and a Ctrl-C in that import (seen at 20 ms in a fresh venv) was a traceback through this module.
+import _signal as signal
 import os
-import signal
 import sys
 
 OPERATE = ("ps", "status", "logs", "stop")  # the subcommands of launcher.operate.add_parsers: they need no head
